@@ -1,0 +1,41 @@
+# Two commands on a fresh machine: `make run` (demo end to end) and `make test` (the test suite).
+# torch is installed first at an exact pin that lies on this disk: a bare `torch` would pull a newer
+# multi-GB build. torch 2.14.1 + torchvision 0.29.1 is the stack GPU users have, and Qwen2.5-VL's
+# processor needs torchvision (the CPU-only torch 2.13.0 has no matching torchvision).
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+TORCH_PINS := torch==2.14.1 torchvision==0.29.1
+TINY_MODEL := data/00_base_models/tiny-qwen2_5_vl
+export DVC_NO_ANALYTICS := 1
+export PYTHONUNBUFFERED := 1
+
+.PHONY: install model run test viz clean
+
+$(BIN)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet $(TORCH_PINS)
+	$(BIN)/pip install --quiet -e '.[test]'
+	touch $@
+
+install: $(BIN)/.installed
+
+$(TINY_MODEL)/config.json: $(BIN)/.installed
+	$(BIN)/vlm-pipeline tiny-model --arch qwen2_5_vl --out $(TINY_MODEL) --seed 0
+
+model: $(TINY_MODEL)/config.json
+
+# The default pipeline (lora) end to end on the tiny model, then the base-vs-tuned table.
+run: model
+	$(BIN)/kedro run --pipeline lora
+	$(BIN)/vlm-pipeline metrics data/08_reporting/lora/metrics.json
+
+test: install
+	$(BIN)/python -m pytest -q
+
+viz: install
+	$(BIN)/kedro viz build
+
+clean:
+	rm -rf data/00_base_models data/02_intermediate data/03_primary data/06_models data/07_model_output data/08_reporting mlflow.db

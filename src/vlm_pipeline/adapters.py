@@ -1,0 +1,92 @@
+"""LoRA adapter extraction and merge, with a logits check that the merge changed nothing.
+
+The check compares base+adapter (PEFT, unmerged) against the merged model *reloaded from disk with
+``from_pretrained`` alone*, so it also catches weights lost on save (e.g. a ``modules_to_save`` head).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from peft import PeftModel
+
+from vlm_pipeline.architectures import architecture_for_model, load_model, load_processor
+from vlm_pipeline.training.collator import SFTCollator
+
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def copy_adapter(trained_dir: Path, dest: Path) -> dict[str, Any]:
+    """Copy the adapter (safetensors only; pickles are never produced or read) and summarise it."""
+    missing = [name for name in ADAPTER_FILES if not (trained_dir / name).is_file()]
+    if missing:
+        raise FileNotFoundError(f"{trained_dir} holds no LoRA adapter: missing {', '.join(missing)}")
+    for name in ADAPTER_FILES:
+        shutil.copy2(trained_dir / name, dest / name)
+    config = json.loads((dest / "adapter_config.json").read_text())
+    return {
+        "r": config.get("r"),
+        "lora_alpha": config.get("lora_alpha"),
+        "target_modules": config.get("target_modules"),
+        "modules_to_save": config.get("modules_to_save"),
+        "size_bytes": (dest / "adapter_model.safetensors").stat().st_size,
+    }
+
+
+@torch.no_grad()
+def batch_logits(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    inputs = {key: value for key, value in batch.items() if key != "labels"}
+    return model(**inputs).logits.float()
+
+
+def merge_and_verify(
+    base_model: Path,
+    adapter_dir: Path,
+    check_rows: list[dict],
+    image_root: Path,
+    dest: Path,
+    *,
+    dtype: str,
+    tolerance: float,
+) -> dict[str, Any]:
+    """Merge ``adapter_dir`` into ``base_model`` (unquantised, in ``dtype``), save to ``dest``, verify.
+
+    Raises ``MergeVerificationError`` if merged logits differ from base+adapter by more than ``tolerance``.
+    """
+    torch_dtype = DTYPES[dtype]
+    processor = load_processor(base_model)
+    collator = SFTCollator(processor, architecture_for_model(base_model), image_root)
+    batch = collator(check_rows)
+
+    peft_model = PeftModel.from_pretrained(load_model(base_model, dtype=torch_dtype), str(adapter_dir)).eval()
+    expected = batch_logits(peft_model, batch)
+    merged = peft_model.merge_and_unload()
+    merged.save_pretrained(str(dest), safe_serialization=True)
+    processor.save_pretrained(str(dest))
+
+    reloaded = load_model(dest, dtype=torch_dtype).eval()
+    actual = batch_logits(reloaded, batch)
+    mask = batch["attention_mask"].bool()
+    max_abs_diff = (actual - expected).abs()[mask].max().item()
+    result = {
+        "dtype": dtype,
+        "records": len(check_rows),
+        "max_abs_diff": max_abs_diff,
+        "tolerance": tolerance,
+        "passed": max_abs_diff <= tolerance,
+    }
+    if not result["passed"]:
+        raise MergeVerificationError(
+            f"Merged model differs from base+adapter: max |Δlogits| = {max_abs_diff:.3g} > {tolerance:g} "
+            f"on {len(check_rows)} test records"
+        )
+    return result
+
+
+class MergeVerificationError(RuntimeError):
+    """The merged model does not reproduce base+adapter logits within tolerance."""

@@ -1,0 +1,85 @@
+"""``vlm-pipeline``: commands that work outside a Kedro run (the pipelines call the same functions).
+
+    vlm-pipeline tiny-model --arch qwen2_5_vl|mllama|llama --out DIR [--seed N]
+    vlm-pipeline validate INPUT.jsonl --image-root DIR --output-dir OUT [--max-invalid-fraction F]
+    vlm-pipeline metrics [data/08_reporting/lora/metrics.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+DEFAULT_MAX_INVALID_FRACTION = 0.05  # same default as conf/base/parameters_data_validation.yml
+DEFAULT_MAX_IMAGE_PIXELS = 12845056
+
+
+def _tiny_model(args: argparse.Namespace) -> int:
+    from vlm_pipeline.architectures import get_architecture
+
+    out = get_architecture(args.arch).build_tiny(Path(args.out), args.seed)
+    print(f"Built tiny {args.arch} model in {out}")
+    return 0
+
+
+def _validate(args: argparse.Namespace) -> int:
+    from vlm_pipeline.data.validation import DataValidationError, check_reject_budget, validate_lines
+    from vlm_pipeline.datasets import JSONDataset, JSONLinesDataset, RawLinesDataset
+
+    result = validate_lines(
+        RawLinesDataset(args.input).load(),
+        Path(args.image_root),
+        max_image_pixels=args.max_image_pixels,
+        duplicates=args.duplicates,
+    )
+    out = Path(args.output_dir)
+    JSONLinesDataset(str(out / "valid.jsonl")).save(result.valid)
+    JSONLinesDataset(str(out / "quarantine.jsonl")).save(result.quarantine)
+    JSONDataset(str(out / "report.json")).save(result.report)
+    report = result.report
+    try:
+        check_reject_budget(report, args.max_invalid_fraction, source=args.input)
+    except DataValidationError as error:
+        print(error, file=sys.stderr)
+        return 1
+    print(f"{args.input}: {report['valid']} valid, {report['quarantined']} quarantined of {report['total']} → {out}")
+    return 0
+
+
+def _metrics(args: argparse.Namespace) -> int:
+    from vlm_pipeline.datasets import JSONDataset
+    from vlm_pipeline.pipelines.evaluation.nodes import format_table
+
+    print(format_table(JSONDataset(args.path).load()))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vlm-pipeline", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    tiny = commands.add_parser("tiny-model", help="build a tiny random model of a real architecture, offline")
+    tiny.add_argument("--arch", required=True, choices=["qwen2_5_vl", "mllama", "llama"])
+    tiny.add_argument("--out", required=True, help="directory to write (replaced atomically)")
+    tiny.add_argument("--seed", type=int, default=0, help="the build is deterministic for a given seed")
+    tiny.set_defaults(func=_tiny_model)
+
+    validate = commands.add_parser("validate", help="validate a JSONL file; write valid, quarantine and report")
+    validate.add_argument("input", help="JSONL file (conversational messages+images, or alpaca)")
+    validate.add_argument("--image-root", required=True, help="folder image paths are relative to")
+    validate.add_argument("--output-dir", required=True)
+    validate.add_argument("--max-invalid-fraction", type=float, default=DEFAULT_MAX_INVALID_FRACTION)
+    validate.add_argument("--max-image-pixels", type=int, default=DEFAULT_MAX_IMAGE_PIXELS)
+    validate.add_argument("--duplicates", choices=["reject", "keep"], default="reject")
+    validate.set_defaults(func=_validate)
+
+    metrics = commands.add_parser("metrics", help="print the base-vs-tuned table of a metrics.json")
+    metrics.add_argument("path", nargs="?", default="data/08_reporting/lora/metrics.json")
+    metrics.set_defaults(func=_metrics)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    sys.exit(args.func(args))

@@ -1,0 +1,69 @@
+"""Atomic file and directory replacement: a crash never leaves a half-written output that looks valid."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import uuid
+from pathlib import Path
+
+
+def write_bytes_atomic(path: Path, data: bytes) -> None:
+    """Write ``data`` to a temp file in the same folder, fsync it, then rename it over ``path``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def staging_dir_for(target: Path) -> Path:
+    """A fresh, empty sibling of ``target`` to build a directory in (same filesystem, so rename is atomic)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staged = target.parent / f".{target.name}.staging-{uuid.uuid4().hex[:8]}"
+    staged.mkdir()
+    return staged
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    # Hard links make passing a multi-GB model through a stage free; copy across filesystems.
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def replace_dir_atomic(staged: Path, target: Path) -> None:
+    """Move the finished directory ``staged`` into place at ``target``.
+
+    The previous ``target`` (if any) is renamed aside first and removed only after the new one is in
+    place, so at every instant ``target`` is either the old complete output, the new one, or absent.
+    A ``staged`` directory that is not a sibling of ``target`` is hard-linked (or copied) next to it first.
+    """
+    staged, target = Path(staged).resolve(), Path(target).resolve()
+    if staged == target:
+        return
+    if staged.parent != target.parent:
+        sibling = staging_dir_for(target)
+        shutil.copytree(staged, sibling, copy_function=_link_or_copy, dirs_exist_ok=True)
+        staged = sibling
+    old = None
+    if target.exists():
+        old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
+        os.replace(target, old)
+    os.replace(staged, target)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def link_tree(src: Path, dst: Path) -> Path:
+    """Fill ``dst`` with hard links (or copies) of ``src``'s files: a cheap pass-through of a model."""
+    shutil.copytree(src, dst, copy_function=_link_or_copy, dirs_exist_ok=True)
+    return dst

@@ -1,0 +1,65 @@
+"""A directory output (a model, an adapter, a checkpoint root) handled as a path.
+
+Model-sized artefacts are not passed between nodes as objects: a node receives the directory's path,
+and returns the path of a finished staging directory, which this dataset moves into place atomically.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from kedro.io import AbstractDataset, DatasetError
+
+from vlm_pipeline.datasets.atomic import replace_dir_atomic
+
+
+class DirectoryDataset(AbstractDataset[Path, Path]):
+    """Load: the directory's ``Path`` (checked to hold ``required_files``). Save: a staged ``Path`` → atomic rename.
+
+    Args:
+        path: where the directory lives.
+        required_files: files that must exist for the directory to count as complete, e.g. ``config.json``.
+        mlflow_artifact_path: if set and an MLflow run is active, the saved directory is logged under it.
+    """
+
+    def __init__(
+        self,
+        path: str,
+        required_files: list[str] | None = None,
+        mlflow_artifact_path: str | None = None,
+        metadata: dict | None = None,
+    ):
+        self._path = Path(path)
+        self._required_files = list(required_files or [])
+        self._mlflow_artifact_path = mlflow_artifact_path
+        self.metadata = metadata
+
+    def load(self) -> Path:
+        if not self._path.is_dir():
+            raise DatasetError(f"Directory not found: {self._path}")
+        missing = [name for name in self._required_files if not (self._path / name).exists()]
+        if missing:
+            raise DatasetError(f"{self._path} is incomplete: missing {', '.join(missing)}")
+        return self._path
+
+    def save(self, data: Path) -> None:
+        staged = Path(data)
+        if not staged.is_dir():
+            raise DatasetError(f"Expected a finished directory to move into {self._path}, got {staged}")
+        replace_dir_atomic(staged, self._path)
+        self._log_to_mlflow()
+
+    def _log_to_mlflow(self) -> None:
+        if not self._mlflow_artifact_path:
+            return
+        import mlflow
+
+        if mlflow.active_run() is not None:
+            mlflow.log_artifacts(str(self._path), artifact_path=self._mlflow_artifact_path)
+
+    def _describe(self) -> dict[str, Any]:
+        return {"path": str(self._path), "required_files": self._required_files}
+
+    def _exists(self) -> bool:
+        return self._path.is_dir()

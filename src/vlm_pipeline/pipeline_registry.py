@@ -1,0 +1,28 @@
+"""The registered pipelines: ``lora``, ``full_ft`` and ``__default__`` (= ``lora``).
+
+Both variants are the same five-stage template; the variant is a Kedro namespace, so its outputs land
+under ``data/0X_*/<variant>/`` and its method parameters under ``<variant>.method`` in ``conf/``.
+"""
+
+from kedro.pipeline import Pipeline
+
+from vlm_pipeline.pipelines import adapter, data_validation, evaluation, preprocessing, training
+
+VARIANTS = ("lora", "full_ft")
+
+
+def build_chain(variant: str) -> Pipeline:
+    """The whole chain for one fine-tuning variant: shared data stages + namespaced model stages."""
+    return (
+        data_validation.create_pipeline()
+        + preprocessing.create_pipeline()
+        + training.create_pipeline(variant)
+        + adapter.create_pipeline(variant)
+        + evaluation.create_pipeline(variant)
+    )
+
+
+def register_pipelines() -> dict[str, Pipeline]:
+    pipelines = {variant: build_chain(variant) for variant in VARIANTS}
+    pipelines["__default__"] = pipelines["lora"]
+    return pipelines

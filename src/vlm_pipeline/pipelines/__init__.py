@@ -1,0 +1,1 @@
+"""The five stages, in order: data_validation → preprocessing → training → adapter → evaluation."""

@@ -1,0 +1,22 @@
+from kedro.pipeline import Node, Pipeline
+
+from vlm_pipeline.pipelines.data_validation.nodes import enforce_reject_budget, validate_split
+
+
+def create_pipeline(**kwargs) -> Pipeline:
+    split_nodes = [
+        Node(
+            validate_split,
+            inputs=[f"raw_{split}_lines", "params:raw_data", "params:data_validation"],
+            outputs=[f"{split}_records", f"{split}_quarantine", f"{split}_validation_report"],
+            name=f"validate_{split}",
+        )
+        for split in ("train", "test")
+    ]
+    budget = Node(
+        enforce_reject_budget,
+        inputs=["train_validation_report", "test_validation_report", "params:raw_data", "params:data_validation"],
+        outputs="validation_summary",
+        name="enforce_reject_budget",
+    )
+    return Pipeline([*split_nodes, budget], tags="data_validation")

@@ -1,0 +1,71 @@
+"""Node functions for evaluation. The measures live in ``vlm_pipeline.scoring``."""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from pathlib import Path
+
+from datasets import Dataset
+
+from vlm_pipeline.architectures import architecture_for_model, load_model, load_processor
+from vlm_pipeline.data.encoding import reference_answer
+from vlm_pipeline.scoring import generate_answers, teacher_forced_loss, text_scores
+from vlm_pipeline.training.collator import SFTCollator
+
+logger = logging.getLogger(__name__)
+
+
+def evaluate_model(model_dir: Path, test_records: list[dict], test_data: Dataset, raw_data: str, params: dict) -> dict:
+    """Loss, perplexity, exact match and ROUGE-L of one model, plus its answers."""
+    architecture = architecture_for_model(model_dir)
+    processor = load_processor(model_dir)
+    model = load_model(model_dir).eval()
+    image_root = Path(raw_data)
+    collator = SFTCollator(processor, architecture, image_root)
+    scores = teacher_forced_loss(model, collator, list(test_data), params["batch_size"])
+    answers = generate_answers(
+        model, processor, architecture, test_records, image_root,
+        max_new_tokens=params["max_new_tokens"], batch_size=params["batch_size"],
+    )  # fmt: skip
+    scores.update(text_scores(answers, [reference_answer(r) for r in test_records]))
+    return {"scores": scores, "answers": answers}
+
+
+def majority_baseline(train_records: list[dict], test_records: list[dict]) -> dict:
+    """Exact match of always giving the most common training answer: the bar a model must clear."""
+    answer, _ = Counter(reference_answer(r) for r in train_records).most_common(1)[0]
+    return {"answer": answer, **text_scores([answer] * len(test_records), [reference_answer(r) for r in test_records])}
+
+
+def compare(
+    base: dict, tuned: dict, baseline: dict, merge_check: dict, test_records: list[dict]
+) -> tuple[dict, list[dict], dict]:
+    """metrics.json, predictions rows, and flat MLflow metrics; logs the base-vs-tuned table."""
+    metrics = {"base": base["scores"], "tuned": tuned["scores"], "majority_baseline": baseline, "merge_check": merge_check}
+    predictions = [
+        {
+            "line": record["source_line"],
+            "prompt": record["messages"][-2]["content"],
+            "images": record["images"],
+            "reference": reference_answer(record),
+            "base": base_answer,
+            "tuned": tuned_answer,
+        }
+        for record, base_answer, tuned_answer in zip(test_records, base["answers"], tuned["answers"], strict=True)
+    ]
+    flat = {
+        f"eval.{model}.{name}": {"step": 0, "value": float(value)}
+        for model in ("base", "tuned")
+        for name, value in metrics[model].items()
+    }
+    logger.info("\n%s", format_table(metrics))
+    return metrics, predictions, flat
+
+
+def format_table(metrics: dict) -> str:
+    names = list(metrics["base"])
+    lines = [f"{'metric':<14}{'base':>12}{'tuned':>12}", "-" * 38]
+    lines += [f"{name:<14}{metrics['base'][name]:>12.4f}{metrics['tuned'][name]:>12.4f}" for name in names]
+    lines.append(f"{'majority EM':<14}{metrics['majority_baseline']['exact_match']:>24.4f}")
+    return "\n".join(lines)

@@ -1,0 +1,25 @@
+from kedro.pipeline import Node, Pipeline
+
+from vlm_pipeline.pipelines.evaluation.nodes import compare, evaluate_model, majority_baseline
+
+
+def create_pipeline(variant: str) -> Pipeline:
+    shared = ["test_records", "test_tokenized@arrow", "params:raw_data", "params:evaluation"]
+    nodes = [
+        Node(evaluate_model, inputs=["base_model", *shared], outputs="base_evaluation", name="evaluate_base"),
+        Node(evaluate_model, inputs=["merged_model", *shared], outputs="tuned_evaluation", name="evaluate_tuned"),
+        Node(majority_baseline, inputs=["train_records", "test_records"], outputs="majority_baseline", name="majority_baseline"),
+        Node(
+            compare,
+            inputs=["base_evaluation", "tuned_evaluation", "majority_baseline", "merge_check", "test_records"],
+            outputs=["metrics", "predictions", "metrics_for_mlflow"],
+            name="compare_base_and_tuned",
+        ),
+    ]
+    return Pipeline(
+        nodes,
+        tags="evaluation",
+        namespace=variant,
+        inputs={"base_model", "test_records", "train_records", "test_tokenized@arrow"},
+        parameters={"params:raw_data", "params:evaluation"},
+    )

@@ -1,0 +1,38 @@
+"""Node functions for training. The trainer itself is ``vlm_pipeline.training.trainer``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from vlm_pipeline.datasets.atomic import staging_dir_for
+from vlm_pipeline.training.launcher import launch, launch_command, resolve_run_config, write_run_config
+
+
+def train_model(train_data: Path, base_model: Path, raw_data: str, sft: dict, method: dict) -> tuple[Path, list]:
+    """Launch the trainer; return the staged trained model (or adapter) and the trainer's log history."""
+    output_dir = Path(method["output_dir"])
+    final_dir = staging_dir_for(output_dir / "trained")
+    config = resolve_run_config(
+        base_model=base_model,
+        train_dataset=train_data,
+        image_root=Path(raw_data),
+        sft=sft,
+        method=method,
+        final_dir=final_dir,
+    )
+    config_path = write_run_config(config, output_dir / "run_config.json")
+    launch(launch_command(sft["accelerate_config"], config_path))
+    history = json.loads((final_dir / "training_history.json").read_text())
+    return final_dir, history
+
+
+def training_curves(history: list[dict]) -> dict[str, list[dict]]:
+    """The log history as MLflow metric series: {"train.loss": [{"step": s, "value": v}, ...], ...}."""
+    curves: dict[str, list[dict]] = {}
+    for entry in history:
+        step = entry.get("step", 0)
+        for key in ("loss", "learning_rate", "grad_norm", "train_loss", "mean_token_accuracy"):
+            if isinstance(entry.get(key), (int, float)):
+                curves.setdefault(f"train.{key}", []).append({"step": step, "value": float(entry[key])})
+    return curves

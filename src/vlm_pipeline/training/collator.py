@@ -1,0 +1,47 @@
+"""Batch collation for pre-tokenised records: pad text, load images, add the architecture's image inputs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+
+from vlm_pipeline.architectures import Architecture
+from vlm_pipeline.data.encoding import IGNORE_INDEX
+
+
+@dataclass
+class SFTCollator:
+    """Right-pads ``input_ids``/``labels`` and computes pixel inputs in the batch (not stored in Arrow).
+
+    Pixels are computed here rather than at preprocessing so the Arrow files stay small for datasets with
+    hundreds of thousands of images; token counts were already fixed by the real processor upstream.
+    """
+
+    processor: Any
+    architecture: Architecture
+    image_root: Path
+
+    def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
+        tokenizer = getattr(self.processor, "tokenizer", self.processor)
+        width = max(len(row["input_ids"]) for row in rows)
+        input_ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
+        labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+        attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, row in enumerate(rows):
+            n = len(row["input_ids"])
+            input_ids[i, :n] = torch.tensor(row["input_ids"])
+            labels[i, :n] = torch.tensor(row["labels"])
+            attention_mask[i, :n] = 1
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+        image_lists = [[self._load(path) for path in row.get("image_paths", [])] for row in rows]
+        if self.architecture.is_vision and any(image_lists):
+            batch.update(self.architecture.image_inputs(self.processor, image_lists, input_ids))
+        return batch
+
+    def _load(self, relative: str) -> Image.Image:
+        with Image.open(self.image_root / relative) as image:
+            return image.convert("RGB")

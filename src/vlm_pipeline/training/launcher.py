@@ -1,0 +1,70 @@
+"""The Kedro side of training: resolve the run config, start ``accelerate launch``, wait, read results."""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+
+class TrainingLaunchError(RuntimeError):
+    """The training subprocess failed; the message carries its command, exit code and last output lines."""
+
+
+def resolve_run_config(
+    *, base_model: Path, train_dataset: Path, image_root: Path, sft: dict, method: dict, final_dir: Path
+) -> dict[str, Any]:
+    """The JSON document the trainer entry point reads. ``sft`` minus launcher-only keys goes to SFTConfig."""
+    sft_args = {key: value for key, value in sft.items() if key != "accelerate_config"}
+    config = {
+        "base_model": str(base_model),
+        "train_dataset": str(train_dataset),
+        "image_root": str(image_root),
+        "learning_rate": method["learning_rate"],
+        "lora": method.get("lora"),
+        "sft": sft_args,
+    }
+    # Checkpoints live under a folder named by the run config's hash: a killed run resumes from its own
+    # checkpoints, and a run with other data or settings never resumes from (or deletes) another's.
+    config["checkpoint_dir"] = str(Path(method["output_dir"]) / "checkpoints" / config_hash(config))
+    config["final_dir"] = str(final_dir)
+    return config
+
+
+def config_hash(config: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def launch_command(accelerate_config: str, run_config_path: Path) -> list[str]:
+    """``accelerate launch`` of the trainer module with this interpreter (so the same venv is used)."""
+    return [
+        sys.executable, "-m", "accelerate.commands.launch",
+        "--config_file", accelerate_config,
+        "-m", "vlm_pipeline.training.trainer",
+        "--config", str(run_config_path),
+    ]  # fmt: skip
+
+
+def launch(command: list[str], tail_lines: int = 40) -> None:
+    """Run ``command``, echoing its output live; on failure raise with the last ``tail_lines`` lines."""
+    tail: collections.deque[str] = collections.deque(maxlen=tail_lines)
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1) as proc:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            sys.stdout.write(line)
+            tail.append(line)
+    if proc.returncode != 0:
+        raise TrainingLaunchError(
+            f"Training failed with exit code {proc.returncode}: {' '.join(command)}\n"
+            f"Last output lines:\n{''.join(tail)}"
+        )
+
+
+def write_run_config(config: dict[str, Any], path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(config, indent=2, sort_keys=True))
+    return path

@@ -1,0 +1,80 @@
+"""The trainer entry point: one process of a (possibly distributed) TRL SFT run.
+
+Runs on its own, or under accelerate (which the Kedro training node uses):
+
+    accelerate launch --config_file conf/accelerate/cpu_single_process.yaml \\
+        -m vlm_pipeline.training.trainer --config run_config.json
+
+The JSON config is written by ``vlm_pipeline.training.launcher.write_run_config``. Checkpoints go to
+``checkpoint_dir`` (keyed by the config's hash) and a killed run resumes from the newest one. Only the main process writes
+the final model, the processor and the log history into ``final_dir``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from datasets import load_from_disk
+from peft import LoraConfig
+from transformers.trainer_utils import get_last_checkpoint
+from trl import SFTConfig, SFTTrainer
+
+from vlm_pipeline.architectures import architecture_for_model, load_model, load_processor
+from vlm_pipeline.training.collator import SFTCollator
+
+
+def build_sft_config(config: dict[str, Any]) -> SFTConfig:
+    """TRL's SFTConfig from the run config; the data is already tokenised and collated by us."""
+    return SFTConfig(
+        output_dir=config["checkpoint_dir"],
+        **config["sft"],
+        learning_rate=config["learning_rate"],
+        remove_unused_columns=False,  # keep image_paths for the collator
+        dataset_kwargs={"skip_prepare_dataset": True},
+        max_length=None,  # records were length-checked at preprocessing, never truncated here
+        report_to="none",  # MLflow logging is the Kedro side's job (main process only)
+        save_only_model=False,
+    )
+
+
+def build_trainer(config: dict[str, Any]) -> SFTTrainer:
+    base = Path(config["base_model"])
+    architecture = architecture_for_model(base)
+    processor = load_processor(base)
+    model = load_model(base)
+    peft_config = LoraConfig(task_type="CAUSAL_LM", **config["lora"]) if config.get("lora") else None
+    return SFTTrainer(
+        model=model,
+        args=build_sft_config(config),
+        train_dataset=load_from_disk(config["train_dataset"]),
+        processing_class=processor,
+        data_collator=SFTCollator(processor, architecture, Path(config["image_root"])),
+        peft_config=peft_config,
+    )
+
+
+def run(config: dict[str, Any]) -> None:
+    trainer = build_trainer(config)
+    checkpoints = Path(trainer.args.output_dir)
+    resume = get_last_checkpoint(str(checkpoints)) if checkpoints.is_dir() else None
+    trainer.train(resume_from_checkpoint=resume)
+    if trainer.is_world_process_zero():
+        final_dir = Path(config["final_dir"])
+        trainer.save_model(str(final_dir))
+        trainer.processing_class.save_pretrained(str(final_dir))
+        (final_dir / "training_history.json").write_text(json.dumps(trainer.state.log_history, indent=2))
+    trainer.accelerator.wait_for_everyone()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, type=Path, help="run config JSON written by the launcher")
+    args = parser.parse_args(argv)
+    run(json.loads(args.config.read_text()))
+
+
+if __name__ == "__main__":
+    main()
