@@ -1,0 +1,66 @@
+"""Supported model families: one module each, a registry, and the loaders every stage uses.
+
+Each module builds a tiny randomly initialised model of the real architecture (locally trained tokenizer, the
+real processor classes, a chat template) that loads through the same ``from_pretrained`` path as a real
+checkpoint, so the whole pipeline runs offline on a laptop and unchanged on a real model directory.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoProcessor, AutoTokenizer
+
+from vlm_pipeline.architectures import llama, mllama, qwen2_5_vl
+from vlm_pipeline.architectures.base import Architecture
+
+__all__ = [
+    "ARCHITECTURES",
+    "Architecture",
+    "architecture_for_model",
+    "get_architecture",
+    "load_model",
+    "load_processor",
+]
+
+ARCHITECTURES: dict[str, Architecture] = {
+    module.ARCHITECTURE.name: module.ARCHITECTURE for module in (qwen2_5_vl, mllama, llama)
+}
+
+
+def get_architecture(name: str) -> Architecture:
+    """The architecture registered as ``name``; ValueError listing the valid names otherwise."""
+    try:
+        return ARCHITECTURES[name]
+    except KeyError:
+        raise ValueError(f"unknown architecture {name!r}; expected one of: {', '.join(ARCHITECTURES)}") from None
+
+
+def architecture_for_model(model_dir: str | Path) -> Architecture:
+    """The architecture of a saved model, judged by ``model_type`` in its ``config.json``."""
+    config_path = Path(model_dir) / "config.json"
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{config_path} not found: is {model_dir} a saved model directory?")
+    model_type = json.loads(config_path.read_text(encoding="utf-8")).get("model_type")
+    for architecture in ARCHITECTURES.values():
+        if architecture.model_type == model_type:
+            return architecture
+    known = ", ".join(a.model_type for a in ARCHITECTURES.values())
+    raise ValueError(f"{config_path}: model_type {model_type!r} is not supported (supported: {known})")
+
+
+def load_processor(model_dir: str | Path, *, trust_remote_code: bool = False) -> Any:
+    """``AutoProcessor`` for a vision model, ``AutoTokenizer`` for a text-only one."""
+    loader = AutoProcessor if architecture_for_model(model_dir).is_vision else AutoTokenizer
+    return loader.from_pretrained(str(model_dir), trust_remote_code=trust_remote_code)
+
+
+def load_model(model_dir: str | Path, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False) -> Any:
+    """The model through its architecture's real class, from safetensors only (never pickled weights)."""
+    model_class = architecture_for_model(model_dir).model_class
+    return model_class.from_pretrained(
+        str(model_dir), dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True
+    )

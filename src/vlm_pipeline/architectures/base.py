@@ -1,0 +1,86 @@
+"""What the rest of the pipeline needs to know about one model family, and helpers shared by the builders."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import GenerationConfig
+
+# (processor, images per row, padded input_ids) -> the model's image keyword arguments for that batch
+ImageInputsFn = Callable[[Any, list[list[Any]], torch.Tensor], dict[str, torch.Tensor]]
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """One supported model family: its names, classes, chat-format tokens and tiny-model builder."""
+
+    name: str
+    """CLI / registry name: ``"qwen2_5_vl"``, ``"mllama"`` or ``"llama"``."""
+
+    model_type: str
+    """The ``model_type`` in a checkpoint's ``config.json``, used to recognise a model directory."""
+
+    is_vision: bool
+    """True when the model takes images (loaded with ``AutoProcessor``); False for text-only (``AutoTokenizer``)."""
+
+    model_class: type
+    """The transformers class that loads the checkpoint, e.g. ``Qwen2_5_VLForConditionalGeneration``."""
+
+    image_token: str | None
+    """Placeholder the chat template writes per image (``<|image_pad|>``, ``<|image|>``); None for text-only."""
+
+    end_of_turn_token: str
+    """Token that closes every chat turn (``<|im_end|>``, ``<|eot_id|>``); it is part of each assistant label."""
+
+    build_tiny: Callable[[Path, int], Path] = field(repr=False)
+    """``build_tiny(out_dir, seed)``: write a tiny random model of this architecture to ``out_dir``, return it."""
+
+    image_inputs: ImageInputsFn | None = field(default=None, repr=False)
+    """``image_inputs(processor, images_per_row, input_ids)``: pixel inputs for an already tokenised batch.
+
+    Used by the collator, which pads pre-tokenised rows itself and so cannot call the processor on text.
+    None for text-only architectures."""
+
+
+def write_atomically(out_dir: Path, save: Callable[[Path], None]) -> Path:
+    """Run ``save(tmp)`` into a sibling temp dir, then move it to ``out_dir``.
+
+    A crash mid-build leaves at most a ``.tmp-*`` directory, never a half-written model that looks valid; an
+    existing ``out_dir`` is removed only once the new one is complete.
+    """
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir.parent / f".tmp-{out_dir.name}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    try:
+        save(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    os.replace(tmp, out_dir)
+    return out_dir
+
+
+def generation_config(*, bos_token_id: int | None, eos_token_ids: list[int], pad_token_id: int) -> GenerationConfig:
+    """Greedy-by-default generation settings that stop on any of the family's end tokens, as the real ones do."""
+    return GenerationConfig(
+        bos_token_id=bos_token_id, eos_token_id=eos_token_ids, pad_token_id=pad_token_id, do_sample=False
+    )
+
+
+def token_id(tokenizer: Any, token: str) -> int:
+    """The id of a token that must exist (``convert_tokens_to_ids`` silently maps unknown ones)."""
+    ids = tokenizer.encode(token, add_special_tokens=False)
+    if len(ids) != 1:
+        raise ValueError(f"{token!r} is not a single token in this tokenizer (got ids {ids})")
+    return ids[0]

@@ -1,0 +1,165 @@
+"""Llama 3.2-Vision (``MllamaForConditionalGeneration``): Llama 3 chat format, images through cross-attention."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import (
+    MllamaConfig,
+    MllamaForConditionalGeneration,
+    MllamaImageProcessor,
+    MllamaProcessor,
+    PreTrainedTokenizerFast,
+)
+from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+from transformers.models.mllama.processing_mllama import (
+    convert_sparse_cross_attention_mask_to_dense,
+    get_cross_attention_token_mask,
+)
+
+from vlm_pipeline.architectures.base import Architecture, token_id, write_atomically
+from vlm_pipeline.architectures.llama import (
+    BEGIN_OF_TEXT,
+    END_OF_TEXT,
+    EOM,
+    EOT,
+    PAD,
+    llama3_chat_template,
+    llama3_generation_config,
+    llama3_rope_parameters,
+    llama3_tokenizer,
+)
+
+IMAGE = "<|image|>"
+TILE_SIZE = 56  # one tile per 56x56 image; divisible by the 14 px patch
+MAX_TILES = 2
+PATCH_SIZE = 14
+VISION_HIDDEN = 32
+INTERMEDIATE_LAYERS = [0]
+GATE_VALUE = 0.5  # tanh(0.5) ~ 0.46: the image clearly reaches the text, without swamping it
+
+
+def tiny_processor() -> MllamaProcessor:
+    """The real processor classes: tiled image processor, Llama 3 tokenizer with ``<|image|>`` as the last token."""
+    tokenizer = llama3_tokenizer(image_token=IMAGE)
+    image_processor = MllamaImageProcessor(
+        size={"height": TILE_SIZE, "width": TILE_SIZE},
+        max_image_tiles=MAX_TILES,
+        image_mean=OPENAI_CLIP_MEAN,  # the normalisation Llama 3.2-Vision's checkpoints ship with
+        image_std=OPENAI_CLIP_STD,
+    )
+    return MllamaProcessor(
+        image_processor=image_processor, tokenizer=tokenizer, chat_template=llama3_chat_template(IMAGE)
+    )
+
+
+def supported_aspect_ratios(max_tiles: int) -> list[list[int]]:
+    """Every tile arrangement of at most ``max_tiles`` tiles, in the order the image processor numbers them."""
+    return [[w, h] for w in range(1, max_tiles + 1) for h in range(1, max_tiles + 1) if w * h <= max_tiles]
+
+
+def tiny_config(tokenizer: PreTrainedTokenizerFast) -> MllamaConfig:
+    """Llama 3.2-Vision's layout at toy size.
+
+    As in the real checkpoint, ``<|image|>`` lies outside the LM head: ``text_config.vocab_size`` is its id (the
+    text embedding has ``vocab_size + 8`` rows, so it can still be embedded, but it can never be predicted).
+    """
+    image_id = token_id(tokenizer, IMAGE)
+    if image_id != len(tokenizer) - 1:
+        raise ValueError(f"{IMAGE} must be the last token (id {len(tokenizer) - 1}), got id {image_id}")
+    vision_config = {
+        "hidden_size": VISION_HIDDEN,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_global_layers": 1,
+        "attention_heads": 2,
+        "image_size": TILE_SIZE,
+        "patch_size": PATCH_SIZE,
+        "max_num_tiles": MAX_TILES,
+        "supported_aspect_ratios": supported_aspect_ratios(MAX_TILES),
+        "intermediate_layers_indices": INTERMEDIATE_LAYERS,
+        # The vision output concatenates the final hidden state with each listed intermediate layer.
+        "vision_output_dim": VISION_HIDDEN * (1 + len(INTERMEDIATE_LAYERS)),
+    }
+    text_config = {
+        "vocab_size": image_id,
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 3,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "cross_attention_layers": [1],  # must index one of the text layers
+        "max_position_embeddings": 131072,
+        "rope_parameters": llama3_rope_parameters(),
+        "bos_token_id": token_id(tokenizer, BEGIN_OF_TEXT),
+        "eos_token_id": [token_id(tokenizer, t) for t in (END_OF_TEXT, EOM, EOT)],
+        "pad_token_id": token_id(tokenizer, PAD),
+    }
+    return MllamaConfig(
+        vision_config=vision_config, text_config=text_config, image_token_index=image_id, dtype="float32"
+    )
+
+
+def open_gates(model: MllamaForConditionalGeneration, value: float = GATE_VALUE) -> None:
+    """Set every tanh gate to ``value``.
+
+    Mllama initialises its gates (text cross-attention, tile position embeddings, global vision layers) at
+    zero, so a freshly built model ignores the image entirely; trained checkpoints have them open.
+    """
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            leaf = name.rsplit(".", 1)[-1]
+            if leaf in {"gate", "gate_attn", "gate_ffn", "cross_attn_attn_gate", "cross_attn_mlp_gate"}:
+                parameter.fill_(value)
+
+
+def build_tiny(out_dir: Path, seed: int = 0) -> Path:
+    """Write a tiny random Llama 3.2-Vision with its processor to ``out_dir`` (atomically); deterministic per seed."""
+    processor = tiny_processor()
+    torch.manual_seed(seed)
+    model = MllamaForConditionalGeneration(tiny_config(processor.tokenizer))
+    open_gates(model)
+    model.generation_config = llama3_generation_config(processor.tokenizer)
+
+    def save(tmp: Path) -> None:
+        model.save_pretrained(tmp, safe_serialization=True)
+        processor.save_pretrained(tmp)
+
+    return write_atomically(out_dir, save)
+
+
+def image_inputs(processor: Any, images: list[list[Any]], input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
+    """``pixel_values``, ``aspect_ratio_ids``, ``aspect_ratio_mask`` and ``cross_attention_mask`` for a tokenised batch.
+
+    The image processor takes the nested per-row lists; the cross-attention mask (which text positions see which
+    image tiles) is rebuilt from the padded ``input_ids`` exactly as ``MllamaProcessor.__call__`` does.
+    """
+    encoded = processor.image_processor(images=images, return_tensors="pt")
+    image_token_id = processor.tokenizer.convert_tokens_to_ids(processor.image_token)
+    token_masks = [get_cross_attention_token_mask(row.tolist(), image_token_id) for row in input_ids]
+    cross_attention_mask = convert_sparse_cross_attention_mask_to_dense(
+        token_masks,
+        num_tiles=encoded["num_tiles"],
+        max_num_tiles=processor.image_processor.max_image_tiles,
+        length=input_ids.shape[1],
+    )
+    return {
+        "pixel_values": encoded["pixel_values"],
+        "aspect_ratio_ids": encoded["aspect_ratio_ids"],
+        "aspect_ratio_mask": encoded["aspect_ratio_mask"],
+        "cross_attention_mask": torch.from_numpy(cross_attention_mask),
+    }
+
+
+ARCHITECTURE = Architecture(
+    name="mllama",
+    model_type="mllama",
+    is_vision=True,
+    model_class=MllamaForConditionalGeneration,
+    image_token=IMAGE,
+    end_of_turn_token=EOT,
+    build_tiny=build_tiny,
+    image_inputs=image_inputs,
+)

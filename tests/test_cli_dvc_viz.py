@@ -1,0 +1,98 @@
+"""The command lines a user types: `kedro run --params raw_data=DIR`, `dvc repro` (twice), `kedro viz build`,
+`vlm-pipeline validate`. Each runs as a real subprocess in a throw-away copy of the project."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from conftest import PROJECT_ROOT, copy_project
+
+BIN = Path(sys.executable).parent
+
+
+def run(cmd: list[str], cwd: Path, **env) -> subprocess.CompletedProcess:
+    environment = {**os.environ, "DVC_NO_ANALYTICS": "1", "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", **env}
+    result = subprocess.run(cmd, cwd=cwd, env=environment, capture_output=True, text=True, timeout=1200)
+    assert result.returncode == 0, f"{' '.join(cmd)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
+    return result
+
+
+def subset(src: Path, dest: Path, train: int, test: int) -> Path:
+    """A smaller data folder elsewhere: the first records of each split and their images."""
+    dest.mkdir(parents=True)
+    for split, count in (("train", train), ("test", test)):
+        lines = (src / f"{split}.jsonl").read_text(encoding="utf-8").splitlines()[:count]
+        (dest / f"{split}.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+        for line in lines:
+            for image in json.loads(line).get("images", []):
+                (dest / image).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(src / image, dest / image)
+    return dest
+
+
+def test_kedro_run_on_another_raw_data_folder(tmp_path, tiny_models):
+    project = copy_project(tmp_path / "project")
+    shutil.copytree(tiny_models["qwen2_5_vl"], project / "data/00_base_models/tiny-qwen2_5_vl")
+    other = subset(PROJECT_ROOT / "data/01_raw/shapes_vqa", tmp_path / "elsewhere", train=24, test=8)
+    run(
+        [str(BIN / "kedro"), "run", "--params", f"raw_data={other},sft.max_steps=4"],
+        project,
+        MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'mlflow.db'}",
+    )
+    report = json.loads((project / "data/02_intermediate/train/report.json").read_text())
+    assert report["total"] == 24
+    predictions = (project / "data/07_model_output/lora/predictions.jsonl").read_text().splitlines()
+    assert len(predictions) == 8
+
+
+def test_dvc_repro_runs_the_chain_then_nothing(tmp_path):
+    project = copy_project(tmp_path / "project")
+    shutil.copytree(PROJECT_ROOT / "src", project / "src")
+    (project / ".venv").symlink_to(BIN.parent)
+    params = project / "conf/base/parameters_training.yml"
+    params.write_text(params.read_text().replace("max_steps: -1", "max_steps: 6"))
+    env = {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    run(["git", "init", "-q"], project)
+    run([str(BIN / "dvc"), "init", "-q"], project)
+
+    first = run([str(BIN / "dvc"), "repro"], project, **env)
+    assert "Running stage 'evaluation@lora'" in first.stdout
+    metrics = json.loads((project / "data/08_reporting/lora/metrics.json").read_text())
+    assert metrics["merge_check"]["passed"]
+    assert (project / "data/08_reporting/full_ft/metrics.json").is_file()
+
+    second = run([str(BIN / "dvc"), "repro"], project, **env)
+    assert "Running stage" not in second.stdout, second.stdout
+    shown = run([str(BIN / "dvc"), "metrics", "show"], project, **env)
+    assert "data/08_reporting/lora/metrics.json" in shown.stdout
+
+
+def test_kedro_viz_build(tmp_path):
+    project = copy_project(tmp_path / "project")
+    run([str(BIN / "kedro"), "viz", "build"], project)
+    built = project / "build"
+    assert (built / "index.html").is_file()
+    graph = json.loads((built / "api/main").read_text())
+    names = {node["name"] for node in graph["nodes"]}
+    assert {"validate_train", "tokenize_train", "train_model", "merge_adapter", "compare_base_and_tuned"} <= names
+
+
+def test_validate_cli_exit_status(tmp_path):
+    raw = PROJECT_ROOT / "data/01_raw/shapes_vqa"
+    ok = run([str(BIN / "vlm-pipeline"), "validate", str(raw / "test.jsonl"), "--image-root", str(raw), "--output-dir", str(tmp_path / "ok")], tmp_path)
+    assert "96 valid, 0 quarantined" in ok.stdout
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"instruction": "x", "output": null}\nnot json\n{"instruction": "Define", "output": "A word."}\n')
+    result = subprocess.run(
+        [str(BIN / "vlm-pipeline"), "validate", str(bad), "--image-root", str(tmp_path), "--output-dir", str(tmp_path / "bad")],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert result.returncode != 0
+    assert "2 of 3 records" in result.stderr and "missing_field" in result.stderr
+    quarantine = [json.loads(line) for line in (tmp_path / "bad/quarantine.jsonl").read_text().splitlines()]
+    assert [(q["line"], q["reason"]) for q in quarantine] == [(1, "missing_field"), (2, "not_json")]
