@@ -28,7 +28,7 @@ model: $(TINY_MODEL)/config.json
 
 # The default pipeline (lora) end to end on the tiny model, then the base-vs-tuned table.
 run: model
-	$(BIN)/kedro run --pipeline lora
+	$(BIN)/kedro run --pipelines lora
 	$(BIN)/vlm-pipeline metrics data/08_reporting/lora/metrics.json
 
 test: install

@@ -9,7 +9,7 @@ import pytest
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 PROJECT_FILES = ("pyproject.toml", ".telemetry", "dvc.yaml", "README.md")
-PROJECT_DIRS = ("conf", "data/01_raw")
+PROJECT_DIRS = ("conf", "data/01_raw", "src")
 
 
 @pytest.fixture(scope="session")
@@ -27,7 +27,7 @@ def copy_project(dest: Path) -> Path:
     for name in PROJECT_FILES:
         shutil.copy2(PROJECT_ROOT / name, dest / name)
     for name in PROJECT_DIRS:
-        shutil.copytree(PROJECT_ROOT / name, dest / name)
+        shutil.copytree(PROJECT_ROOT / name, dest / name, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
     return dest
 
 

@@ -52,7 +52,6 @@ def test_kedro_run_on_another_raw_data_folder(tmp_path, tiny_models):
 
 def test_dvc_repro_runs_the_chain_then_nothing(tmp_path):
     project = copy_project(tmp_path / "project")
-    shutil.copytree(PROJECT_ROOT / "src", project / "src")
     (project / ".venv").symlink_to(BIN.parent)
     params = project / "conf/base/parameters_training.yml"
     params.write_text(params.read_text().replace("max_steps: -1", "max_steps: 6"))

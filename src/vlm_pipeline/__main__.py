@@ -1,4 +1,4 @@
-from vlm_pipeline.cli import main
+from vlm_pipeline.commands import main
 
 if __name__ == "__main__":
     main()

@@ -6,29 +6,27 @@ from vlm_pipeline.pipelines.adapter.nodes import extract_adapter, merge_adapter,
 def create_pipeline(variant: str) -> Pipeline:
     """LoRA variants extract and merge an adapter; ``full_ft`` passes the trained model through."""
     if variant == "full_ft":
-        nodes = [
-            Node(
-                pass_through_full_model,
-                inputs=["trained_model", "params:method"],
-                outputs=["merged_model", "merge_check"],
-                name="pass_through_full_model",
-            )
-        ]
-    else:
-        nodes = [
-            Node(
-                extract_adapter,
-                inputs=["trained_model", "params:method"],
-                outputs=["adapter", "adapter_summary"],
-                name="extract_adapter",
-            ),
-            Node(
-                merge_adapter,
-                inputs=["base_model", "adapter", "test_tokenized@arrow", "params:raw_data", "params:method", "params:adapter"],
-                outputs=["merged_model", "merge_check"],
-                name="merge_adapter",
-            ),
-        ]
+        pass_through = Node(
+            pass_through_full_model,
+            inputs=["trained_model", "params:method"],
+            outputs=["merged_model", "merge_check"],
+            name="pass_through_full_model",
+        )
+        return Pipeline([pass_through], tags="adapter", namespace=variant)
+    nodes = [
+        Node(
+            extract_adapter,
+            inputs=["trained_model", "params:method"],
+            outputs=["adapter", "adapter_summary"],
+            name="extract_adapter",
+        ),
+        Node(
+            merge_adapter,
+            inputs=["base_model", "adapter", "test_tokenized@arrow", "params:raw_data", "params:method", "params:adapter"],
+            outputs=["merged_model", "merge_check"],
+            name="merge_adapter",
+        ),
+    ]
     return Pipeline(
         nodes,
         tags="adapter",

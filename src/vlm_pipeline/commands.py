@@ -1,5 +1,7 @@
 """``vlm-pipeline``: commands that work outside a Kedro run (the pipelines call the same functions).
 
+(Not named ``cli.py``: Kedro imports ``<package>.cli`` as its own CLI extension.)
+
     vlm-pipeline tiny-model --arch qwen2_5_vl|mllama|llama --out DIR [--seed N]
     vlm-pipeline validate INPUT.jsonl --image-root DIR --output-dir OUT [--max-invalid-fraction F]
     vlm-pipeline metrics [data/08_reporting/lora/metrics.json]
