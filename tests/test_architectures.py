@@ -70,7 +70,7 @@ def test_loads_with_the_real_classes(built):
     assert processor.chat_template and "{% generation" in processor.chat_template.replace("{%-", "{%")
     assert sum(p.numel() for p in model.parameters()) < 1_000_000
     assert all(p.dtype == torch.float32 for p in model.parameters())
-    assert not any(path.name.startswith(".tmp-") for path in model_dir.parent.iterdir())
+    assert not any(path.name.startswith(".") for path in model_dir.parent.iterdir())
     assert not list(model_dir.glob("*.bin"))  # safetensors only
 
 
@@ -193,7 +193,7 @@ def test_build_is_deterministic_and_replaces_atomically(tmp_path):
         assert not (rebuilt / "stale.txt").exists()
         assert (rebuilt / "model.safetensors").read_bytes() != (second / "model.safetensors").read_bytes()
         assert (rebuilt / "tokenizer.json").read_bytes() == (second / "tokenizer.json").read_bytes()
-    assert sorted(path.name for path in tmp_path.iterdir() if path.name.startswith(".tmp-")) == []
+    assert sorted(path.name for path in tmp_path.iterdir() if path.name.startswith(".")) == []
 
 
 def test_tokenizer_round_trips_any_text(built):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -11,6 +10,8 @@ from typing import Any
 
 import torch
 from transformers import GenerationConfig
+
+from vlm_pipeline.atomic import replace_dir_atomic, staging_dir_for
 
 # (processor, images per row, padded input_ids) -> the model's image keyword arguments for that batch
 ImageInputsFn = Callable[[Any, list[list[Any]], torch.Tensor], dict[str, torch.Tensor]]
@@ -49,25 +50,18 @@ class Architecture:
 
 
 def write_atomically(out_dir: Path, save: Callable[[Path], None]) -> Path:
-    """Run ``save(tmp)`` into a sibling temp dir, then move it to ``out_dir``.
+    """Run ``save(staging)`` into a sibling staging dir, then swap it into ``out_dir`` atomically.
 
-    A crash mid-build leaves at most a ``.tmp-*`` directory, never a half-written model that looks valid; an
-    existing ``out_dir`` is removed only once the new one is complete.
+    A crash mid-build leaves at most a hidden staging directory, never a half-written model that looks valid.
     """
     out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.parent / f".tmp-{out_dir.name}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
+    staged = staging_dir_for(out_dir)
     try:
-        save(tmp)
+        save(staged)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(staged, ignore_errors=True)
         raise
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    os.replace(tmp, out_dir)
+    replace_dir_atomic(staged, out_dir)
     return out_dir
 
 

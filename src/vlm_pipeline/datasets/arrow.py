@@ -7,7 +7,7 @@ from typing import Any
 
 from kedro.io import AbstractDataset
 
-from vlm_pipeline.datasets.atomic import replace_dir_atomic, staging_dir_for
+from vlm_pipeline.atomic import replace_dir_atomic, staging_dir_for
 
 
 class ArrowDataset(AbstractDataset[Any, Any]):

@@ -11,7 +11,7 @@ from typing import Any
 
 from kedro.io import AbstractDataset, DatasetError
 
-from vlm_pipeline.datasets.atomic import replace_dir_atomic
+from vlm_pipeline.atomic import replace_dir_atomic
 
 
 class DirectoryDataset(AbstractDataset[Path, Path]):

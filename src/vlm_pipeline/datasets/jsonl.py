@@ -8,7 +8,7 @@ from typing import Any
 
 from kedro.io import AbstractDataset, DatasetError
 
-from vlm_pipeline.datasets.atomic import write_bytes_atomic
+from vlm_pipeline.atomic import write_bytes_atomic
 
 
 class RawLinesDataset(AbstractDataset[None, list[bytes]]):

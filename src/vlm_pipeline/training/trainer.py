@@ -6,8 +6,9 @@ Runs on its own, or under accelerate (which the Kedro training node uses):
         -m vlm_pipeline.training.trainer --config run_config.json
 
 The JSON config is written by ``vlm_pipeline.training.launcher.write_run_config``. Checkpoints go to
-``checkpoint_dir`` (keyed by the config's hash) and a killed run resumes from the newest one. Only the main process writes
-the final model, the processor and the log history into ``final_dir``.
+``checkpoint_dir`` (keyed by the config's hash) and a killed run resumes from the newest one. Only the main
+process writes the final model, the processor and the log history into ``final_dir``, and keeps a hard-linked
+copy in ``checkpoint_dir/final`` so that the same config run again returns the same model without training.
 """
 
 from __future__ import annotations
@@ -19,10 +20,12 @@ from typing import Any
 
 from datasets import load_from_disk
 from peft import LoraConfig
+from transformers import set_seed
 from transformers.trainer_utils import get_last_checkpoint
 from trl import SFTConfig, SFTTrainer
 
 from vlm_pipeline.architectures import architecture_for_model, load_model, load_processor
+from vlm_pipeline.atomic import link_tree, replace_dir_atomic, staging_dir_for
 from vlm_pipeline.training.collator import SFTCollator
 
 
@@ -41,6 +44,9 @@ def build_sft_config(config: dict[str, Any]) -> SFTConfig:
 
 
 def build_trainer(config: dict[str, Any]) -> SFTTrainer:
+    # Seed before anything random is created: SFTTrainer wraps the model with fresh LoRA weights before
+    # the Trainer seeds itself, so without this two runs of one config start from different adapters.
+    set_seed(config["sft"]["seed"])
     base = Path(config["base_model"])
     architecture = architecture_for_model(base)
     processor = load_processor(base)
@@ -57,15 +63,22 @@ def build_trainer(config: dict[str, Any]) -> SFTTrainer:
 
 
 def run(config: dict[str, Any]) -> None:
+    checkpoints = Path(config["checkpoint_dir"])
+    finished = checkpoints / "final"
+    final_dir = Path(config["final_dir"])
+    if (finished / "training_history.json").is_file():
+        # This exact configuration already finished: hand out that result. Resuming a finished run would
+        # train one step more (transformers) and so give a different model for the same config.
+        link_tree(finished, final_dir)
+        return
     trainer = build_trainer(config)
-    checkpoints = Path(trainer.args.output_dir)
     resume = get_last_checkpoint(str(checkpoints)) if checkpoints.is_dir() else None
     trainer.train(resume_from_checkpoint=resume)
     if trainer.is_world_process_zero():
-        final_dir = Path(config["final_dir"])
         trainer.save_model(str(final_dir))
         trainer.processing_class.save_pretrained(str(final_dir))
         (final_dir / "training_history.json").write_text(json.dumps(trainer.state.log_history, indent=2))
+        replace_dir_atomic(link_tree(final_dir, staging_dir_for(finished)), finished)
     trainer.accelerator.wait_for_everyone()
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 from datasets import Dataset
 
 from vlm_pipeline.adapters import copy_adapter, merge_and_verify
-from vlm_pipeline.datasets.atomic import link_tree, staging_dir_for
+from vlm_pipeline.atomic import link_tree, staging_dir_for
 
 
 def extract_adapter(trained_model: Path, method: dict) -> tuple[Path, dict]:

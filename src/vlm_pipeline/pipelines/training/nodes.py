@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from vlm_pipeline.datasets.atomic import staging_dir_for
+from vlm_pipeline.atomic import staging_dir_for
 from vlm_pipeline.training.launcher import launch, launch_command, resolve_run_config, write_run_config
 
 
