@@ -65,6 +65,8 @@ def assert_mlflow_run(project: Path, pipeline: str, expect_adapter: bool) -> Non
     assert "eval.tuned.exact_match" in run.data.metrics and "eval.base.loss" in run.data.metrics
     history = mlflow.tracking.MlflowClient().get_metric_history(run.info.run_id, "train.loss")
     assert len(history) >= 2
+    reports = {a.path for a in mlflow.artifacts.list_artifacts(run_id=run.info.run_id, artifact_path="data_report")}
+    assert reports == {"data_report/data_report.md", "data_report/data_report.png"}
     artifacts = {a.path for a in mlflow.artifacts.list_artifacts(run_id=run.info.run_id, artifact_path="adapter")}
     assert ("adapter/adapter_model.safetensors" in artifacts) == expect_adapter
 

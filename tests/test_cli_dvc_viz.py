@@ -39,13 +39,25 @@ def test_kedro_run_on_another_raw_data_folder(tmp_path, tiny_models):
     project = copy_project(tmp_path / "project")
     shutil.copytree(tiny_models["qwen2_5_vl"], project / "data/00_base_models/tiny-qwen2_5_vl")
     other = subset(PROJECT_ROOT / "data/01_raw/shapes_vqa", tmp_path / "elsewhere", train=24, test=8)
+    long_question = " ".join(["Is the shape red or blue or green?"] * 100)
+    too_long = {"messages": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": long_question}]},
+                             {"role": "assistant", "content": "red"}], "images": ["images/train_0000.png"]}  # fmt: skip
+    with (other / "train.jsonl").open("a", encoding="utf-8") as handle:
+        handle.write(json.dumps(too_long) + "\n")
     run(
         [str(BIN / "kedro"), "run", "--params", f"raw_data={other},sft.max_steps=4"],
         project,
         MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'mlflow.db'}",
     )
     report = json.loads((project / "data/02_intermediate/train/report.json").read_text())
-    assert report["total"] == 24
+    assert report["total"] == report["valid"] == 25
+    # The over-long record (line 25) is set aside by preprocessing with its reason; nothing is lost.
+    overlength = [json.loads(row) for row in (project / "data/03_primary/train_overlength.jsonl").read_text().splitlines()]
+    assert [(row["line"], row["reason"]) for row in overlength] == [(25, "too_long")]
+    preprocessing = json.loads((project / "data/03_primary/preprocessing_report.json").read_text())
+    assert preprocessing["train"]["kept"] + preprocessing["train"]["too_long"] == 25
+    markdown = (project / "data/08_reporting/data_report.md").read_text()
+    assert "`too_long`: 1" in markdown and (project / "data/08_reporting/data_report.png").stat().st_size > 10_000
     predictions = (project / "data/07_model_output/lora/predictions.jsonl").read_text().splitlines()
     assert len(predictions) == 8
 

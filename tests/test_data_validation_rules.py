@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from vlm_pipeline import commands
 from vlm_pipeline.data.formats import normalise_record
 from vlm_pipeline.data.sample_data import write_sample_data
 from vlm_pipeline.data.validation import (
@@ -137,6 +138,21 @@ def test_every_reason_code_on_its_own_line(image_root, tmp_path):
     assert {entry["line"]: entry["reason"] for entry in result.quarantine} == expected
     assert set(expected.values()) == set(REASONS), "every documented reason code is exercised"
     assert [record["source_line"] for record in result.valid] == [1, 23, 24]
+
+    # The CLI on the same file: the same verdicts, and its three outputs reconcile.
+    source = tmp_path / "all_reasons.jsonl"
+    source.write_bytes(b"\n".join(lines) + b"\n")
+    out = tmp_path / "cli_out"
+    argv = ["validate", str(source), "--image-root", str(image_root), "--output-dir", str(out),
+            "--max-image-pixels", str(SMALL_MAX_PIXELS)]  # fmt: skip
+    with pytest.raises(SystemExit) as exit_info:
+        commands.main(argv)
+    assert exit_info.value.code == 1, "19 of 22 quarantined is above the default 5% budget"
+    cli_valid = (out / "valid.jsonl").read_text(encoding="utf-8").splitlines()
+    cli_quarantine = [json.loads(row) for row in (out / "quarantine.jsonl").read_text(encoding="utf-8").splitlines()]
+    cli_report = json.loads((out / "report.json").read_text())
+    assert len(cli_valid) + len(cli_quarantine) == cli_report["total"] == 22
+    assert {entry["line"]: entry["reason"] for entry in cli_quarantine} == expected
 
     for entry in result.quarantine:
         assert set(entry) == {"line", "reason", "detail", "raw"}

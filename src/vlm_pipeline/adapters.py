@@ -47,6 +47,7 @@ def batch_logits(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torc
 def merge_and_verify(
     base_model: Path,
     adapter_dir: Path,
+    processor_dir: Path,
     check_rows: list[dict],
     image_root: Path,
     dest: Path,
@@ -56,11 +57,14 @@ def merge_and_verify(
 ) -> dict[str, Any]:
     """Merge ``adapter_dir`` into ``base_model`` (unquantised, in ``dtype``), save to ``dest``, verify.
 
+    The processor saved with the merged model is the one training used (``processor_dir``), image bounds included.
+
     Raises ``MergeVerificationError`` if merged logits differ from base+adapter by more than ``tolerance``.
     """
     torch_dtype = DTYPES[dtype]
-    processor = load_processor(base_model)
-    collator = SFTCollator(processor, architecture_for_model(base_model), image_root)
+    architecture = architecture_for_model(base_model)
+    processor = load_processor(processor_dir, architecture=architecture)
+    collator = SFTCollator(processor, architecture, image_root)
     batch = collator(check_rows)
 
     peft_model = PeftModel.from_pretrained(load_model(base_model, dtype=torch_dtype), str(adapter_dir)).eval()

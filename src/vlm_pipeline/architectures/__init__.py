@@ -52,10 +52,25 @@ def architecture_for_model(model_dir: str | Path) -> Architecture:
     raise ValueError(f"{config_path}: model_type {model_type!r} is not supported (supported: {known})")
 
 
-def load_processor(model_dir: str | Path, *, trust_remote_code: bool = False) -> Any:
-    """``AutoProcessor`` for a vision model, ``AutoTokenizer`` for a text-only one."""
-    loader = AutoProcessor if architecture_for_model(model_dir).is_vision else AutoTokenizer
-    return loader.from_pretrained(str(model_dir), trust_remote_code=trust_remote_code)
+def load_processor(
+    model_dir: str | Path,
+    *,
+    image_bounds: dict | None = None,
+    architecture: Architecture | None = None,
+    trust_remote_code: bool = False,
+) -> Any:
+    """``AutoProcessor`` for a vision model, ``AutoTokenizer`` for a text-only one.
+
+    ``image_bounds`` (``preprocessing.images``: min/max pixels, max tiles; None values keep the checkpoint's)
+    are applied to the image processor, so preprocessing, training and evaluation see the same image sizes.
+    ``architecture`` is read from ``model_dir``'s config.json unless given (an adapter directory has none).
+    """
+    architecture = architecture or architecture_for_model(model_dir)
+    loader = AutoProcessor if architecture.is_vision else AutoTokenizer
+    processor = loader.from_pretrained(str(model_dir), trust_remote_code=trust_remote_code)
+    if image_bounds and architecture.bound_images is not None:
+        architecture.bound_images(processor, image_bounds)
+    return processor
 
 
 def load_model(model_dir: str | Path, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False) -> Any:

@@ -48,6 +48,10 @@ class Architecture:
     Used by the collator, which pads pre-tokenised rows itself and so cannot call the processor on text.
     None for text-only architectures."""
 
+    bound_images: Callable[[Any, dict], None] | None = field(default=None, repr=False)
+    """``bound_images(processor, bounds)``: apply ``preprocessing.images`` limits (min/max pixels, tiles) to the
+    processor in place, so every image is bounded before tokenisation. None for text-only architectures."""
+
 
 def write_atomically(out_dir: Path, save: Callable[[Path], None]) -> Path:
     """Run ``save(staging)`` into a sibling staging dir, then swap it into ``out_dir`` atomically.

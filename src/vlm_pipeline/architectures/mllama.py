@@ -153,6 +153,12 @@ def image_inputs(processor: Any, images: list[list[Any]], input_ids: torch.Tenso
     }
 
 
+def bound_images(processor: Any, bounds: dict) -> None:
+    """Cap the tiles per image (each tile is one vision-encoder pass); pixels per tile are fixed by the model."""
+    if bounds.get("max_image_tiles") is not None:
+        processor.image_processor.max_image_tiles = bounds["max_image_tiles"]
+
+
 ARCHITECTURE = Architecture(
     name="mllama",
     model_type="mllama",
@@ -162,4 +168,5 @@ ARCHITECTURE = Architecture(
     end_of_turn_token=EOT,
     build_tiny=build_tiny,
     image_inputs=image_inputs,
+    bound_images=bound_images,
 )

@@ -169,6 +169,16 @@ def image_inputs(processor: Any, images: list[list[Any]], input_ids: torch.Tenso
     }
 
 
+def bound_images(processor: Any, bounds: dict) -> None:
+    """Resize every image to between ``min_pixels`` and ``max_pixels`` (Qwen's own default max is ~12.8M)."""
+    size = dict(processor.image_processor.size)
+    if bounds.get("min_pixels") is not None:
+        size["shortest_edge"] = bounds["min_pixels"]
+    if bounds.get("max_pixels") is not None:
+        size["longest_edge"] = bounds["max_pixels"]
+    processor.image_processor.size = size
+
+
 ARCHITECTURE = Architecture(
     name="qwen2_5_vl",
     model_type="qwen2_5_vl",
@@ -178,4 +188,5 @@ ARCHITECTURE = Architecture(
     end_of_turn_token=IM_END,
     build_tiny=build_tiny,
     image_inputs=image_inputs,
+    bound_images=bound_images,
 )

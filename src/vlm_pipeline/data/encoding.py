@@ -3,6 +3,9 @@
 Labels are exactly the assistant turns: the chat templates mark each assistant turn (its text and its
 end-of-turn token) with ``{% generation %}``, and transformers returns that span as ``assistant_masks``.
 Everything else (system, user, image and pad tokens) is -100.
+
+A record longer than ``max_length`` is never truncated through image tokens: it is set aside with the
+reason ``too_long``, or, for a text-only record when ``truncate_text_only`` is on, cut at ``max_length``.
 """
 
 from __future__ import annotations
@@ -12,7 +15,11 @@ from typing import Any
 
 from PIL import Image
 
+from vlm_pipeline.data.formats import message_text
+
 IGNORE_INDEX = -100
+TOO_LONG = "too_long"
+TRAIN_ON = ("all_assistant_turns", "last_assistant_turn")
 
 
 def load_images(record: dict, image_root: Path) -> list[Image.Image]:
@@ -38,8 +45,12 @@ def attach_images(messages: list[dict], images: list[Image.Image]) -> list[dict]
     return attached
 
 
-def encode_messages(processor: Any, messages: list[dict], images: list[Image.Image]) -> dict[str, list[int]]:
+def encode_messages(
+    processor: Any, messages: list[dict], images: list[Image.Image], *, train_on: str = "all_assistant_turns"
+) -> dict[str, list[int]]:
     """``input_ids`` and ``labels`` for one conversation, image placeholders expanded by the processor."""
+    if train_on not in TRAIN_ON:
+        raise ValueError(f"preprocessing.train_on must be one of {', '.join(TRAIN_ON)}, got {train_on!r}")
     encoded = processor.apply_chat_template(
         attach_images(messages, images) if images else messages,
         tokenize=True,
@@ -48,8 +59,44 @@ def encode_messages(processor: Any, messages: list[dict], images: list[Image.Ima
     )
     input_ids = _first_row(encoded["input_ids"])
     mask = _first_row(encoded["assistant_masks"])
+    if train_on == "last_assistant_turn":
+        mask = last_span_only(mask)
     labels = [token if keep else IGNORE_INDEX for token, keep in zip(input_ids, mask, strict=True)]
     return {"input_ids": input_ids, "labels": labels}
+
+
+def last_span_only(mask: list[int]) -> list[int]:
+    """Keep only the last contiguous run of 1s (the final assistant turn) in an assistant mask."""
+    end = max((i for i, keep in enumerate(mask) if keep), default=-1) + 1
+    start = end
+    while start > 0 and mask[start - 1]:
+        start -= 1
+    return [1 if start <= i < end else 0 for i in range(len(mask))]
+
+
+def encode_record(
+    processor: Any, record: dict, image_root: Path, *, max_length: int, train_on: str, truncate_text_only: bool
+) -> dict[str, Any]:
+    """Encode one validated record and apply the length policy.
+
+    Returns the row for the Arrow dataset plus bookkeeping: ``length`` (before any cut), ``cut`` (tokens
+    removed by truncation) and ``reason``/``detail`` (set when the record must go to quarantine).
+    """
+    encoded = encode_messages(processor, record["messages"], load_images(record, image_root), train_on=train_on)
+    length = len(encoded["input_ids"])
+    row = {**encoded, "image_paths": record["images"], "source_line": record["source_line"], "length": length,
+           "cut": 0, "reason": None, "detail": None}  # fmt: skip
+    if length <= max_length:
+        return row
+    if record["images"] or not truncate_text_only:
+        why = "it has images, which are never cut" if record["images"] else "truncate_text_only is off"
+        return {**row, "reason": TOO_LONG, "detail": f"{length} tokens is over max_length {max_length} and {why}"}
+    labels = encoded["labels"][:max_length]
+    if all(token == IGNORE_INDEX for token in labels):
+        detail = f"{length} tokens; cutting at max_length {max_length} would leave no assistant token to learn"
+        return {**row, "reason": TOO_LONG, "detail": detail}
+    return {**row, "input_ids": encoded["input_ids"][:max_length], "labels": labels, "length": max_length,
+            "cut": length - max_length}  # fmt: skip
 
 
 def prompt_messages(record: dict) -> list[dict]:
@@ -60,10 +107,6 @@ def prompt_messages(record: dict) -> list[dict]:
 def reference_answer(record: dict) -> str:
     """The text of the final assistant turn."""
     return message_text(record["messages"][-1])
-
-
-def message_text(message: dict) -> str:
-    return "".join(part.get("text", "") for part in message["content"] if part.get("type") == "text")
 
 
 def _first_row(values: Any) -> list[int]:

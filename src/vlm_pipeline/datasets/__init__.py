@@ -3,13 +3,11 @@
 from vlm_pipeline.datasets.arrow import ArrowDataset
 from vlm_pipeline.datasets.directory import DirectoryDataset
 from vlm_pipeline.datasets.jsonl import JSONDataset, JSONLinesDataset, RawLinesDataset
-from vlm_pipeline.datasets.processor import ProcessorDataset
 
 __all__ = [
     "ArrowDataset",
     "DirectoryDataset",
     "JSONDataset",
     "JSONLinesDataset",
-    "ProcessorDataset",
     "RawLinesDataset",
 ]

@@ -21,6 +21,7 @@ class DirectoryDataset(AbstractDataset[Path, Path]):
         path: where the directory lives.
         required_files: files that must exist for the directory to count as complete, e.g. ``config.json``.
         mlflow_artifact_path: if set and an MLflow run is active, the saved directory is logged under it.
+        missing_hint: a sentence added to the error when the directory is absent (how to create it).
     """
 
     def __init__(
@@ -28,16 +29,18 @@ class DirectoryDataset(AbstractDataset[Path, Path]):
         path: str,
         required_files: list[str] | None = None,
         mlflow_artifact_path: str | None = None,
+        missing_hint: str = "",
         metadata: dict | None = None,
     ):
         self._path = Path(path)
         self._required_files = list(required_files or [])
         self._mlflow_artifact_path = mlflow_artifact_path
+        self._missing_hint = missing_hint
         self.metadata = metadata
 
     def load(self) -> Path:
         if not self._path.is_dir():
-            raise DatasetError(f"Directory not found: {self._path}")
+            raise DatasetError(f"Directory not found: {self._path}. {self._missing_hint}".strip())
         missing = [name for name in self._required_files if not (self._path / name).exists()]
         if missing:
             raise DatasetError(f"{self._path} is incomplete: missing {', '.join(missing)}")

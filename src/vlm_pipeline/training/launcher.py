@@ -16,7 +16,8 @@ class TrainingLaunchError(RuntimeError):
 
 
 def resolve_run_config(
-    *, base_model: Path, train_dataset: Path, image_root: Path, sft: dict, method: dict, final_dir: Path
+    *, base_model: Path, train_dataset: Path, image_root: Path, image_bounds: dict, sft: dict, method: dict,
+    final_dir: Path,
 ) -> dict[str, Any]:
     """The JSON document the trainer entry point reads. ``sft`` minus launcher-only keys goes to SFTConfig."""
     sft_args = {key: value for key, value in sft.items() if key != "accelerate_config"}
@@ -24,6 +25,7 @@ def resolve_run_config(
         "base_model": str(base_model),
         "train_dataset": str(train_dataset),
         "image_root": str(image_root),
+        "image_bounds": image_bounds,
         "learning_rate": method["learning_rate"],
         "lora": method.get("lora"),
         "sft": sft_args,

@@ -49,7 +49,7 @@ def build_trainer(config: dict[str, Any]) -> SFTTrainer:
     set_seed(config["sft"]["seed"])
     base = Path(config["base_model"])
     architecture = architecture_for_model(base)
-    processor = load_processor(base)
+    processor = load_processor(base, image_bounds=config["image_bounds"])
     model = load_model(base)
     peft_config = LoraConfig(task_type="CAUSAL_LM", **config["lora"]) if config.get("lora") else None
     return SFTTrainer(

@@ -22,7 +22,7 @@ def create_pipeline(variant: str) -> Pipeline:
         ),
         Node(
             merge_adapter,
-            inputs=["base_model", "adapter", "test_tokenized@arrow", "params:raw_data", "params:method", "params:adapter"],
+            inputs=["base_model", "adapter", "trained_model", "test_tokenized@arrow", "params:raw_data", "params:method", "params:adapter"],
             outputs=["merged_model", "merge_check"],
             name="merge_adapter",
         ),

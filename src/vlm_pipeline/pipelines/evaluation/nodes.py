@@ -16,10 +16,12 @@ from vlm_pipeline.training.collator import SFTCollator
 logger = logging.getLogger(__name__)
 
 
-def evaluate_model(model_dir: Path, test_records: list[dict], test_data: Dataset, raw_data: str, params: dict) -> dict:
-    """Loss, perplexity, exact match and ROUGE-L of one model, plus its answers."""
+def evaluate_model(
+    model_dir: Path, test_records: list[dict], test_data: Dataset, raw_data: str, preprocessing: dict, params: dict
+) -> dict:
+    """Loss, perplexity, exact match and ROUGE-L of one model, plus its answers (same image bounds as training)."""
     architecture = architecture_for_model(model_dir)
-    processor = load_processor(model_dir)
+    processor = load_processor(model_dir, image_bounds=preprocessing["images"])
     model = load_model(model_dir).eval()
     image_root = Path(raw_data)
     collator = SFTCollator(processor, architecture, image_root)

@@ -1,47 +1,96 @@
-"""Node functions for preprocessing."""
+"""Node functions for preprocessing. Encoding rules live in ``vlm_pipeline.data.encoding``."""
 
 from __future__ import annotations
 
-import logging
+import json
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 from datasets import Dataset
-from tqdm.auto import tqdm
 
-from vlm_pipeline.data.encoding import encode_messages, load_images
+from vlm_pipeline.architectures import load_processor
+from vlm_pipeline.data.encoding import encode_record
+from vlm_pipeline.data.report import data_figure, data_markdown, image_sizes, padding_share, reason_counts
 
-logger = logging.getLogger(__name__)
+MODEL_COLUMNS = ["input_ids", "labels", "image_paths", "source_line", "length"]
+
+
+def _encode_row(row: dict, *, processor: Any, image_root: Path, params: dict) -> dict:
+    return encode_record(
+        processor,
+        json.loads(row["record"]),
+        image_root,
+        max_length=params["max_length"],
+        train_on=params["train_on"],
+        truncate_text_only=params["truncate_text_only"],
+    )
 
 
 def tokenize_split(
-    records: list[dict], processor: Any, raw_data: str, params: dict, validation_summary: dict
-) -> tuple[Dataset, dict]:
-    """Encode every validated record; set aside (never truncate) those longer than ``max_length``.
+    records: list[dict], base_model: Path, raw_data: str, params: dict, validation_summary: dict
+) -> tuple[Dataset, list[dict], dict]:
+    """Encode every validated record (in ``num_proc`` processes); over-long ones go to their own quarantine.
 
-    ``validation_summary`` is an input only so that this stage runs after the reject budget passed.
+    Images are bounded (``params["images"]``) by the processor before tokenisation, so the image-token
+    counts, and so the lengths, are those training will see. ``validation_summary`` is an input only so
+    that this stage runs after the reject budget passed. Records are passed as JSON strings so Arrow does
+    not reshape their nested, ragged message parts.
     """
-    image_root = Path(raw_data)
-    rows, too_long, lengths = [], [], []
-    for record in tqdm(records, desc="tokenize", unit="record"):
-        encoded = encode_messages(processor, record["messages"], load_images(record, image_root))
-        length = len(encoded["input_ids"])
-        if length > params["max_length"]:
-            too_long.append({"line": record["source_line"], "length": length})
-            continue
-        lengths.append(length)
-        rows.append({**encoded, "image_paths": record["images"], "source_line": record["source_line"]})
-    if not rows:
-        raise ValueError(f"No record fits max_length={params['max_length']}; longest was {max(t['length'] for t in too_long)}")
-    report = {
-        "records": len(records),
-        "kept": len(rows),
-        "too_long": too_long,
-        "length": {"min": min(lengths), "max": max(lengths), "mean": sum(lengths) / len(lengths)},
-        "label_tokens": sum(sum(1 for t in row["labels"] if t != -100) for row in rows),
+    processor = load_processor(base_model, image_bounds=params["images"])
+    raw = Dataset.from_list([{"record": json.dumps(record, ensure_ascii=False)} for record in records])
+    encode = partial(_encode_row, processor=processor, image_root=Path(raw_data), params=params)
+    encoded = raw.map(encode, num_proc=params["num_proc"] if params["num_proc"] > 1 else None, desc="tokenize")
+    quarantine = [
+        {"line": row["source_line"], "reason": row["reason"], "detail": row["detail"], "raw": row["record"]}
+        for row in encoded.select_columns(["source_line", "reason", "detail", "record"])
+        if row["reason"] is not None
+    ]
+    kept = encoded.filter(lambda reason: reason is None, input_columns="reason").select_columns(MODEL_COLUMNS)
+    return kept, quarantine, _split_report(encoded, kept)
+
+
+def _split_report(encoded: Dataset, kept: Dataset) -> dict:
+    cuts = [cut for cut in encoded["cut"] if cut > 0]
+    lengths = kept["length"]
+    return {
+        "records": len(encoded),
+        "kept": len(kept),
+        "too_long": len(encoded) - len(kept),
+        "truncated": {"records": len(cuts), "tokens_cut": sum(cuts), "max_cut": max(cuts, default=0)},
+        "length": {
+            "min": min(lengths, default=0),
+            "max": max(lengths, default=0),
+            "mean": sum(lengths) / len(lengths) if lengths else 0.0,
+        },
+        "label_tokens": sum(sum(1 for token in labels if token != -100) for labels in kept["labels"]),
     }
-    return Dataset.from_list(rows), report
 
 
-def combine_reports(train_report: dict, test_report: dict) -> dict:
-    return {"train": train_report, "test": test_report}
+def combine_reports(train_report: dict, train_data: Dataset, test_report: dict, sft: dict) -> dict:
+    """Both splits' reports, plus the pad-token share of training batches in file order vs length-grouped."""
+    if len(train_data) == 0:
+        raise ValueError("No training record is left after preprocessing; see the *_overlength.jsonl files")
+    batch_size = sft["per_device_train_batch_size"]
+    lengths = train_data["length"]
+    return {
+        "train": train_report,
+        "test": test_report,
+        "padding": {
+            "batch_size": batch_size,
+            "pad_share_in_file_order": padding_share(lengths, batch_size, group_by_length=False),
+            "pad_share_length_grouped": padding_share(lengths, batch_size, group_by_length=True),
+        },
+    }
+
+
+def build_data_report(
+    train_validation: dict, test_validation: dict, preprocessing: dict, train_records: list[dict],
+    train_data: Dataset, raw_data: str, params: dict,
+) -> tuple[str, Any]:  # fmt: skip
+    """The Markdown summary and the figure (reasons, token lengths, image sizes) for data/08_reporting."""
+    overlength = {"too_long": preprocessing["train"]["too_long"] + preprocessing["test"]["too_long"]}
+    reasons = reason_counts(train_validation, test_validation, {"reasons": {k: v for k, v in overlength.items() if v}})
+    sizes = image_sizes(train_records, Path(raw_data))
+    markdown = data_markdown({"train": train_validation, "test": test_validation}, preprocessing, reasons, sizes)
+    return markdown, data_figure(reasons, train_data["length"], sizes, params["max_length"])

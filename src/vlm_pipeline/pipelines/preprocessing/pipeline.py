@@ -1,22 +1,31 @@
 from kedro.pipeline import Node, Pipeline
 
-from vlm_pipeline.pipelines.preprocessing.nodes import combine_reports, tokenize_split
+from vlm_pipeline.pipelines.preprocessing.nodes import build_data_report, combine_reports, tokenize_split
 
 
 def create_pipeline(**kwargs) -> Pipeline:
     split_nodes = [
         Node(
             tokenize_split,
-            inputs=[f"{split}_records", "base_processor", "params:raw_data", "params:preprocessing", "validation_summary"],
-            outputs=[f"{split}_tokenized@arrow", f"{split}_preprocessing_report"],
+            inputs=[f"{split}_records", "base_model", "params:raw_data", "params:preprocessing", "validation_summary"],
+            outputs=[f"{split}_tokenized@arrow", f"{split}_overlength", f"{split}_preprocessing_report"],
             name=f"tokenize_{split}",
         )
         for split in ("train", "test")
     ]
     report = Node(
         combine_reports,
-        inputs=["train_preprocessing_report", "test_preprocessing_report"],
+        inputs=["train_preprocessing_report", "train_tokenized@arrow", "test_preprocessing_report", "params:sft"],
         outputs="preprocessing_report",
         name="combine_preprocessing_reports",
     )
-    return Pipeline([*split_nodes, report], tags="preprocessing")
+    data_report = Node(
+        build_data_report,
+        inputs=[
+            "train_validation_report", "test_validation_report", "preprocessing_report", "train_records",
+            "train_tokenized@arrow", "params:raw_data", "params:preprocessing",
+        ],  # fmt: skip
+        outputs=["data_report_markdown", "data_report_figure"],
+        name="build_data_report",
+    )
+    return Pipeline([*split_nodes, report, data_report], tags="preprocessing")

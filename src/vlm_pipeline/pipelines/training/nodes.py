@@ -9,7 +9,9 @@ from vlm_pipeline.atomic import staging_dir_for
 from vlm_pipeline.training.launcher import launch, launch_command, resolve_run_config, write_run_config
 
 
-def train_model(train_data: Path, base_model: Path, raw_data: str, sft: dict, method: dict) -> tuple[Path, list]:
+def train_model(
+    train_data: Path, base_model: Path, raw_data: str, preprocessing: dict, sft: dict, method: dict
+) -> tuple[Path, list]:
     """Launch the trainer; return the staged trained model (or adapter) and the trainer's log history."""
     output_dir = Path(method["output_dir"])
     final_dir = staging_dir_for(output_dir / "trained")
@@ -17,6 +19,7 @@ def train_model(train_data: Path, base_model: Path, raw_data: str, sft: dict, me
         base_model=base_model,
         train_dataset=train_data,
         image_root=Path(raw_data),
+        image_bounds=preprocessing["images"],
         sft=sft,
         method=method,
         final_dir=final_dir,

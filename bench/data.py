@@ -1,0 +1,112 @@
+"""Data-stage benchmark: validation throughput, and preprocessing overhead against a bare `datasets.map`.
+
+    .venv/bin/python bench/data.py [--text-lines 100000] [--image-records 5000] [--preprocess-records 1000]
+
+Prints rows/s for `validate_lines` on a generated text JSONL and image JSONL, then times our preprocessing
+node (`tokenize_split`: encode, label masks, length policy, quarantine, report) against a `datasets.map`
+that does only the processor call on the same records, in the same run, and prints the ratio.
+Needs the tiny Qwen2.5-VL (`make model`). Results go in bench/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import random
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+from datasets import Dataset, disable_progress_bars
+
+from vlm_pipeline.architectures import load_processor
+from vlm_pipeline.data.encoding import attach_images, load_images
+from vlm_pipeline.data.validation import validate_lines
+from vlm_pipeline.pipelines.preprocessing.nodes import tokenize_split
+
+ROOT = Path(__file__).resolve().parents[1]
+SHAPES = ROOT / "data/01_raw/shapes_vqa"
+WORDS = "rebar formwork lintel joist truss footing slab beam column grout concrete steel timber".split()
+
+
+def text_lines(count: int, rng: random.Random) -> list[bytes]:
+    lines = []
+    for i in range(count):
+        term = " ".join(rng.choices(WORDS, k=3))
+        record = {"instruction": f"Define the term ({i}).", "input": term, "output": f"A {term} used on site."}
+        lines.append(json.dumps(record).encode())
+    return lines
+
+
+def image_lines(count: int, image_root: Path) -> list[bytes]:
+    """``count`` records, each with its own image file (copies of the sample images)."""
+    sources = sorted((SHAPES / "images").glob("*.png"))
+    (image_root / "images").mkdir(parents=True)
+    lines = []
+    for i in range(count):
+        name = f"images/{i:06d}.png"
+        shutil.copyfile(sources[i % len(sources)], image_root / name)
+        record = {"messages": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": f"What colour is shape {i}?"}]},
+                               {"role": "assistant", "content": "red"}], "images": [name]}  # fmt: skip
+        lines.append(json.dumps(record).encode())
+    return lines
+
+
+def timed(fn, *args, **kwargs):
+    start = time.perf_counter()
+    result = fn(*args, **kwargs)
+    return result, time.perf_counter() - start
+
+
+def bare_map(records: list[dict], processor, image_root: Path) -> Dataset:
+    """The baseline: one processor call per record through datasets.map, nothing else."""
+
+    def call(row):
+        record = json.loads(row["record"])
+        encoded = processor.apply_chat_template(
+            attach_images(record["messages"], load_images(record, image_root)), tokenize=True, return_dict=True
+        )
+        return {"input_ids": encoded["input_ids"][0]}
+
+    raw = Dataset.from_list([{"record": json.dumps(r)} for r in records])
+    return raw.map(call, remove_columns=["record"])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--text-lines", type=int, default=100_000)
+    parser.add_argument("--image-records", type=int, default=5_000)
+    parser.add_argument("--preprocess-records", type=int, default=1_000)
+    parser.add_argument("--model", type=Path, default=ROOT / "data/00_base_models/tiny-qwen2_5_vl")
+    args = parser.parse_args()
+    disable_progress_bars()
+    rng = random.Random(0)
+    print(f"machine: {platform.machine()}, {platform.processor() or 'cpu'}, python {platform.python_version()}")
+
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        text = text_lines(args.text_lines, rng)
+        result, seconds = timed(validate_lines, text, root, max_image_pixels=12_845_056)
+        assert result.report["valid"] == args.text_lines
+        print(f"validate text:   {args.text_lines} lines in {seconds:.2f} s = {args.text_lines / seconds:,.0f} rows/s")
+
+        images = image_lines(args.image_records, root)
+        result, seconds = timed(validate_lines, images, root, max_image_pixels=12_845_056)
+        assert result.report["valid"] == args.image_records
+        print(f"validate images: {args.image_records} records in {seconds:.2f} s = {args.image_records / seconds:,.0f} rows/s")
+
+        processor = load_processor(args.model)
+        records = result.valid[: args.preprocess_records]
+        params = {"max_length": 512, "train_on": "all_assistant_turns", "truncate_text_only": False, "num_proc": 1}
+        bare_map(records[:20], processor, root)  # warm-up: first-call costs land in neither side
+        _, bare = timed(bare_map, records, processor, root)
+        (kept, _, _), ours = timed(tokenize_split, records, processor, str(root), params, {})
+        assert len(kept) == len(records)
+        print(f"preprocess {len(records)} image records: bare datasets.map {bare:.2f} s, ours {ours:.2f} s, "
+              f"ratio ours/bare = {ours / bare:.3f}")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,106 @@
+"""The data report: what validation and preprocessing kept, dropped and why, as Markdown and one figure."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # reports are written headless (CI, GPU hosts)
+import matplotlib.pyplot as plt  # noqa: E402
+from PIL import Image  # noqa: E402
+
+
+def padding_share(lengths: list[int], batch_size: int, *, group_by_length: bool) -> float:
+    """Share of pad tokens when ``lengths`` are batched in file order, or length-grouped.
+
+    Length grouping follows transformers' LengthGroupedSampler: mega-batches of 50 batches, each sorted by
+    length before being cut into batches (without its shuffling, so the figure is deterministic).
+    """
+    if not lengths:
+        return 0.0
+    order = list(range(len(lengths)))
+    if group_by_length:
+        mega = 50 * batch_size
+        order = [i for s in range(0, len(order), mega) for i in sorted(order[s : s + mega], key=lambda i: -lengths[i])]
+    padded = real = 0
+    for start in range(0, len(order), batch_size):
+        batch = [lengths[i] for i in order[start : start + batch_size]]
+        padded += max(batch) * len(batch)
+        real += sum(batch)
+    return (padded - real) / padded
+
+
+def image_sizes(records: list[dict], image_root: Path) -> list[tuple[int, int]]:
+    """(width, height) of every image the records use, read from file headers only."""
+    sizes = []
+    for record in records:
+        for relative in record.get("images", []):
+            with Image.open(image_root / relative) as image:
+                sizes.append(image.size)
+    return sizes
+
+
+def reason_counts(*reports: dict) -> Counter:
+    counts: Counter = Counter()
+    for report in reports:
+        counts.update(report.get("reasons", {}))
+    return counts
+
+
+def data_figure(reasons: Counter, lengths: list[int], sizes: list[tuple[int, int]], max_length: int):
+    """One PNG-able figure: quarantine reasons, token-length histogram, image sizes."""
+    figure, (ax_reasons, ax_lengths, ax_sizes) = plt.subplots(1, 3, figsize=(15, 4), constrained_layout=True)
+    if reasons:
+        names, counts = zip(*reasons.most_common(), strict=True)
+        ax_reasons.barh(names, counts, color="tab:red")
+        ax_reasons.invert_yaxis()
+    else:
+        ax_reasons.text(0.5, 0.5, "no record quarantined", ha="center", va="center")
+        ax_reasons.set_axis_off()
+    ax_reasons.set_title("Quarantined records by reason")
+    ax_lengths.hist(lengths, bins=40, color="tab:blue")
+    # Draw the limit only when it is near the data; otherwise it would squash the histogram into one bar.
+    if lengths and max_length <= 1.5 * max(lengths):
+        ax_lengths.axvline(max_length, color="black", linestyle="--", label=f"max_length {max_length}")
+        ax_lengths.legend()
+    ax_lengths.set(title=f"Training record length (max_length {max_length})", xlabel="tokens, image tokens included",
+                   ylabel="records")  # fmt: skip
+    if sizes:
+        widths, heights = zip(*sizes, strict=True)
+        ax_sizes.scatter(widths, heights, s=8, alpha=0.5)
+    else:
+        ax_sizes.text(0.5, 0.5, "text-only data", ha="center", va="center")
+        ax_sizes.set_axis_off()
+    ax_sizes.set(title="Image sizes (training)", xlabel="width (px)", ylabel="height (px)")
+    return figure
+
+
+def data_markdown(validation: dict[str, dict], preprocessing: dict, reasons: Counter, sizes: list[tuple[int, int]]) -> str:
+    """A short Markdown summary of the two stages."""
+    lines = ["# Data report", "", "| split | lines | valid | quarantined | too long | kept | truncated |", "|---|---|---|---|---|---|---|"]
+    for split in ("train", "test"):
+        v, p = validation[split], preprocessing[split]
+        lines.append(
+            f"| {split} | {v['total']} | {v['valid']} | {v['quarantined']} | {p['too_long']} | {p['kept']} "
+            f"| {p['truncated']['records']} ({p['truncated']['tokens_cut']} tokens) |"
+        )
+    lines += ["", "## Quarantine reasons", ""]
+    lines += [f"- `{reason}`: {count}" for reason, count in reasons.most_common()] or ["- none"]
+    length = preprocessing["train"]["length"]
+    padding = preprocessing["padding"]
+    lines += [
+        "",
+        "## Lengths and batching (train)",
+        "",
+        f"- tokens per record: min {length['min']}, mean {length['mean']:.1f}, max {length['max']}",
+        f"- pad share at batch size {padding['batch_size']}: {padding['pad_share_in_file_order']:.1%} in file order, "
+        f"{padding['pad_share_length_grouped']:.1%} length-grouped",
+    ]
+    if sizes:
+        widths, heights = zip(*sizes, strict=True)
+        lines.append(f"- images: {len(sizes)}, width {min(widths)}-{max(widths)} px, height {min(heights)}-{max(heights)} px")
+    lines += ["", "Quarantined records, with line numbers and reasons: `data/02_intermediate/<split>/quarantine.jsonl`"
+              " and `data/03_primary/<split>_overlength.jsonl`.", ""]  # fmt: skip
+    return "\n".join(lines)

@@ -1,0 +1,114 @@
+"""Preprocessing exactness on real records for every architecture: labels are the assistant turns, exactly;
+over-long records are set aside or (text only) cut, never truncated through image tokens."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from vlm_pipeline.architectures import get_architecture, load_processor
+from vlm_pipeline.data.encoding import IGNORE_INDEX, TOO_LONG, encode_messages, encode_record, load_images
+from vlm_pipeline.data.formats import normalise_record
+from conftest import PROJECT_ROOT
+
+SHAPES = PROJECT_ROOT / "data/01_raw/shapes_vqa"
+ANSWERS = ["It is a red circle.", "No, there is only one shape."]
+
+
+def multi_turn(is_vision: bool) -> dict:
+    """System prompt, two user turns (the first with an image for VLMs) and two assistant turns."""
+    first = [{"type": "image"}, {"type": "text", "text": "Describe the shape."}] if is_vision else "Describe a shape."
+    record = {
+        "messages": [
+            {"role": "system", "content": "Answer briefly."},
+            {"role": "user", "content": first},
+            {"role": "assistant", "content": ANSWERS[0]},
+            {"role": "user", "content": "Are there two shapes?"},
+            {"role": "assistant", "content": ANSWERS[1]},
+        ],
+        "images": ["images/train_0000.png"] if is_vision else [],
+    }
+    return {**normalise_record(record), "source_line": 1}
+
+
+def label_spans(labels: list[int]) -> list[list[int]]:
+    spans, current = [], []
+    for token in labels:
+        if token == IGNORE_INDEX:
+            if current:
+                spans.append(current)
+            current = []
+        else:
+            current.append(token)
+    return spans + ([current] if current else [])
+
+
+@pytest.mark.parametrize("arch", ["qwen2_5_vl", "mllama", "llama"])
+@pytest.mark.parametrize("train_on", ["all_assistant_turns", "last_assistant_turn"])
+def test_labels_are_exactly_the_assistant_turns(tiny_models, arch, train_on):
+    architecture = get_architecture(arch)
+    processor = load_processor(tiny_models[arch])
+    tokenizer = getattr(processor, "tokenizer", processor)
+    record = multi_turn(architecture.is_vision)
+    encoded = encode_messages(processor, record["messages"], load_images(record, SHAPES), train_on=train_on)
+
+    spans = [tokenizer.decode(span) for span in label_spans(encoded["labels"])]
+    expected = ANSWERS if train_on == "all_assistant_turns" else ANSWERS[-1:]
+    assert spans == [answer + architecture.end_of_turn_token for answer in expected]
+    # Where a label is kept it equals the input token (no shift here; the model shifts).
+    assert all(l in (IGNORE_INDEX, t) for t, l in zip(encoded["input_ids"], encoded["labels"], strict=True))
+    specials = {tokenizer.pad_token_id}
+    if architecture.image_token:
+        image_id = tokenizer.convert_tokens_to_ids(architecture.image_token)
+        assert image_id in encoded["input_ids"], "the processor expanded the image placeholder"
+        specials.add(image_id)
+    assert not specials & {t for t in encoded["labels"] if t != IGNORE_INDEX}
+    system_and_prompts = tokenizer.decode([t for t, l in zip(encoded["input_ids"], encoded["labels"]) if l == IGNORE_INDEX])
+    assert "Answer briefly." in system_and_prompts and "Are there two shapes?" in system_and_prompts
+
+
+def test_records_with_images_are_never_cut(tiny_models):
+    processor = load_processor(tiny_models["qwen2_5_vl"])
+    record = multi_turn(is_vision=True)
+    row = encode_record(processor, record, SHAPES, max_length=20, train_on="all_assistant_turns", truncate_text_only=True)
+    assert row["reason"] == TOO_LONG and "images" in row["detail"] and row["cut"] == 0
+    assert row["length"] > 20
+
+
+def test_text_records_are_cut_only_when_allowed_and_only_if_a_label_survives(tiny_models):
+    processor = load_processor(tiny_models["llama"])
+    record = multi_turn(is_vision=False)
+    full = encode_record(processor, record, SHAPES, max_length=10_000, train_on="all_assistant_turns", truncate_text_only=False)
+    first_label = next(i for i, label in enumerate(full["labels"]) if label != IGNORE_INDEX)
+    limit = first_label + 3
+
+    kept = encode_record(processor, record, SHAPES, max_length=limit, train_on="all_assistant_turns", truncate_text_only=False)
+    assert kept["reason"] == TOO_LONG and "truncate_text_only is off" in kept["detail"]
+
+    cut = encode_record(processor, record, SHAPES, max_length=limit, train_on="all_assistant_turns", truncate_text_only=True)
+    assert cut["reason"] is None and len(cut["input_ids"]) == limit == cut["length"]
+    assert cut["cut"] == full["length"] - limit
+    assert cut["input_ids"] == full["input_ids"][:limit]
+
+    nothing_left = encode_record(processor, record, SHAPES, max_length=first_label, train_on="all_assistant_turns", truncate_text_only=True)
+    assert nothing_left["reason"] == TOO_LONG and "no assistant token" in nothing_left["detail"]
+
+
+def test_image_bounds_change_what_the_processor_produces(tiny_models):
+    record = multi_turn(is_vision=True)
+    images = load_images(record, SHAPES)  # 56×56
+
+    def image_tokens(bounds):
+        processor = load_processor(tiny_models["qwen2_5_vl"], image_bounds=bounds)
+        ids = encode_messages(processor, record["messages"], images)["input_ids"]
+        return ids.count(processor.tokenizer.convert_tokens_to_ids("<|image_pad|>"))
+
+    assert image_tokens(None) == 4  # 56×56 → 4×4 patches → 2×2 merged tokens
+    assert image_tokens({"min_pixels": 112 * 112, "max_pixels": 112 * 112}) == 16  # resized to 112×112
+
+    mllama = get_architecture("mllama")
+    wide = [[load_images(record, SHAPES)[0].resize((112, 56))]]
+    for tiles in (1, 2):
+        processor = load_processor(tiny_models["mllama"], image_bounds={"max_image_tiles": tiles})
+        inputs = mllama.image_inputs(processor, wide, torch.tensor([[1, 2, 3]]))
+        assert inputs["pixel_values"].shape[2] == tiles
