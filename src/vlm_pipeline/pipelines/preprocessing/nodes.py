@@ -41,12 +41,15 @@ def tokenize_split(
     raw = Dataset.from_list([{"record": json.dumps(record, ensure_ascii=False)} for record in records])
     encode = partial(_encode_row, processor=processor, image_root=Path(raw_data), params=params)
     encoded = raw.map(encode, num_proc=params["num_proc"] if params["num_proc"] > 1 else None, desc="tokenize")
+    reasons = encoded["reason"]
+    rejected = [i for i, reason in enumerate(reasons) if reason is not None]
     quarantine = [
         {"line": row["source_line"], "reason": row["reason"], "detail": row["detail"], "raw": row["record"]}
-        for row in encoded.select_columns(["source_line", "reason", "detail", "record"])
-        if row["reason"] is not None
+        for row in encoded.select(rejected).select_columns(["source_line", "reason", "detail", "record"])
     ]
-    kept = encoded.filter(lambda reason: reason is None, input_columns="reason").select_columns(MODEL_COLUMNS)
+    # An index selection, not a filter pass: no copy of the data when nothing (or little) is rejected.
+    kept = encoded.select([i for i, reason in enumerate(reasons) if reason is None]) if rejected else encoded
+    kept = kept.select_columns(MODEL_COLUMNS)
     return kept, quarantine, _split_report(encoded, kept)
 
 
