@@ -112,3 +112,14 @@ def test_image_bounds_change_what_the_processor_produces(tiny_models):
         processor = load_processor(tiny_models["mllama"], image_bounds={"max_image_tiles": tiles})
         inputs = mllama.image_inputs(processor, wide, torch.tensor([[1, 2, 3]]))
         assert inputs["pixel_values"].shape[2] == tiles
+
+
+def test_parallel_preprocessing_gives_the_same_rows(tiny_models):
+    from vlm_pipeline.data.validation import validate_lines
+    from vlm_pipeline.pipelines.preprocessing.nodes import tokenize_split
+
+    records = validate_lines((SHAPES / "train.jsonl").read_bytes().splitlines()[:32], SHAPES, max_image_pixels=10**8).valid
+    params = {"max_length": 512, "train_on": "all_assistant_turns", "truncate_text_only": False, "images": {}}
+    serial, _, _ = tokenize_split(records, tiny_models["qwen2_5_vl"], str(SHAPES), {**params, "num_proc": 1}, {})
+    parallel, _, _ = tokenize_split(records, tiny_models["qwen2_5_vl"], str(SHAPES), {**params, "num_proc": 2}, {})
+    assert serial.to_list() == parallel.to_list() and len(serial) == 32
