@@ -63,7 +63,7 @@ def test_labels_are_exactly_the_assistant_turns(tiny_models, arch, train_on):
         assert image_id in encoded["input_ids"], "the processor expanded the image placeholder"
         specials.add(image_id)
     assert not specials & {t for t in encoded["labels"] if t != IGNORE_INDEX}
-    system_and_prompts = tokenizer.decode([t for t, l in zip(encoded["input_ids"], encoded["labels"]) if l == IGNORE_INDEX])
+    system_and_prompts = tokenizer.decode([t for t, l in zip(encoded["input_ids"], encoded["labels"], strict=True) if l == IGNORE_INDEX])
     assert "Answer briefly." in system_and_prompts and "Are there two shapes?" in system_and_prompts
 
 
