@@ -105,5 +105,6 @@ def test_validate_cli_exit_status(tmp_path):
     )  # fmt: skip
     assert result.returncode != 0
     assert "2 of 3 records" in result.stderr and "missing_field" in result.stderr
+    assert f"{bad}:1: missing_field:" in result.stderr and f"{bad}:2: not_json:" in result.stderr
     quarantine = [json.loads(line) for line in (tmp_path / "bad/quarantine.jsonl").read_text().splitlines()]
     assert [(q["line"], q["reason"]) for q in quarantine] == [(1, "missing_field"), (2, "not_json")]

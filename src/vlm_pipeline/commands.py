@@ -40,6 +40,11 @@ def _validate(args: argparse.Namespace) -> int:
     JSONLinesDataset(str(out / "quarantine.jsonl")).save(result.quarantine)
     JSONDataset(str(out / "report.json")).save(result.report)
     report = result.report
+    # Compiler-style lines (FILE:LINE: reason: detail) for the first problems, so a person knows where to look.
+    for entry in result.quarantine[: args.show]:
+        print(f"{args.input}:{entry['line']}: {entry['reason']}: {entry['detail']}", file=sys.stderr)
+    if len(result.quarantine) > args.show:
+        print(f"... and {len(result.quarantine) - args.show} more in {out / 'quarantine.jsonl'}", file=sys.stderr)
     try:
         check_reject_budget(report, args.max_invalid_fraction, source=args.input)
     except DataValidationError as error:
@@ -74,6 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     validate.add_argument("--max-invalid-fraction", type=float, default=DEFAULT_MAX_INVALID_FRACTION)
     validate.add_argument("--max-image-pixels", type=int, default=DEFAULT_MAX_IMAGE_PIXELS)
     validate.add_argument("--duplicates", choices=["reject", "keep"], default="reject")
+    validate.add_argument("--show", type=int, default=10, help="print this many quarantined lines (FILE:LINE: ...)")
     validate.set_defaults(func=_validate)
 
     metrics = commands.add_parser("metrics", help="print the base-vs-tuned table of a metrics.json")

@@ -27,6 +27,7 @@ from trl import SFTConfig, SFTTrainer
 from vlm_pipeline.architectures import architecture_for_model, load_model, load_processor
 from vlm_pipeline.atomic import link_tree, replace_dir_atomic, staging_dir_for
 from vlm_pipeline.training.collator import SFTCollator
+from vlm_pipeline.training.sampler import ModalityGroupedSampler, is_mixed
 
 
 def build_sft_config(config: dict[str, Any]) -> SFTConfig:
@@ -43,6 +44,18 @@ def build_sft_config(config: dict[str, Any]) -> SFTConfig:
     )
 
 
+class VLMSFTTrainer(SFTTrainer):
+    """TRL's SFTTrainer, batching by modality when a vision dataset mixes text-only and image rows."""
+
+    def _get_train_sampler(self, train_dataset=None):
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        has_images = [bool(paths) for paths in dataset["image_paths"]]
+        if not is_mixed(has_images):
+            return super()._get_train_sampler(train_dataset)
+        lengths = dataset["length"] if self.args.train_sampling_strategy == "group_by_length" else None
+        return ModalityGroupedSampler(has_images, self.args.train_batch_size, self.args.seed, lengths)
+
+
 def build_trainer(config: dict[str, Any]) -> SFTTrainer:
     # Seed before anything random is created: SFTTrainer wraps the model with fresh LoRA weights before
     # the Trainer seeds itself, so without this two runs of one config start from different adapters.
@@ -52,7 +65,7 @@ def build_trainer(config: dict[str, Any]) -> SFTTrainer:
     processor = load_processor(base, image_bounds=config["image_bounds"])
     model = load_model(base)
     peft_config = LoraConfig(task_type="CAUSAL_LM", **config["lora"]) if config.get("lora") else None
-    return SFTTrainer(
+    return VLMSFTTrainer(
         model=model,
         args=build_sft_config(config),
         train_dataset=load_from_disk(config["train_dataset"]),
