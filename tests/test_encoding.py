@@ -3,6 +3,8 @@ over-long records are set aside or (text only) cut, never truncated through imag
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -123,3 +125,36 @@ def test_parallel_preprocessing_gives_the_same_rows(tiny_models):
     serial, _, _ = tokenize_split(records, tiny_models["qwen2_5_vl"], str(SHAPES), {**params, "num_proc": 1}, {})
     parallel, _, _ = tokenize_split(records, tiny_models["qwen2_5_vl"], str(SHAPES), {**params, "num_proc": 2}, {})
     assert serial.to_list() == parallel.to_list() and len(serial) == 32
+
+
+def test_padding_free_batches_give_the_padded_loss_without_pad_tokens(tiny_models):
+    from vlm_pipeline.architectures import load_model
+    from vlm_pipeline.training.collator import SFTCollator
+
+    processor = load_processor(tiny_models["llama"])
+    llama = get_architecture("llama")
+    glossary = PROJECT_ROOT / "data/01_raw/alpaca_glossary"
+    lines = (glossary / "train.jsonl").read_bytes().splitlines()[:6]
+    records = [normalise_record(json.loads(line)) for line in lines]
+    rows = [encode_messages(processor, r["messages"], []) for r in records]
+    assert len({len(row["input_ids"]) for row in rows}) > 1, "rows of different lengths, so padding matters"
+
+    padded = SFTCollator(processor, llama, glossary)(rows)
+    flat = SFTCollator(processor, llama, glossary, padding_free=True)(rows)
+    assert flat["input_ids"].shape == (1, sum(len(row["input_ids"]) for row in rows))
+    assert tokenizer_pad_count(flat["input_ids"], processor.pad_token_id) == 0
+    model = load_model(tiny_models["llama"]).eval()
+    model.config.use_cache = False  # as the trainer sets it
+    with torch.no_grad():
+        assert torch.allclose(model(**padded).loss, model(**flat).loss, atol=1e-5)
+        # Each row's logits in the flat batch are its logits alone: no attention across rows.
+        second = slice(len(rows[0]["input_ids"]), len(rows[0]["input_ids"]) + len(rows[1]["input_ids"]))
+        alone = model(input_ids=torch.tensor([rows[1]["input_ids"]])).logits[0]
+        assert torch.allclose(model(**flat).logits[0, second], alone, atol=1e-5)
+
+    with pytest.raises(ValueError, match="text-only"):
+        SFTCollator(load_processor(tiny_models["mllama"]), get_architecture("mllama"), SHAPES, padding_free=True)
+
+
+def tokenizer_pad_count(input_ids: torch.Tensor, pad_id: int) -> int:
+    return int((input_ids == pad_id).sum())

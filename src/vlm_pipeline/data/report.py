@@ -96,7 +96,8 @@ def data_markdown(validation: dict[str, dict], preprocessing: dict, reasons: Cou
         "",
         f"- tokens per record: min {length['min']}, mean {length['mean']:.1f}, max {length['max']}",
         f"- pad share at batch size {padding['batch_size']}: {padding['pad_share_in_file_order']:.1%} in file order, "
-        f"{padding['pad_share_length_grouped']:.1%} length-grouped",
+        f"{padding['pad_share_length_grouped']:.1%} length-grouped"
+        + ("; training uses padding-free batches (0 pad tokens)" if padding.get("padding_free") else ""),
     ]
     if sizes:
         widths, heights = zip(*sizes, strict=True)

@@ -24,8 +24,16 @@ class SFTCollator:
     processor: Any
     architecture: Architecture
     image_root: Path
+    padding_free: bool = False
+    """Text-only models: flatten the batch into one row with restarting ``position_ids`` and no padding."""
+
+    def __post_init__(self) -> None:
+        if self.padding_free and self.architecture.is_vision:
+            raise ValueError(f"padding_free applies to text-only models; {self.architecture.name} takes images")
 
     def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
+        if self.padding_free:
+            return self._flatten(rows)
         tokenizer = getattr(self.processor, "tokenizer", self.processor)
         width = max(len(row["input_ids"]) for row in rows)
         input_ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
@@ -41,6 +49,23 @@ class SFTCollator:
         if self.architecture.is_vision and any(image_lists):
             batch.update(self.architecture.image_inputs(self.processor, image_lists, input_ids))
         return batch
+
+    @staticmethod
+    def _flatten(rows: list[dict]) -> dict[str, torch.Tensor]:
+        # No attention mask: transformers then reads the sequence boundaries from the restarting position_ids
+        # (block-diagonal mask for sdpa/eager, varlen kernels for flash attention), so rows never attend across.
+        # That holds only without a KV cache (the trainer sets use_cache=False).
+        input_ids, labels, positions = [], [], []
+        for row in rows:
+            input_ids += row["input_ids"]
+            # A row's first label is never predicted from the previous row's last token.
+            labels += [IGNORE_INDEX, *row["labels"][1:]]
+            positions += range(len(row["input_ids"]))
+        return {
+            "input_ids": torch.tensor([input_ids]),
+            "labels": torch.tensor([labels]),
+            "position_ids": torch.tensor([positions]),
+        }
 
     def _load(self, relative: str) -> Image.Image:
         with Image.open(self.image_root / relative) as image:

@@ -20,12 +20,16 @@ def resolve_run_config(
     final_dir: Path,
 ) -> dict[str, Any]:
     """The JSON document the trainer entry point reads. ``sft`` minus launcher-only keys goes to SFTConfig."""
-    sft_args = {key: value for key, value in sft.items() if key != "accelerate_config"}
+    # Keys our side consumes; the rest are TRL SFTConfig fields. (TRL's own padding_free refuses a custom
+    # collator, so ours implements it.)
+    ours = ("accelerate_config", "padding_free")
+    sft_args = {key: value for key, value in sft.items() if key not in ours}
     config = {
         "base_model": str(base_model),
         "train_dataset": str(train_dataset),
         "image_root": str(image_root),
         "image_bounds": image_bounds,
+        "padding_free": sft.get("padding_free", False),
         "learning_rate": method["learning_rate"],
         "lora": method.get("lora"),
         "sft": sft_args,

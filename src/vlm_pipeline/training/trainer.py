@@ -64,13 +64,16 @@ def build_trainer(config: dict[str, Any]) -> SFTTrainer:
     architecture = architecture_for_model(base)
     processor = load_processor(base, image_bounds=config["image_bounds"])
     model = load_model(base)
+    # No KV cache in training: it is useless there, and with a cache transformers would not read packed
+    # (padding-free) sequence boundaries from position_ids, letting rows attend to each other.
+    model.config.use_cache = False
     peft_config = LoraConfig(task_type="CAUSAL_LM", **config["lora"]) if config.get("lora") else None
     return VLMSFTTrainer(
         model=model,
         args=build_sft_config(config),
         train_dataset=load_from_disk(config["train_dataset"]),
         processing_class=processor,
-        data_collator=SFTCollator(processor, architecture, Path(config["image_root"])),
+        data_collator=SFTCollator(processor, architecture, Path(config["image_root"]), config["padding_free"]),
         peft_config=peft_config,
     )
 

@@ -81,6 +81,7 @@ def combine_reports(train_report: dict, train_data: Dataset, test_report: dict, 
         "test": test_report,
         "padding": {
             "batch_size": batch_size,
+            "padding_free": bool(sft.get("padding_free", False)),
             "pad_share_in_file_order": padding_share(lengths, batch_size, group_by_length=False),
             "pad_share_length_grouped": padding_share(lengths, batch_size, group_by_length=True),
         },
