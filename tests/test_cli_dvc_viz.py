@@ -93,6 +93,21 @@ def test_kedro_viz_build(tmp_path):
     assert {"validate_train", "tokenize_train", "train_model", "merge_adapter", "compare_base_and_tuned"} <= names
 
 
+def test_validate_cli_measures_length_with_the_model(tmp_path, tiny_models):
+    raw = PROJECT_ROOT / "data/01_raw/shapes_vqa"
+    lines = (raw / "test.jsonl").read_text(encoding="utf-8").splitlines()[:20]
+    long_record = json.loads(lines[0])
+    long_record["messages"][0]["content"][1]["text"] = "Which colour? " * 200
+    source = tmp_path / "with_long.jsonl"
+    source.write_text("\n".join([*lines, json.dumps(long_record)]) + "\n", encoding="utf-8")
+    cmd = [str(BIN / "vlm-pipeline"), "validate", str(source), "--image-root", str(raw), "--output-dir", str(tmp_path / "out"),
+           "--model", str(tiny_models["qwen2_5_vl"]), "--max-length", "512", "--max-invalid-fraction", "0.1"]  # fmt: skip
+    result = run(cmd, tmp_path)
+    assert f"{source}:21: too_long:" in result.stderr and "20 valid, 1 quarantined of 21" in result.stdout
+    report = json.loads((tmp_path / "out/report.json").read_text())
+    assert report["reasons"] == {"too_long": 1} and report["valid"] + report["quarantined"] == report["total"] == 21
+
+
 def test_validate_cli_exit_status(tmp_path):
     raw = PROJECT_ROOT / "data/01_raw/shapes_vqa"
     ok = run([str(BIN / "vlm-pipeline"), "validate", str(raw / "test.jsonl"), "--image-root", str(raw), "--output-dir", str(tmp_path / "ok")], tmp_path)

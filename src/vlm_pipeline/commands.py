@@ -29,12 +29,12 @@ def _validate(args: argparse.Namespace) -> int:
     from vlm_pipeline.data.validation import DataValidationError, check_reject_budget, validate_lines
     from vlm_pipeline.datasets import JSONDataset, JSONLinesDataset, RawLinesDataset
 
+    lines = RawLinesDataset(args.input).load()
     result = validate_lines(
-        RawLinesDataset(args.input).load(),
-        Path(args.image_root),
-        max_image_pixels=args.max_image_pixels,
-        duplicates=args.duplicates,
+        lines, Path(args.image_root), max_image_pixels=args.max_image_pixels, duplicates=args.duplicates
     )
+    if args.model:
+        _quarantine_too_long(result, lines, args)
     out = Path(args.output_dir)
     JSONLinesDataset(str(out / "valid.jsonl")).save(result.valid)
     JSONLinesDataset(str(out / "quarantine.jsonl")).save(result.quarantine)
@@ -52,6 +52,32 @@ def _validate(args: argparse.Namespace) -> int:
         return 1
     print(f"{args.input}: {report['valid']} valid, {report['quarantined']} quarantined of {report['total']} → {out}")
     return 0
+
+
+def _quarantine_too_long(result, lines: list[bytes], args: argparse.Namespace) -> None:
+    """Measure each valid record with the model's real processor (image tokens included); move the ones over
+    ``--max-length`` to the quarantine with reason ``too_long``, as preprocessing would."""
+    from vlm_pipeline.architectures import load_processor
+    from vlm_pipeline.data.encoding import TOO_LONG, encode_record
+
+    processor = load_processor(args.model)
+    kept = []
+    for record in result.valid:
+        row = encode_record(processor, record, Path(args.image_root), max_length=args.max_length,
+                            train_on="all_assistant_turns", truncate_text_only=False)  # fmt: skip
+        if row["reason"] is None:
+            kept.append(record)
+            continue
+        raw = lines[record["source_line"] - 1].decode("utf-8", errors="replace")
+        result.quarantine.append({"line": record["source_line"], "reason": TOO_LONG, "detail": row["detail"], "raw": raw})
+    moved = len(result.valid) - len(kept)
+    result.valid[:] = kept
+    result.quarantine.sort(key=lambda entry: entry["line"])
+    report = result.report
+    report["valid"] -= moved
+    report["quarantined"] += moved
+    if moved:
+        report["reasons"][TOO_LONG] = moved
 
 
 def _metrics(args: argparse.Namespace) -> int:
@@ -80,6 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
     validate.add_argument("--max-image-pixels", type=int, default=DEFAULT_MAX_IMAGE_PIXELS)
     validate.add_argument("--duplicates", choices=["reject", "keep"], default="reject")
     validate.add_argument("--show", type=int, default=10, help="print this many quarantined lines (FILE:LINE: ...)")
+    validate.add_argument("--model", help="also measure each record with this model's processor (too_long check)")
+    validate.add_argument("--max-length", type=int, default=512, help="with --model: longest record in tokens")
     validate.set_defaults(func=_validate)
 
     metrics = commands.add_parser("metrics", help="print the base-vs-tuned table of a metrics.json")

@@ -85,7 +85,8 @@ def encode_record(
     encoded = encode_messages(processor, record["messages"], load_images(record, image_root), train_on=train_on)
     length = len(encoded["input_ids"])
     row = {**encoded, "image_paths": record["images"], "source_line": record["source_line"], "length": length,
-           "cut": 0, "reason": None, "detail": None}  # fmt: skip
+           "cut": 0, "reason": None, "detail": None,
+           "label_tokens": sum(token != IGNORE_INDEX for token in encoded["labels"])}  # fmt: skip
     if length <= max_length:
         return row
     if record["images"] or not truncate_text_only:
@@ -96,7 +97,7 @@ def encode_record(
         detail = f"{length} tokens; cutting at max_length {max_length} would leave no assistant token to learn"
         return {**row, "reason": TOO_LONG, "detail": detail}
     return {**row, "input_ids": encoded["input_ids"][:max_length], "labels": labels, "length": max_length,
-            "cut": length - max_length}  # fmt: skip
+            "cut": length - max_length, "label_tokens": sum(token != IGNORE_INDEX for token in labels)}  # fmt: skip
 
 
 def prompt_messages(record: dict) -> list[dict]:

@@ -43,19 +43,22 @@ def tokenize_split(
     encoded = raw.map(encode, num_proc=params["num_proc"] if params["num_proc"] > 1 else None, desc="tokenize")
     reasons = encoded["reason"]
     rejected = [i for i, reason in enumerate(reasons) if reason is not None]
+    report = _split_report(encoded, reasons)
     quarantine = [
         {"line": row["source_line"], "reason": row["reason"], "detail": row["detail"], "raw": row["record"]}
         for row in encoded.select(rejected).select_columns(["source_line", "reason", "detail", "record"])
     ]
     # An index selection, not a filter pass: no copy of the data when nothing (or little) is rejected.
     kept = encoded.select([i for i, reason in enumerate(reasons) if reason is None]) if rejected else encoded
-    kept = kept.select_columns(MODEL_COLUMNS)
-    return kept, quarantine, _split_report(encoded, kept)
+    return kept.select_columns(MODEL_COLUMNS), quarantine, report
 
 
-def _split_report(encoded: Dataset, kept: Dataset) -> dict:
-    cuts = [cut for cut in encoded["cut"] if cut > 0]
-    lengths = kept["length"]
+def _split_report(encoded: Dataset, reasons: list) -> dict:
+    """Counts from the small per-row bookkeeping columns only (never the token lists)."""
+    columns = encoded.select_columns(["cut", "length", "label_tokens"]).to_dict()
+    kept = [i for i, reason in enumerate(reasons) if reason is None]
+    cuts = [cut for cut in columns["cut"] if cut > 0]
+    lengths = [columns["length"][i] for i in kept]
     return {
         "records": len(encoded),
         "kept": len(kept),
@@ -66,7 +69,7 @@ def _split_report(encoded: Dataset, kept: Dataset) -> dict:
             "max": max(lengths, default=0),
             "mean": sum(lengths) / len(lengths) if lengths else 0.0,
         },
-        "label_tokens": sum(sum(1 for token in labels if token != -100) for labels in kept["labels"]),
+        "label_tokens": sum(columns["label_tokens"][i] for i in kept),
     }
 
 
