@@ -10,6 +10,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from vlm_pipeline.config import LAUNCHER_KEYS, normalise_sft
+
 
 class TrainingLaunchError(RuntimeError):
     """The training subprocess failed; the message carries its command, exit code and last output lines."""
@@ -22,8 +24,8 @@ def resolve_run_config(
     """The JSON document the trainer entry point reads. ``sft`` minus launcher-only keys goes to SFTConfig."""
     # Keys our side consumes; the rest are TRL SFTConfig fields. (TRL's own padding_free refuses a custom
     # collator, so ours implements it.)
-    ours = ("accelerate_config", "padding_free")
-    sft_args = {key: value for key, value in sft.items() if key not in ours}
+    sft = normalise_sft(sft)
+    sft_args = {key: value for key, value in sft.items() if key not in LAUNCHER_KEYS}
     config = {
         "base_model": str(base_model),
         "train_dataset": str(train_dataset),
