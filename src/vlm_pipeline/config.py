@@ -14,7 +14,8 @@ from typing import Any
 
 logger = logging.getLogger(__name__)
 
-# Keys in `sft` that our launcher consumes; everything else goes to TRL's SFTConfig.
+# Keys in `sft` that our launcher consumes; everything else goes to TRL's SFTConfig. (TRL's own
+# padding_free refuses a custom collator, so our collator implements it under the same name.)
 LAUNCHER_KEYS = {"accelerate_config", "padding_free"}
 # Old name -> new name, value unchanged (accepted with a warning).
 RENAMED = {

@@ -22,9 +22,7 @@ def resolve_run_config(
     final_dir: Path,
 ) -> dict[str, Any]:
     """The JSON document the trainer entry point reads. ``sft`` minus launcher-only keys goes to SFTConfig."""
-    # Keys our side consumes; the rest are TRL SFTConfig fields. (TRL's own padding_free refuses a custom
-    # collator, so ours implements it.)
-    sft = normalise_sft(sft)
+    sft = normalise_sft(sft)  # legacy names mapped; LAUNCHER_KEYS are ours, the rest are SFTConfig fields
     sft_args = {key: value for key, value in sft.items() if key not in LAUNCHER_KEYS}
     config = {
         "base_model": str(base_model),
