@@ -2,44 +2,143 @@
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import logging
 
 import mlflow
 import pytest
+from kedro.config import OmegaConfigLoader
 from kedro.framework.session import KedroSession
 from kedro.framework.startup import bootstrap_project
+from pydantic import BaseModel
 
-from vlm_pipeline.config import ConfigError, check_parameters, check_sft_combinations, normalise_sft
+from vlm_pipeline import settings
+from vlm_pipeline.config import ConfigError, Parameters, SFTParams, check_parameters, normalise_sft, validate_parameters
+from vlm_pipeline.config.schema import OPTIMIZERS, SCHEDULERS, _model_in
+from conftest import PROJECT_ROOT
 
 
-def test_unknown_key_names_the_closest_valid_one():
-    with pytest.raises(ConfigError, match=r"unknown key sft\.learning_rat; did you mean sft\.learning_rate\?"):
-        normalise_sft({"learning_rat": 1e-4})
-    with pytest.raises(ConfigError, match=r"lora\.method\.lora\.lora_alfa; did you mean lora\.method\.lora\.lora_alpha"):
-        check_parameters({"sft": {}, "lora": {"method": {"lora": {"r": 8, "lora_alfa": 16}}}})
+def load_params(env: str = "base") -> dict:
+    args = {k: v for k, v in settings.CONFIG_LOADER_ARGS.items() if k not in ("base_env", "default_run_env")}
+    loader = OmegaConfigLoader(str(PROJECT_ROOT / "conf"), base_env="base", default_run_env=env, **args)
+    return loader["parameters"]
+
+
+def leaf_paths(tree: dict, prefix: tuple = ()) -> list[tuple]:
+    paths = []
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            paths += leaf_paths(value, prefix + (key,))
+        else:
+            paths.append(prefix + (key,))
+    return paths
+
+
+def all_models(model: type[BaseModel] = Parameters, seen: set | None = None) -> set[type[BaseModel]]:
+    seen = set() if seen is None else seen
+    seen.add(model)
+    for field in model.model_fields.values():
+        inner = _model_in(field.annotation)
+        if inner is not None and inner not in seen:
+            all_models(inner, seen)
+    return seen
+
+
+@pytest.mark.parametrize("path", leaf_paths(load_params()), ids=".".join)
+def test_a_typo_in_any_committed_parameter_is_named_with_the_closest_key(path):
+    params = copy.deepcopy(load_params())
+    parent = params
+    for key in path[:-1]:
+        parent = parent[key]
+    parent[path[-1] + "x"] = parent.pop(path[-1])
+    typo = ".".join(path) + "x"
+    with pytest.raises(ConfigError, match=rf"unknown key {typo}; did you mean {'.'.join(path)}\?"):
+        validate_parameters(params)
+
+
+def test_every_schema_field_has_help_text_and_sft_fields_are_trl_fields():
+    from transformers.trainer_utils import SchedulerType
+    from transformers.training_args import OptimizerNames
+    from trl import SFTConfig
+
+    for model in all_models():
+        for name, field in model.model_fields.items():
+            assert field.description or _model_in(field.annotation), f"{model.__name__}.{name} has no help text"
+    trl_fields = {field.name for field in dataclasses.fields(SFTConfig)}
+    assert set(SFTParams.model_fields) - {"accelerate_config", "padding_free"} <= trl_fields
+    assert set(OPTIMIZERS) <= {o.value for o in OptimizerNames}
+    assert set(SCHEDULERS) <= {s.value for s in SchedulerType}
 
 
 def test_seed_legacy_names_are_mapped_or_rejected_with_the_new_name(caplog):
     with caplog.at_level(logging.WARNING, logger="vlm_pipeline.config"):
-        assert normalise_sft({"evaluation_strategy": "steps", "warmup_ratio": 0.1}) == {
+        assert normalise_sft({"evaluation_strategy": "steps", "eval_steps": 5, "warmup_ratio": 0.1}) == {
             "eval_strategy": "steps",
+            "eval_steps": 5,
             "warmup_steps": 0.1,
         }
+        assert normalise_sft({"save_safetensors": True}) == {}
     assert "sft.evaluation_strategy is an older name; using sft.eval_strategy" in caplog.text
-    with pytest.raises(ConfigError, match=r"sft\.max_seq_length .*preprocessing\.max_length"):
+    assert "sft.save_safetensors is an older setting" in caplog.text
+    with pytest.raises(ConfigError, match=r"sft: max_seq_length .*preprocessing\.max_length"):
         normalise_sft({"max_seq_length": 512})
-    with pytest.raises(ConfigError, match=r"sft\.fp16_opt_level"):
+    with pytest.raises(ConfigError, match=r"fp16_opt_level .*use sft.fp16 or sft.bf16"):
         normalise_sft({"fp16_opt_level": "O1"})
-    with pytest.raises(ConfigError, match="set twice"):
+    with pytest.raises(ConfigError, match="warmup_steps and warmup_ratio are both set"):
         normalise_sft({"warmup_ratio": 0.1, "warmup_steps": 100})
+    with pytest.raises(ConfigError, match="hub_token .*HF_TOKEN environment variable"):
+        normalise_sft({"hub_token": "hf_x"})
 
 
-def test_impossible_combinations():
-    with pytest.raises(ConfigError, match="no GPU with bf16"):
-        check_sft_combinations({"bf16": True})  # this machine (and CI) has no GPU
-    with pytest.raises(ConfigError, match="multiple of eval_steps"):
-        check_sft_combinations({"load_best_model_at_end": True, "eval_steps": 300, "save_steps": 500})
-    check_sft_combinations({"load_best_model_at_end": True, "eval_steps": 500, "save_steps": 2000})
+BASE = {"raw_data": "data/01_raw/shapes_vqa", "base_model": "data/00_base_models/tiny-qwen2_5_vl"}
+
+
+@pytest.mark.parametrize(
+    ("params", "message"),
+    [
+        ({"sft": {"bf16": True, "fp16": True}}, "fp16 and bf16 are both true"),
+        ({"sft": {"load_best_model_at_end": True, "eval_strategy": "steps", "eval_steps": 300, "save_steps": 500}},
+         "save_steps to be a multiple of eval_steps"),
+        ({"sft": {"load_best_model_at_end": True}}, "needs eval_strategy steps or epoch"),
+        ({"sft": {"warmup_steps": 2.5}}, "neither a whole number of steps nor a share below 1"),
+        ({"sft": {"optim": "adamw"}}, "sft.optim: Input should be .*did you mean"),
+        ({"sft": {"remove_unused_columns": True}}, "collator reads the image_paths column"),
+        ({"full_ft": {"method": {"output_dir": "o", "learning_rate": 1e-5, "quantization": {"load_in_4bit": True}}}},
+         "4-bit base cannot be fully fine-tuned"),
+        ({"lora": {"method": {"output_dir": "o", "learning_rate": 1e-4, "lora": {"r": 8},
+                              "quantization": {"load_in_4bit": True, "load_in_8bit": True}}}},
+         "load_in_8bit and load_in_4bit are both true"),
+        ({"full_ft": {"method": {"output_dir": "o", "learning_rate": 1e-5, "lora": {"r": 8}}}}, "full_ft.method has a lora"),
+        ({"preprocessing": {"images": {"min_pixels": 10000, "max_pixels": 5000}}}, "min_pixels 10000 is larger"),
+    ],
+)  # fmt: skip
+def test_impossible_combinations_fail_with_a_reason(params, message):
+    with pytest.raises(ConfigError, match=message):
+        validate_parameters({**BASE, **params})
+
+
+def test_machine_checks_name_the_accelerate_file(tmp_path):
+    (tmp_path / "gpu8.yaml").write_text("use_cpu: false\nnum_processes: 8\n")
+    (tmp_path / "ds.yaml").write_text("use_cpu: true\ndeepspeed_config: {gradient_accumulation_steps: 4}\n")
+    (tmp_path / "bf16.yaml").write_text("use_cpu: true\nmixed_precision: bf16\n")
+    with pytest.raises(ConfigError, match="gpu8.yaml runs 8 process.* this machine has 0 GPU"):
+        check_parameters({**BASE, "sft": {"accelerate_config": "gpu8.yaml"}}, tmp_path)  # CI has no GPU
+    with pytest.raises(ConfigError, match="gradient_accumulation_steps 4 but sft.gradient_accumulation_steps is 1"):
+        check_parameters({**BASE, "sft": {"accelerate_config": "ds.yaml"}}, tmp_path)
+    with pytest.raises(ConfigError, match="mixed_precision bf16 but sft asks for no"):
+        check_parameters({**BASE, "sft": {"accelerate_config": "bf16.yaml"}}, tmp_path)
+    with pytest.raises(ConfigError, match="missing.yaml does not exist"):
+        check_parameters({**BASE, "sft": {"accelerate_config": "missing.yaml"}}, tmp_path)
+    check_parameters({**BASE, "sft": {"accelerate_config": "bf16.yaml", "bf16": True}}, tmp_path)  # CPU bf16 runs
+
+
+def test_trust_remote_code_is_off_by_default_and_warns_when_on(caplog, tmp_path):
+    (tmp_path / "cpu.yaml").write_text("use_cpu: true\n")
+    assert check_parameters({**BASE, "sft": {"accelerate_config": "cpu.yaml"}}, tmp_path).trust_remote_code is False
+    with caplog.at_level(logging.WARNING, logger="vlm_pipeline.config"):
+        check_parameters({**BASE, "trust_remote_code": True, "sft": {"accelerate_config": "cpu.yaml"}}, tmp_path)
+    assert "trust_remote_code is true" in caplog.text
 
 
 def test_a_bad_parameter_stops_the_run_before_any_node(project):

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from vlm_pipeline.config import LAUNCHER_KEYS, normalise_sft
+from vlm_pipeline.config import SFTParams
 
 
 class TrainingLaunchError(RuntimeError):
@@ -21,18 +21,17 @@ def resolve_run_config(
     *, base_model: Path, train_dataset: Path, image_root: Path, image_bounds: dict, sft: dict, method: dict,
     final_dir: Path,
 ) -> dict[str, Any]:
-    """The JSON document the trainer entry point reads. ``sft`` minus launcher-only keys goes to SFTConfig."""
-    sft = normalise_sft(sft)  # legacy names mapped; LAUNCHER_KEYS are ours, the rest are SFTConfig fields
-    sft_args = {key: value for key, value in sft.items() if key not in LAUNCHER_KEYS}
+    """The JSON document the trainer entry point reads: every SFTConfig field from the schema, resolved."""
+    sft_params = SFTParams.model_validate(sft)  # legacy names mapped, schema defaults filled in
     config = {
         "base_model": str(base_model),
         "train_dataset": str(train_dataset),
         "image_root": str(image_root),
         "image_bounds": image_bounds,
-        "padding_free": sft.get("padding_free", False),
+        "padding_free": sft_params.padding_free,
         "learning_rate": method["learning_rate"],
         "lora": method.get("lora"),
-        "sft": sft_args,
+        "sft": sft_params.trainer_args(),
     }
     # Checkpoints live under a folder named by the run config's hash: a killed run resumes from its own
     # checkpoints, and a run with other data or settings never resumes from (or deletes) another's.

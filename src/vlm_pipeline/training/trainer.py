@@ -32,16 +32,16 @@ from vlm_pipeline.training.sampler import ModalityGroupedSampler, is_mixed
 
 def build_sft_config(config: dict[str, Any]) -> SFTConfig:
     """TRL's SFTConfig from the run config; the data is already tokenised and collated by us."""
-    return SFTConfig(
-        output_dir=config["checkpoint_dir"],
-        **config["sft"],
-        learning_rate=config["learning_rate"],
-        remove_unused_columns=False,  # keep image_paths for the collator
-        dataset_kwargs={"skip_prepare_dataset": True},
-        max_length=None,  # records were length-checked at preprocessing, never truncated here
-        report_to="none",  # MLflow logging is the Kedro side's job (main process only)
-        save_only_model=False,
-    )
+    fixed = {
+        "output_dir": config["checkpoint_dir"],
+        "learning_rate": config["learning_rate"],
+        "remove_unused_columns": False,  # keep image_paths for the collator
+        "dataset_kwargs": {"skip_prepare_dataset": True},
+        "max_length": None,  # records were length-checked at preprocessing, never truncated here
+        "report_to": "none",  # MLflow logging is the Kedro side's job (main process only)
+        "save_only_model": False,  # checkpoints keep optimizer and scheduler state, so a resume is exact
+    }
+    return SFTConfig(**{**config["sft"], **fixed})
 
 
 class VLMSFTTrainer(SFTTrainer):

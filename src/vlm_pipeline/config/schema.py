@@ -1,0 +1,417 @@
+"""One pydantic model per parameter group: names, types, ranges and help text, checked in well under a second.
+
+Field names are the libraries' own (TRL ``SFTConfig``, PEFT ``LoraConfig``, transformers
+``BitsAndBytesConfig``), so the seeds' recipes and the libraries' docs apply unchanged. A test checks that
+every ``sft`` field here is still an ``SFTConfig`` field, so an upgrade that renames one fails in CI rather
+than on a GPU. Nothing here imports torch or TRL: a typo must fail before the heavy imports.
+"""
+
+from __future__ import annotations
+
+import difflib
+import logging
+from typing import Any, Literal, get_args, get_origin
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+logger = logging.getLogger(__name__)
+
+
+class ConfigError(ValueError):
+    """A parameter names an unknown key, a bad value or an impossible combination; the message says which."""
+
+
+# Keys in `sft` that our launcher consumes; everything else goes to TRL's SFTConfig. (TRL's own
+# padding_free refuses a custom collator, so our collator implements it under the same name.)
+LAUNCHER_KEYS = {"accelerate_config", "padding_free"}
+# The seeds' older names. RENAMED: same value, new name (accepted with a warning).
+RENAMED = {
+    "evaluation_strategy": "eval_strategy",  # transformers 4.46
+    "warmup_ratio": "warmup_steps",  # transformers 5: a float in [0, 1) is a ratio
+}
+# Meaning moved elsewhere: rejected, naming where it went.
+MOVED = {
+    "max_seq_length": "preprocessing.max_length (TRL renamed it max_length; vlm-pipeline checks lengths at "
+    "preprocessing, with the real processor)",
+    "fp16_opt_level": "nothing: it was apex's AMP level, removed from transformers; use sft.fp16 or sft.bf16",
+    "group_by_length": "sft.train_sampling_strategy: group_by_length (transformers 5)",
+    "hub_token": "the HF_TOKEN environment variable (a token in a parameters file would be logged and committed)",
+    "learning_rate": "<variant>.method.learning_rate (each method has its own)",
+}
+# Removed because the behaviour is now the only one: accepted with a warning if set to that behaviour.
+ALWAYS = {"save_safetensors": True}
+
+OPTIMIZERS = (
+    "adamw_torch_fused", "adamw_torch", "adamw_8bit", "adamw_bnb_8bit", "paged_adamw_32bit", "paged_adamw_8bit",
+    "adafactor", "sgd", "lion_8bit", "paged_lion_8bit",
+)  # fmt: skip
+SCHEDULERS = (
+    "linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup", "inverse_sqrt",
+    "cosine_with_min_lr", "warmup_stable_decay",
+)  # fmt: skip
+
+
+class Section(BaseModel):
+    """A parameter group: unknown keys are errors (a typo never silently falls back to a default)."""
+
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+
+# --- stage 1 and 2: data ------------------------------------------------------------------------------------
+
+
+class DataValidationParams(Section):
+    max_invalid_fraction: float = Field(
+        0.05, ge=0.0, le=1.0,
+        description="Largest share of records that may be quarantined before the run stops (0.0 = any bad record "
+        "stops it). Range 0.0-0.1; more usually means a format or path problem.",
+    )  # fmt: skip
+    max_image_pixels: int = Field(
+        12_845_056, gt=0, description="Images with more pixels are rejected before they can exhaust memory. 1e5-2e7."
+    )
+    duplicates: Literal["reject", "keep"] = Field(
+        "reject", description="Exact duplicate records: reject (quarantine the later copies) or keep."
+    )
+
+
+class ImageBounds(Section):
+    min_pixels: int | None = Field(None, ge=3136, description="Qwen2.5-VL: smallest image area in pixels (28×28 units).")
+    max_pixels: int | None = Field(
+        None, ge=3136, le=12_845_056, description="Qwen2.5-VL: largest image area; bounds image tokens and memory."
+    )
+    max_image_tiles: int | None = Field(None, ge=1, le=4, description="Mllama: most 560×560 tiles per image (1-4).")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> ImageBounds:
+        if self.min_pixels and self.max_pixels and self.min_pixels > self.max_pixels:
+            raise ValueError(f"min_pixels {self.min_pixels} is larger than max_pixels {self.max_pixels}")
+        return self
+
+
+class PreprocessingParams(Section):
+    max_length: int = Field(
+        512, ge=16, le=131_072, description="Longest record in tokens, image tokens included. Range 128-8192."
+    )
+    truncate_text_only: bool = Field(
+        False, description="Cut over-long text-only records instead of setting them aside (images are never cut)."
+    )
+    train_on: Literal["all_assistant_turns", "last_assistant_turn"] = Field(
+        "all_assistant_turns", description="Which assistant turns carry labels."
+    )
+    num_proc: int = Field(1, ge=1, le=256, description="Processes for tokenisation (datasets.map).")
+    images: ImageBounds = Field(default_factory=ImageBounds, description="Image bounds applied by the processor.")
+
+
+# --- stage 3: training (TRL SFTConfig names) -----------------------------------------------------------------
+
+
+class SFTParams(Section):
+    """TRL ``SFTConfig`` fields vlm-pipeline supports, plus ``accelerate_config`` and ``padding_free``."""
+
+    accelerate_config: str = Field(
+        "conf/accelerate/cpu_single_process.yaml",
+        description="accelerate config file (conf/accelerate/*.yaml): processes, DeepSpeed/FSDP, machines.",
+    )
+    padding_free: bool = Field(
+        False, description="Text-only models: one row per batch with no pad tokens (position_ids mark boundaries)."
+    )
+    seed: int = Field(42, ge=0, description="Seed for new weights (LoRA), data order and dropout.")
+    num_train_epochs: float = Field(3.0, gt=0, description="Passes over the training set. Range 1-10.")
+    max_steps: int = Field(-1, ge=-1, description="If > 0, stop after this many optimizer steps (overrides epochs).")
+    per_device_train_batch_size: int = Field(8, ge=1, description="Rows per device per forward pass. 1-16 for VLMs.")
+    per_device_eval_batch_size: int = Field(8, ge=1, description="Rows per device per evaluation forward pass.")
+    gradient_accumulation_steps: int = Field(
+        1, ge=1, description="Forward passes per optimizer step. Effective batch = per-device × this × processes."
+    )
+    train_sampling_strategy: Literal["random", "sequential", "group_by_length"] = Field(
+        "random", description="Batch order; group_by_length batches similar lengths (less padding)."
+    )
+    optim: Literal[OPTIMIZERS] = Field(  # type: ignore[valid-type]
+        "adamw_torch", description="Optimizer (transformers' name). 8bit/paged ones need bitsandbytes."
+    )
+    weight_decay: float = Field(0.0, ge=0.0, le=1.0, description="Decoupled weight decay. Range 0.0-0.1.")
+    adam_beta1: float = Field(0.9, ge=0.0, lt=1.0, description="AdamW β1. Usually 0.9.")
+    adam_beta2: float = Field(0.999, ge=0.0, lt=1.0, description="AdamW β2. 0.95-0.999.")
+    adam_epsilon: float = Field(1e-8, gt=0.0, le=1e-3, description="AdamW ε. 1e-8 (1e-6 with fp16 is common).")
+    max_grad_norm: float = Field(1.0, ge=0.0, description="Clip the gradient norm to this. 0.3-1.0; 0 = no clip.")
+    lr_scheduler_type: Literal[SCHEDULERS] = Field(  # type: ignore[valid-type]
+        "linear", description="Learning-rate schedule: cosine, linear, constant, constant_with_warmup, ..."
+    )
+    lr_scheduler_kwargs: dict[str, Any] = Field(
+        default_factory=dict, description="Extra schedule arguments, e.g. {min_lr_rate: 0.1} for cosine_with_min_lr."
+    )
+    warmup_steps: float = Field(
+        0, ge=0, description="Linear warm-up: a whole number of steps, or a share of all steps below 1 (e.g. 0.1)."
+    )
+    bf16: bool = Field(False, description="bf16 mixed precision (Ampere+ GPUs; CPUs emulate it).")
+    fp16: bool = Field(False, description="fp16 mixed precision with loss scaling, for GPUs without bf16.")
+    bf16_full_eval: bool = Field(False, description="Evaluate in pure bf16 (faster, slightly less exact).")
+    gradient_checkpointing: bool = Field(False, description="Recompute activations in backward: ~30% slower, far less memory.")
+    gradient_checkpointing_kwargs: dict[str, Any] | None = Field(
+        None, description="Passed to torch checkpointing, e.g. {use_reentrant: false} (needed with LoRA and FSDP)."
+    )
+    logging_steps: float = Field(10, gt=0, description="Log every N optimizer steps (a share below 1 of all steps).")
+    eval_strategy: Literal["no", "steps", "epoch"] = Field("no", description="When to evaluate on the validation split.")
+    eval_steps: float | None = Field(None, gt=0, description="Evaluate every N steps (with eval_strategy steps).")
+    save_strategy: Literal["no", "steps", "epoch", "best"] = Field("steps", description="When to write checkpoints.")
+    save_steps: float = Field(500, gt=0, description="Checkpoint every N optimizer steps (resume points).")
+    save_total_limit: int | None = Field(2, ge=1, description="Keep at most this many checkpoints. 1-5.")
+    load_best_model_at_end: bool = Field(
+        False, description="End with the checkpoint best on metric_for_best_model (needs eval and save to align)."
+    )
+    metric_for_best_model: str | None = Field(None, description="Metric for the best checkpoint, e.g. eval_loss.")
+    greater_is_better: bool | None = Field(None, description="Whether a larger metric_for_best_model is better.")
+    remove_unused_columns: bool = Field(
+        False, description="Must stay false: the collator needs the image_paths column (the seeds set it false too)."
+    )
+    ddp_find_unused_parameters: bool | None = Field(
+        None, description="DDP: search for unused parameters each step (slow); false with FSDP/frozen towers."
+    )
+    dataloader_num_workers: int = Field(0, ge=0, le=64, description="DataLoader worker processes. 0 = main process.")
+    dataloader_pin_memory: bool = Field(True, description="Pinned host memory for faster host-to-GPU copies.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _legacy_names(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        if "warmup_ratio" in data and "warmup_steps" in data:
+            raise ValueError(
+                "warmup_steps and warmup_ratio are both set: keep one (warmup_steps takes a ratio below 1 too)"
+            )
+        normalised: dict[str, Any] = {}
+        for key, value in data.items():
+            if key in MOVED:
+                raise ValueError(f"{key} is an older name: use {MOVED[key]}")
+            if key in ALWAYS:
+                if value != ALWAYS[key]:
+                    raise ValueError(f"{key}: {value} is not supported: weights are always saved as safetensors")
+                logger.warning("sft.%s is an older setting and now always on; drop it", key)
+                continue
+            if key in RENAMED:
+                logger.warning("sft.%s is an older name; using sft.%s", key, RENAMED[key])
+                key = RENAMED[key]
+            normalised[key] = value
+        return normalised
+
+    @field_validator("warmup_steps")
+    @classmethod
+    def _steps_or_ratio(cls, value: float) -> float:
+        if value >= 1 and value != int(value):
+            raise ValueError(f"{value} is neither a whole number of steps nor a share below 1")
+        return value
+
+    @field_validator("remove_unused_columns")
+    @classmethod
+    def _keep_columns(cls, value: bool) -> bool:
+        if value:
+            raise ValueError("must be false: the collator reads the image_paths column")
+        return value
+
+    @model_validator(mode="after")
+    def _combinations(self) -> SFTParams:
+        if self.fp16 and self.bf16:
+            raise ValueError("fp16 and bf16 are both true; choose one")
+        if self.load_best_model_at_end:
+            if self.eval_strategy == "no":
+                raise ValueError("load_best_model_at_end needs eval_strategy steps or epoch")
+            if self.save_strategy not in (self.eval_strategy, "best"):
+                raise ValueError(
+                    f"load_best_model_at_end needs save_strategy to match eval_strategy "
+                    f"(got save_strategy {self.save_strategy}, eval_strategy {self.eval_strategy})"
+                )
+            if self.eval_strategy == "steps" and self.eval_steps and self.save_steps % self.eval_steps:
+                raise ValueError(
+                    f"load_best_model_at_end needs save_steps to be a multiple of eval_steps "
+                    f"(got save_steps {self.save_steps:g}, eval_steps {self.eval_steps:g})"
+                )
+        if self.eval_strategy == "steps" and self.eval_steps is None:
+            raise ValueError("eval_strategy steps needs eval_steps")
+        if self.lr_scheduler_type == "constant" and self.warmup_steps:
+            logger.warning("sft.lr_scheduler_type constant ignores warmup_steps; constant_with_warmup applies it")
+        return self
+
+    def trainer_args(self) -> dict[str, Any]:
+        """The fields TRL's SFTConfig takes: everything set here except the launcher's own keys."""
+        return self.model_dump(exclude=LAUNCHER_KEYS, exclude_unset=False)
+
+
+# --- the methods: LoRA, freezing, quantization ---------------------------------------------------------------
+
+
+class LoraParams(Section):
+    """PEFT ``LoraConfig`` fields."""
+
+    r: int = Field(16, ge=1, le=1024, description="Rank of the low-rank update. Range 4-64.")
+    lora_alpha: float = Field(32, gt=0, description="Scale: the update is multiplied by lora_alpha / r. 1-4 × r.")
+    lora_dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on the LoRA input. Range 0.0-0.1.")
+    target_modules: list[str] | str = Field(
+        "all-linear",
+        description="Layers that get adapters: module names (q_proj, ...) matched inside the language model of a "
+        "VLM, 'all-linear', or a regex string matched against full module names (overrides the default scope).",
+    )
+    modules_to_save: list[str] = Field(
+        default_factory=list, description="Modules trained in full and saved with the adapter, e.g. [lm_head]."
+    )
+    bias: Literal["none", "all", "lora_only"] = Field("none", description="Which biases train.")
+    use_rslora: bool = Field(False, description="Rank-stabilised scaling lora_alpha / sqrt(r).")
+    use_dora: bool = Field(False, description="Weight-decomposed LoRA (DoRA): slower, sometimes better.")
+
+
+class FreezeParams(Section):
+    """Parts of the model whose weights stay fixed (full fine-tuning; LoRA freezes the base anyway)."""
+
+    vision_tower: bool = Field(False, description="Freeze the image encoder (the usual choice for small data).")
+    projector: bool = Field(False, description="Freeze the vision-to-language projector.")
+    language_model: bool = Field(False, description="Freeze the language model (train only vision parts).")
+
+
+class QuantizationParams(Section):
+    """transformers ``BitsAndBytesConfig`` fields: the base loads quantized; only LoRA weights train."""
+
+    load_in_8bit: bool = Field(False, description="Load the base in 8-bit (LLM.int8()).")
+    load_in_4bit: bool = Field(False, description="Load the base in 4-bit (QLoRA).")
+    bnb_4bit_quant_type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit data type; nf4 for QLoRA.")
+    bnb_4bit_use_double_quant: bool = Field(True, description="Quantize the quantization constants too (QLoRA).")
+    bnb_4bit_compute_dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "bfloat16", description="dtype of the matmuls on 4-bit weights."
+    )
+    llm_int8_skip_modules: list[str] | None = Field(
+        None, description="Full dotted module names kept unquantized (default: the architecture's vision parts)."
+    )
+
+    @model_validator(mode="after")
+    def _one_width(self) -> QuantizationParams:
+        if self.load_in_8bit and self.load_in_4bit:
+            raise ValueError("load_in_8bit and load_in_4bit are both true; choose one")
+        return self
+
+    @property
+    def enabled(self) -> bool:
+        return self.load_in_8bit or self.load_in_4bit
+
+
+class MethodParams(Section):
+    output_dir: str = Field(description="Where checkpoints and the staged trained model go (data/06_models/...).")
+    learning_rate: float = Field(gt=0.0, lt=1.0, description="Peak learning rate. LoRA 1e-5-5e-4; full FT 1e-5-5e-5.")
+    lora: LoraParams | None = Field(None, description="LoRA settings; absent for full fine-tuning.")
+    freeze: FreezeParams = Field(default_factory=FreezeParams, description="Components kept frozen.")
+    quantization: QuantizationParams | None = Field(None, description="Quantized base (LoRA only).")
+
+    @model_validator(mode="after")
+    def _quantized_needs_lora(self) -> MethodParams:
+        if self.quantization and self.quantization.enabled and self.lora is None:
+            bits = 4 if self.quantization.load_in_4bit else 8
+            raise ValueError(
+                f"a {bits}-bit base cannot be fully fine-tuned (quantized weights take no gradient): "
+                "add a lora block or drop quantization"
+            )
+        return self
+
+
+class VariantParams(Section):
+    method: MethodParams = Field(description="How this variant trains: learning rate, LoRA, freezing, quantization.")
+
+
+# --- stages 4 and 5 ------------------------------------------------------------------------------------------
+
+
+class AdapterParams(Section):
+    merge_dtype: Literal["float32", "bfloat16"] = Field("float32", description="dtype of the merged model.")
+    merge_tolerance: float = Field(
+        1e-4, gt=0, description="Largest |logits(merged) - logits(base+adapter)|. 1e-4 in float32."
+    )
+    merge_check_records: int = Field(8, ge=1, le=1024, description="Test records the merge check runs on. 1-64.")
+
+
+class EvaluationParams(Section):
+    max_new_tokens: int = Field(16, ge=1, le=4096, description="Longest generated answer (greedy). Range 8-512.")
+    batch_size: int = Field(16, ge=1, le=1024, description="Records per generation/loss batch. Range 1-64.")
+
+
+class Parameters(Section):
+    """Every parameter group a run reads (conf/<env>/parameters*.yml merged over conf/base)."""
+
+    raw_data: str = Field(description="Folder with train.jsonl, test.jsonl and the images they name.")
+    base_model: str = Field(description="Local model directory (config.json, safetensors, processor).")
+    trust_remote_code: bool = Field(
+        False, description="Run Python shipped inside the model folder. Only for checkpoints you trust."
+    )
+    data_validation: DataValidationParams = Field(default_factory=DataValidationParams, description="Stage 1.")
+    preprocessing: PreprocessingParams = Field(default_factory=PreprocessingParams, description="Stage 2.")
+    sft: SFTParams = Field(default_factory=SFTParams, description="Stage 3, shared by every method.")
+    adapter: AdapterParams = Field(default_factory=AdapterParams, description="Stage 4.")
+    evaluation: EvaluationParams = Field(default_factory=EvaluationParams, description="Stage 5.")
+    lora: VariantParams | None = Field(None, description="The lora pipeline's method (Kedro namespace lora).")
+    full_ft: VariantParams | None = Field(None, description="The full_ft pipeline's method (namespace full_ft).")
+
+    @model_validator(mode="after")
+    def _variants(self) -> Parameters:
+        if self.lora and self.lora.method.lora is None:
+            raise ValueError("lora.method needs a lora block (r, lora_alpha, target_modules, ...)")
+        if self.full_ft and self.full_ft.method.lora is not None:
+            raise ValueError("full_ft.method has a lora block: full fine-tuning trains every weight")
+        return self
+
+
+# --- entry points --------------------------------------------------------------------------------------------
+
+
+def validate_parameters(params: dict[str, Any]) -> Parameters:
+    """The parameters as typed models; ConfigError naming every bad key (with the closest valid one)."""
+    try:
+        return Parameters.model_validate(params)
+    except ValidationError as error:
+        raise ConfigError("\n".join(_describe(problem) for problem in error.errors())) from None
+
+
+def normalise_sft(sft: dict[str, Any], where: str = "sft") -> dict[str, Any]:
+    """``sft`` with legacy names mapped to today's and only the keys the user set; ConfigError otherwise."""
+    try:
+        model = SFTParams.model_validate(sft)
+    except ValidationError as error:
+        raise ConfigError("\n".join(_describe(problem, (where,)) for problem in error.errors())) from None
+    return model.model_dump(include=model.model_fields_set)
+
+
+def _describe(problem: dict[str, Any], prefix: tuple[str, ...] = ()) -> str:
+    loc = prefix + tuple(str(part) for part in problem["loc"])
+    where = ".".join(loc)
+    if problem["type"] == "extra_forbidden":
+        valid = _field_names(loc[:-1])
+        close = difflib.get_close_matches(loc[-1], valid, n=1, cutoff=0.6)
+        hint = f"; did you mean {'.'.join(loc[:-1] + (close[0],))}?" if close else ""
+        return f"unknown key {where}{hint}"
+    message = problem["msg"].removeprefix("Value error, ")
+    if problem["type"] == "literal_error" and isinstance(problem.get("input"), str):
+        options = problem.get("ctx", {}).get("expected", "")
+        close = difflib.get_close_matches(problem["input"], [o.strip(" '") for o in options.split(",")], n=1)
+        message += f"; did you mean {close[0]!r}?" if close else ""
+    return f"{where}: {message}" if where else message
+
+
+def _field_names(loc: tuple[str, ...]) -> list[str]:
+    """Field names of the model found at ``loc`` (for "did you mean"), walking down from Parameters."""
+    model: Any = Parameters
+    start = 0 if not loc or loc[0] in Parameters.model_fields else 1  # normalise_sft's "sft" prefix
+    if start == 1:
+        model = SFTParams
+    for part in loc[start:]:
+        field = model.model_fields.get(part)
+        if field is None:
+            return []
+        model = _model_in(field.annotation)
+        if model is None:
+            return []
+    return sorted(model.model_fields)
+
+
+def _model_in(annotation: Any) -> type[BaseModel] | None:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    if get_origin(annotation) is not None or type(annotation).__name__ == "UnionType":
+        for arg in get_args(annotation):
+            found = _model_in(arg)
+            if found is not None:
+                return found
+    return None
