@@ -5,6 +5,7 @@
     vlm-pipeline tiny-model --arch qwen2_5_vl|mllama|llama --out DIR [--seed N]
     vlm-pipeline validate INPUT.jsonl --image-root DIR --output-dir OUT [--max-invalid-fraction F]
     vlm-pipeline metrics [data/08_reporting/lora/metrics.json]
+    vlm-pipeline recipe a|b|c|d [--cpu-smoke]
 """
 
 from __future__ import annotations
@@ -88,6 +89,27 @@ def _metrics(args: argparse.Namespace) -> int:
     return 0
 
 
+def _recipe(args: argparse.Namespace) -> int:
+    """Print a seed recipe's command; with --cpu-smoke, run it on a tiny model of its architecture here."""
+    import subprocess
+
+    from vlm_pipeline.architectures import get_architecture
+    from vlm_pipeline.recipes import RECIPES, as_cli_params, cpu_smoke_params
+
+    recipe = RECIPES[args.name]
+    command = ["kedro", "run", "--pipelines", recipe.pipeline, "--env", recipe.env]
+    if not args.cpu_smoke:
+        print(f"({args.name}) {recipe.summary}\n  {' '.join(command)} --params base_model=/path/to/checkpoint")
+        return 0
+    tiny = Path("data/00_base_models") / f"tiny-{recipe.architecture}"
+    if not (tiny / "config.json").is_file():
+        get_architecture(recipe.architecture).build_tiny(tiny, 0)
+    command = [str(Path(sys.executable).parent / "kedro"), *command[1:]]
+    command += ["--params", as_cli_params(cpu_smoke_params(str(tiny)))]
+    print(" ".join(command), flush=True)
+    return subprocess.call(command)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vlm-pipeline", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -113,6 +135,11 @@ def build_parser() -> argparse.ArgumentParser:
     metrics = commands.add_parser("metrics", help="print the base-vs-tuned table of a metrics.json")
     metrics.add_argument("path", nargs="?", default="data/08_reporting/lora/metrics.json")
     metrics.set_defaults(func=_metrics)
+
+    recipe = commands.add_parser("recipe", help="a seed recipe's kedro command; --cpu-smoke runs it on a tiny model")
+    recipe.add_argument("name", choices=["a", "b", "c", "d"])
+    recipe.add_argument("--cpu-smoke", action="store_true", help="run it here: tiny model, one CPU process, 4 steps")
+    recipe.set_defaults(func=_recipe)
     return parser
 
 

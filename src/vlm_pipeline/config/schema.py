@@ -98,6 +98,9 @@ class PreprocessingParams(Section):
     train_on: Literal["all_assistant_turns", "last_assistant_turn"] = Field(
         "all_assistant_turns", description="Which assistant turns carry labels."
     )
+    validation_fraction: float = Field(
+        0.0, ge=0.0, lt=1.0, description="Share of train records held out for eval during training. 0.05-0.1."
+    )
     num_proc: int = Field(1, ge=1, le=256, description="Processes for tokenisation (datasets.map).")
     images: ImageBounds = Field(default_factory=ImageBounds, description="Image bounds applied by the processor.")
 
@@ -351,6 +354,11 @@ class Parameters(Section):
             raise ValueError("lora.method needs a lora block (r, lora_alpha, target_modules, ...)")
         if self.full_ft and self.full_ft.method.lora is not None:
             raise ValueError("full_ft.method has a lora block: full fine-tuning trains every weight")
+        if self.sft.eval_strategy != "no" and not self.preprocessing.validation_fraction:
+            raise ValueError(
+                f"sft.eval_strategy {self.sft.eval_strategy} needs a validation split: "
+                "set preprocessing.validation_fraction (e.g. 0.1)"
+            )
         return self
 
 

@@ -86,6 +86,9 @@ def data_markdown(validation: dict[str, dict], preprocessing: dict, reasons: Cou
             f"| {split} | {v['total']} | {v['valid']} | {v['quarantined']} | {p['too_long']} | {p['kept']} "
             f"| {p['truncated']['records']} ({p['truncated']['tokens_cut']} tokens) |"
         )
+    held = preprocessing.get("validation", {}).get("records", 0)
+    if held:
+        lines += ["", f"Of the kept train records, {held} are held out as the validation split."]
     lines += ["", "## Quarantine reasons", ""]
     lines += [f"- `{reason}`: {count}" for reason, count in reasons.most_common()] or ["- none"]
     length = preprocessing["train"]["length"]

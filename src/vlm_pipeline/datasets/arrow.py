@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -18,8 +19,12 @@ class ArrowDataset(AbstractDataset[Any, Any]):
         self.metadata = metadata
 
     def load(self) -> Any:
-        from datasets import load_from_disk
+        from datasets import Dataset, DatasetInfo, load_from_disk
 
+        state = json.loads((self._path / "state.json").read_text())
+        if not state["_data_files"]:  # an empty split (e.g. no validation) is saved with no Arrow file
+            features = DatasetInfo.from_directory(str(self._path)).features
+            return Dataset.from_dict({name: [] for name in features}, features=features)
         return load_from_disk(str(self._path))
 
     def save(self, data: Any) -> None:

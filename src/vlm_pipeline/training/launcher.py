@@ -18,7 +18,7 @@ class TrainingLaunchError(RuntimeError):
 
 
 def resolve_run_config(
-    *, base_model: Path, train_dataset: Path, image_root: Path, image_bounds: dict, sft: dict, method: dict,
+    *, base_model: Path, train_dataset: Path, eval_dataset: Path | None = None, image_root: Path, image_bounds: dict, sft: dict, method: dict,
     final_dir: Path,
 ) -> dict[str, Any]:
     """The JSON document the trainer entry point reads: every SFTConfig field from the schema, resolved."""
@@ -26,6 +26,8 @@ def resolve_run_config(
     config = {
         "base_model": str(base_model),
         "train_dataset": str(train_dataset),
+        # Only read when sft.eval_strategy is not "no", so an unused validation split does not change the hash.
+        "eval_dataset": str(eval_dataset) if eval_dataset and sft_params.eval_strategy != "no" else None,
         "image_root": str(image_root),
         "image_bounds": image_bounds,
         "padding_free": sft_params.padding_free,

@@ -18,6 +18,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import torch
 from datasets import load_from_disk
 from peft import LoraConfig
 from transformers import set_seed
@@ -40,6 +41,8 @@ def build_sft_config(config: dict[str, Any]) -> SFTConfig:
         "max_length": None,  # records were length-checked at preprocessing, never truncated here
         "report_to": "none",  # MLflow logging is the Kedro side's job (main process only)
         "save_only_model": False,  # checkpoints keep optimizer and scheduler state, so a resume is exact
+        # transformers refuses bf16/fp16 without a GPU unless told it runs on the CPU (where torch emulates them).
+        "use_cpu": not torch.cuda.is_available(),
     }
     return SFTConfig(**{**config["sft"], **fixed})
 
@@ -72,6 +75,7 @@ def build_trainer(config: dict[str, Any]) -> SFTTrainer:
         model=model,
         args=build_sft_config(config),
         train_dataset=load_from_disk(config["train_dataset"]),
+        eval_dataset=load_from_disk(config["eval_dataset"]) if config.get("eval_dataset") else None,
         processing_class=processor,
         data_collator=SFTCollator(processor, architecture, Path(config["image_root"]), config["padding_free"]),
         peft_config=peft_config,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from functools import partial
 from pathlib import Path
@@ -53,6 +54,24 @@ def tokenize_split(
     return kept.select_columns(MODEL_COLUMNS), quarantine, report
 
 
+def hold_out_validation(encoded: Dataset, params: dict) -> tuple[Dataset, Dataset]:
+    """Move ``validation_fraction`` of the training records to the validation split (eval during training).
+
+    A record's side is decided by a hash of its line number in valid.jsonl, so the choice is stable across
+    runs and machines, and adding records at the end never moves old ones between the splits.
+    """
+    fraction = params["validation_fraction"]
+    held = [i for i, line in enumerate(encoded["source_line"]) if _unit_hash(line) < fraction]
+    if fraction and not held:
+        raise ValueError(f"preprocessing.validation_fraction {fraction} holds out no record of {len(encoded)}")
+    held_set = set(held)
+    return encoded.select([i for i in range(len(encoded)) if i not in held_set]), encoded.select(held)
+
+
+def _unit_hash(value: Any) -> float:
+    return int.from_bytes(hashlib.sha256(str(value).encode()).digest()[:8], "big") / 2**64
+
+
 def _split_report(encoded: Dataset, reasons: list) -> dict:
     """Counts from the small per-row bookkeeping columns only (never the token lists)."""
     columns = encoded.select_columns(["cut", "length", "label_tokens"]).to_dict()
@@ -73,7 +92,9 @@ def _split_report(encoded: Dataset, reasons: list) -> dict:
     }
 
 
-def combine_reports(train_report: dict, train_data: Dataset, test_report: dict, sft: dict) -> dict:
+def combine_reports(
+    train_report: dict, train_data: Dataset, validation_data: Dataset, test_report: dict, sft: dict
+) -> dict:
     """Both splits' reports, plus the pad-token share of training batches in file order vs length-grouped."""
     if len(train_data) == 0:
         raise ValueError("No training record is left after preprocessing; see the *_overlength.jsonl files")
@@ -81,6 +102,7 @@ def combine_reports(train_report: dict, train_data: Dataset, test_report: dict, 
     lengths = train_data["length"]
     return {
         "train": train_report,
+        "validation": {"records": len(validation_data), "held_out_of_train": True},
         "test": test_report,
         "padding": {
             "batch_size": batch_size,

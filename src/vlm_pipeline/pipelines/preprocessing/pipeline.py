@@ -1,6 +1,6 @@
 from kedro.pipeline import Node, Pipeline
 
-from vlm_pipeline.pipelines.preprocessing.nodes import build_data_report, combine_reports, tokenize_split
+from vlm_pipeline.pipelines.preprocessing.nodes import build_data_report, combine_reports, hold_out_validation, tokenize_split
 
 
 def create_pipeline(**kwargs) -> Pipeline:
@@ -8,14 +8,28 @@ def create_pipeline(**kwargs) -> Pipeline:
         Node(
             tokenize_split,
             inputs=[f"{split}_records", "base_model", "params:raw_data", "params:preprocessing", "validation_summary"],
-            outputs=[f"{split}_tokenized@arrow", f"{split}_overlength", f"{split}_preprocessing_report"],
+            # train is encoded whole, then split into train and validation by the next node
+            outputs=[
+                "train_encoded" if split == "train" else f"{split}_tokenized@arrow",
+                f"{split}_overlength",
+                f"{split}_preprocessing_report",
+            ],
             name=f"tokenize_{split}",
         )
         for split in ("train", "test")
     ]
+    validation = Node(
+        hold_out_validation,
+        inputs=["train_encoded", "params:preprocessing"],
+        outputs=["train_tokenized@arrow", "validation_tokenized@arrow"],
+        name="hold_out_validation",
+    )
     report = Node(
         combine_reports,
-        inputs=["train_preprocessing_report", "train_tokenized@arrow", "test_preprocessing_report", "params:sft"],
+        inputs=[
+            "train_preprocessing_report", "train_tokenized@arrow", "validation_tokenized@arrow",
+            "test_preprocessing_report", "params:sft",
+        ],  # fmt: skip
         outputs="preprocessing_report",
         name="combine_preprocessing_reports",
     )
@@ -28,4 +42,4 @@ def create_pipeline(**kwargs) -> Pipeline:
         outputs=["data_report_markdown", "data_report_figure"],
         name="build_data_report",
     )
-    return Pipeline([*split_nodes, report, data_report], tags="preprocessing")
+    return Pipeline([*split_nodes, validation, report, data_report], tags="preprocessing")

@@ -10,7 +10,7 @@ from vlm_pipeline.training.launcher import launch, launch_command, resolve_run_c
 
 
 def train_model(
-    train_data: Path, base_model: Path, raw_data: str, preprocessing: dict, sft: dict, method: dict
+    train_data: Path, validation_data: Path, base_model: Path, raw_data: str, preprocessing: dict, sft: dict, method: dict
 ) -> tuple[Path, list]:
     """Launch the trainer; return the staged trained model (or adapter) and the trainer's log history."""
     output_dir = Path(method["output_dir"])
@@ -18,6 +18,7 @@ def train_model(
     config = resolve_run_config(
         base_model=base_model,
         train_dataset=train_data,
+        eval_dataset=validation_data,
         image_root=Path(raw_data),
         image_bounds=preprocessing["images"],
         sft=sft,

@@ -9,7 +9,7 @@ def create_pipeline(variant: str) -> Pipeline:
         [
             Node(
                 train_model,
-                inputs=["train_tokenized@path", "base_model", "params:raw_data", "params:preprocessing", "params:sft", "params:method"],
+                inputs=["train_tokenized@path", "validation_tokenized@path", "base_model", "params:raw_data", "params:preprocessing", "params:sft", "params:method"],
                 outputs=["trained_model", "training_history"],
                 name="train_model",
             ),
@@ -20,6 +20,6 @@ def create_pipeline(variant: str) -> Pipeline:
     return Pipeline(
         template,
         namespace=variant,
-        inputs={"train_tokenized@path", "base_model"},
+        inputs={"train_tokenized@path", "validation_tokenized@path", "base_model"},
         parameters={"params:raw_data", "params:preprocessing", "params:sft"},
     )

@@ -1,0 +1,137 @@
+"""The seeds' four recipes: their values match the seed table, and each runs end to end on CPU, shrunk.
+
+The CPU run swaps only the model path (a tiny model of the recipe's architecture), the accelerate file, batch
+sizes and step counts (``vlm_pipeline.recipes.cpu_smoke_params``); everything else is the recipe's own.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import yaml
+
+from conftest import PROJECT_ROOT
+from test_chain import run_kedro
+from test_config import load_params
+from vlm_pipeline.config import validate_parameters
+from vlm_pipeline.recipes import CPU_SMOKE_STEPS, RECIPES, cpu_smoke_params
+
+# The issue's table of the seeds' values, per recipe: (parameter path, value).
+SEED_TABLE = {
+    "a": {
+        "sft.accelerate_config": "conf/accelerate/deepspeed_zero3.yaml",
+        "sft.bf16": True,
+        "sft.optim": "adamw_torch_fused",
+        "sft.adam_beta1": 0.9,
+        "sft.adam_beta2": 0.999,
+        "sft.adam_epsilon": 1e-8,
+        "sft.weight_decay": 0.01,
+        "full_ft.method.learning_rate": 5e-5,
+        "sft.lr_scheduler_type": "cosine",
+        "sft.warmup_steps": 1000,
+        "sft.per_device_train_batch_size": 4,
+        "sft.gradient_accumulation_steps": 4,
+        "sft.gradient_checkpointing": True,
+        "sft.remove_unused_columns": False,
+        "sft.eval_strategy": "steps",
+        "sft.eval_steps": 500,
+        "sft.save_steps": 2000,
+        "sft.save_total_limit": 3,
+    },
+    "b": {
+        "sft.fp16": True,
+        "sft.bf16": False,
+        "sft.per_device_train_batch_size": 2,
+        "sft.gradient_accumulation_steps": 2,
+        "sft.num_train_epochs": 3,
+        "lora.method.lora.r": 8,
+        "lora.method.lora.lora_alpha": 32,
+        "lora.method.lora.lora_dropout": 0.05,
+        "lora.method.lora.target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"],
+        "preprocessing.max_length": 512,
+    },
+    "c": {
+        "sft.accelerate_config": "conf/accelerate/fsdp.yaml",
+        "sft.bf16": True,
+        "sft.fp16": False,
+        "sft.bf16_full_eval": True,
+        "sft.optim": "adafactor",
+        "sft.lr_scheduler_type": "constant",
+        "sft.gradient_checkpointing_kwargs": {"use_reentrant": False},
+        "sft.ddp_find_unused_parameters": False,
+        "sft.eval_strategy": "steps",
+        "sft.save_strategy": "steps",
+        "sft.load_best_model_at_end": True,
+        "sft.metric_for_best_model": "eval_loss",
+        "sft.greater_is_better": False,
+        "sft.dataloader_num_workers": 1,
+    },
+    "d": {
+        "raw_data": "data/01_raw/alpaca_glossary",
+        "sft.bf16": True,
+        "sft.optim": "adamw_torch",
+        "lora.method.learning_rate": 1e-4,
+        "sft.lr_scheduler_type": "cosine",
+        "sft.warmup_steps": 0.1,
+        "sft.per_device_train_batch_size": 2,
+        "sft.per_device_eval_batch_size": 2,
+        "sft.logging_steps": 2,
+        "sft.eval_strategy": "steps",
+        "sft.eval_steps": 100,
+        "sft.save_steps": 1000,
+        "sft.num_train_epochs": 3,
+        "preprocessing.max_length": 2048,
+    },
+}
+
+
+def lookup(params, path: str):
+    for key in path.split("."):
+        params = getattr(params, key)
+    return params
+
+
+@pytest.mark.parametrize("name", sorted(RECIPES))
+def test_recipe_carries_the_seed_values(name):
+    recipe = RECIPES[name]
+    params = validate_parameters(load_params(recipe.env))
+    for path, expected in SEED_TABLE[name].items():
+        assert lookup(params, path) == expected, f"recipe ({name}) {recipe.env}: {path}"
+    accelerate = yaml.safe_load((PROJECT_ROOT / params.sft.accelerate_config).read_text())
+    if name == "a":
+        assert accelerate["distributed_type"] == "DEEPSPEED" and accelerate["deepspeed_config"]["zero_stage"] == 3
+        assert accelerate["num_processes"] == 8 and accelerate["mixed_precision"] == "bf16"
+        effective = params.sft.per_device_train_batch_size * params.sft.gradient_accumulation_steps * 8
+        assert effective == 128
+
+
+@pytest.mark.parametrize("name", sorted(RECIPES))
+def test_recipe_runs_end_to_end_on_cpu_with_a_tiny_model(name, project, tiny_models):
+    recipe = RECIPES[name]
+    run_kedro(project, recipe.pipeline, env=recipe.env, short=False,
+              **cpu_smoke_params(str(tiny_models[recipe.architecture])))  # fmt: skip
+    variant_dir = project / "data/06_models" / recipe.pipeline
+    history = json.loads((variant_dir / "training_history.json").read_text())
+    steps = [entry["step"] for entry in history if "loss" in entry]
+    assert max(steps) == CPU_SMOKE_STEPS
+    rates = [entry["learning_rate"] for entry in history if "loss" in entry]
+    params = validate_parameters(load_params(recipe.env))
+    warmup = params.sft.warmup_steps
+    warmup = warmup if warmup >= 1 else math.ceil(warmup * CPU_SMOKE_STEPS)
+    if params.sft.lr_scheduler_type == "constant":
+        assert len(set(rates)) == 1
+    elif warmup >= CPU_SMOKE_STEPS:  # recipe (a): 1000 warm-up steps, so 4 steps only climb
+        assert rates == sorted(rates) and rates[-1] > rates[0]
+    else:
+        assert rates[-1] < max(rates)  # warm-up done, the schedule decays
+    if params.sft.eval_strategy == "steps":
+        assert any("eval_loss" in entry for entry in history)
+    if params.sft.load_best_model_at_end:
+        run_config = json.loads((variant_dir / "run_config.json").read_text())
+        checkpoint = project / run_config["checkpoint_dir"] / f"checkpoint-{CPU_SMOKE_STEPS}"
+        state = json.loads((checkpoint / "trainer_state.json").read_text())
+        assert state["best_model_checkpoint"] and state["best_metric"] is not None
+    metrics = json.loads((project / "data/08_reporting" / recipe.pipeline / "metrics.json").read_text())
+    assert {"base", "tuned"} <= set(metrics)
