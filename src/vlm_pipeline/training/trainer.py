@@ -19,14 +19,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate.utils import broadcast_object_list
 from datasets import load_from_disk
 from peft import LoraConfig
 from transformers import set_seed
-from transformers.trainer_utils import get_last_checkpoint
 from trl import SFTConfig, SFTTrainer
 
 from vlm_pipeline.architectures import architecture_for_model, load_model, load_processor
 from vlm_pipeline.atomic import link_tree, replace_dir_atomic, staging_dir_for
+from vlm_pipeline.training.checkpoints import last_complete_checkpoint
 from vlm_pipeline.training.collator import SFTCollator
 from vlm_pipeline.training.sampler import ModalityGroupedSampler, is_mixed
 
@@ -92,8 +93,12 @@ def run(config: dict[str, Any]) -> None:
         link_tree(finished, final_dir)
         return
     trainer = build_trainer(config)
-    resume = get_last_checkpoint(str(checkpoints)) if checkpoints.is_dir() else None
-    trainer.train(resume_from_checkpoint=resume)
+    # The main process tidies incomplete checkpoints away; every rank then resumes from the same folder.
+    choice = [last_complete_checkpoint(checkpoints) if trainer.is_world_process_zero() else None]
+    resume = broadcast_object_list(choice)[0]
+    if resume is not None:
+        print(f"vlm-pipeline: resuming from {resume} (the newest complete checkpoint)", flush=True)
+    trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     if trainer.is_world_process_zero():
         trainer.save_model(str(final_dir))
         trainer.processing_class.save_pretrained(str(final_dir))

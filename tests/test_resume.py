@@ -1,0 +1,102 @@
+"""A training run killed with SIGKILL resumes from its newest complete checkpoint when rerun.
+
+The first `kedro run` of the training stage is killed mid-run; a half-written checkpoint (as a kill during a
+save leaves) is put beside the real ones; the same command run again resumes from the newest complete
+checkpoint, never from the half-written one, trains only the remaining steps and ends at the same final step
+and with the same adapter as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from kedro.framework.session import KedroSession
+from kedro.framework.startup import bootstrap_project
+from safetensors.torch import load_file
+
+from conftest import copy_project
+from vlm_pipeline.recipes import as_cli_params
+
+STEPS = 40
+PARAMS = {"sft": {"max_steps": STEPS, "save_steps": 4, "logging_steps": 1, "save_total_limit": 3}}
+
+
+def prepare_data(project: Path, base_model: Path) -> None:
+    bootstrap_project(project)
+    runtime = {**PARAMS, "base_model": str(base_model)}
+    with KedroSession.create(project_path=project, runtime_params=runtime) as session:
+        session.run(pipeline_names=["lora"], tags=["data_validation", "preprocessing"])
+
+
+def training_command(base_model: Path) -> list[str]:
+    kedro = str(Path(sys.executable).parent / "kedro")
+    params = as_cli_params({**PARAMS, "base_model": str(base_model)})
+    return [kedro, "run", "--pipelines", "lora", "--tags", "training", "--params", params]
+
+
+def start_training(project: Path, base_model: Path, log: Path) -> subprocess.Popen:
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{project / 'mlflow.db'}"}
+    return subprocess.Popen(
+        training_command(base_model), cwd=project, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT,
+        start_new_session=True,  # its own process group: the kill reaches kedro, accelerate and the trainer
+    )  # fmt: skip
+
+
+def adapter_weights(project: Path) -> dict[str, torch.Tensor]:
+    return load_file(project / "data/06_models/lora/trained/adapter_model.safetensors")
+
+
+def test_killed_training_resumes_from_the_last_complete_checkpoint(tmp_path, tiny_models):
+    base_model = tiny_models["qwen2_5_vl"]
+    project = copy_project(tmp_path / "killed")
+    prepare_data(project, base_model)
+    checkpoints = project / "data/06_models/lora/checkpoints"
+
+    run = start_training(project, base_model, tmp_path / "first.log")
+    deadline = time.monotonic() + 300
+    while not list(checkpoints.glob("*/checkpoint-8/trainer_state.json")):
+        assert run.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
+        assert time.monotonic() < deadline, "no checkpoint-8 within 300 s"
+        time.sleep(0.1)
+    os.killpg(run.pid, signal.SIGKILL)
+    run.wait()
+    assert run.returncode == -signal.SIGKILL
+    assert not (project / "data/06_models/lora/trained").exists()  # nothing that looks finished
+
+    (run_dir,) = checkpoints.iterdir()
+    complete = max(int(p.name.split("-")[1]) for p in run_dir.glob("checkpoint-*") if (p / "trainer_state.json").is_file())
+    assert 8 <= complete < STEPS
+    # What a kill during a save leaves: a newer folder with part of the weights and no complete state.
+    half = run_dir / "checkpoint-36"
+    half.mkdir(exist_ok=True)
+    (half / "adapter_model.safetensors").write_bytes(b"\x00" * 100)
+    (half / "trainer_state.json").write_text('{"global_step": 3')
+
+    rerun = start_training(project, base_model, tmp_path / "second.log")
+    assert rerun.wait(timeout=600) == 0, (tmp_path / "second.log").read_text()[-3000:]
+    output = (tmp_path / "second.log").read_text()
+    resumed = re.search(r"resuming from \S+checkpoint-(\d+)", output)
+    assert resumed and int(resumed.group(1)) >= complete and int(resumed.group(1)) != 36, output[-3000:]
+    start = int(resumed.group(1))
+    assert output.count("{'loss':") == STEPS - start  # only the remaining steps were trained
+    assert (run_dir / "incomplete" / "checkpoint-36").is_dir()
+    history = json.loads((project / "data/06_models/lora/training_history.json").read_text())
+    assert max(entry["step"] for entry in history if "loss" in entry) == STEPS
+
+    # The same command never interrupted: same final step, and the same adapter.
+    straight = copy_project(tmp_path / "straight")
+    prepare_data(straight, base_model)
+    uninterrupted = start_training(straight, base_model, tmp_path / "straight.log")
+    assert uninterrupted.wait(timeout=600) == 0, (tmp_path / "straight.log").read_text()[-3000:]
+    resumed_weights, straight_weights = adapter_weights(project), adapter_weights(straight)
+    assert resumed_weights.keys() == straight_weights.keys()
+    for name, tensor in straight_weights.items():
+        torch.testing.assert_close(resumed_weights[name], tensor, rtol=0, atol=1e-5, msg=name)
