@@ -69,6 +69,9 @@ def assert_mlflow_run(project: Path, pipeline: str, expect_adapter: bool) -> Non
     assert reports == {"data_report/data_report.md", "data_report/data_report.png"}
     artifacts = {a.path for a in mlflow.artifacts.list_artifacts(run_id=run.info.run_id, artifact_path="adapter")}
     assert ("adapter/adapter_model.safetensors" in artifacts) == expect_adapter
+    table = json.loads(mlflow.artifacts.load_text(f"runs:/{run.info.run_id}/training/trainable_parameters.json"))
+    assert 0 < table["all"]["trainable"] <= table["all"]["total"]
+    assert (table["all"]["trainable"] < table["all"]["total"]) == expect_adapter  # LoRA trains a small share
 
 
 def assert_evaluation(project: Path, variant: str, test_records: int) -> dict:
@@ -105,9 +108,24 @@ def assert_merged_equals_base_plus_adapter(base: Path, adapter: Path, merged: Pa
     assert (merged_logits - base_logits).abs().max().item() > 1e-2, "the adapter changed nothing"
 
 
-def test_lora_chain_on_qwen2_5_vl(project, tiny_models):
+HUB_TOKEN = "hf_vlmPipelineTestTokenNeverLogged123"
+
+
+def assert_token_never_written(project: Path) -> None:
+    """The hub token lives in the environment only: not in MLflow params, tags or metrics, nor in any file."""
+    mlflow.set_tracking_uri(f"sqlite:///{project / 'mlflow.db'}")
+    for run in mlflow.search_runs(experiment_names=["vlm-pipeline"], output_format="list"):
+        logged = {**run.data.params, **run.data.tags, **{k: str(v) for k, v in run.data.metrics.items()}}
+        assert not [key for key, value in logged.items() if HUB_TOKEN in f"{key}={value}"]
+    for path in project.rglob("*"):
+        if path.is_file() and path.suffix in {".json", ".jsonl", ".yml", ".yaml", ".md", ".txt", ".log", ".db"}:
+            assert HUB_TOKEN.encode() not in path.read_bytes(), path
+
+
+def test_lora_chain_on_qwen2_5_vl(project, tiny_models, monkeypatch):
     """The default configuration, unshortened: the tuned model must generalise to the held-out test set."""
     shutil.copytree(tiny_models["qwen2_5_vl"], project / "data/00_base_models/tiny-qwen2_5_vl")
+    monkeypatch.setenv("HF_TOKEN", HUB_TOKEN)  # as a user with a hub login would run it
     run_kedro(project, "lora", short=False)
 
     raw = project / "data/01_raw/shapes_vqa"
@@ -132,6 +150,7 @@ def test_lora_chain_on_qwen2_5_vl(project, tiny_models):
     )
     assert_mlflow_run(project, "lora", expect_adapter=True)
     assert not list((project / "data/06_models/lora").glob(".*staging*")), "no staging directory left behind"
+    assert_token_never_written(project)
 
 
 def test_full_ft_chain_on_qwen2_5_vl(project, tiny_models):

@@ -55,7 +55,7 @@ def test_mllama_trains_on_a_mixed_dataset(tmp_path, tiny_models):
     train.save_to_disk(str(tmp_path / "train"))
 
     sft = {"seed": 0, "max_steps": 6, "per_device_train_batch_size": 4, "logging_steps": 1, "save_steps": 100,
-           "bf16": False, "use_cpu": True, "dataloader_pin_memory": False,
+           "bf16": False, "dataloader_pin_memory": False,
            "train_sampling_strategy": "group_by_length"}  # fmt: skip
     method = {"output_dir": str(tmp_path / "run"), "learning_rate": 1e-3,
               "lora": {"r": 4, "lora_alpha": 8, "target_modules": "all-linear"}}  # fmt: skip

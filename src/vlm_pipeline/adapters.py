@@ -54,6 +54,7 @@ def merge_and_verify(
     *,
     dtype: str,
     tolerance: float,
+    trust_remote_code: bool = False,
 ) -> dict[str, Any]:
     """Merge ``adapter_dir`` into ``base_model`` (unquantised, in ``dtype``), save to ``dest``, verify.
 
@@ -63,17 +64,19 @@ def merge_and_verify(
     """
     torch_dtype = DTYPES[dtype]
     architecture = architecture_for_model(base_model)
-    processor = load_processor(processor_dir, architecture=architecture)
+    processor = load_processor(processor_dir, architecture=architecture, trust_remote_code=trust_remote_code)
     collator = SFTCollator(processor, architecture, image_root)
     batch = collator(check_rows)
 
-    peft_model = PeftModel.from_pretrained(load_model(base_model, dtype=torch_dtype), str(adapter_dir)).eval()
+    peft_model = PeftModel.from_pretrained(
+        load_model(base_model, dtype=torch_dtype, trust_remote_code=trust_remote_code), str(adapter_dir)
+    ).eval()
     expected = batch_logits(peft_model, batch)
     merged = peft_model.merge_and_unload()
     merged.save_pretrained(str(dest), safe_serialization=True)
     processor.save_pretrained(str(dest))
 
-    reloaded = load_model(dest, dtype=torch_dtype).eval()
+    reloaded = load_model(dest, dtype=torch_dtype, trust_remote_code=trust_remote_code).eval()
     actual = batch_logits(reloaded, batch)
     mask = batch["attention_mask"].bool()
     max_abs_diff = (actual - expected).abs()[mask].max().item()

@@ -48,6 +48,11 @@ class Architecture:
     Used by the collator, which pads pre-tokenised rows itself and so cannot call the processor on text.
     None for text-only architectures."""
 
+    components: tuple[tuple[str, str], ...] = ()
+    """``(component, parameter-name prefix)`` pairs, first match wins: which parameters are the vision tower,
+    the projector and the language model. Used to freeze parts, to scope LoRA to the language model and
+    for the trainable-parameter table. Parameters matching no prefix count as ``language_model``."""
+
     bound_images: Callable[[Any, dict], None] | None = field(default=None, repr=False)
     """``bound_images(processor, bounds)``: apply ``preprocessing.images`` limits (min/max pixels, tiles) to the
     processor in place, so every image is bounded before tokenisation. None for text-only architectures."""

@@ -138,4 +138,5 @@ ARCHITECTURE = Architecture(
     image_token=None,
     end_of_turn_token=EOT,
     build_tiny=build_tiny,
+    components=(("language_model", "model."), ("language_model", "lm_head.")),
 )

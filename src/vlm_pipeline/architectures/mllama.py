@@ -167,6 +167,12 @@ ARCHITECTURE = Architecture(
     image_token=IMAGE,
     end_of_turn_token=EOT,
     build_tiny=build_tiny,
+    components=(
+        ("vision_tower", "model.vision_model."),
+        ("projector", "model.multi_modal_projector."),
+        ("language_model", "model.language_model."),
+        ("language_model", "lm_head."),
+    ),
     image_inputs=image_inputs,
     bound_images=bound_images,
 )

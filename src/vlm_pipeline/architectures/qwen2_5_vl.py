@@ -187,6 +187,12 @@ ARCHITECTURE = Architecture(
     image_token=IMAGE_PAD,
     end_of_turn_token=IM_END,
     build_tiny=build_tiny,
+    components=(
+        ("projector", "model.visual.merger."),
+        ("vision_tower", "model.visual."),
+        ("language_model", "model.language_model."),
+        ("language_model", "lm_head."),
+    ),
     image_inputs=image_inputs,
     bound_images=bound_images,
 )

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import difflib
 import logging
-from typing import Any, Literal, get_args, get_origin
+from typing import Any, Literal, TypeVar, get_args, get_origin
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -55,6 +55,9 @@ class Section(BaseModel):
     """A parameter group: unknown keys are errors (a typo never silently falls back to a default)."""
 
     model_config = ConfigDict(extra="forbid", validate_default=True)
+
+
+SectionT = TypeVar("SectionT", bound=Section)
 
 
 # --- stage 1 and 2: data ------------------------------------------------------------------------------------
@@ -302,6 +305,15 @@ class MethodParams(Section):
     quantization: QuantizationParams | None = Field(None, description="Quantized base (LoRA only).")
 
     @model_validator(mode="after")
+    def _freeze_is_for_full_ft(self) -> MethodParams:
+        if self.lora is not None and any(self.freeze.model_dump().values()):
+            raise ValueError(
+                "freeze applies to full fine-tuning; LoRA already freezes the base (choose where adapters go "
+                "with lora.target_modules)"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _quantized_needs_lora(self) -> MethodParams:
         if self.quantization and self.quantization.enabled and self.lora is None:
             bits = 4 if self.quantization.load_in_4bit else 8
@@ -367,28 +379,30 @@ class Parameters(Section):
 
 def validate_parameters(params: dict[str, Any]) -> Parameters:
     """The parameters as typed models; ConfigError naming every bad key (with the closest valid one)."""
+    return parse_section(Parameters, params, "")
+
+
+def parse_section(model: type[SectionT], data: dict[str, Any], where: str) -> SectionT:
+    """One parameter group (``where`` is its dotted name, for messages); ConfigError naming every bad key."""
     try:
-        return Parameters.model_validate(params)
+        return model.model_validate(data)
     except ValidationError as error:
-        raise ConfigError("\n".join(_describe(problem) for problem in error.errors())) from None
+        prefix = tuple(where.split(".")) if where else ()
+        raise ConfigError("\n".join(_describe(problem, model, prefix) for problem in error.errors())) from None
 
 
 def normalise_sft(sft: dict[str, Any], where: str = "sft") -> dict[str, Any]:
     """``sft`` with legacy names mapped to today's and only the keys the user set; ConfigError otherwise."""
-    try:
-        model = SFTParams.model_validate(sft)
-    except ValidationError as error:
-        raise ConfigError("\n".join(_describe(problem, (where,)) for problem in error.errors())) from None
+    model = parse_section(SFTParams, sft, where)
     return model.model_dump(include=model.model_fields_set)
 
 
-def _describe(problem: dict[str, Any], prefix: tuple[str, ...] = ()) -> str:
-    loc = prefix + tuple(str(part) for part in problem["loc"])
-    where = ".".join(loc)
+def _describe(problem: dict[str, Any], root: type[BaseModel], prefix: tuple[str, ...]) -> str:
+    loc = tuple(str(part) for part in problem["loc"])
+    where = ".".join(prefix + loc)
     if problem["type"] == "extra_forbidden":
-        valid = _field_names(loc[:-1])
-        close = difflib.get_close_matches(loc[-1], valid, n=1, cutoff=0.6)
-        hint = f"; did you mean {'.'.join(loc[:-1] + (close[0],))}?" if close else ""
+        close = difflib.get_close_matches(loc[-1], _field_names(root, loc[:-1]), n=1, cutoff=0.6)
+        hint = f"; did you mean {'.'.join(prefix + loc[:-1] + (close[0],))}?" if close else ""
         return f"unknown key {where}{hint}"
     message = problem["msg"].removeprefix("Value error, ")
     if problem["type"] == "literal_error" and isinstance(problem.get("input"), str):
@@ -398,17 +412,12 @@ def _describe(problem: dict[str, Any], prefix: tuple[str, ...] = ()) -> str:
     return f"{where}: {message}" if where else message
 
 
-def _field_names(loc: tuple[str, ...]) -> list[str]:
-    """Field names of the model found at ``loc`` (for "did you mean"), walking down from Parameters."""
-    model: Any = Parameters
-    start = 0 if not loc or loc[0] in Parameters.model_fields else 1  # normalise_sft's "sft" prefix
-    if start == 1:
-        model = SFTParams
-    for part in loc[start:]:
+def _field_names(root: type[BaseModel], loc: tuple[str, ...]) -> list[str]:
+    """Field names of the model found at ``loc`` below ``root`` (for "did you mean")."""
+    model: type[BaseModel] | None = root
+    for part in loc:
         field = model.model_fields.get(part)
-        if field is None:
-            return []
-        model = _model_in(field.annotation)
+        model = _model_in(field.annotation) if field is not None else None
         if model is None:
             return []
     return sorted(model.model_fields)

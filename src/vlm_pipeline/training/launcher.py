@@ -10,7 +10,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from vlm_pipeline.config import SFTParams
+from vlm_pipeline.config import MethodParams, SFTParams
+from vlm_pipeline.config.schema import parse_section
 
 
 class TrainingLaunchError(RuntimeError):
@@ -19,10 +20,11 @@ class TrainingLaunchError(RuntimeError):
 
 def resolve_run_config(
     *, base_model: Path, train_dataset: Path, eval_dataset: Path | None = None, image_root: Path, image_bounds: dict, sft: dict, method: dict,
-    final_dir: Path,
+    final_dir: Path, trust_remote_code: bool = False,
 ) -> dict[str, Any]:
     """The JSON document the trainer entry point reads: every SFTConfig field from the schema, resolved."""
-    sft_params = SFTParams.model_validate(sft)  # legacy names mapped, schema defaults filled in
+    sft_params = parse_section(SFTParams, sft, "sft")  # legacy names mapped, schema defaults filled in
+    method_params = parse_section(MethodParams, method, "method")
     config = {
         "base_model": str(base_model),
         "train_dataset": str(train_dataset),
@@ -30,9 +32,11 @@ def resolve_run_config(
         "eval_dataset": str(eval_dataset) if eval_dataset and sft_params.eval_strategy != "no" else None,
         "image_root": str(image_root),
         "image_bounds": image_bounds,
+        "trust_remote_code": trust_remote_code,
         "padding_free": sft_params.padding_free,
-        "learning_rate": method["learning_rate"],
-        "lora": method.get("lora"),
+        "learning_rate": method_params.learning_rate,
+        "lora": method_params.lora.model_dump() if method_params.lora else None,
+        "freeze": method_params.freeze.model_dump(),
         "sft": sft_params.trainer_args(),
     }
     # Checkpoints live under a folder named by the run config's hash: a killed run resumes from its own

@@ -29,6 +29,7 @@ from vlm_pipeline.architectures import architecture_for_model, load_model, load_
 from vlm_pipeline.atomic import link_tree, replace_dir_atomic, staging_dir_for
 from vlm_pipeline.training.checkpoints import last_complete_checkpoint
 from vlm_pipeline.training.collator import SFTCollator
+from vlm_pipeline.training.trainable import format_table, freeze, lora_target_modules, parameter_table
 from vlm_pipeline.training.sampler import ModalityGroupedSampler, is_mixed
 
 
@@ -66,12 +67,17 @@ def build_trainer(config: dict[str, Any]) -> SFTTrainer:
     set_seed(config["sft"]["seed"])
     base = Path(config["base_model"])
     architecture = architecture_for_model(base)
-    processor = load_processor(base, image_bounds=config["image_bounds"])
-    model = load_model(base)
+    trust = config.get("trust_remote_code", False)
+    processor = load_processor(base, image_bounds=config["image_bounds"], trust_remote_code=trust)
+    model = load_model(base, trust_remote_code=trust)
     # No KV cache in training: it is useless there, and with a cache transformers would not read packed
     # (padding-free) sequence boundaries from position_ids, letting rows attend to each other.
     model.config.use_cache = False
-    peft_config = LoraConfig(task_type="CAUSAL_LM", **config["lora"]) if config.get("lora") else None
+    freeze(model, architecture, config.get("freeze") or {})
+    peft_config = None
+    if config.get("lora"):
+        targets = lora_target_modules(model, architecture, config["lora"]["target_modules"])
+        peft_config = LoraConfig(task_type="CAUSAL_LM", **{**config["lora"], "target_modules": targets})
     return VLMSFTTrainer(
         model=model,
         args=build_sft_config(config),
@@ -93,6 +99,9 @@ def run(config: dict[str, Any]) -> None:
         link_tree(finished, final_dir)
         return
     trainer = build_trainer(config)
+    trainable = parameter_table(trainer.model, architecture_for_model(config["base_model"]))
+    if trainer.is_world_process_zero():
+        print(f"vlm-pipeline: trainable parameters\n{format_table(trainable)}", flush=True)
     # The main process tidies incomplete checkpoints away; every rank then resumes from the same folder.
     choice = [last_complete_checkpoint(checkpoints) if trainer.is_world_process_zero() else None]
     resume = broadcast_object_list(choice)[0]
@@ -103,6 +112,7 @@ def run(config: dict[str, Any]) -> None:
         trainer.save_model(str(final_dir))
         trainer.processing_class.save_pretrained(str(final_dir))
         (final_dir / "training_history.json").write_text(json.dumps(trainer.state.log_history, indent=2))
+        (final_dir / "trainable_parameters.json").write_text(json.dumps(trainable, indent=2))
         replace_dir_atomic(link_tree(final_dir, staging_dir_for(finished)), finished)
     trainer.accelerator.wait_for_everyone()
 

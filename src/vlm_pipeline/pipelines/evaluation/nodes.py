@@ -17,12 +17,13 @@ logger = logging.getLogger(__name__)
 
 
 def evaluate_model(
-    model_dir: Path, test_records: list[dict], test_data: Dataset, raw_data: str, preprocessing: dict, params: dict
+    model_dir: Path, test_records: list[dict], test_data: Dataset, raw_data: str, preprocessing: dict, params: dict,
+    trust_remote_code: bool = False,
 ) -> dict:
     """Loss, perplexity, exact match and ROUGE-L of one model, plus its answers (same image bounds as training)."""
     architecture = architecture_for_model(model_dir)
-    processor = load_processor(model_dir, image_bounds=preprocessing["images"])
-    model = load_model(model_dir).eval()
+    processor = load_processor(model_dir, image_bounds=preprocessing["images"], trust_remote_code=trust_remote_code)
+    model = load_model(model_dir, trust_remote_code=trust_remote_code).eval()
     image_root = Path(raw_data)
     collator = SFTCollator(processor, architecture, image_root)
     scores = teacher_forced_loss(model, collator, list(test_data), params["batch_size"])

@@ -4,7 +4,10 @@ from vlm_pipeline.pipelines.evaluation.nodes import compare, evaluate_model, maj
 
 
 def create_pipeline(variant: str) -> Pipeline:
-    shared = ["test_records", "test_tokenized@arrow", "params:raw_data", "params:preprocessing", "params:evaluation"]
+    shared = [
+        "test_records", "test_tokenized@arrow", "params:raw_data", "params:preprocessing", "params:evaluation",
+        "params:trust_remote_code",
+    ]  # fmt: skip
     nodes = [
         Node(evaluate_model, inputs=["base_model", *shared], outputs="base_evaluation", name="evaluate_base"),
         Node(evaluate_model, inputs=["merged_model", *shared], outputs="tuned_evaluation", name="evaluate_tuned"),
@@ -21,5 +24,5 @@ def create_pipeline(variant: str) -> Pipeline:
         tags="evaluation",
         namespace=variant,
         inputs={"base_model", "test_records", "train_records", "test_tokenized@arrow"},
-        parameters={"params:raw_data", "params:preprocessing", "params:evaluation"},
+        parameters={"params:raw_data", "params:preprocessing", "params:evaluation", "params:trust_remote_code"},
     )

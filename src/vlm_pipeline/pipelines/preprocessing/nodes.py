@@ -29,7 +29,8 @@ def _encode_row(row: dict, *, processor: Any, image_root: Path, params: dict) ->
 
 
 def tokenize_split(
-    records: list[dict], base_model: Path, raw_data: str, params: dict, validation_summary: dict
+    records: list[dict], base_model: Path, raw_data: str, params: dict, validation_summary: dict,
+    trust_remote_code: bool = False,
 ) -> tuple[Dataset, list[dict], dict]:
     """Encode every validated record (in ``num_proc`` processes); over-long ones go to their own quarantine.
 
@@ -38,7 +39,7 @@ def tokenize_split(
     that this stage runs after the reject budget passed. Records are passed as JSON strings so Arrow does
     not reshape their nested, ragged message parts.
     """
-    processor = load_processor(base_model, image_bounds=params["images"])
+    processor = load_processor(base_model, image_bounds=params["images"], trust_remote_code=trust_remote_code)
     raw = Dataset.from_list([{"record": json.dumps(record, ensure_ascii=False)} for record in records])
     encode = partial(_encode_row, processor=processor, image_root=Path(raw_data), params=params)
     encoded = raw.map(encode, num_proc=params["num_proc"] if params["num_proc"] > 1 else None, desc="tokenize")

@@ -7,7 +7,10 @@ def create_pipeline(**kwargs) -> Pipeline:
     split_nodes = [
         Node(
             tokenize_split,
-            inputs=[f"{split}_records", "base_model", "params:raw_data", "params:preprocessing", "validation_summary"],
+            inputs=[
+                f"{split}_records", "base_model", "params:raw_data", "params:preprocessing", "validation_summary",
+                "params:trust_remote_code",
+            ],  # fmt: skip
             # train is encoded whole, then split into train and validation by the next node
             outputs=[
                 "train_encoded" if split == "train" else f"{split}_tokenized@arrow",

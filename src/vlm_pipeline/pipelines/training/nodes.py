@@ -10,9 +10,11 @@ from vlm_pipeline.training.launcher import launch, launch_command, resolve_run_c
 
 
 def train_model(
-    train_data: Path, validation_data: Path, base_model: Path, raw_data: str, preprocessing: dict, sft: dict, method: dict
-) -> tuple[Path, list]:
-    """Launch the trainer; return the staged trained model (or adapter) and the trainer's log history."""
+    train_data: Path, validation_data: Path, base_model: Path, raw_data: str, preprocessing: dict, sft: dict,
+    method: dict, trust_remote_code: bool = False,
+) -> tuple[Path, list, dict]:
+    """Launch the trainer; return the staged trained model (or adapter), its log history and the
+    trainable-parameter table (per component)."""
     output_dir = Path(method["output_dir"])
     final_dir = staging_dir_for(output_dir / "trained")
     config = resolve_run_config(
@@ -24,11 +26,13 @@ def train_model(
         sft=sft,
         method=method,
         final_dir=final_dir,
+        trust_remote_code=trust_remote_code,
     )
     config_path = write_run_config(config, output_dir / "run_config.json")
     launch(launch_command(sft["accelerate_config"], config_path))
     history = json.loads((final_dir / "training_history.json").read_text())
-    return final_dir, history
+    trainable = json.loads((final_dir / "trainable_parameters.json").read_text())
+    return final_dir, history, trainable
 
 
 def training_curves(history: list[dict]) -> dict[str, list[dict]]:

@@ -9,8 +9,11 @@ def create_pipeline(variant: str) -> Pipeline:
         [
             Node(
                 train_model,
-                inputs=["train_tokenized@path", "validation_tokenized@path", "base_model", "params:raw_data", "params:preprocessing", "params:sft", "params:method"],
-                outputs=["trained_model", "training_history"],
+                inputs=[
+                    "train_tokenized@path", "validation_tokenized@path", "base_model", "params:raw_data",
+                    "params:preprocessing", "params:sft", "params:method", "params:trust_remote_code",
+                ],  # fmt: skip
+                outputs=["trained_model", "training_history", "trainable_parameters"],
                 name="train_model",
             ),
             Node(training_curves, inputs="training_history", outputs="training_curves", name="log_training_curves"),
@@ -21,5 +24,5 @@ def create_pipeline(variant: str) -> Pipeline:
         template,
         namespace=variant,
         inputs={"train_tokenized@path", "validation_tokenized@path", "base_model"},
-        parameters={"params:raw_data", "params:preprocessing", "params:sft"},
+        parameters={"params:raw_data", "params:preprocessing", "params:sft", "params:trust_remote_code"},
     )
