@@ -6,6 +6,9 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
+# DeepSpeed's sdist imports torch while building: built against the venv's torch (no build isolation), else the
+# build environment would fetch another multi-GB torch. Same pin as pyproject.toml.
+DEEPSPEED_PIN := deepspeed==0.19.8
 TINY_MODEL := data/00_base_models/tiny-qwen2_5_vl
 export DVC_NO_ANALYTICS := 1
 export PYTHONUNBUFFERED := 1
@@ -16,6 +19,7 @@ $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet $(TORCH_PINS)
+	$(BIN)/pip install --quiet --no-build-isolation $(DEEPSPEED_PIN)
 	$(BIN)/pip install --quiet -e '.[test]'
 	touch $@
 

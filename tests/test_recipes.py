@@ -105,6 +105,14 @@ def test_recipe_carries_the_seed_values(name):
         assert accelerate["num_processes"] == 8 and accelerate["mixed_precision"] == "bf16"
         effective = params.sft.per_device_train_batch_size * params.sft.gradient_accumulation_steps * 8
         assert effective == 128
+    if name == "c":  # the seed's fsdp_config, in accelerate's keys
+        fsdp = accelerate["fsdp_config"]
+        assert accelerate["distributed_type"] == "FSDP" and accelerate["mixed_precision"] == "bf16"
+        assert fsdp["fsdp_sharding_strategy"] == "FULL_SHARD"
+        assert fsdp["fsdp_auto_wrap_policy"] == "TRANSFORMER_BASED_WRAP"
+        assert fsdp["fsdp_backward_prefetch"] == "BACKWARD_PRE"
+        assert fsdp["fsdp_sync_module_states"] is True
+        assert fsdp["fsdp_use_orig_params"] is False and fsdp["fsdp_offload_params"] is False
 
 
 @pytest.mark.parametrize("name", sorted(RECIPES))

@@ -27,6 +27,7 @@ from trl import SFTConfig, SFTTrainer
 
 from vlm_pipeline.architectures import architecture_for_model, load_model, load_processor
 from vlm_pipeline.atomic import link_tree, replace_dir_atomic, staging_dir_for
+from vlm_pipeline.training import cpu_distributed
 from vlm_pipeline.training.checkpoints import last_complete_checkpoint
 from vlm_pipeline.training.collator import SFTCollator
 from vlm_pipeline.training.trainable import format_table, freeze, lora_target_modules, parameter_table
@@ -51,6 +52,11 @@ def build_sft_config(config: dict[str, Any]) -> SFTConfig:
 
 class VLMSFTTrainer(SFTTrainer):
     """TRL's SFTTrainer, batching by modality when a vision dataset mixes text-only and image rows."""
+
+    def create_accelerator_and_postprocess(self) -> None:
+        super().create_accelerator_and_postprocess()
+        if cpu_distributed.needs_adjustment(self.accelerator):  # CPU-only: FSDP/DeepSpeed on gloo
+            cpu_distributed.adopt_requested_engine(self)
 
     def _get_train_sampler(self, train_dataset=None):
         dataset = train_dataset if train_dataset is not None else self.train_dataset
@@ -89,6 +95,18 @@ def build_trainer(config: dict[str, Any]) -> SFTTrainer:
     )
 
 
+def engine_record(trainer: SFTTrainer) -> dict[str, Any]:
+    """What actually ran: a silent fallback (FSDP or DeepSpeed quietly becoming DDP or one process) shows here."""
+    accelerator = trainer.accelerator
+    return {
+        "world_size": accelerator.num_processes,
+        "distributed_type": accelerator.distributed_type.value,
+        "engine": type(trainer.model_wrapped).__name__,
+        "dtensor_parameters": any(type(p).__name__ == "DTensor" for p in trainer.model_wrapped.parameters()),
+        "global_step": trainer.state.global_step,
+    }
+
+
 def run(config: dict[str, Any]) -> None:
     checkpoints = Path(config["checkpoint_dir"])
     finished = checkpoints / "final"
@@ -108,8 +126,11 @@ def run(config: dict[str, Any]) -> None:
     if resume is not None:
         print(f"vlm-pipeline: resuming from {resume} (the newest complete checkpoint)", flush=True)
     trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    # Every rank calls save_model: under FSDP and ZeRO-3 gathering the full weights is collective. Only the
+    # main process writes (transformers checks should_save), and only it writes the files below.
+    trainer.save_model(str(final_dir))
     if trainer.is_world_process_zero():
-        trainer.save_model(str(final_dir))
+        (final_dir / "run_info.json").write_text(json.dumps(engine_record(trainer), indent=2))
         trainer.processing_class.save_pretrained(str(final_dir))
         (final_dir / "training_history.json").write_text(json.dumps(trainer.state.log_history, indent=2))
         (final_dir / "trainable_parameters.json").write_text(json.dumps(trainable, indent=2))
