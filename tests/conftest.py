@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -29,6 +30,28 @@ def copy_project(dest: Path) -> Path:
     for name in PROJECT_DIRS:
         shutil.copytree(PROJECT_ROOT / name, dest / name, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
     return dest
+
+
+def run_data_stages(project: Path, env: str = "base", **params) -> Path:
+    """Validation and preprocessing of a project copy in a real Kedro session; returns data/03_primary."""
+    import mlflow
+    from kedro.framework.session import KedroSession
+    from kedro.framework.startup import bootstrap_project
+
+    bootstrap_project(project)
+    previous = os.environ.get("MLFLOW_TRACKING_URI")
+    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{project / 'mlflow.db'}"  # never the developer's store
+    try:
+        with KedroSession.create(project_path=project, env=env, runtime_params=params) as session:
+            session.run(pipeline_names=["lora"], tags=["data_validation", "preprocessing"])
+    finally:
+        while mlflow.active_run():  # kedro-mlflow ends its run in another thread (thread-local run stack)
+            mlflow.end_run()
+        if previous is None:
+            os.environ.pop("MLFLOW_TRACKING_URI")
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = previous
+    return project / "data/03_primary"
 
 
 @pytest.fixture

@@ -14,10 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 from accelerate.commands.config.config_args import load_config_from_file
-from kedro.framework.session import KedroSession
-from kedro.framework.startup import bootstrap_project
 
-from conftest import PROJECT_ROOT, copy_project
+from conftest import PROJECT_ROOT, copy_project, run_data_stages
 from vlm_pipeline.architectures import load_model
 from vlm_pipeline.training.launcher import launch_command, resolve_run_config, write_run_config
 
@@ -33,11 +31,7 @@ ENGINES = {
 def text_data(tmp_path_factory, tiny_models) -> Path:
     """The alpaca sample, validated and tokenised for the tiny Llama by the project's own data stages."""
     project = copy_project(tmp_path_factory.mktemp("distributed") / "project")
-    bootstrap_project(project)
-    runtime = {"base_model": str(tiny_models["llama"])}
-    with KedroSession.create(project_path=project, env="tiny_llama", runtime_params=runtime) as session:
-        session.run(pipeline_names=["full_ft"], tags=["data_validation", "preprocessing"])
-    return project / "data/03_primary/train"
+    return run_data_stages(project, "tiny_llama", base_model=str(tiny_models["llama"])) / "train"
 
 
 def train(out: Path, accelerate_config: str, per_device: int, base_model: Path, data: Path) -> Path:

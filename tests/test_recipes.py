@@ -51,6 +51,17 @@ SEED_TABLE = {
         "lora.method.lora.lora_dropout": 0.05,
         "lora.method.lora.target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"],
         "preprocessing.max_length": 512,
+        "lora.method.quantization.load_in_8bit": True,
+        "lora.method.lora.bias": "none",
+    },
+    "b-qlora": {
+        "lora.method.quantization.load_in_4bit": True,
+        "lora.method.quantization.bnb_4bit_quant_type": "nf4",
+        "lora.method.quantization.bnb_4bit_use_double_quant": True,
+        "lora.method.lora.r": 8,
+        "lora.method.lora.lora_alpha": 32,
+        "sft.per_device_train_batch_size": 2,
+        "sft.gradient_accumulation_steps": 2,
     },
     "c": {
         "sft.accelerate_config": "conf/accelerate/fsdp.yaml",

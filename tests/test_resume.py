@@ -18,11 +18,9 @@ import time
 from pathlib import Path
 
 import torch
-from kedro.framework.session import KedroSession
-from kedro.framework.startup import bootstrap_project
 from safetensors.torch import load_file
 
-from conftest import copy_project
+from conftest import copy_project, run_data_stages
 from vlm_pipeline.recipes import as_cli_params
 
 STEPS = 40
@@ -30,10 +28,7 @@ PARAMS = {"sft": {"max_steps": STEPS, "save_steps": 4, "logging_steps": 1, "save
 
 
 def prepare_data(project: Path, base_model: Path) -> None:
-    bootstrap_project(project)
-    runtime = {**PARAMS, "base_model": str(base_model)}
-    with KedroSession.create(project_path=project, runtime_params=runtime) as session:
-        session.run(pipeline_names=["lora"], tags=["data_validation", "preprocessing"])
+    run_data_stages(project, **PARAMS, base_model=str(base_model))
 
 
 def training_command(base_model: Path) -> list[str]:

@@ -5,7 +5,7 @@
     vlm-pipeline tiny-model --arch qwen2_5_vl|mllama|llama --out DIR [--seed N]
     vlm-pipeline validate INPUT.jsonl --image-root DIR --output-dir OUT [--max-invalid-fraction F]
     vlm-pipeline metrics [data/08_reporting/lora/metrics.json]
-    vlm-pipeline recipe a|b|c|d [--cpu-smoke]
+    vlm-pipeline recipe a|b|c|d|b-qlora [--cpu-smoke]
 """
 
 from __future__ import annotations
@@ -137,7 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     metrics.set_defaults(func=_metrics)
 
     recipe = commands.add_parser("recipe", help="a seed recipe's kedro command; --cpu-smoke runs it on a tiny model")
-    recipe.add_argument("name", choices=["a", "b", "c", "d"])
+    recipe.add_argument("name", choices=["a", "b", "c", "d", "b-qlora"])
     recipe.add_argument("--cpu-smoke", action="store_true", help="run it here: tiny model, one CPU process, 4 steps")
     recipe.set_defaults(func=_recipe)
     return parser

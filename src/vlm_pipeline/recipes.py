@@ -28,6 +28,7 @@ RECIPES: dict[str, Recipe] = {
     "b": Recipe("llama_vision_lora", "lora", "mllama", "Llama-3.2-11B-Vision LoRA on an 8-bit base, one A100"),
     "c": Recipe("qwen_vl_fsdp", "full_ft", "qwen2_5_vl", "Qwen2.5-VL full FT, FSDP, bf16, Adafactor"),
     "d": Recipe("llama_text_lora", "lora", "llama", "Llama-3.1-8B LoRA from alpaca JSONL"),
+    "b-qlora": Recipe("llama_vision_qlora", "lora", "mllama", "recipe (b) over a 4-bit NF4 base (QLoRA)"),
 }
 
 CPU_SMOKE_STEPS = 4

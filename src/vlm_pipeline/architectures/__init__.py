@@ -73,9 +73,18 @@ def load_processor(
     return processor
 
 
-def load_model(model_dir: str | Path, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False) -> Any:
-    """The model through its architecture's real class, from safetensors only (never pickled weights)."""
+def load_model(
+    model_dir: str | Path,
+    dtype: torch.dtype = torch.float32,
+    trust_remote_code: bool = False,
+    quantization_config: Any = None,
+) -> Any:
+    """The model through its architecture's real class, from safetensors only (never pickled weights).
+
+    ``quantization_config`` (a ``BitsAndBytesConfig``) loads the base quantized, for LoRA/QLoRA training.
+    """
     model_class = architecture_for_model(model_dir).model_class
     return model_class.from_pretrained(
-        str(model_dir), dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True
-    )
+        str(model_dir), dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True,
+        quantization_config=quantization_config,
+    )  # fmt: skip

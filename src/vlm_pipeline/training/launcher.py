@@ -37,6 +37,7 @@ def resolve_run_config(
         "learning_rate": method_params.learning_rate,
         "lora": method_params.lora.model_dump() if method_params.lora else None,
         "freeze": method_params.freeze.model_dump(),
+        "quantization": method_params.quantization.model_dump() if method_params.quantization else None,
         "sft": sft_params.trainer_args(),
     }
     # Checkpoints live under a folder named by the run config's hash: a killed run resumes from its own

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from accelerate.utils import broadcast_object_list
 from datasets import load_from_disk
-from peft import LoraConfig
+from peft import LoraConfig, prepare_model_for_kbit_training
 from transformers import set_seed
 from trl import SFTConfig, SFTTrainer
 
@@ -31,6 +31,7 @@ from vlm_pipeline.training import cpu_distributed
 from vlm_pipeline.training.checkpoints import last_complete_checkpoint
 from vlm_pipeline.training.collator import SFTCollator
 from vlm_pipeline.training.trainable import format_table, freeze, lora_target_modules, parameter_table
+from vlm_pipeline.training.quantization import bits_and_bytes_config, is_enabled
 from vlm_pipeline.training.sampler import ModalityGroupedSampler, is_mixed
 
 
@@ -75,10 +76,25 @@ def build_trainer(config: dict[str, Any]) -> SFTTrainer:
     architecture = architecture_for_model(base)
     trust = config.get("trust_remote_code", False)
     processor = load_processor(base, image_bounds=config["image_bounds"], trust_remote_code=trust)
-    model = load_model(base, trust_remote_code=trust)
+    quantization = config.get("quantization")
+    quantized = is_enabled(quantization)
+    model = load_model(
+        base, trust_remote_code=trust,
+        quantization_config=bits_and_bytes_config(quantization, architecture) if quantized else None,
+    )  # fmt: skip
     # No KV cache in training: it is useless there, and with a cache transformers would not read packed
     # (padding-free) sequence boundaries from position_ids, letting rows attend to each other.
     model.config.use_cache = False
+    if quantized:
+        # PEFT's k-bit preparation: freeze the quantized base, keep norms and other unquantized weights in
+        # fp32, and set up gradient checkpointing so gradients reach the adapters through frozen inputs.
+        # No forward pass may run in eval mode before training: on CPUs with AVX512-BF16 it repacks 4-bit
+        # weights, after which LoRA gradients are silently None (nothing here or in TRL's init does one).
+        model = prepare_model_for_kbit_training(
+            model,
+            use_gradient_checkpointing=config["sft"].get("gradient_checkpointing", False),
+            gradient_checkpointing_kwargs=config["sft"].get("gradient_checkpointing_kwargs") or {"use_reentrant": False},
+        )
     freeze(model, architecture, config.get("freeze") or {})
     peft_config = None
     if config.get("lora"):
