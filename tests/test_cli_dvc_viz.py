@@ -1,4 +1,5 @@
-"""The command lines a user types: `kedro run --params raw_data=DIR`, `dvc repro` (twice), `kedro viz build`,
+"""The command lines a user types: `kedro run --params raw_data=DIR` (and with a typo), `dvc repro` (twice),
+`kedro viz build`, `vlm-pipeline recipe`,
 `vlm-pipeline validate`. Each runs as a real subprocess in a throw-away copy of the project."""
 
 from __future__ import annotations
@@ -123,3 +124,19 @@ def test_validate_cli_exit_status(tmp_path):
     assert f"{bad}:1: missing_field:" in result.stderr and f"{bad}:2: not_json:" in result.stderr
     quarantine = [json.loads(line) for line in (tmp_path / "bad/quarantine.jsonl").read_text().splitlines()]
     assert [(q["line"], q["reason"]) for q in quarantine] == [(1, "missing_field"), (2, "not_json")]
+
+
+def test_a_typo_stops_kedro_run_naming_the_key(tmp_path):
+    project = copy_project(tmp_path / "project")
+    result = subprocess.run(
+        [str(BIN / "kedro"), "run", "--params", "sft.optimm=adamw_torch"], cwd=project, capture_output=True, text=True,
+        env={**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{project / 'mlflow.db'}"}, timeout=300,
+    )  # fmt: skip
+    assert result.returncode != 0
+    assert "unknown key sft.optimm; did you mean sft.optim?" in result.stdout + result.stderr
+    assert not (project / "data/02_intermediate").exists()
+
+
+def test_recipe_cli_prints_the_kedro_command(tmp_path):
+    result = run([str(BIN / "vlm-pipeline"), "recipe", "c"], cwd=copy_project(tmp_path / "project"))
+    assert "kedro run --pipelines full_ft --env qwen_vl_fsdp" in result.stdout
