@@ -65,9 +65,10 @@ def parameter_table(model: nn.Module, architecture: Architecture) -> dict[str, d
         if id(parameter) in seen:  # tied weights (embeddings / lm_head) count once
             continue
         seen.add(id(parameter))
+        count = getattr(parameter, "ds_numel", None) or parameter.numel()  # ZeRO-3 partitions at load: numel() is 0
         for row in (table[component_of(name, architecture)], table["all"]):
-            row["total"] += parameter.numel()
-            row["trainable"] += parameter.numel() if parameter.requires_grad else 0
+            row["total"] += count
+            row["trainable"] += count if parameter.requires_grad else 0
     return {component: row for component, row in table.items() if row["total"]}
 
 

@@ -139,7 +139,7 @@ def run(config: dict[str, Any]) -> None:
     # The main process tidies incomplete checkpoints away; every rank then resumes from the same folder.
     choice = [last_complete_checkpoint(checkpoints) if trainer.is_world_process_zero() else None]
     resume = broadcast_object_list(choice)[0]
-    if resume is not None:
+    if resume is not None and trainer.is_world_process_zero():
         print(f"vlm-pipeline: resuming from {resume} (the newest complete checkpoint)", flush=True)
     trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     # Every rank calls save_model: under FSDP and ZeRO-3 gathering the full weights is collective. Only the
