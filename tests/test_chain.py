@@ -65,6 +65,8 @@ def assert_mlflow_run(project: Path, pipeline: str, expect_adapter: bool) -> Non
     assert "eval.tuned.exact_match" in run.data.metrics and "eval.base.loss" in run.data.metrics
     history = mlflow.tracking.MlflowClient().get_metric_history(run.info.run_id, "train.loss")
     assert len(history) >= 2
+    evaluation = {a.path for a in mlflow.artifacts.list_artifacts(run_id=run.info.run_id, artifact_path="evaluation")}
+    assert {f"evaluation/{name}" for name in ("report.md", "loss_curve.json", "loss_curve.png", "base_vs_tuned.png")} <= evaluation
     reports = {a.path for a in mlflow.artifacts.list_artifacts(run_id=run.info.run_id, artifact_path="data_report")}
     assert reports == {"data_report/data_report.md", "data_report/data_report.png"}
     artifacts = {a.path for a in mlflow.artifacts.list_artifacts(run_id=run.info.run_id, artifact_path="adapter")}
@@ -77,7 +79,13 @@ def assert_mlflow_run(project: Path, pipeline: str, expect_adapter: bool) -> Non
 def assert_evaluation(project: Path, variant: str, test_records: int) -> dict:
     metrics = json.loads((project / f"data/08_reporting/{variant}/metrics.json").read_text())
     for model in ("base", "tuned"):
-        assert set(metrics[model]) >= {"loss", "perplexity", "exact_match", "rouge_l"}
+        assert set(metrics[model]) >= {"loss", "perplexity", "exact_match", "rouge_l", "bleu", "token_accuracy"}
+    reporting = project / f"data/08_reporting/{variant}"
+    report = (reporting / "report.md").read_text()
+    assert "| exact_match |" in report and "answers tuning changed most" in report
+    curve = json.loads((reporting / "loss_curve.json").read_text())
+    assert curve and all("step" in point for point in curve) and any("train_loss" in point for point in curve)
+    assert (reporting / "loss_curve.png").stat().st_size > 0 and (reporting / "base_vs_tuned.png").stat().st_size > 0
     predictions = read_jsonl(project / f"data/07_model_output/{variant}/predictions.jsonl")
     assert len(predictions) == test_records
     assert {"prompt", "images", "reference", "base", "tuned"} <= set(predictions[0])

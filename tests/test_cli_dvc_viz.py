@@ -82,6 +82,10 @@ def test_dvc_repro_runs_the_chain_then_nothing(tmp_path):
     assert "Running stage" not in second.stdout, second.stdout
     shown = run([str(BIN / "dvc"), "metrics", "show"], project, **env)
     assert "data/08_reporting/lora/metrics.json" in shown.stdout
+    plots = run([str(BIN / "dvc"), "plots", "show", "--json"], project, **env)
+    rendered = json.loads(plots.stdout)
+    assert not rendered.get("errors"), rendered["errors"]
+    assert {"data/08_reporting/lora/loss_curve.json", "data/08_reporting/lora/base_vs_tuned.png"} <= set(rendered["data"])
 
 
 def test_kedro_viz_build(tmp_path):

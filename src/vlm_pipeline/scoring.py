@@ -6,6 +6,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+import sacrebleu
 import torch
 from rouge_score import rouge_scorer
 from tqdm.auto import tqdm
@@ -22,8 +23,9 @@ def _batches(items: list, size: int):
 
 @torch.no_grad()
 def teacher_forced_loss(model: Any, collator: SFTCollator, rows: list[dict], batch_size: int) -> dict[str, float]:
-    """Mean token-level cross-entropy over the label tokens of ``rows``, and its perplexity."""
-    total_loss, total_tokens = 0.0, 0
+    """Mean token-level cross-entropy over the label tokens of ``rows``, its perplexity, and token accuracy
+    (the share of label tokens that are the model's top prediction)."""
+    total_loss, total_tokens, total_correct = 0.0, 0, 0
     for chunk in tqdm(list(_batches(rows, batch_size)), desc="loss", unit="batch"):
         batch = collator(chunk)
         labels = batch.pop("labels")
@@ -35,9 +37,15 @@ def teacher_forced_loss(model: Any, collator: SFTCollator, rows: list[dict], bat
             ignore_index=IGNORE_INDEX, reduction="sum",
         )  # fmt: skip
         total_loss += losses.item()
-        total_tokens += int((shift_labels != IGNORE_INDEX).sum())
+        labelled = shift_labels != IGNORE_INDEX
+        total_tokens += int(labelled.sum())
+        total_correct += int(((shift_logits.argmax(-1) == shift_labels) & labelled).sum())
     loss = total_loss / max(total_tokens, 1)
-    return {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}
+    return {
+        "loss": loss,
+        "perplexity": math.exp(min(loss, 50.0)),
+        "token_accuracy": total_correct / max(total_tokens, 1),
+    }
 
 
 @torch.no_grad()
@@ -82,8 +90,9 @@ def normalise(text: str) -> str:
 
 
 def text_scores(predictions: list[str], references: list[str]) -> dict[str, float]:
-    """Exact match (normalised) and ROUGE-L F1 (Google's rouge_score), as fractions in [0, 1]."""
+    """Exact match (normalised), ROUGE-L F1 (Google's rouge_score) and corpus BLEU (sacrebleu), in [0, 1]."""
     scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
     exact = [normalise(p) == normalise(r) for p, r in zip(predictions, references, strict=True)]
     rouge = [scorer.score(r, p)["rougeL"].fmeasure for p, r in zip(predictions, references, strict=True)]
-    return {"exact_match": sum(exact) / len(exact), "rouge_l": sum(rouge) / len(rouge)}
+    bleu = sacrebleu.corpus_bleu(predictions, [references]).score / 100
+    return {"exact_match": sum(exact) / len(exact), "rouge_l": sum(rouge) / len(rouge), "bleu": bleu}

@@ -6,10 +6,13 @@ import logging
 from collections import Counter
 from pathlib import Path
 
+from typing import Any
+
 from datasets import Dataset
 
 from vlm_pipeline.architectures import architecture_for_model, load_model, load_processor
 from vlm_pipeline.data.encoding import reference_answer
+from vlm_pipeline.evaluation_report import comparison_figure, loss_curve, loss_figure, report_markdown
 from vlm_pipeline.scoring import generate_answers, teacher_forced_loss, text_scores
 from vlm_pipeline.training.collator import SFTCollator
 
@@ -72,3 +75,9 @@ def format_table(metrics: dict) -> str:
     lines += [f"{name:<14}{metrics['base'][name]:>12.4f}{metrics['tuned'][name]:>12.4f}" for name in names]
     lines.append(f"{'majority EM':<14}{metrics['majority_baseline']['exact_match']:>24.4f}")
     return "\n".join(lines)
+
+
+def build_report(metrics: dict, predictions: list[dict], history: list[dict]) -> tuple[str, list[dict], Any, Any]:
+    """The Markdown report, the loss curve (points and figure) and the base-vs-tuned chart."""
+    points = loss_curve(history)
+    return report_markdown(metrics, predictions), points, loss_figure(points), comparison_figure(metrics)

@@ -1,6 +1,6 @@
 from kedro.pipeline import Node, Pipeline
 
-from vlm_pipeline.pipelines.evaluation.nodes import compare, evaluate_model, majority_baseline
+from vlm_pipeline.pipelines.evaluation.nodes import build_report, compare, evaluate_model, majority_baseline
 
 
 def create_pipeline(variant: str) -> Pipeline:
@@ -17,6 +17,12 @@ def create_pipeline(variant: str) -> Pipeline:
             inputs=["base_evaluation", "tuned_evaluation", "majority_baseline", "merge_check", "test_records"],
             outputs=["metrics", "predictions", "metrics_for_mlflow"],
             name="compare_base_and_tuned",
+        ),
+        Node(
+            build_report,
+            inputs=["metrics", "predictions", "training_history"],
+            outputs=["evaluation_report", "loss_curve", "loss_curve_figure", "comparison_figure"],
+            name="build_evaluation_report",
         ),
     ]
     return Pipeline(
