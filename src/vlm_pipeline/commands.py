@@ -6,6 +6,7 @@
     vlm-pipeline validate INPUT.jsonl --image-root DIR --output-dir OUT [--max-invalid-fraction F]
     vlm-pipeline metrics [data/08_reporting/lora/metrics.json]
     vlm-pipeline recipe a|b|c|d|b-qlora [--cpu-smoke]
+    vlm-pipeline predict --model DIR [--adapter DIR] [--image PATH] --prompt TEXT [--max-new-tokens N]
 """
 
 from __future__ import annotations
@@ -110,6 +111,35 @@ def _recipe(args: argparse.Namespace) -> int:
     return subprocess.call(command)
 
 
+def _predict(args: argparse.Namespace) -> int:
+    """One greedy answer from a model (or base + LoRA adapter), through the evaluation stage's own generation."""
+    from vlm_pipeline.architectures import architecture_for_model, load_model, load_processor
+    from vlm_pipeline.scoring import generate_answers
+
+    architecture = architecture_for_model(args.model)
+    if args.image and not architecture.is_vision:
+        print(f"{args.model} is a text-only model: drop --image", file=sys.stderr)
+        return 2
+    if architecture.is_vision and not args.image:
+        print(f"{args.model} is a vision model: give --image PATH", file=sys.stderr)
+        return 2
+    model = load_model(args.model)
+    if args.adapter:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, args.adapter)
+    image = Path(args.image).resolve() if args.image else None
+    content = [{"type": "image"}, {"type": "text", "text": args.prompt}] if image else args.prompt
+    record = {"messages": [{"role": "user", "content": content}, {"role": "assistant", "content": ""}],
+              "images": [image.name] if image else []}  # fmt: skip
+    (answer,) = generate_answers(
+        model.eval(), load_processor(args.model, architecture=architecture), architecture, [record],
+        image.parent if image else Path.cwd(), max_new_tokens=args.max_new_tokens, batch_size=1,
+    )  # fmt: skip
+    print(answer)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vlm-pipeline", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -140,6 +170,14 @@ def build_parser() -> argparse.ArgumentParser:
     recipe.add_argument("name", choices=["a", "b", "c", "d", "b-qlora"])
     recipe.add_argument("--cpu-smoke", action="store_true", help="run it here: tiny model, one CPU process, 4 steps")
     recipe.set_defaults(func=_recipe)
+
+    predict = commands.add_parser("predict", help="answer one prompt (and image) with a model or base + adapter")
+    predict.add_argument("--model", required=True, help="model directory (a base, or a merged/full FT model)")
+    predict.add_argument("--adapter", help="LoRA adapter directory to apply on --model")
+    predict.add_argument("--image", help="image file (vision models)")
+    predict.add_argument("--prompt", required=True)
+    predict.add_argument("--max-new-tokens", type=int, default=32)
+    predict.set_defaults(func=_predict)
     return parser
 
 

@@ -1,0 +1,52 @@
+"""`vlm-pipeline predict`: one answer from a model, or from a base plus a LoRA adapter, for each architecture."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+
+from conftest import PROJECT_ROOT
+from vlm_pipeline.architectures import load_model
+
+IMAGE = PROJECT_ROOT / "data/01_raw/shapes_vqa/images/test_0000.png"
+
+
+def predict(*args: str) -> subprocess.CompletedProcess:
+    command = [str(Path(sys.executable).parent / "vlm-pipeline"), "predict", *args, "--max-new-tokens", "8"]
+    return subprocess.run(command, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("arch", ["qwen2_5_vl", "mllama", "llama"])
+def test_predict_answers_for_each_architecture(arch, tiny_models):
+    image = ["--image", str(IMAGE)] if arch != "llama" else []
+    result = predict("--model", str(tiny_models[arch]), *image, "--prompt", "What shape is this?")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip()  # tiny random models answer gibberish, but they answer
+    wrong = predict("--model", str(tiny_models[arch]), *(["--image", str(IMAGE)] if arch == "llama" else []),
+                    "--prompt", "What shape is this?")  # fmt: skip
+    assert wrong.returncode == 2 and ("text-only model" in wrong.stderr or "vision model" in wrong.stderr)
+
+
+def test_base_plus_adapter_answers_as_the_merged_model(tmp_path, tiny_models):
+    torch.manual_seed(0)
+    model = get_peft_model(load_model(tiny_models["qwen2_5_vl"]), LoraConfig(
+        r=8, lora_alpha=64, target_modules=["q_proj", "v_proj"], init_lora_weights=False))  # fmt: skip
+    model.save_pretrained(tmp_path / "adapter")
+    merged = model.merge_and_unload()
+    merged.save_pretrained(tmp_path / "merged")
+    for name in ("tokenizer.json", "tokenizer_config.json", "preprocessor_config.json", "chat_template.jinja",
+                 "processor_config.json", "video_preprocessor_config.json"):  # fmt: skip
+        if (tiny_models["qwen2_5_vl"] / name).is_file():
+            (tmp_path / "merged" / name).write_bytes((tiny_models["qwen2_5_vl"] / name).read_bytes())
+    prompt = ["--image", str(IMAGE), "--prompt", "What shape is this?"]
+    with_adapter = predict("--model", str(tiny_models["qwen2_5_vl"]), "--adapter", str(tmp_path / "adapter"), *prompt)
+    from_merged = predict("--model", str(tmp_path / "merged"), *prompt)
+    plain = predict("--model", str(tiny_models["qwen2_5_vl"]), *prompt)
+    assert with_adapter.returncode == from_merged.returncode == plain.returncode == 0, with_adapter.stderr[-2000:]
+    assert with_adapter.stdout == from_merged.stdout
+    assert with_adapter.stdout != plain.stdout  # the adapter is applied
