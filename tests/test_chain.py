@@ -142,6 +142,9 @@ def test_lora_chain_on_qwen2_5_vl(project, tiny_models, monkeypatch):
     assert {p.name for p in adapter.iterdir()} == {"adapter_config.json", "adapter_model.safetensors"}
     with safe_open(str(adapter / "adapter_model.safetensors"), "pt") as tensors:
         assert any("lora_A" in key for key in tensors.keys())
+        count = len(list(tensors.keys()))
+    summary = json.loads((project / "data/06_models/lora/adapter_summary.json").read_text())
+    assert summary["tensors"] == count and summary["parameters"] > 0 and summary["r"] == 16
     merged = project / "data/06_models/lora/merged"
     assert load_model(merged) is not None  # from_pretrained alone
     check = json.loads((project / "data/08_reporting/lora/merge_check.json").read_text())

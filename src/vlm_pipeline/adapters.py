@@ -7,12 +7,14 @@ The check compares base+adapter (PEFT, unmerged) against the merged model *reloa
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
 from peft import PeftModel
+from safetensors import safe_open
 
 from vlm_pipeline.architectures import architecture_for_model, load_model, load_processor
 from vlm_pipeline.training.collator import SFTCollator
@@ -29,7 +31,11 @@ def copy_adapter(trained_dir: Path, dest: Path) -> dict[str, Any]:
     for name in ADAPTER_FILES:
         shutil.copy2(trained_dir / name, dest / name)
     config = json.loads((dest / "adapter_config.json").read_text())
+    with safe_open(str(dest / "adapter_model.safetensors"), "pt") as tensors:  # reads the header, not the data
+        shapes = [tensors.get_slice(name).get_shape() for name in tensors.keys()]
     return {
+        "tensors": len(shapes),
+        "parameters": sum(math.prod(shape) for shape in shapes),
         "r": config.get("r"),
         "lora_alpha": config.get("lora_alpha"),
         "target_modules": config.get("target_modules"),
