@@ -1,0 +1,49 @@
+"""A merge killed midway leaves the previous merged model in place, complete and loadable, never a half-written one.
+
+The merge stage writes into a hidden staging folder beside the output and renames it into place only after the
+logits check passed; this kills a real `kedro run` of the adapter stage while the staging folder is being filled.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from conftest import copy_project
+from test_chain import run_kedro
+from vlm_pipeline.architectures import load_model
+
+
+def digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_killed_merge_keeps_the_previous_model(tmp_path, tiny_models, monkeypatch):
+    project = copy_project(tmp_path / "project")
+    monkeypatch.chdir(project)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{project / 'mlflow.db'}")
+    run_kedro(project, "lora", base_model=str(tiny_models["qwen2_5_vl"]))
+    merged = project / "data/06_models/lora/merged"
+    before = {path.name: digest(path) for path in merged.iterdir()}
+
+    command = [str(Path(sys.executable).parent / "kedro"), "run", "--pipelines", "lora", "--tags", "adapter",
+               "--params", f"base_model={tiny_models['qwen2_5_vl']},adapter.merge_dtype=bfloat16"]  # fmt: skip
+    merge = subprocess.Popen(command, cwd=project, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
+                             start_new_session=True)  # fmt: skip
+    deadline = time.monotonic() + 300
+    while not list(merged.parent.glob(".merged.staging-*/model.safetensors")):  # the new model is being written
+        assert merge.poll() is None, "the merge finished before it could be interrupted"
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    os.killpg(merge.pid, signal.SIGKILL)
+    merge.wait()
+    assert merge.returncode == -signal.SIGKILL
+
+    assert {path.name: digest(path) for path in merged.iterdir()} == before  # the previous output, untouched
+    assert load_model(merged) is not None  # and complete: from_pretrained alone
+    assert list(merged.parent.glob(".merged.staging-*"))  # the interrupted work stayed in its hidden staging folder
