@@ -154,3 +154,10 @@ def test_recipe_runs_end_to_end_on_cpu_with_a_tiny_model(name, project, tiny_mod
         assert state["best_model_checkpoint"] and state["best_metric"] is not None
     metrics = json.loads((project / "data/08_reporting" / recipe.pipeline / "metrics.json").read_text())
     assert {"base", "tuned"} <= set(metrics)
+    run_info = json.loads((variant_dir / "trained/run_info.json").read_text())
+    quantization = params.lora.method.quantization if recipe.pipeline == "lora" else None
+    if quantization is not None:  # (b) 8-bit, (b-qlora) 4-bit: trained on bitsandbytes layers ...
+        assert set(run_info["quantized_layers"]) == {"Linear8bitLt" if quantization.load_in_8bit else "Linear4bit"}
+    if recipe.pipeline == "lora":  # ... and merged into the unquantized base, verified in float32
+        check = metrics["merge_check"]
+        assert check["passed"] and check["dtype"] == "float32" and check["max_abs_diff"] < 1e-4

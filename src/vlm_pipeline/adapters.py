@@ -59,14 +59,16 @@ def merge_and_verify(
     dest: Path,
     *,
     dtype: str,
-    tolerance: float,
+    tolerance: dict[str, float],
     trust_remote_code: bool = False,
 ) -> dict[str, Any]:
     """Merge ``adapter_dir`` into ``base_model`` (unquantised, in ``dtype``), save to ``dest``, verify.
 
     The processor saved with the merged model is the one training used (``processor_dir``), image bounds included.
+    ``tolerance`` maps each dtype to its bound: absolute in float32, relative to the largest |logit| in bfloat16.
 
-    Raises ``MergeVerificationError`` if merged logits differ from base+adapter by more than ``tolerance``.
+    Raises ``MergeVerificationError`` if merged logits differ from base+adapter by more than the tolerance, or if
+    a ``modules_to_save`` tensor did not survive the save.
     """
     torch_dtype = DTYPES[dtype]
     architecture = architecture_for_model(base_model)
@@ -78,6 +80,7 @@ def merge_and_verify(
         load_model(base_model, dtype=torch_dtype, trust_remote_code=trust_remote_code), str(adapter_dir)
     ).eval()
     expected = batch_logits(peft_model, batch)
+    saved_modules = list(peft_model.peft_config["default"].modules_to_save or [])
     merged = peft_model.merge_and_unload()
     merged.save_pretrained(str(dest), safe_serialization=True)
     processor.save_pretrained(str(dest))
@@ -85,20 +88,56 @@ def merge_and_verify(
     reloaded = load_model(dest, dtype=torch_dtype, trust_remote_code=trust_remote_code).eval()
     actual = batch_logits(reloaded, batch)
     mask = batch["attention_mask"].bool()
-    max_abs_diff = (actual - expected).abs()[mask].max().item()
     result = {
-        "dtype": dtype,
         "records": len(check_rows),
-        "max_abs_diff": max_abs_diff,
-        "tolerance": tolerance,
-        "passed": max_abs_diff <= tolerance,
+        **compare_logits(expected[mask], actual[mask], dtype, tolerance[dtype]),
+        "modules_to_save": compare_saved_modules(merged, reloaded, saved_modules),
     }
-    if not result["passed"]:
-        raise MergeVerificationError(
-            f"Merged model differs from base+adapter: max |Δlogits| = {max_abs_diff:.3g} > {tolerance:g} "
-            f"on {len(check_rows)} test records"
+    problems = []
+    if not result["logits_passed"]:
+        problems.append(
+            f"max |Δlogits| = {result['max_abs_diff']:.3g} ({result['criterion']} {result['measured']:.3g} > "
+            f"{result['tolerance']:g}) on {len(check_rows)} test records"
         )
+        if dtype == "bfloat16":
+            problems.append("rerun with adapter.merge_dtype=float32 to tell bf16 rounding from a broken merge")
+    if result["modules_to_save"]["changed_on_save"]:
+        changed = ", ".join(result["modules_to_save"]["changed_on_save"])
+        problems.append(f"modules_to_save tensors changed on save: {changed}")
+    result["passed"] = not problems
+    if problems:
+        raise MergeVerificationError("Merged model differs from base+adapter: " + "; ".join(problems))
     return result
+
+
+def compare_logits(expected: torch.Tensor, actual: torch.Tensor, dtype: str, tolerance: float) -> dict[str, Any]:
+    """float32: absolute max |Δ|. bfloat16: max |Δ| over the largest |logit|, since bf16 error scales with value."""
+    max_abs_diff = (actual - expected).abs().max().item()
+    max_abs_logit = expected.abs().max().item()
+    relative = dtype == "bfloat16"
+    measured = max_abs_diff / max(max_abs_logit, 1e-12) if relative else max_abs_diff
+    return {
+        "dtype": dtype,
+        "max_abs_diff": max_abs_diff,
+        "max_abs_logit": max_abs_logit,
+        "criterion": "relative to the largest |logit|" if relative else "absolute",
+        "measured": measured,
+        "tolerance": tolerance,
+        "top1_agreement": (actual.argmax(-1) == expected.argmax(-1)).float().mean().item(),
+        "logits_passed": measured <= tolerance,
+    }
+
+
+def compare_saved_modules(merged: torch.nn.Module, reloaded: torch.nn.Module, names: list[str]) -> dict[str, Any]:
+    """Every tensor of a ``modules_to_save`` module (trained in full, outside LoRA) must reload bit-identical."""
+    before = merged.state_dict()
+    after = reloaded.state_dict()
+    keys = [key for key in before if any(f".{name}." in f".{key}" for name in names)]
+    return {
+        "modules": names,
+        "tensors": len(keys),
+        "changed_on_save": [key for key in keys if key not in after or not torch.equal(before[key], after[key])],
+    }
 
 
 class MergeVerificationError(RuntimeError):

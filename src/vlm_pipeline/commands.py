@@ -86,7 +86,16 @@ def _metrics(args: argparse.Namespace) -> int:
     from vlm_pipeline.datasets import JSONDataset
     from vlm_pipeline.pipelines.evaluation.nodes import format_table
 
-    print(format_table(JSONDataset(args.path).load()))
+    path = Path(args.path)
+    if not path.is_file():
+        print(f"error: {path} does not exist: run the pipeline first (make run, kedro run, dvc repro)", file=sys.stderr)
+        return 2
+    print(format_table(JSONDataset(str(path)).load()))
+    # The other evaluation outputs of the same variant (conf/base/catalog.yml puts them there).
+    variant = path.parent.name
+    outputs = [path.parent / "report.md", path.parent / "loss_curve.png", path.parent / "base_vs_tuned.png",
+               path.parents[2] / "07_model_output" / variant / "predictions.jsonl"]  # fmt: skip
+    print("\n".join(f"  {output}" for output in outputs if output.is_file()))
     return 0
 
 

@@ -331,10 +331,21 @@ class VariantParams(Section):
 # --- stages 4 and 5 ------------------------------------------------------------------------------------------
 
 
+class MergeTolerance(Section):
+    float32: float = Field(
+        1e-4, gt=0, le=1e-2, description="Largest |logits(merged) - logits(base+adapter)|, absolute. 1e-5 to 1e-3."
+    )
+    bfloat16: float = Field(
+        0.05, gt=0, le=0.5,
+        description="Largest |logits(merged) - logits(base+adapter)| as a fraction of the largest |logit|. "
+        "bf16 keeps 8 significant bits, so its rounding error scales with the value. 0.02-0.1.",
+    )  # fmt: skip
+
+
 class AdapterParams(Section):
     merge_dtype: Literal["float32", "bfloat16"] = Field("float32", description="dtype of the merged model.")
-    merge_tolerance: float = Field(
-        1e-4, gt=0, description="Largest |logits(merged) - logits(base+adapter)|. 1e-4 in float32."
+    merge_tolerance: MergeTolerance = Field(
+        default_factory=MergeTolerance, description="The merge check's tolerance for each merge_dtype."
     )
     merge_check_records: int = Field(8, ge=1, le=1024, description="Test records the merge check runs on. 1-64.")
 

@@ -14,6 +14,7 @@ copy in ``checkpoint_dir/final`` so that the same config run again returns the s
 from __future__ import annotations
 
 import argparse
+from collections import Counter
 import json
 from pathlib import Path
 from typing import Any
@@ -120,6 +121,9 @@ def engine_record(trainer: SFTTrainer) -> dict[str, Any]:
         "engine": type(trainer.model_wrapped).__name__,
         "dtensor_parameters": any(type(p).__name__ == "DTensor" for p in trainer.model_wrapped.parameters()),
         "global_step": trainer.state.global_step,
+        "quantized_layers": dict(
+            Counter(type(m).__name__ for m in trainer.model.modules() if type(m).__module__.startswith("bitsandbytes"))
+        ),
     }
 
 

@@ -74,7 +74,21 @@ def format_table(metrics: dict) -> str:
     lines = [f"{'metric':<14}{'base':>12}{'tuned':>12}", "-" * 38]
     lines += [f"{name:<14}{metrics['base'][name]:>12.4f}{metrics['tuned'][name]:>12.4f}" for name in names]
     lines.append(f"{'majority EM':<14}{metrics['majority_baseline']['exact_match']:>24.4f}")
+    lines.append(f"merge check: {describe_merge_check(metrics['merge_check'])}")
     return "\n".join(lines)
+
+
+def describe_merge_check(check: dict) -> str:
+    if "passed" not in check:  # full fine-tuning: nothing was merged
+        return check.get("reason", "not run")
+    saved = check.get("modules_to_save") or {}
+    return (
+        f"{'passed' if check['passed'] else 'FAILED'} in {check['dtype']} on {check['records']} test records: "
+        f"max |Δlogits| {check['max_abs_diff']:.3g} "
+        f"({check['criterion']} {check['measured']:.3g} ≤ {check['tolerance']:g}), "
+        f"top-1 agreement {check['top1_agreement']:.3f}"
+        + (f", {saved['tensors']} modules_to_save tensors reloaded identical" if saved.get("tensors") else "")
+    )  # fmt: skip
 
 
 def build_report(metrics: dict, predictions: list[dict], history: list[dict]) -> tuple[str, list[dict], Any, Any]:

@@ -1,0 +1,94 @@
+"""Merge verification on each architecture: LoRA plus a module trained in full (``modules_to_save``), in float32
+and bfloat16, and a check that fails when the merge does not reproduce base+adapter."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from safetensors import safe_open
+
+from conftest import PROJECT_ROOT
+from vlm_pipeline.adapters import MergeVerificationError, merge_and_verify
+from vlm_pipeline.architectures import load_model, load_processor
+from vlm_pipeline.config.schema import MergeTolerance
+from vlm_pipeline.data.encoding import encode_record
+from vlm_pipeline.data.formats import normalise_record
+
+# The module trained outside LoRA for each architecture: the vision-language projector of both VLMs, the head
+# of the text model.
+CASES = {
+    "qwen2_5_vl": ("data/01_raw/shapes_vqa", "merger"),
+    "mllama": ("data/01_raw/shapes_vqa", "multi_modal_projector"),
+    "llama": ("data/01_raw/alpaca_glossary", "lm_head"),
+}
+TOLERANCE = MergeTolerance().model_dump()
+
+
+def trained_adapter(base: Path, module: str, dest: Path) -> dict[str, torch.Tensor]:
+    """A LoRA adapter with nonzero A and B and ``module`` changed as training would; returns that module's tensors."""
+    torch.manual_seed(0)
+    model = get_peft_model(load_model(base), LoraConfig(
+        r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], init_lora_weights=False, modules_to_save=[module]))  # fmt: skip
+    trained = {}
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if ".modules_to_save.default." in name:
+                parameter.add_(torch.randn_like(parameter) * 0.05)
+                trained[name] = parameter.detach().clone()
+    model.save_pretrained(dest)
+    return trained
+
+
+def check_rows(base: Path, raw: Path, count: int = 6) -> list[dict]:
+    processor = load_processor(base)
+    lines = (raw / "test.jsonl").read_text(encoding="utf-8").splitlines()[:count]
+    records = [{**normalise_record(json.loads(line)), "source_line": i + 1} for i, line in enumerate(lines)]
+    return [
+        encode_record(processor, record, raw, max_length=4096, train_on="all_assistant_turns", truncate_text_only=False)
+        for record in records
+    ]
+
+
+@pytest.mark.parametrize("arch", list(CASES))
+def test_merge_keeps_modules_to_save_and_matches_base_plus_adapter(arch, tiny_models, tmp_path):
+    raw_name, module = CASES[arch]
+    raw, base = PROJECT_ROOT / raw_name, tiny_models[arch]
+    trained = trained_adapter(base, module, tmp_path / "adapter")
+    rows = check_rows(base, raw)
+    with safe_open(str(tmp_path / "adapter/adapter_model.safetensors"), "pt") as saved:
+        assert any(module in key and "lora" not in key for key in saved.keys()), "the adapter holds the trained module"
+
+    for dtype in ("float32", "bfloat16"):
+        dest = tmp_path / f"merged-{dtype}"
+        dest.mkdir()
+        check = merge_and_verify(base, tmp_path / "adapter", base, rows, raw, dest, dtype=dtype, tolerance=TOLERANCE)
+        assert check["passed"] and check["records"] == len(rows)
+        assert check["modules_to_save"]["tensors"] == len(trained) and not check["modules_to_save"]["changed_on_save"]
+        assert check["measured"] <= TOLERANCE[dtype] and check["top1_agreement"] > 0.9
+        if dtype == "float32":
+            assert check["max_abs_diff"] < 1e-4
+        # The merged directory alone carries the trained module, not the base's copy.
+        merged = load_model(dest, dtype=torch.float32).state_dict()
+        for name, tensor in trained.items():
+            key = name.replace("base_model.model.", "", 1).replace(".modules_to_save.default", "")
+            atol = 0 if dtype == "float32" else 1e-2
+            assert torch.allclose(merged[key], tensor, atol=atol), key
+            assert not torch.allclose(merged[key], load_model(base).state_dict()[key], atol=1e-3), key
+
+
+def test_merge_check_fails_the_merge_beyond_tolerance(tiny_models, tmp_path):
+    """The bf16 merge really differs from bf16 base+adapter by rounding: a tolerance below that must fail, naming
+    the measured difference and the float32 remedy."""
+    raw_name, module = CASES["llama"]
+    base = tiny_models["llama"]
+    trained_adapter(base, module, tmp_path / "adapter")
+    (tmp_path / "merged").mkdir()
+    with pytest.raises(MergeVerificationError, match=r"max \|Δlogits\|.*relative.*merge_dtype=float32"):
+        merge_and_verify(
+            base, tmp_path / "adapter", base, check_rows(base, PROJECT_ROOT / raw_name), PROJECT_ROOT / raw_name,
+            tmp_path / "merged", dtype="bfloat16", tolerance={**TOLERANCE, "bfloat16": 1e-5},
+        )  # fmt: skip
