@@ -155,6 +155,13 @@ def test_recipe_runs_end_to_end_on_cpu_with_a_tiny_model(name, project, tiny_mod
     metrics = json.loads((project / "data/08_reporting" / recipe.pipeline / "metrics.json").read_text())
     assert {"base", "tuned"} <= set(metrics)
     run_info = json.loads((variant_dir / "trained/run_info.json").read_text())
+    # The preflight plan said what the Trainer did: its steps, and the checkpoint folders left at the end.
+    plan = json.loads((project / "data/08_reporting" / recipe.pipeline / "training_plan.json").read_text())
+    assert plan["steps"]["total_steps"] == run_info["global_step"] == CPU_SMOKE_STEPS
+    run_config = json.loads((variant_dir / "run_config.json").read_text())
+    left = {path.name for path in (project / run_config["checkpoint_dir"]).glob("checkpoint-*")}
+    kept = set(plan["steps"]["checkpoints_kept"]["names"])
+    assert kept <= left and len(left - kept) <= int(plan["steps"]["checkpoints_kept"]["plus_best"]), (left, kept)
     quantization = params.lora.method.quantization if recipe.pipeline == "lora" else None
     if quantization is not None:  # (b) 8-bit, (b-qlora) 4-bit: trained on bitsandbytes layers ...
         assert set(run_info["quantized_layers"]) == {"Linear8bitLt" if quantization.load_in_8bit else "Linear4bit"}

@@ -7,6 +7,8 @@
     vlm-pipeline metrics [data/08_reporting/lora/metrics.json]
     vlm-pipeline recipe a|b|c|d|b-qlora [--cpu-smoke]
     vlm-pipeline predict --model DIR [--adapter DIR] [--image PATH] --prompt TEXT [--max-new-tokens N]
+    vlm-pipeline plan [--recipe a|b|c|d|b-qlora | --env ENV --pipeline lora|full_ft] [--model-config DIR]
+                      [--records N] [--gpu-memory-gb G]
 """
 
 from __future__ import annotations
@@ -120,6 +122,46 @@ def _recipe(args: argparse.Namespace) -> int:
     return subprocess.call(command)
 
 
+def _plan(args: argparse.Namespace) -> int:
+    """The preflight plan of a run from conf/ (as `kedro run --env ENV` reads it), without loading any weights."""
+    from kedro.config import OmegaConfigLoader
+
+    from vlm_pipeline import settings
+    from vlm_pipeline.config import validate_parameters
+    from vlm_pipeline.planning.plan import build_plan, format_plan
+    from vlm_pipeline.recipes import RECIPES
+
+    recipe = RECIPES[args.recipe] if args.recipe else None
+    env = recipe.env if recipe else args.env
+    variant = recipe.pipeline if recipe else args.pipeline
+    loader_args = {k: v for k, v in settings.CONFIG_LOADER_ARGS.items() if k not in ("base_env", "default_run_env")}
+    loader = OmegaConfigLoader("conf", base_env="base", default_run_env=env, runtime_params={}, **loader_args)
+    params = validate_parameters(loader["parameters"])
+    model_config = Path(args.model_config or (recipe.model_config if recipe else params.base_model))
+    train = Path("data/03_primary/train")
+    lengths, images_per_row = None, None
+    if args.records is None:
+        if not (train / "dataset_info.json").is_file():
+            print(f"error: {train} does not exist (no preprocessed data yet): give --records N, the number of "
+                  "training records after the validation hold-out", file=sys.stderr)  # fmt: skip
+            return 2
+        from datasets import load_from_disk
+
+        dataset = load_from_disk(str(train))
+        lengths = list(dataset["length"])
+        images_per_row = sum(len(paths) for paths in dataset["image_paths"]) / max(len(dataset), 1)
+    method = getattr(params, variant).method
+    plan = build_plan(
+        model_dir=model_config, sft=params.sft, method=method, images=params.preprocessing.images.model_dump(),
+        records=args.records if args.records is not None else len(lengths), lengths=lengths,
+        max_length=params.preprocessing.max_length, images_per_row=images_per_row,
+        gpu_memory_gb=args.gpu_memory_gb if args.gpu_memory_gb is not None else params.plan.gpu_memory_gb,
+        trust_remote_code=params.trust_remote_code,
+    )  # fmt: skip
+    print(f"plan: --env {env}, pipeline {variant}\n{format_plan(plan)}")
+    return 0 if plan["fits"] is not False else 1
+
+
 def _predict(args: argparse.Namespace) -> int:
     """One greedy answer from a model (or base + LoRA adapter), through the evaluation stage's own generation."""
     from vlm_pipeline.architectures import architecture_for_model, load_model, load_processor
@@ -179,6 +221,15 @@ def build_parser() -> argparse.ArgumentParser:
     recipe.add_argument("name", choices=["a", "b", "c", "d", "b-qlora"])
     recipe.add_argument("--cpu-smoke", action="store_true", help="run it here: tiny model, one CPU process, 4 steps")
     recipe.set_defaults(func=_recipe)
+
+    plan = commands.add_parser("plan", help="steps, checkpoints and GPU memory of a run, before launching it")
+    plan.add_argument("--recipe", choices=["a", "b", "c", "d", "b-qlora"], help="a seed recipe (its env and model)")
+    plan.add_argument("--env", default="base", help="conf environment, as kedro run --env")
+    plan.add_argument("--pipeline", default="lora", choices=["lora", "full_ft"])
+    plan.add_argument("--model-config", help="folder with the model's config.json (default: base_model)")
+    plan.add_argument("--records", type=int, help="training records (default: read data/03_primary/train)")
+    plan.add_argument("--gpu-memory-gb", type=float, help="GPU memory to check against (default: plan.gpu_memory_gb)")
+    plan.set_defaults(func=_plan)
 
     predict = commands.add_parser("predict", help="answer one prompt (and image) with a model or base + adapter")
     predict.add_argument("--model", required=True, help="model directory (a base, or a merged/full FT model)")

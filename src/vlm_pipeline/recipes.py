@@ -21,15 +21,22 @@ class Recipe:
     architecture: str
     """Architecture of its real model, and so of the tiny model its CPU smoke run uses."""
     summary: str
+    model_config: str
+    """Folder with the real model's config.json (published dimensions, no weights), for ``vlm-pipeline plan``."""
 
 
+MLLAMA_11B = "conf/model_configs/llama-3.2-11b-vision-instruct"
 RECIPES: dict[str, Recipe] = {
-    "a": Recipe("llama_vision_full_ft", "full_ft", "mllama", "Llama-3.2-11B-Vision full FT, 8×80 GB, DeepSpeed ZeRO-3"),
-    "b": Recipe("llama_vision_lora", "lora", "mllama", "Llama-3.2-11B-Vision LoRA on an 8-bit base, one A100"),
-    "c": Recipe("qwen_vl_fsdp", "full_ft", "qwen2_5_vl", "Qwen2.5-VL full FT, FSDP, bf16, Adafactor"),
-    "d": Recipe("llama_text_lora", "lora", "llama", "Llama-3.1-8B LoRA from alpaca JSONL"),
-    "b-qlora": Recipe("llama_vision_qlora", "lora", "mllama", "recipe (b) over a 4-bit NF4 base (QLoRA)"),
-}
+    "a": Recipe("llama_vision_full_ft", "full_ft", "mllama", "Llama-3.2-11B-Vision full FT, 8×80 GB, DeepSpeed ZeRO-3",
+                MLLAMA_11B),
+    "b": Recipe("llama_vision_lora", "lora", "mllama", "Llama-3.2-11B-Vision LoRA on an 8-bit base, one A100",
+                MLLAMA_11B),
+    "c": Recipe("qwen_vl_fsdp", "full_ft", "qwen2_5_vl", "Qwen2.5-VL full FT, FSDP, bf16, Adafactor",
+                "conf/model_configs/qwen2.5-vl-7b-instruct"),
+    "d": Recipe("llama_text_lora", "lora", "llama", "Llama-3.1-8B LoRA from alpaca JSONL",
+                "conf/model_configs/llama-3.1-8b-instruct"),
+    "b-qlora": Recipe("llama_vision_qlora", "lora", "mllama", "recipe (b) over a 4-bit NF4 base (QLoRA)", MLLAMA_11B),
+}  # fmt: skip
 
 CPU_SMOKE_STEPS = 4
 

@@ -355,6 +355,14 @@ class EvaluationParams(Section):
     batch_size: int = Field(16, ge=1, le=1024, description="Records per generation/loss batch. Range 1-64.")
 
 
+class PlanParams(Section):
+    gpu_memory_gb: float | None = Field(
+        None, gt=0, le=1024,
+        description="Memory of one GPU in GB (80 for an A100/H100 80GB). The run stops before loading the model if "
+        "the estimate is larger. Null: no check (CPU runs).",
+    )  # fmt: skip
+
+
 class Parameters(Section):
     """Every parameter group a run reads (conf/<env>/parameters*.yml merged over conf/base)."""
 
@@ -368,6 +376,7 @@ class Parameters(Section):
     sft: SFTParams = Field(default_factory=SFTParams, description="Stage 3, shared by every method.")
     adapter: AdapterParams = Field(default_factory=AdapterParams, description="Stage 4.")
     evaluation: EvaluationParams = Field(default_factory=EvaluationParams, description="Stage 5.")
+    plan: PlanParams = Field(default_factory=PlanParams, description="The preflight plan (training's first node).")
     lora: VariantParams | None = Field(None, description="The lora pipeline's method (Kedro namespace lora).")
     full_ft: VariantParams | None = Field(None, description="The full_ft pipeline's method (namespace full_ft).")
 

@@ -3,18 +3,44 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
+from datasets import Dataset
+
 from vlm_pipeline.atomic import staging_dir_for
+from vlm_pipeline.config.schema import MethodParams, PlanParams, parse_section
+from vlm_pipeline.planning.plan import build_plan, check_fits, format_plan
 from vlm_pipeline.training.launcher import launch, launch_command, resolve_run_config, write_run_config
+
+logger = logging.getLogger(__name__)
+
+
+def plan_training(
+    train_data: Dataset, base_model: Path, preprocessing: dict, sft: dict, method: dict, plan: dict,
+    trust_remote_code: bool = False,
+) -> dict:
+    """The preflight plan (steps, checkpoints, memory per GPU) from config.json alone; stops an over-budget run."""
+    from vlm_pipeline.config.schema import SFTParams
+
+    images = sum(len(paths) for paths in train_data["image_paths"]) / max(len(train_data), 1)
+    result = build_plan(
+        model_dir=base_model, sft=parse_section(SFTParams, sft, "sft"), method=parse_section(MethodParams, method, "method"),
+        images=preprocessing["images"], records=len(train_data), lengths=list(train_data["length"]),
+        max_length=preprocessing["max_length"], images_per_row=images,
+        gpu_memory_gb=parse_section(PlanParams, plan, "plan").gpu_memory_gb, trust_remote_code=trust_remote_code,
+    )  # fmt: skip
+    logger.info("Training plan\n%s", format_plan(result))
+    check_fits(result)
+    return result
 
 
 def train_model(
     train_data: Path, validation_data: Path, base_model: Path, raw_data: str, preprocessing: dict, sft: dict,
-    method: dict, trust_remote_code: bool = False,
+    method: dict, training_plan: dict, trust_remote_code: bool = False,
 ) -> tuple[Path, list, dict]:
     """Launch the trainer; return the staged trained model (or adapter), its log history and the
-    trainable-parameter table (per component)."""
+    trainable-parameter table (per component). Warns if the run took other steps than the plan said."""
     output_dir = Path(method["output_dir"])
     final_dir = staging_dir_for(output_dir / "trained")
     config = resolve_run_config(
@@ -32,6 +58,9 @@ def train_model(
     launch(launch_command(sft["accelerate_config"], config_path))
     history = json.loads((final_dir / "training_history.json").read_text())
     trainable = json.loads((final_dir / "trainable_parameters.json").read_text())
+    ran = json.loads((final_dir / "run_info.json").read_text())["global_step"]
+    if ran != training_plan["steps"]["total_steps"]:
+        logger.warning("training took %d optimizer steps; the plan said %d", ran, training_plan["steps"]["total_steps"])
     return final_dir, history, trainable
 
 

@@ -1,6 +1,6 @@
 from kedro.pipeline import Node, Pipeline
 
-from vlm_pipeline.pipelines.training.nodes import train_model, training_curves
+from vlm_pipeline.pipelines.training.nodes import plan_training, train_model, training_curves
 
 
 def create_pipeline(variant: str) -> Pipeline:
@@ -8,10 +8,19 @@ def create_pipeline(variant: str) -> Pipeline:
     template = Pipeline(
         [
             Node(
+                plan_training,
+                inputs=[
+                    "train_tokenized@arrow", "base_model", "params:preprocessing", "params:sft", "params:method",
+                    "params:plan", "params:trust_remote_code",
+                ],  # fmt: skip
+                outputs="training_plan",
+                name="plan_training",
+            ),
+            Node(
                 train_model,
                 inputs=[
                     "train_tokenized@path", "validation_tokenized@path", "base_model", "params:raw_data",
-                    "params:preprocessing", "params:sft", "params:method", "params:trust_remote_code",
+                    "params:preprocessing", "params:sft", "params:method", "training_plan", "params:trust_remote_code",
                 ],  # fmt: skip
                 outputs=["trained_model", "training_history", "trainable_parameters"],
                 name="train_model",
@@ -23,6 +32,6 @@ def create_pipeline(variant: str) -> Pipeline:
     return Pipeline(
         template,
         namespace=variant,
-        inputs={"train_tokenized@path", "validation_tokenized@path", "base_model"},
-        parameters={"params:raw_data", "params:preprocessing", "params:sft", "params:trust_remote_code"},
+        inputs={"train_tokenized@arrow", "train_tokenized@path", "validation_tokenized@path", "base_model"},
+        parameters={"params:raw_data", "params:preprocessing", "params:sft", "params:plan", "params:trust_remote_code"},
     )

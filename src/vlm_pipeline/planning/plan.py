@@ -1,0 +1,256 @@
+"""The preflight plan of one run: its step arithmetic, tokens per step and memory per GPU, and the verdict.
+
+``build_plan`` is what ``vlm-pipeline plan`` prints and what the training pipeline's first node computes, from
+the same validated parameters, accelerate file and model ``config.json``; a run that would not fit in
+``plan.gpu_memory_gb`` stops here, before any weights load, naming the settings that would fit.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, replace
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from vlm_pipeline.config import MethodParams
+from vlm_pipeline.config.schema import LoraParams, QuantizationParams, SFTParams
+from vlm_pipeline.planning.memory import GIB, MemorySettings, estimate_memory
+from vlm_pipeline.planning.model_shape import ModelShape, read_model_shape
+from vlm_pipeline.planning.steps import plan_steps
+
+# Patches an image gives the vision tower when its size is not bounded in preprocessing.images: a 1024×1024
+# image for Qwen2.5-VL (14-pixel patches), the four 560×560 tiles Mllama allows (40×40 patches + 1, each).
+DEFAULT_VISION_TOKENS = {"qwen2_5_vl": (1024 * 1024) // (14 * 14), "mllama": 4 * 1601}
+
+
+class PlanError(RuntimeError):
+    """The run as configured would not fit in ``plan.gpu_memory_gb``; the message names what would."""
+
+
+def engine_settings(accelerate: dict[str, Any]) -> dict[str, Any]:
+    """World size, sharding engine and offloading from an accelerate config file's contents."""
+    kind = accelerate.get("distributed_type", "NO")
+    world = int(accelerate.get("num_processes", 1) or 1)
+    if kind == "DEEPSPEED":
+        deepspeed = accelerate.get("deepspeed_config", {})
+        return {
+            "world_size": world,
+            "engine": "zero3" if int(deepspeed.get("zero_stage", 2)) == 3 else "zero2",
+            "offload_optimizer": deepspeed.get("offload_optimizer_device", "none") not in ("none", None),
+            "offload_params": deepspeed.get("offload_param_device", "none") not in ("none", None),
+        }
+    if kind == "FSDP":
+        offload = bool(accelerate.get("fsdp_config", {}).get("fsdp_offload_params", False))
+        return {"world_size": world, "engine": "fsdp", "offload_optimizer": offload, "offload_params": offload}
+    return {"world_size": world, "engine": "ddp" if world > 1 else "single"}
+
+
+def memory_settings(
+    sft: SFTParams, method: MethodParams, accelerate: dict[str, Any], *, seq_len: int, images_per_row: float,
+    vision_tokens_per_image: int,
+) -> MemorySettings:
+    """What our trainer does with these parameters, as memory settings: it loads the base in float32 and trains
+    under autocast; DeepSpeed with bf16 casts the module to bf16 and keeps an fp32 master copy."""
+    engine = engine_settings(accelerate)
+    mixed = sft.bf16 or sft.fp16
+    quantization = method.quantization
+    bits = None
+    if quantization is not None and (quantization.load_in_8bit or quantization.load_in_4bit):
+        bits = 8 if quantization.load_in_8bit else 4
+    return MemorySettings(
+        **engine,
+        weight_bytes=2 if engine["engine"].startswith("zero") and mixed else 4,
+        bf16_compute=mixed,
+        quantization_bits=bits,
+        double_quant=bool(quantization and quantization.bnb_4bit_use_double_quant),
+        optimizer=sft.optim,
+        batch_size=sft.per_device_train_batch_size,
+        seq_len=seq_len,
+        images_per_row=images_per_row,
+        vision_tokens_per_image=vision_tokens_per_image,
+        gradient_checkpointing=sft.gradient_checkpointing,
+        gradient_accumulation_steps=sft.gradient_accumulation_steps,
+    )
+
+
+def build_plan(
+    *, model_dir: Path, sft: SFTParams, method: MethodParams, images: dict[str, Any], records: int,
+    lengths: list[int] | None = None, max_length: int, images_per_row: float | None = None,
+    gpu_memory_gb: float | None = None, trust_remote_code: bool = False,
+) -> dict[str, Any]:
+    """The plan of one run: steps, tokens, memory terms (GiB), the verdict and, if over, the settings that fit.
+
+    ``lengths`` are the preprocessed training records' token counts; without them (planning before any data),
+    every row is assumed ``max_length`` long.
+    """
+    accelerate = yaml.safe_load(Path(sft.accelerate_config).read_text(encoding="utf-8"))
+    shape = read_model_shape(model_dir, method, trust_remote_code)
+    steps = plan_steps(records, engine_settings(accelerate)["world_size"], sft)
+    mean_length = sum(lengths) / len(lengths) if lengths else float(max_length)
+    longest = max(lengths) if lengths else max_length
+    vision = shape.vision is not None
+    if images_per_row is None:
+        images_per_row = 1.0 if vision else 0.0
+    settings = memory_settings(
+        sft, method, accelerate, seq_len=longest, images_per_row=images_per_row if vision else 0.0,
+        vision_tokens_per_image=vision_tokens(shape.architecture, images) if vision else 0,
+    )  # fmt: skip
+    memory = estimate_memory(shape, settings)
+    plan = {
+        "model": {
+            "config": str(model_dir), "architecture": shape.architecture, "parameters": shape.parameters,
+            "total_parameters": shape.total, "trainable_parameters": shape.trainable,
+        },  # fmt: skip
+        "steps": steps,
+        "tokens_per_step": {
+            "mean": round(mean_length * steps["effective_batch"]),
+            "longest_row": longest,
+            "source": "preprocessed lengths" if lengths else f"assumed max_length {max_length}",
+        },
+        "settings": asdict(settings),
+        "memory_gib": {name: value / GIB for name, value in memory.items()},
+        "gpu_memory_gb": gpu_memory_gb,
+    }
+    plan["fits"] = None if gpu_memory_gb is None else memory["total"] <= gpu_memory_gb * 1e9
+    if plan["fits"] is False:
+        plan["alternatives"] = alternatives(model_dir, shape, settings, method, gpu_memory_gb, trust_remote_code)
+    return plan
+
+
+def vision_tokens(architecture: str, images: dict[str, Any]) -> int:
+    """Patches per image the vision tower processes, from preprocessing.images where bounded."""
+    if architecture == "qwen2_5_vl" and images.get("max_pixels"):
+        return images["max_pixels"] // (14 * 14)
+    if architecture == "mllama" and images.get("max_image_tiles"):
+        return images["max_image_tiles"] * 1601
+    return DEFAULT_VISION_TOKENS.get(architecture, 0)
+
+
+def alternatives(
+    model_dir: Path, shape: ModelShape, settings: MemorySettings, method: MethodParams, gpu_memory_gb: float,
+    trust_remote_code: bool,
+) -> list[dict[str, Any]]:
+    """Changes that together bring the estimate under the budget: the usual knobs in order of how little they
+    change the run (checkpointing first, QLoRA last), each kept if it lowers the estimate, until the run fits.
+    Each entry is a change and the estimate with it and all before it; empty if even all of them do not fit."""
+    chosen: list[dict[str, Any]] = []
+    state = (shape, settings, method)
+    total = estimate_memory(shape, settings)["total"]
+    for label, change in _changes(model_dir, trust_remote_code):
+        changed = change(*state)
+        if changed is None:
+            continue
+        changed_total = estimate_memory(changed[0], changed[1])["total"]
+        if changed_total < total:
+            state, total = changed, changed_total
+            chosen.append({"change": label, "total_gib": total / GIB})
+            if total <= gpu_memory_gb * 1e9:
+                return chosen
+    return []
+
+
+def _changes(model_dir: Path, trust_remote_code: bool) -> list[tuple[str, Any]]:
+    """Single changes to a (shape, settings, method) state; each returns the new state, or None if it does not apply."""
+
+    def halve_batch(shape, settings, method):
+        if settings.batch_size < 2:
+            return None
+        half = settings.batch_size // 2
+        accumulation = settings.gradient_accumulation_steps * 2
+        return shape, replace(settings, batch_size=half, gradient_accumulation_steps=accumulation), method
+
+    def checkpointing(shape, settings, method):
+        return None if settings.gradient_checkpointing else (shape, replace(settings, gradient_checkpointing=True), method)
+
+    def zero3(shape, settings, method):
+        if settings.world_size < 2 or settings.engine == "zero3":
+            return None
+        return shape, replace(settings, engine="zero3", weight_bytes=2 if settings.bf16_compute else 4), method
+
+    def offload(shape, settings, method):
+        if settings.offload_optimizer or shape.trainable < 0.5 * shape.total:
+            return None
+        weight_bytes = 2 if settings.bf16_compute else 4
+        return shape, replace(settings, engine="zero3", offload_optimizer=True, weight_bytes=weight_bytes), method
+
+    def eight_bit_optimizer(shape, settings, method):
+        return None if "8bit" in settings.optimizer else (shape, replace(settings, optimizer="paged_adamw_8bit"), method)
+
+    def lora(shape, settings, method):
+        if method.lora is not None:
+            return None
+        adapters = LoraParams(r=16, lora_alpha=32, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
+        with_lora = method.model_copy(update={"lora": adapters})
+        return read_model_shape(model_dir, with_lora, trust_remote_code), settings, with_lora
+
+    def four_bit(shape, settings, method):
+        if method.lora is None or settings.quantization_bits == 4:
+            return None
+        quantized = method.model_copy(update={"quantization": QuantizationParams(load_in_4bit=True)})
+        return shape, replace(settings, quantization_bits=4), quantized
+
+    return [
+        ("sft.gradient_checkpointing=true", checkpointing),
+        ("sft.per_device_train_batch_size halved, gradient_accumulation_steps doubled", halve_batch),
+        ("sft.optim=paged_adamw_8bit", eight_bit_optimizer),
+        ("sft.accelerate_config=conf/accelerate/deepspeed_zero3.yaml (ZeRO-3)", zero3),
+        ("sft.accelerate_config=conf/accelerate/deepspeed_zero3_offload.yaml (optimizer on CPU)", offload),
+        ("a lora block (r=16 on q/k/v/o) instead of full fine-tuning", lora),
+        ("method.quantization.load_in_4bit=true (QLoRA)", four_bit),
+    ]
+
+
+def format_plan(plan: dict[str, Any]) -> str:
+    """The plan as the table ``vlm-pipeline plan`` prints and the training node logs."""
+    steps, memory, model = plan["steps"], plan["memory_gib"], plan["model"]
+    settings = plan["settings"]
+    kept = steps["checkpoints_kept"]
+    lines = [
+        f"model            {model['architecture']} from {model['config']}: {model['total_parameters'] / 1e9:.2f}B "
+        f"parameters, {model['trainable_parameters'] / 1e6:,.1f}M trainable",
+        f"records          {steps['records']:,} (training split, after the validation hold-out)",
+        f"world size       {steps['world_size']} ({settings['engine']})",
+        f"effective batch  {steps['effective_batch']} = {settings['batch_size']} per device × {steps['world_size']} "
+        f"× {settings['gradient_accumulation_steps']} accumulation",
+        f"steps            {steps['steps_per_epoch']:,} per epoch × {steps['epochs']:g} epochs = {steps['total_steps']:,}",
+        f"warm-up          {steps['warmup_steps']:,} steps",
+        f"evaluations at   {_steps_text(steps['eval_steps'])}",
+        f"checkpoints at   {_steps_text(steps['save_steps'])}",
+        f"checkpoints kept {', '.join(kept['names']) or 'none'}" + (" + the best one" if kept["plus_best"] else ""),
+        f"tokens per step  {plan['tokens_per_step']['mean']:,} (mean; {plan['tokens_per_step']['source']}), "
+        f"longest row {plan['tokens_per_step']['longest_row']:,}",
+        "memory per GPU (GiB, estimate)",
+    ]
+    for name in ("weights", "gradients", "optimizer_states", "activations", "logits_and_loss",
+                 "optimizer_step_temporaries", "peak_allocated", "framework_overhead", "total"):  # fmt: skip
+        lines.append(f"  {name.replace('_', ' '):<28}{memory[name]:>10.2f}")
+    budget = plan["gpu_memory_gb"]
+    if budget is None:
+        lines.append("verdict          no plan.gpu_memory_gb set: not checked")
+    elif plan["fits"]:
+        lines.append(f"verdict          fits in {budget:g} GB ({memory['total'] * GIB / 1e9:.1f} GB estimated)")
+    else:
+        lines.append(f"verdict          DOES NOT FIT in {budget:g} GB ({memory['total'] * GIB / 1e9:.1f} GB estimated)")
+        steps = plan.get("alternatives", [])
+        if steps:
+            lines.append("  would fit with these changes together (estimate after each):")
+        for option in steps:
+            lines.append(f"    + {option['change']}: {option['total_gib']:.1f} GiB")
+        if not steps:
+            lines.append("  no combination of the usual knobs fits: add GPUs or shorten the rows")
+    return "\n".join(lines)
+
+
+def check_fits(plan: dict[str, Any]) -> None:
+    """Raise ``PlanError`` (with the table) if the plan does not fit its GPU."""
+    if plan["fits"] is False:
+        raise PlanError(f"the run would not fit in plan.gpu_memory_gb={plan['gpu_memory_gb']:g}:\n{format_plan(plan)}")
+
+
+def _steps_text(steps: list[int], shown: int = 6) -> str:
+    if not steps:
+        return "none"
+    if len(steps) <= shown:
+        return ", ".join(map(str, steps))
+    return f"{', '.join(map(str, steps[:3]))}, …, {', '.join(map(str, steps[-2:]))} ({len(steps)} in all)"

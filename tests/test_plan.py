@@ -1,0 +1,104 @@
+"""`vlm-pipeline plan` and the training pipeline's first node: the seed's step arithmetic, the memory terms on the
+shipped real-model configs, the verdict with its alternatives, and a run stopped before any weights load."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import PROJECT_ROOT, run_data_stages
+from vlm_pipeline.config.schema import MethodParams, SFTParams
+from vlm_pipeline.planning.memory import GIB, MemorySettings, estimate_memory
+from vlm_pipeline.planning.model_shape import read_model_shape
+from vlm_pipeline.planning.steps import plan_steps
+from vlm_pipeline.recipes import RECIPES
+
+LLAMA_8B = PROJECT_ROOT / "conf/model_configs/llama-3.1-8b-instruct"
+VLM_PLAN = [str(Path(sys.executable).parent / "vlm-pipeline"), "plan"]
+
+
+def test_the_seed_worked_example():
+    """Seed 004: 2400 records, 8 per device, 4 accumulation: 75 steps an epoch, checkpoint-75, -150, -225."""
+    sft = SFTParams(per_device_train_batch_size=8, gradient_accumulation_steps=4, num_train_epochs=3,
+                    save_strategy="epoch", save_total_limit=None)  # fmt: skip
+    steps = plan_steps(2400, 1, sft)
+    assert steps["steps_per_epoch"] == 75 and steps["total_steps"] == 225 and steps["effective_batch"] == 32
+    assert steps["checkpoints_kept"]["names"] == ["checkpoint-75", "checkpoint-150", "checkpoint-225"]
+    # Seed 000: 4 per device × 8 GPUs × 4 accumulation = 128.
+    assert plan_steps(2400, 8, SFTParams(per_device_train_batch_size=4, gradient_accumulation_steps=4))[
+        "effective_batch"] == 128  # fmt: skip
+
+
+def test_step_arithmetic_edges():
+    # A partial last batch still makes a step; warm-up as a ratio rounds up; eval_steps as a share of the total.
+    sft = SFTParams(per_device_train_batch_size=8, gradient_accumulation_steps=4, num_train_epochs=2,
+                    warmup_steps=0.1, eval_strategy="steps", eval_steps=0.25, save_steps=20, save_total_limit=2,
+                    load_best_model_at_end=True, metric_for_best_model="eval_loss")  # fmt: skip
+    steps = plan_steps(2401, 1, sft)
+    assert steps["batches_per_epoch"] == 301 and steps["steps_per_epoch"] == 76 and steps["total_steps"] == 152
+    assert steps["warmup_steps"] == 16
+    assert steps["eval_steps"] == [38, 76, 114, 152]
+    assert steps["save_steps"] == [20, 40, 60, 80, 100, 120, 140, 152]  # and once more at the last step
+    assert steps["checkpoints_kept"] == {"names": ["checkpoint-140", "checkpoint-152"], "plus_best": True}
+    assert plan_steps(100, 2, SFTParams(max_steps=7, save_steps=3))["save_steps"] == [3, 6, 7]
+
+
+def test_memory_terms_on_the_real_llama_8b_config():
+    method = MethodParams(output_dir="unused", learning_rate=1e-5)
+    shape = read_model_shape(LLAMA_8B, method)
+    assert shape.total == 8_030_261_248 and shape.trainable == shape.total  # the published 8.03B
+    settings = MemorySettings(batch_size=2, seq_len=2048, bf16_compute=True)
+    full = estimate_memory(shape, settings)
+    assert full["weights"] == shape.total * 4 and full["optimizer_states"] == shape.total * 8
+    checkpointed = estimate_memory(shape, MemorySettings(batch_size=2, seq_len=2048, bf16_compute=True,
+                                                         gradient_checkpointing=True))  # fmt: skip
+    assert checkpointed["activations"] < full["activations"] / 5
+    zero3 = estimate_memory(shape, MemorySettings(batch_size=2, seq_len=2048, bf16_compute=True, weight_bytes=2,
+                                                  engine="zero3", world_size=8))  # fmt: skip
+    assert zero3["optimizer_states"] == pytest.approx(shape.total * 12 / 8)  # Adam + fp32 master, sharded
+    lora = read_model_shape(LLAMA_8B, MethodParams(output_dir="unused", learning_rate=1e-4,
+                                                   lora={"r": 16, "target_modules": ["q_proj", "k_proj", "v_proj"]}))
+    assert lora.trainable == 32 * 16 * ((4096 + 4096) + 2 * (4096 + 1024))  # r × (in + out) per adapted layer
+    weights = {bits: estimate_memory(lora, MemorySettings(quantization_bits=bits))["weights"] for bits in (None, 8, 4)}
+    linear, rest = lora.linear_weights["language_model"], lora.total - lora.linear_weights["language_model"]
+    adapters = lora.trainable * 4  # PEFT keeps adapters in fp32
+    assert weights[None] == lora.total * 4 + adapters
+    assert weights[8] == linear * 1 + rest * 4 + adapters  # int8 linear layers; embeddings, norms, lm_head as loaded
+    assert weights[4] == pytest.approx(linear * (0.5 + 1 / 64 + 4 / 16384) + rest * 4 + adapters)  # NF4, double quant
+    assert weights[4] / GIB == pytest.approx(7.3, abs=0.1)
+
+
+@pytest.mark.parametrize("name", sorted(RECIPES))
+def test_plan_prints_each_recipe_from_its_real_config(name):
+    result = subprocess.run([*VLM_PLAN, "--recipe", name, "--records", "2400"], capture_output=True, text=True,
+                            cwd=PROJECT_ROOT, timeout=120)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert RECIPES[name].model_config in result.stdout
+    for line in ("effective batch", "per epoch", "checkpoints kept", "peak allocated", "verdict          fits in 80 GB"):
+        assert line in result.stdout, result.stdout
+
+
+def test_over_budget_names_the_settings_that_fit():
+    result = subprocess.run([*VLM_PLAN, "--recipe", "d", "--records", "2400", "--gpu-memory-gb", "24"],
+                            capture_output=True, text=True, cwd=PROJECT_ROOT, timeout=120)  # fmt: skip
+    assert result.returncode == 1 and "DOES NOT FIT in 24 GB" in result.stdout, result.stdout
+    # fp32 8B weights alone are 32 GB: checkpointing, smaller batches and an 8-bit optimizer cannot make it fit;
+    # with them, QLoRA does.
+    changes = result.stdout.split("would fit with these changes together")[1]
+    assert "+ sft.gradient_checkpointing=true" in changes and changes.rstrip().splitlines()[-1].startswith(
+        "    + method.quantization.load_in_4bit=true (QLoRA)")  # fmt: skip
+
+
+def test_training_stops_at_the_plan_before_any_model_loads(project, tiny_models):
+    shutil.copytree(tiny_models["qwen2_5_vl"], project / "data/00_base_models/tiny-qwen2_5_vl")
+    run_data_stages(project)
+    kedro = str(Path(sys.executable).parent / "kedro")
+    result = subprocess.run([kedro, "run", "--pipelines", "lora", "--tags", "training", "--params",
+                             "plan.gpu_memory_gb=0.01"], capture_output=True, text=True, cwd=project, timeout=300)  # fmt: skip
+    assert result.returncode != 0
+    assert "PlanError" in result.stderr + result.stdout and "DOES NOT FIT in 0.01 GB" in result.stderr + result.stdout
+    assert not (project / "data/06_models/lora/run_config.json").exists(), "the trainer was never launched"
