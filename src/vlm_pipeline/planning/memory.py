@@ -53,7 +53,10 @@ class MemorySettings:
     gradient_checkpointing: bool = False
     gradient_accumulation_steps: int = 1
     loss_chunks: int = 1
-    """The cross-entropy computed in chunks of the sequence (torchtune does; transformers does not)."""
+    """The output projection and cross-entropy computed in chunks of the sequence (torchtune does; transformers
+    does not): only one chunk's logits exist at a time."""
+    fp32_norms: bool | None = None
+    """Norms and residual stream in float32; default: beside a quantized base (PEFT's k-bit preparation)."""
     device: str = "cuda"
     """cuda, or cpu: measured on CPU, the loss's backward holds one more vocabulary-wide fp32 buffer."""
 
@@ -155,7 +158,8 @@ def _layer_bytes(stack: Stack, settings: MemorySettings) -> float:
 def _residual_bytes(settings: MemorySettings) -> int:
     # The residual stream has the dtype of the module's norms: float32 beside a quantized base (PEFT's k-bit
     # preparation casts them), else the module's own.
-    return 4 if settings.quantization_bits else settings.weight_bytes
+    fp32_norms = settings.fp32_norms if settings.fp32_norms is not None else bool(settings.quantization_bits)
+    return 4 if fp32_norms else settings.weight_bytes
 
 
 def _activation_bytes(shape: ModelShape, settings: MemorySettings) -> float:
@@ -186,8 +190,7 @@ def _logits_bytes(shape: ModelShape, settings: MemorySettings) -> float:
     activation = 2 if settings.bf16_compute else 4
     upcast = 4 if activation == 2 else 0
     cpu_buffer = 4 if settings.device == "cpu" else 0
-    per_chunk = (upcast + 4 + 4 + cpu_buffer) / settings.loss_chunks
-    return tokens * shape.vocab * (activation + per_chunk)
+    return tokens * shape.vocab * (activation + upcast + 4 + 4 + cpu_buffer) / settings.loss_chunks
 
 
 def _numel(shape: tuple[int, ...]) -> int:
