@@ -86,7 +86,8 @@ def main() -> None:
                       f"sft.logging_steps={args.steps},sft.save_steps={args.steps},sft.seed={42 + round_}")  # fmt: skip
             wall, _ = timed([*kedro, "--tags", "training", "--params", params], project, env)
             history = json.loads((project / "data/06_models/lora/training_history.json").read_text())
-            ours_step.append(history[-1]["train_runtime"] / args.steps)
+            ran = json.loads((project / "data/06_models/lora/trained/run_info.json").read_text())["global_step"]
+            ours_step.append(history[-1]["train_runtime"] / ran)
             ours_wall.append(wall)
             wall, out = timed([sys.executable, str(script), str(model), str(project / "data/01_raw/alpaca_glossary/train.jsonl"),
                                str(Path(tmp) / "plain"), str(args.steps)], project, env)  # fmt: skip

@@ -77,8 +77,7 @@ def estimate_memory(shape: ModelShape, settings: MemorySettings) -> dict[str, fl
     world = settings.world_size
     deepspeed = settings.engine in ("zero2", "zero3")
     param_bytes = settings.weight_bytes
-    full_ft = shape.trainable >= 0.5 * shape.total  # LoRA trains a sliver; full FT (even with a frozen tower) most
-
+    full_ft = not shape.lora
     weights = _weight_bytes(shape, settings, param_bytes, full_ft)
     if settings.engine in ("zero3", "fsdp"):
         weights = weights / world if not settings.offload_params else 0.0
@@ -165,17 +164,10 @@ def _residual_bytes(settings: MemorySettings) -> int:
 def _activation_bytes(shape: ModelShape, settings: MemorySettings) -> float:
     tokens = settings.batch_size * settings.seq_len
     total = _stack_activations(shape.text, tokens, settings)
-    if shape.vision is not None and settings.images_per_row and _vision_trains(shape):
+    if shape.vision is not None and settings.images_per_row and shape.trains_vision:
         patches = settings.batch_size * settings.images_per_row * settings.vision_tokens_per_image
         total += _stack_activations(shape.vision, int(patches), settings)
     return total
-
-
-def _vision_trains(shape: ModelShape) -> bool:
-    # Only a trained vision tower keeps activations for backward: autograd saves nothing for frozen inputs.
-    return shape.trainable >= 0.5 * shape.total and shape.trainable > shape.total - shape.parameters.get(
-        "vision_tower", 0
-    )
 
 
 def _stack_activations(stack: Stack, tokens: int, settings: MemorySettings) -> float:

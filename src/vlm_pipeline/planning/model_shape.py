@@ -43,8 +43,12 @@ class ModelShape:
     largest_layer: int = 0
     """Parameters of the largest repeated block: what ZeRO-3 and FSDP gather at once."""
     trainable: int = 0
-    trainable_matrices: list[tuple[int, int]] = field(default_factory=list)
-    """Shapes of the trainable 2-D tensors (Adafactor factors their second moment)."""
+    trainable_matrices: list[tuple[int, ...]] = field(default_factory=list)
+    """Shapes of the trainable tensors (Adafactor factors the second moment of the 2-D ones)."""
+    lora: bool = False
+    """Adapters train over a frozen base (else: full fine-tuning, perhaps with frozen components)."""
+    trains_vision: bool = False
+    """The vision tower's weights train, so its activations are kept for backward."""
 
     @property
     def total(self) -> int:
@@ -82,6 +86,8 @@ def read_model_shape(model_dir: str | Path, method: Any, trust_remote_code: bool
         ),
         trainable=trainable,
         trainable_matrices=matrices,
+        lora=method.lora is not None,
+        trains_vision="vision_tower" in parameters and method.lora is None and not method.freeze.vision_tower,
     )
 
 

@@ -169,7 +169,7 @@ def _changes(model_dir: Path, trust_remote_code: bool) -> list[tuple[str, Any]]:
         return shape, replace(settings, engine="zero3", weight_bytes=2 if settings.bf16_compute else 4), method
 
     def offload(shape, settings, method):
-        if settings.offload_optimizer or shape.trainable < 0.5 * shape.total:
+        if settings.offload_optimizer or shape.lora:
             return None
         weight_bytes = 2 if settings.bf16_compute else 4
         return shape, replace(settings, engine="zero3", offload_optimizer=True, weight_bytes=weight_bytes), method

@@ -9,7 +9,7 @@ from pathlib import Path
 from datasets import Dataset
 
 from vlm_pipeline.atomic import staging_dir_for
-from vlm_pipeline.config.schema import MethodParams, PlanParams, parse_section
+from vlm_pipeline.config.schema import MethodParams, PlanParams, SFTParams, parse_section
 from vlm_pipeline.planning.plan import build_plan, check_fits, format_plan
 from vlm_pipeline.training.launcher import launch, launch_command, resolve_run_config, write_run_config
 
@@ -21,8 +21,6 @@ def plan_training(
     trust_remote_code: bool = False,
 ) -> dict:
     """The preflight plan (steps, checkpoints, memory per GPU) from config.json alone; stops an over-budget run."""
-    from vlm_pipeline.config.schema import SFTParams
-
     images = sum(len(paths) for paths in train_data["image_paths"]) / max(len(train_data), 1)
     result = build_plan(
         model_dir=base_model, sft=parse_section(SFTParams, sft, "sft"), method=parse_section(MethodParams, method, "method"),
