@@ -128,7 +128,7 @@ def _plan(args: argparse.Namespace) -> int:
 
     from vlm_pipeline import settings
     from vlm_pipeline.config import validate_parameters
-    from vlm_pipeline.planning.plan import build_plan, format_plan
+    from vlm_pipeline.planning.plan import build_plan, format_plan, training_data
     from vlm_pipeline.recipes import RECIPES
 
     recipe = RECIPES[args.recipe] if args.recipe else None
@@ -139,22 +139,19 @@ def _plan(args: argparse.Namespace) -> int:
     params = validate_parameters(loader["parameters"])
     model_config = Path(args.model_config or (recipe.model_config if recipe else params.base_model))
     train = Path("data/03_primary/train")
-    lengths, images_per_row = None, None
-    if args.records is None:
-        if not (train / "dataset_info.json").is_file():
-            print(f"error: {train} does not exist (no preprocessed data yet): give --records N, the number of "
-                  "training records after the validation hold-out", file=sys.stderr)  # fmt: skip
-            return 2
+    if args.records is not None:
+        data = {"records": args.records}
+    elif (train / "dataset_info.json").is_file():
         from datasets import load_from_disk
 
-        dataset = load_from_disk(str(train))
-        lengths = list(dataset["length"])
-        images_per_row = sum(len(paths) for paths in dataset["image_paths"]) / max(len(dataset), 1)
-    method = getattr(params, variant).method
+        data = training_data(load_from_disk(str(train)))
+    else:
+        print(f"error: {train} does not exist (no preprocessed data yet): give --records N, the number of "
+              "training records after the validation hold-out", file=sys.stderr)  # fmt: skip
+        return 2
     plan = build_plan(
-        model_dir=model_config, sft=params.sft, method=method, images=params.preprocessing.images.model_dump(),
-        records=args.records if args.records is not None else len(lengths), lengths=lengths,
-        max_length=params.preprocessing.max_length, images_per_row=images_per_row,
+        model_dir=model_config, sft=params.sft, method=getattr(params, variant).method,
+        images=params.preprocessing.images.model_dump(), **data, max_length=params.preprocessing.max_length,
         gpu_memory_gb=args.gpu_memory_gb if args.gpu_memory_gb is not None else params.plan.gpu_memory_gb,
         trust_remote_code=params.trust_remote_code,
     )  # fmt: skip

@@ -19,6 +19,7 @@ step (all gradients and states). Validated against CPU measurements and publishe
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from vlm_pipeline.planning.model_shape import ModelShape, Stack
@@ -64,7 +65,7 @@ class MemorySettings:
 def optimizer_state_bytes(optimizer: str, trainable: int, matrices: list[tuple[int, ...]]) -> float:
     """Optimizer state bytes for ``trainable`` fp32 parameters whose tensors have the shapes ``matrices``."""
     if optimizer.startswith("adafactor"):  # no first moment (beta1 None); row + column second moment per matrix
-        return 4.0 * sum(shape[0] + shape[1] if len(shape) == 2 else _numel(shape) for shape in matrices)
+        return 4.0 * sum(shape[0] + shape[1] if len(shape) == 2 else math.prod(shape) for shape in matrices)
     if "8bit" in optimizer:
         return 2.0 * trainable  # two uint8 states; per-block fp32 absmax adds under 0.5%
     if optimizer.startswith("sgd"):
@@ -77,13 +78,12 @@ def estimate_memory(shape: ModelShape, settings: MemorySettings) -> dict[str, fl
     world = settings.world_size
     deepspeed = settings.engine in ("zero2", "zero3")
     param_bytes = settings.weight_bytes
-    full_ft = not shape.lora
-    weights = _weight_bytes(shape, settings, param_bytes, full_ft)
+    weights = _weight_bytes(shape, settings)
     if settings.engine in ("zero3", "fsdp"):
         weights = weights / world if not settings.offload_params else 0.0
         weights += 2 * shape.largest_layer * (2 if settings.bf16_compute else param_bytes)  # gathered + prefetched
 
-    grads = shape.trainable * (param_bytes if full_ft else 4.0)  # adapters are fp32
+    grads = shape.trainable * (4.0 if shape.lora else param_bytes)  # adapters are fp32
     if settings.engine in ("zero2", "zero3", "fsdp"):
         grads /= world
     elif settings.engine == "ddp" and world > 1:
@@ -124,9 +124,9 @@ def estimate_memory(shape: ModelShape, settings: MemorySettings) -> dict[str, fl
     }
 
 
-def _weight_bytes(shape: ModelShape, settings: MemorySettings, param_bytes: int, full_ft: bool) -> float:
-    if full_ft:
-        return shape.total * float(param_bytes)
+def _weight_bytes(shape: ModelShape, settings: MemorySettings) -> float:
+    if not shape.lora:  # full fine-tuning: every weight in the module's dtype, trained or frozen
+        return shape.total * float(settings.weight_bytes)
     frozen = float(shape.total)
     quantized = 0.0
     if settings.quantization_bits:
@@ -137,7 +137,7 @@ def _weight_bytes(shape: ModelShape, settings: MemorySettings, param_bytes: int,
         frozen -= quantized
         quantized *= per_weight
     # Adapters (and modules_to_save copies) stay fp32, as PEFT keeps them.
-    return frozen * param_bytes + quantized + shape.trainable * 4.0
+    return frozen * settings.weight_bytes + quantized + shape.trainable * 4.0
 
 
 def _layer_bytes(stack: Stack, settings: MemorySettings) -> float:
@@ -184,9 +184,3 @@ def _logits_bytes(shape: ModelShape, settings: MemorySettings) -> float:
     cpu_buffer = 4 if settings.device == "cpu" else 0
     return tokens * shape.vocab * (activation + upcast + 4 + 4 + cpu_buffer) / settings.loss_chunks
 
-
-def _numel(shape: tuple[int, ...]) -> int:
-    count = 1
-    for size in shape:
-        count *= size
-    return count

@@ -6,6 +6,7 @@ laptop. LoRA and ``modules_to_save`` are counted by PEFT's own matching rules on
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -96,7 +97,7 @@ def _trainable(model: nn.Module, architecture: Architecture, method: Any) -> tup
     if method.lora is None:
         frozen = {component for component, value in method.freeze.model_dump().items() if value}
         shapes = [tuple(p.shape) for n, p in model.named_parameters() if component_of(n, architecture) not in frozen]
-        return sum(_numel(s) for s in shapes), shapes
+        return sum(math.prod(s) for s in shapes), shapes
     lora = method.lora
     targets = lora_target_modules(model, architecture, lora.target_modules)
     shapes: list[tuple[int, ...]] = []
@@ -105,7 +106,7 @@ def _trainable(model: nn.Module, architecture: Architecture, method: Any) -> tup
             shapes += [(lora.r, module.in_features), (module.out_features, lora.r)]
         if any(name == saved or name.endswith(f".{saved}") for saved in lora.modules_to_save or []):
             shapes += [tuple(p.shape) for p in module.parameters()]
-    return sum(_numel(s) for s in shapes), shapes
+    return sum(math.prod(s) for s in shapes), shapes
 
 
 def _is_lora_target(name: str, targets: Any) -> bool:
@@ -113,13 +114,6 @@ def _is_lora_target(name: str, targets: Any) -> bool:
     if isinstance(targets, str):
         return targets == "all-linear" and not name.startswith("lm_head") or bool(re.fullmatch(targets, name))
     return name.rsplit(".", 1)[-1] in targets
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    count = 1
-    for size in shape:
-        count *= size
-    return count
 
 
 def _stack(config: Any, layers: str, hidden: str, intermediate: str, *, gated: bool) -> Stack:

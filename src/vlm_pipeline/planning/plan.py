@@ -118,6 +118,15 @@ def build_plan(
     return plan
 
 
+def training_data(dataset: Any) -> dict[str, Any]:
+    """What the plan reads from the preprocessed training split: its size, token lengths and images per row."""
+    return {
+        "records": len(dataset),
+        "lengths": list(dataset["length"]),
+        "images_per_row": sum(len(paths) for paths in dataset["image_paths"]) / max(len(dataset), 1),
+    }
+
+
 def vision_tokens(architecture: str, images: dict[str, Any]) -> int:
     """Patches per image the vision tower processes, from preprocessing.images where bounded."""
     if architecture == "qwen2_5_vl" and images.get("max_pixels"):
@@ -207,8 +216,8 @@ def format_plan(plan: dict[str, Any]) -> str:
     settings = plan["settings"]
     kept = steps["checkpoints_kept"]
     lines = [
-        f"model            {model['architecture']} from {model['config']}: {model['total_parameters'] / 1e9:.2f}B "
-        f"parameters, {model['trainable_parameters'] / 1e6:,.1f}M trainable",
+        f"model            {model['architecture']} from {model['config']}: {_count(model['total_parameters'])} "
+        f"parameters, {_count(model['trainable_parameters'])} trainable",
         f"records          {steps['records']:,} (training split, after the validation hold-out)",
         f"world size       {steps['world_size']} ({settings['engine']})",
         f"effective batch  {steps['effective_batch']} = {settings['batch_size']} per device × {steps['world_size']} "
@@ -246,6 +255,10 @@ def check_fits(plan: dict[str, Any]) -> None:
     """Raise ``PlanError`` (with the table) if the plan does not fit its GPU."""
     if plan["fits"] is False:
         raise PlanError(f"the run would not fit in plan.gpu_memory_gb={plan['gpu_memory_gb']:g}:\n{format_plan(plan)}")
+
+
+def _count(number: int) -> str:
+    return f"{number / 1e9:.2f}B" if number >= 1e9 else f"{number / 1e6:,.2f}M"
 
 
 def _steps_text(steps: list[int], shown: int = 6) -> str:

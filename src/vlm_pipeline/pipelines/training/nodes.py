@@ -10,7 +10,7 @@ from datasets import Dataset
 
 from vlm_pipeline.atomic import staging_dir_for
 from vlm_pipeline.config.schema import MethodParams, PlanParams, SFTParams, parse_section
-from vlm_pipeline.planning.plan import build_plan, check_fits, format_plan
+from vlm_pipeline.planning.plan import build_plan, check_fits, format_plan, training_data
 from vlm_pipeline.training.launcher import launch, launch_command, resolve_run_config, write_run_config
 
 logger = logging.getLogger(__name__)
@@ -21,11 +21,9 @@ def plan_training(
     trust_remote_code: bool = False,
 ) -> dict:
     """The preflight plan (steps, checkpoints, memory per GPU) from config.json alone; stops an over-budget run."""
-    images = sum(len(paths) for paths in train_data["image_paths"]) / max(len(train_data), 1)
     result = build_plan(
         model_dir=base_model, sft=parse_section(SFTParams, sft, "sft"), method=parse_section(MethodParams, method, "method"),
-        images=preprocessing["images"], records=len(train_data), lengths=list(train_data["length"]),
-        max_length=preprocessing["max_length"], images_per_row=images,
+        images=preprocessing["images"], **training_data(train_data), max_length=preprocessing["max_length"],
         gpu_memory_gb=parse_section(PlanParams, plan, "plan").gpu_memory_gb, trust_remote_code=trust_remote_code,
     )  # fmt: skip
     logger.info("Training plan\n%s", format_plan(result))
