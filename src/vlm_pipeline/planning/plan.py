@@ -90,10 +90,12 @@ def build_plan(
     mean_length = sum(lengths) / len(lengths) if lengths else float(max_length)
     longest = max(lengths) if lengths else max_length
     vision = shape.vision is not None
-    if images_per_row is None:
-        images_per_row = 1.0 if vision else 0.0
+    if not vision:
+        images_per_row = 0.0
+    elif images_per_row is None:  # planning before any data: one image per row
+        images_per_row = 1.0
     settings = memory_settings(
-        sft, method, accelerate, seq_len=longest, images_per_row=images_per_row if vision else 0.0,
+        sft, method, accelerate, seq_len=longest, images_per_row=images_per_row,
         vision_tokens_per_image=vision_tokens(shape.architecture, images) if vision else 0,
     )  # fmt: skip
     memory = estimate_memory(shape, settings)
