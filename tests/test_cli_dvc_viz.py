@@ -53,8 +53,8 @@ def test_kedro_run_on_another_raw_data_folder(tmp_path, tiny_models):
     report = json.loads((project / "data/02_intermediate/train/report.json").read_text())
     assert report["total"] == report["valid"] == 25
     # The over-long record (line 25) is set aside by preprocessing with its reason; nothing is lost.
-    overlength = [json.loads(row) for row in (project / "data/03_primary/train_overlength.jsonl").read_text().splitlines()]
-    assert [(row["line"], row["reason"]) for row in overlength] == [(25, "too_long")]
+    set_aside = [json.loads(row) for row in (project / "data/03_primary/train_set_aside.jsonl").read_text().splitlines()]
+    assert [(row["line"], row["reason"]) for row in set_aside] == [(25, "too_long")]
     preprocessing = json.loads((project / "data/03_primary/preprocessing_report.json").read_text())
     assert preprocessing["train"]["kept"] + preprocessing["train"]["too_long"] == 25
     markdown = (project / "data/08_reporting/data_report.md").read_text()

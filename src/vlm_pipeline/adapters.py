@@ -20,6 +20,18 @@ from vlm_pipeline.architectures import architecture_for_model, load_model, load_
 from vlm_pipeline.training.collator import SFTCollator
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+# What a model folder handed to users holds: what from_pretrained and serving tools read. Pickles
+# (training_args.bin) and training logs live beside the model, never in it.
+MODEL_FILE_NAMES = {
+    "config.json", "generation_config.json", "model.safetensors.index.json", "tokenizer.json", "tokenizer_config.json",
+    "special_tokens_map.json", "chat_template.jinja", "chat_template.json", "preprocessor_config.json",
+    "processor_config.json", "video_preprocessor_config.json", "vocab.json", "merges.txt", "added_tokens.json",
+}  # fmt: skip
+
+
+def is_model_file(name: str) -> bool:
+    """Whether a file belongs in a model folder handed to users (weights only as safetensors)."""
+    return name in MODEL_FILE_NAMES or name.endswith(".safetensors")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
@@ -60,6 +72,7 @@ def merge_and_verify(
     *,
     dtype: str,
     tolerance: dict[str, float],
+    attn_implementation: str = "sdpa",
     trust_remote_code: bool = False,
 ) -> dict[str, Any]:
     """Merge ``adapter_dir`` into ``base_model`` (unquantised, in ``dtype``), save to ``dest``, verify.
@@ -77,7 +90,8 @@ def merge_and_verify(
     batch = collator(check_rows)
 
     peft_model = PeftModel.from_pretrained(
-        load_model(base_model, dtype=torch_dtype, trust_remote_code=trust_remote_code), str(adapter_dir)
+        load_model(base_model, dtype=torch_dtype, trust_remote_code=trust_remote_code, attn_implementation=attn_implementation),
+        str(adapter_dir),
     ).eval()
     expected = batch_logits(peft_model, batch)
     saved_modules = list(peft_model.peft_config["default"].modules_to_save or [])
@@ -85,7 +99,9 @@ def merge_and_verify(
     merged.save_pretrained(str(dest), safe_serialization=True)
     processor.save_pretrained(str(dest))
 
-    reloaded = load_model(dest, dtype=torch_dtype, trust_remote_code=trust_remote_code).eval()
+    reloaded = load_model(
+        dest, dtype=torch_dtype, trust_remote_code=trust_remote_code, attn_implementation=attn_implementation
+    ).eval()
     actual = batch_logits(reloaded, batch)
     mask = batch["attention_mask"].bool()
     result = {

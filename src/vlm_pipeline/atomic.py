@@ -6,6 +6,7 @@ import os
 import shutil
 import tempfile
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 
@@ -63,7 +64,10 @@ def replace_dir_atomic(staged: Path, target: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def link_tree(src: Path, dst: Path) -> Path:
-    """Fill ``dst`` with hard links (or copies) of ``src``'s files: a cheap pass-through of a model."""
-    shutil.copytree(src, dst, copy_function=_link_or_copy, dirs_exist_ok=True)
+def link_tree(src: Path, dst: Path, only: Callable[[str], bool] | None = None) -> Path:
+    """Fill ``dst`` with hard links (or copies) of ``src``'s files: a cheap pass-through of a model.
+
+    ``only(name)``, if given, picks the top-level files to link."""
+    ignore = None if only is None else (lambda folder, names: [n for n in names if Path(folder) == src and not only(n)])
+    shutil.copytree(src, dst, copy_function=_link_or_copy, dirs_exist_ok=True, ignore=ignore)
     return dst

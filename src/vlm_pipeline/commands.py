@@ -59,29 +59,28 @@ def _validate(args: argparse.Namespace) -> int:
 
 
 def _quarantine_too_long(result, lines: list[bytes], args: argparse.Namespace) -> None:
-    """Measure each valid record with the model's real processor (image tokens included); move the ones over
-    ``--max-length`` to the quarantine with reason ``too_long``, as preprocessing would."""
-    from vlm_pipeline.architectures import load_processor
-    from vlm_pipeline.data.encoding import TOO_LONG, encode_record
+    """Encode each valid record with the model's real processor and chat template (image tokens included); move
+    the ones over ``--max-length`` (``too_long``) or with no label token to the quarantine, as preprocessing would."""
+    from vlm_pipeline.architectures import load_chat_encoder
+    from vlm_pipeline.config.schema import PreprocessingParams
+    from vlm_pipeline.data.encoding import encode_record
 
-    processor = load_processor(args.model)
+    encoder = load_chat_encoder(args.model, PreprocessingParams().model_dump())
     kept = []
     for record in result.valid:
-        row = encode_record(processor, record, Path(args.image_root), max_length=args.max_length,
+        row = encode_record(encoder, record, Path(args.image_root), max_length=args.max_length,
                             train_on="all_assistant_turns", truncate_text_only=False)  # fmt: skip
         if row["reason"] is None:
             kept.append(record)
             continue
         raw = lines[record["source_line"] - 1].decode("utf-8", errors="replace")
-        result.quarantine.append({"line": record["source_line"], "reason": TOO_LONG, "detail": row["detail"], "raw": raw})
+        result.quarantine.append({"line": record["source_line"], "reason": row["reason"], "detail": row["detail"], "raw": raw})
+        result.report["reasons"][row["reason"]] = result.report["reasons"].get(row["reason"], 0) + 1
     moved = len(result.valid) - len(kept)
     result.valid[:] = kept
     result.quarantine.sort(key=lambda entry: entry["line"])
-    report = result.report
-    report["valid"] -= moved
-    report["quarantined"] += moved
-    if moved:
-        report["reasons"][TOO_LONG] = moved
+    result.report["valid"] -= moved
+    result.report["quarantined"] += moved
 
 
 def _metrics(args: argparse.Namespace) -> int:
@@ -153,7 +152,7 @@ def _plan(args: argparse.Namespace) -> int:
         model_dir=model_config, sft=params.sft, method=getattr(params, variant).method,
         images=params.preprocessing.images.model_dump(), **data, max_length=params.preprocessing.max_length,
         gpu_memory_gb=args.gpu_memory_gb if args.gpu_memory_gb is not None else params.plan.gpu_memory_gb,
-        trust_remote_code=params.trust_remote_code,
+        trust_remote_code=params.trust_remote_code, load_dtype=params.model.dtype,
     )  # fmt: skip
     print(f"plan: --env {env}, pipeline {variant}\n{format_plan(plan)}")
     return 0 if plan["fits"] is not False else 1
@@ -161,7 +160,8 @@ def _plan(args: argparse.Namespace) -> int:
 
 def _predict(args: argparse.Namespace) -> int:
     """One greedy answer from a model (or base + LoRA adapter), through the evaluation stage's own generation."""
-    from vlm_pipeline.architectures import architecture_for_model, load_model, load_processor
+    from vlm_pipeline.architectures import architecture_for_model, load_chat_encoder, load_model
+    from vlm_pipeline.config.schema import PreprocessingParams
     from vlm_pipeline.scoring import generate_answers
 
     architecture = architecture_for_model(args.model)
@@ -181,7 +181,7 @@ def _predict(args: argparse.Namespace) -> int:
     record = {"messages": [{"role": "user", "content": content}, {"role": "assistant", "content": ""}],
               "images": [image.name] if image else []}  # fmt: skip
     (answer,) = generate_answers(
-        model.eval(), load_processor(args.model, architecture=architecture), architecture, [record],
+        model.eval(), load_chat_encoder(args.model, PreprocessingParams().model_dump()), architecture, [record],
         image.parent if image else Path.cwd(), max_new_tokens=args.max_new_tokens, batch_size=1,
     )  # fmt: skip
     print(answer)

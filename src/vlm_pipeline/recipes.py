@@ -2,7 +2,7 @@
 
 A recipe is a Kedro conf environment (``conf/<env>/``) carrying the seed's values. ``cpu_smoke_params`` is
 the override that runs it end to end on a laptop: it swaps only the model path (a tiny model of the same
-architecture), the accelerate file (one CPU process), batch sizes and step counts. Precision, optimizer,
+architecture), the accelerate file (one CPU process), the attention kernel (sdpa), batch sizes and step counts. Precision, optimizer,
 schedule, LoRA and evaluation settings stay the recipe's own.
 """
 
@@ -45,6 +45,7 @@ def cpu_smoke_params(tiny_model: str) -> dict[str, Any]:
     """Runtime parameters that shrink any recipe to a few steps of one CPU process on ``tiny_model``."""
     return {
         "base_model": tiny_model,
+        "model": {"attn_implementation": "sdpa"},  # flash-attn kernels run on GPUs only
         "sft": {
             "accelerate_config": "conf/accelerate/cpu_single_process.yaml",
             "max_steps": CPU_SMOKE_STEPS,

@@ -13,6 +13,7 @@ from tqdm.auto import tqdm
 
 from vlm_pipeline.architectures import Architecture
 from vlm_pipeline.data.encoding import IGNORE_INDEX, attach_images, load_images, prompt_messages
+from vlm_pipeline.data.labels import ChatEncoder, chat_messages
 from vlm_pipeline.training.collator import SFTCollator
 
 
@@ -51,7 +52,7 @@ def teacher_forced_loss(model: Any, collator: SFTCollator, rows: list[dict], bat
 @torch.no_grad()
 def generate_answers(
     model: Any,
-    processor: Any,
+    encoder: ChatEncoder,
     architecture: Architecture,
     records: list[dict],
     image_root: Path,
@@ -59,8 +60,11 @@ def generate_answers(
     max_new_tokens: int,
     batch_size: int,
 ) -> list[str]:
-    """Greedy answers to each record's prompt (its conversation minus the final assistant turn), left-padded."""
-    tokenizer = getattr(processor, "tokenizer", processor)
+    """Greedy answers to each record's prompt (its conversation minus the final assistant turn), left-padded.
+
+    The prompt is rendered as preprocessing rendered it (same template variables); generation stops on any of
+    the checkpoint's stop tokens (its generation_config.json ``eos_token_id`` list)."""
+    processor, tokenizer = encoder.processor, encoder.tokenizer
     previous_side, tokenizer.padding_side = tokenizer.padding_side, "left"
     answers: list[str] = []
     try:
@@ -69,10 +73,10 @@ def generate_answers(
             for record in chunk:
                 images = load_images(record, image_root) if architecture.is_vision else []
                 messages = prompt_messages(record)
-                conversations.append(attach_images(messages, images) if images else messages)
+                conversations.append(chat_messages(attach_images(messages, images) if images else messages))
             inputs = processor.apply_chat_template(
                 conversations, add_generation_prompt=True, tokenize=True, return_dict=True,
-                return_tensors="pt", padding=True,
+                return_tensors="pt", padding=True, **encoder.render_kwargs,
             )  # fmt: skip
             output = model.generate(
                 **inputs, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id

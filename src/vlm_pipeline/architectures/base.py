@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -12,6 +13,10 @@ import torch
 from transformers import GenerationConfig
 
 from vlm_pipeline.atomic import replace_dir_atomic, staging_dir_for
+
+# The real checkpoints' published non-weight files (chat templates, processor settings, special tokens), from
+# which the tiny builders make their twins. See conf/model_configs/SOURCES.md.
+MODEL_CONFIGS = Path(__file__).resolve().parents[3] / "conf" / "model_configs"
 
 # (processor, images per row, padded input_ids) -> the model's image keyword arguments for that batch
 ImageInputsFn = Callable[[Any, list[list[Any]], torch.Tensor], dict[str, torch.Tensor]]
@@ -38,6 +43,10 @@ class Architecture:
 
     end_of_turn_token: str
     """Token that closes every chat turn (``<|im_end|>``, ``<|eot_id|>``); it is part of each assistant label."""
+
+    fine_tune_pad_token: str | None
+    """Reserved token the family pads with when a checkpoint sets no pad token (Llama 3's
+    ``<|finetune_right_pad_id|>``); None: pad with EOS."""
 
     build_tiny: Callable[[Path, int], Path] = field(repr=False)
     """``build_tiny(out_dir, seed)``: write a tiny random model of this architecture to ``out_dir``, return it."""
@@ -74,16 +83,58 @@ def write_atomically(out_dir: Path, save: Callable[[Path], None]) -> Path:
     return out_dir
 
 
-def generation_config(*, bos_token_id: int | None, eos_token_ids: list[int], pad_token_id: int) -> GenerationConfig:
-    """Greedy-by-default generation settings that stop on any of the family's end tokens, as the real ones do."""
-    return GenerationConfig(
-        bos_token_id=bos_token_id, eos_token_id=eos_token_ids, pad_token_id=pad_token_id, do_sample=False
-    )
-
-
 def token_id(tokenizer: Any, token: str) -> int:
     """The id of a token that must exist (``convert_tokens_to_ids`` silently maps unknown ones)."""
     ids = tokenizer.encode(token, add_special_tokens=False)
     if len(ids) != 1:
         raise ValueError(f"{token!r} is not a single token in this tokenizer (got ids {ids})")
     return ids[0]
+
+
+@dataclass(frozen=True)
+class RealCheckpointFiles:
+    """One real checkpoint's published non-weight files under ``conf/model_configs/<folder>/``."""
+
+    folder: str
+
+    @property
+    def path(self) -> Path:
+        return MODEL_CONFIGS / self.folder
+
+    def chat_template(self, name: str = "chat_template.jinja") -> str:
+        return (self.path / name).read_text(encoding="utf-8")
+
+    def json(self, name: str) -> dict[str, Any]:
+        return json.loads((self.path / name).read_text(encoding="utf-8"))
+
+    @property
+    def special_tokens(self) -> dict[str, Any]:
+        """bos/eos/pad/image token strings (None where the checkpoint sets none) and the stop tokens."""
+        return self.json("special_tokens.json")
+
+    def image_processor_settings(self) -> dict[str, Any]:
+        """preprocessor_config.json without its class names: the keyword arguments of the image processor."""
+        settings = self.json("preprocessor_config.json")
+        return {k: v for k, v in settings.items() if k not in ("image_processor_type", "processor_class")}
+
+    def generation_config(self, tokenizer: Any) -> GenerationConfig:
+        """The twin's generation settings: the published generation_config.json with its token ids mapped to
+        ``tokenizer``'s by name; where none is published, the special-token table's stop tokens, greedy."""
+        tokens = self.special_tokens
+        if (self.path / "generation_config.json").is_file():
+            names = {real_id: name for name, real_id in tokens["ids"].items()}
+            settings = self.json("generation_config.json")
+            settings.pop("transformers_version", None)
+            for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+                value = settings.get(key)
+                if isinstance(value, list):
+                    settings[key] = [token_id(tokenizer, names[v]) for v in value]
+                elif value is not None:
+                    settings[key] = token_id(tokenizer, names[value])
+            return GenerationConfig(**settings)
+        return GenerationConfig(
+            bos_token_id=token_id(tokenizer, tokens["bos_token"]) if tokens["bos_token"] else None,
+            eos_token_id=[token_id(tokenizer, name) for name in tokens["stop_tokens"]],
+            pad_token_id=token_id(tokenizer, tokens["pad_token"]) if tokens["pad_token"] else None,
+            do_sample=False,
+        )

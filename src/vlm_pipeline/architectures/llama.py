@@ -1,4 +1,8 @@
-"""Llama 3.1 (text-only ``LlamaForCausalLM``) and the Llama 3 chat format shared with Llama 3.2-Vision."""
+"""Llama 3.1 (text-only ``LlamaForCausalLM``) and the Llama 3 tokenizer conventions shared with Llama 3.2-Vision.
+
+The tiny twin carries Llama-3.1-8B-Instruct's chat template verbatim (``Today Date`` included, so
+``preprocessing.template_kwargs.date_string`` pins it), its stop tokens, and its tokenizer's missing pad token.
+"""
 
 from __future__ import annotations
 
@@ -7,8 +11,13 @@ from pathlib import Path
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from vlm_pipeline.architectures.base import Architecture, generation_config, token_id, write_atomically
-from vlm_pipeline.architectures.tokenizer import train_tokenizer
+from vlm_pipeline.architectures.base import (
+    Architecture,
+    RealCheckpointFiles,
+    token_id,
+    write_atomically,
+)
+from vlm_pipeline.architectures.tokenizer import LLAMA3_SPLIT, train_tokenizer
 
 BEGIN_OF_TEXT = "<|begin_of_text|>"
 END_OF_TEXT = "<|end_of_text|>"
@@ -20,67 +29,23 @@ SPECIAL_TOKENS = (
     BEGIN_OF_TEXT, END_OF_TEXT, PAD, "<|start_header_id|>", "<|end_header_id|>", EOM, EOT, "<|python_tag|>"
 )  # fmt: skip
 
-# Each assistant turn's text and its <|eot_id|> sit inside {% generation %} so that
-# apply_chat_template(..., return_assistant_tokens_mask=True) marks exactly the tokens to train on.
-_TEMPLATE = """\
-{%- macro render(content) -%}
-    {%- if content is string -%}
-        {{- content -}}
-    {%- else -%}
-        {%- for part in content -%}
-            {%- if part['type'] == 'image' -%}
-                {{- IMAGE_PART -}}
-            {%- elif part['type'] == 'text' -%}
-                {{- part['text'] -}}
-            {%- endif -%}
-        {%- endfor -%}
-    {%- endif -%}
-{%- endmacro -%}
-{{- '<|begin_of_text|>' -}}
-{%- for message in messages -%}
-    {{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' -}}
-    {%- if message['role'] == 'assistant' -%}
-        {%- generation -%}
-            {{- render(message['content']) + '<|eot_id|>' -}}
-        {%- endgeneration -%}
-    {%- else -%}
-        {{- render(message['content']) + '<|eot_id|>' -}}
-    {%- endif -%}
-{%- endfor -%}
-{%- if add_generation_prompt -%}
-    {{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' -}}
-{%- endif -%}
-"""
+REAL = RealCheckpointFiles("llama-3.1-8b-instruct")
 
 
-def llama3_chat_template(image_token: str | None) -> str:
-    """The Llama 3.1 / 3.2-Vision chat template; image parts become ``image_token`` (an error when None)."""
-    text_only = "raise_exception('this model is text-only: image parts are not supported')"
-    image_part = f"'{image_token}'" if image_token else text_only
-    return _TEMPLATE.replace("IMAGE_PART", image_part)
-
-
-def llama3_tokenizer(image_token: str | None = None) -> PreTrainedTokenizerFast:
-    """Llama 3 conventions: BOS prepended to plain text, ``<|eot_id|>`` ends a turn, the fine-tune pad as pad.
-
-    ``image_token`` (Llama 3.2-Vision's ``<|image|>``) is added last, so it gets the highest id as in the real
-    vocabulary."""
+def llama3_tokenizer(real: RealCheckpointFiles, chat_template: str) -> PreTrainedTokenizerFast:
+    """Llama 3 conventions from ``real``'s special-token table: BOS prepended to plain text, ``<|eot_id|>`` as
+    EOS, the pad token as the checkpoint sets it (none for Llama 3.1 Instruct). An image token (Llama
+    3.2-Vision's ``<|image|>``) is added last, so it gets the highest id as in the real vocabulary."""
+    tokens = real.special_tokens
+    image_token = tokens["image_token"]
     return train_tokenizer(
         SPECIAL_TOKENS + ((image_token,) if image_token else ()),
-        bos_token=BEGIN_OF_TEXT,
-        eos_token=EOT,  # as in the Instruct checkpoints: generation and templates end turns with <|eot_id|>
-        pad_token=PAD,
-        chat_template=llama3_chat_template(image_token),
+        bos_token=tokens["bos_token"],
+        eos_token=tokens["eos_token"],
+        pad_token=tokens["pad_token"],
+        chat_template=chat_template,
+        split_pattern=LLAMA3_SPLIT,
         prepend_bos=True,
-    )
-
-
-def llama3_generation_config(tokenizer: PreTrainedTokenizerFast):
-    """Stop on end-of-text, end-of-message or end-of-turn, as Llama 3.1/3.2 Instruct do."""
-    return generation_config(
-        bos_token_id=token_id(tokenizer, BEGIN_OF_TEXT),
-        eos_token_ids=[token_id(tokenizer, t) for t in (END_OF_TEXT, EOM, EOT)],
-        pad_token_id=token_id(tokenizer, PAD),
     )
 
 
@@ -118,10 +83,10 @@ def tiny_config(tokenizer: PreTrainedTokenizerFast) -> LlamaConfig:
 
 def build_tiny(out_dir: Path, seed: int = 0) -> Path:
     """Write a tiny random Llama 3.1 with its tokenizer to ``out_dir`` (atomically); deterministic per seed."""
-    tokenizer = llama3_tokenizer()
+    tokenizer = llama3_tokenizer(REAL, REAL.chat_template())
     torch.manual_seed(seed)
     model = LlamaForCausalLM(tiny_config(tokenizer))
-    model.generation_config = llama3_generation_config(tokenizer)
+    model.generation_config = REAL.generation_config(tokenizer)
 
     def save(tmp: Path) -> None:
         model.save_pretrained(tmp, safe_serialization=True)
@@ -137,6 +102,7 @@ ARCHITECTURE = Architecture(
     model_class=LlamaForCausalLM,
     image_token=None,
     end_of_turn_token=EOT,
+    fine_tune_pad_token=PAD,
     build_tiny=build_tiny,
     components=(("language_model", "model."), ("language_model", "lm_head.")),
 )

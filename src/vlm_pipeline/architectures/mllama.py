@@ -13,46 +13,38 @@ from transformers import (
     MllamaProcessor,
     PreTrainedTokenizerFast,
 )
-from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from transformers.models.mllama.processing_mllama import (
     convert_sparse_cross_attention_mask_to_dense,
     get_cross_attention_token_mask,
 )
 
-from vlm_pipeline.architectures.base import Architecture, token_id, write_atomically
+from vlm_pipeline.architectures.base import Architecture, RealCheckpointFiles, token_id, write_atomically
 from vlm_pipeline.architectures.llama import (
     BEGIN_OF_TEXT,
     END_OF_TEXT,
     EOM,
     EOT,
     PAD,
-    llama3_chat_template,
-    llama3_generation_config,
     llama3_rope_parameters,
     llama3_tokenizer,
 )
 
-IMAGE = "<|image|>"
-TILE_SIZE = 56  # one tile per 56x56 image; divisible by the 14 px patch
-MAX_TILES = 2
+REAL = RealCheckpointFiles("llama-3.2-11b-vision-instruct")
+# The two published chat templates: the current one, and the September 2024 one (refuses a system message with
+# images), which checkpoints downloaded before December 2024 carry.
+TEMPLATES = {"current": "chat_template.jinja", "sept2024": "chat_template_alt.jinja"}
 PATCH_SIZE = 14
 VISION_HIDDEN = 32
 INTERMEDIATE_LAYERS = [0]
 GATE_VALUE = 0.5  # tanh(0.5) ~ 0.46: the image clearly reaches the text, without swamping it
 
 
-def tiny_processor() -> MllamaProcessor:
-    """The real processor classes: tiled image processor, Llama 3 tokenizer with ``<|image|>`` as the last token."""
-    tokenizer = llama3_tokenizer(image_token=IMAGE)
-    image_processor = MllamaImageProcessor(
-        size={"height": TILE_SIZE, "width": TILE_SIZE},
-        max_image_tiles=MAX_TILES,
-        image_mean=OPENAI_CLIP_MEAN,  # the normalisation Llama 3.2-Vision's checkpoints ship with
-        image_std=OPENAI_CLIP_STD,
-    )
-    return MllamaProcessor(
-        image_processor=image_processor, tokenizer=tokenizer, chat_template=llama3_chat_template(IMAGE)
-    )
+def tiny_processor(template: str = "current") -> MllamaProcessor:
+    """The real processor classes, settings (560×560 tiles, at most 4) and chat template (verbatim)."""
+    chat_template = REAL.chat_template(TEMPLATES[template])
+    tokenizer = llama3_tokenizer(REAL, chat_template)
+    image_processor = MllamaImageProcessor(**REAL.image_processor_settings())
+    return MllamaProcessor(image_processor=image_processor, tokenizer=tokenizer, chat_template=chat_template)
 
 
 def supported_aspect_ratios(max_tiles: int) -> list[list[int]]:
@@ -60,25 +52,26 @@ def supported_aspect_ratios(max_tiles: int) -> list[list[int]]:
     return [[w, h] for w in range(1, max_tiles + 1) for h in range(1, max_tiles + 1) if w * h <= max_tiles]
 
 
-def tiny_config(tokenizer: PreTrainedTokenizerFast) -> MllamaConfig:
+def tiny_config(tokenizer: PreTrainedTokenizerFast, image_processor: MllamaImageProcessor) -> MllamaConfig:
     """Llama 3.2-Vision's layout at toy size.
 
     As in the real checkpoint, ``<|image|>`` lies outside the LM head: ``text_config.vocab_size`` is its id (the
     text embedding has ``vocab_size + 8`` rows, so it can still be embedded, but it can never be predicted).
     """
-    image_id = token_id(tokenizer, IMAGE)
+    image = REAL.special_tokens["image_token"]
+    image_id = token_id(tokenizer, image)
     if image_id != len(tokenizer) - 1:
-        raise ValueError(f"{IMAGE} must be the last token (id {len(tokenizer) - 1}), got id {image_id}")
+        raise ValueError(f"{image} must be the last token (id {len(tokenizer) - 1}), got id {image_id}")
     vision_config = {
         "hidden_size": VISION_HIDDEN,
         "intermediate_size": 64,
         "num_hidden_layers": 2,
         "num_global_layers": 1,
         "attention_heads": 2,
-        "image_size": TILE_SIZE,
+        "image_size": image_processor.size["height"],
         "patch_size": PATCH_SIZE,
-        "max_num_tiles": MAX_TILES,
-        "supported_aspect_ratios": supported_aspect_ratios(MAX_TILES),
+        "max_num_tiles": image_processor.max_image_tiles,
+        "supported_aspect_ratios": supported_aspect_ratios(image_processor.max_image_tiles),
         "intermediate_layers_indices": INTERMEDIATE_LAYERS,
         # The vision output concatenates the final hidden state with each listed intermediate layer.
         "vision_output_dim": VISION_HIDDEN * (1 + len(INTERMEDIATE_LAYERS)),
@@ -115,13 +108,15 @@ def open_gates(model: MllamaForConditionalGeneration, value: float = GATE_VALUE)
                 parameter.fill_(value)
 
 
-def build_tiny(out_dir: Path, seed: int = 0) -> Path:
-    """Write a tiny random Llama 3.2-Vision with its processor to ``out_dir`` (atomically); deterministic per seed."""
-    processor = tiny_processor()
+def build_tiny(out_dir: Path, seed: int = 0, template: str = "current") -> Path:
+    """Write a tiny random Llama 3.2-Vision with its processor to ``out_dir`` (atomically); deterministic per seed.
+
+    ``template`` picks one of the two published chat templates (``TEMPLATES``)."""
+    processor = tiny_processor(template)
     torch.manual_seed(seed)
-    model = MllamaForConditionalGeneration(tiny_config(processor.tokenizer))
+    model = MllamaForConditionalGeneration(tiny_config(processor.tokenizer, processor.image_processor))
     open_gates(model)
-    model.generation_config = llama3_generation_config(processor.tokenizer)
+    model.generation_config = REAL.generation_config(processor.tokenizer)
 
     def save(tmp: Path) -> None:
         model.save_pretrained(tmp, safe_serialization=True)
@@ -164,8 +159,9 @@ ARCHITECTURE = Architecture(
     model_type="mllama",
     is_vision=True,
     model_class=MllamaForConditionalGeneration,
-    image_token=IMAGE,
+    image_token=REAL.special_tokens["image_token"],
     end_of_turn_token=EOT,
+    fine_tune_pad_token=PAD,
     build_tiny=build_tiny,
     components=(
         ("vision_tower", "model.vision_model."),

@@ -1,4 +1,8 @@
-"""Qwen2.5-VL (``Qwen2_5_VLForConditionalGeneration``): ChatML chat format, image placeholders expanded per patch."""
+"""Qwen2.5-VL (``Qwen2_5_VLForConditionalGeneration``): ChatML chat format, image placeholders expanded per patch.
+
+The tiny twin carries Qwen2.5-VL-7B-Instruct's chat template and processor settings verbatim
+(``conf/model_configs/qwen2.5-vl-7b-instruct/``) with tiny weights and a locally trained tokenizer.
+"""
 
 from __future__ import annotations
 
@@ -15,8 +19,13 @@ from transformers import (
     Qwen2VLVideoProcessor,
 )
 
-from vlm_pipeline.architectures.base import Architecture, generation_config, token_id, write_atomically
-from vlm_pipeline.architectures.tokenizer import train_tokenizer
+from vlm_pipeline.architectures.base import (
+    Architecture,
+    RealCheckpointFiles,
+    token_id,
+    write_atomically,
+)
+from vlm_pipeline.architectures.tokenizer import QWEN2_SPLIT, train_tokenizer
 
 END_OF_TEXT = "<|endoftext|>"
 IM_START = "<|im_start|>"
@@ -27,70 +36,32 @@ IMAGE_PAD = "<|image_pad|>"
 VIDEO_PAD = "<|video_pad|>"
 SPECIAL_TOKENS = (END_OF_TEXT, IM_START, IM_END, VISION_START, VISION_END, "<|vision_pad|>", IMAGE_PAD, VIDEO_PAD)
 
-PATCH_SIZE = 14
-MERGE_SIZE = 2
+REAL = RealCheckpointFiles("qwen2.5-vl-7b-instruct")
 TEXT_HIDDEN = 64
 TEXT_HEADS = 4
-MIN_PIXELS = 56 * 56  # smallest resize target; Qwen's resize rejects images under 28 px a side
-MAX_PIXELS = 112 * 112  # at most 8x8 patches = 16 merged tokens per image, which keeps the tiny model fast
-
-# ChatML as Qwen2.5-VL writes it: a default system turn, images as <|vision_start|><|image_pad|><|vision_end|>
-# (the processor expands <|image_pad|> to one token per merged patch). The assistant text and its <|im_end|>
-# sit inside {% generation %} (the "\n" after it does not) so return_assistant_tokens_mask marks them.
-CHAT_TEMPLATE = """\
-{%- macro render(content) -%}
-    {%- if content is string -%}
-        {{- content -}}
-    {%- else -%}
-        {%- for part in content -%}
-            {%- if part['type'] == 'image' -%}
-                {{- '<|vision_start|><|image_pad|><|vision_end|>' -}}
-            {%- elif part['type'] == 'video' -%}
-                {{- '<|vision_start|><|video_pad|><|vision_end|>' -}}
-            {%- elif part['type'] == 'text' -%}
-                {{- part['text'] -}}
-            {%- endif -%}
-        {%- endfor -%}
-    {%- endif -%}
-{%- endmacro -%}
-{%- if messages[0]['role'] != 'system' -%}
-    {{- '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' -}}
-{%- endif -%}
-{%- for message in messages -%}
-    {{- '<|im_start|>' + message['role'] + '\\n' -}}
-    {%- if message['role'] == 'assistant' -%}
-        {%- generation -%}
-            {{- render(message['content']) + '<|im_end|>' -}}
-        {%- endgeneration -%}
-        {{- '\\n' -}}
-    {%- else -%}
-        {{- render(message['content']) + '<|im_end|>\\n' -}}
-    {%- endif -%}
-{%- endfor -%}
-{%- if add_generation_prompt -%}
-    {{- '<|im_start|>assistant\\n' -}}
-{%- endif -%}
-"""
 
 
 def tiny_processor() -> Qwen2_5_VLProcessor:
-    """The real processor classes with small resize bounds and Qwen's tokenizer conventions (no BOS)."""
+    """The real processor classes, settings and chat template (verbatim), and Qwen's special tokens (no BOS)."""
+    tokens = REAL.special_tokens
+    template = REAL.chat_template()
     tokenizer = train_tokenizer(
-        SPECIAL_TOKENS, bos_token=None, eos_token=IM_END, pad_token=END_OF_TEXT, chat_template=CHAT_TEMPLATE
-    )
-    sizes = {"min_pixels": MIN_PIXELS, "max_pixels": MAX_PIXELS}
-    patches = {"patch_size": PATCH_SIZE, "merge_size": MERGE_SIZE, "temporal_patch_size": 2}
+        SPECIAL_TOKENS, bos_token=tokens["bos_token"], eos_token=tokens["eos_token"], pad_token=tokens["pad_token"],
+        chat_template=template, split_pattern=QWEN2_SPLIT,
+    )  # fmt: skip
+    settings = REAL.image_processor_settings()
     return Qwen2_5_VLProcessor(
-        image_processor=Qwen2VLImageProcessor(**sizes, **patches),
+        image_processor=Qwen2VLImageProcessor(**settings),
         tokenizer=tokenizer,
-        video_processor=Qwen2VLVideoProcessor(**sizes, **patches),  # required by the 5.x processor
-        chat_template=CHAT_TEMPLATE,
+        video_processor=Qwen2VLVideoProcessor(**settings),  # required by the 5.x processor
+        chat_template=template,
     )
 
 
 def tiny_config(tokenizer: PreTrainedTokenizerFast) -> Qwen2_5_VLConfig:
     """Qwen2.5-VL's layout at toy size; the special-token ids must be the tokenizer's for the model to find images."""
     head_dim = TEXT_HIDDEN // TEXT_HEADS
+    settings = REAL.image_processor_settings()
     text_config = {
         "vocab_size": len(tokenizer),
         "hidden_size": TEXT_HIDDEN,
@@ -114,9 +85,9 @@ def tiny_config(tokenizer: PreTrainedTokenizerFast) -> Qwen2_5_VLConfig:
         "hidden_size": 32,
         "intermediate_size": 64,
         "num_heads": 2,
-        "patch_size": PATCH_SIZE,
-        "spatial_merge_size": MERGE_SIZE,
-        "temporal_patch_size": 2,
+        "patch_size": settings["patch_size"],
+        "spatial_merge_size": settings["merge_size"],
+        "temporal_patch_size": settings["temporal_patch_size"],
         "window_size": 112,
         "fullatt_block_indexes": [1],  # last block full attention, the others windowed, as in the real tower
         "out_hidden_size": TEXT_HIDDEN,  # the merger projects straight into the text embedding width
@@ -139,11 +110,7 @@ def build_tiny(out_dir: Path, seed: int = 0) -> Path:
     tokenizer = processor.tokenizer
     torch.manual_seed(seed)
     model = Qwen2_5_VLForConditionalGeneration(tiny_config(tokenizer))
-    model.generation_config = generation_config(
-        bos_token_id=token_id(tokenizer, END_OF_TEXT),
-        eos_token_ids=[token_id(tokenizer, IM_END), token_id(tokenizer, END_OF_TEXT)],
-        pad_token_id=token_id(tokenizer, END_OF_TEXT),
-    )
+    model.generation_config = REAL.generation_config(tokenizer)
 
     def save(tmp: Path) -> None:
         model.save_pretrained(tmp, safe_serialization=True)
@@ -186,6 +153,7 @@ ARCHITECTURE = Architecture(
     model_class=Qwen2_5_VLForConditionalGeneration,
     image_token=IMAGE_PAD,
     end_of_turn_token=IM_END,
+    fine_tune_pad_token=None,
     build_tiny=build_tiny,
     components=(
         ("projector", "model.visual.merger."),

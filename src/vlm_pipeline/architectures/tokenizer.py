@@ -1,19 +1,27 @@
 """A small, deterministic byte-level BPE tokenizer trained offline for the tiny models.
 
 Real checkpoints ship 128k-152k token vocabularies; the tiny models only need a tokenizer that behaves like the
-real one (byte-level, so any text, Korean included, round-trips; the architecture's special tokens with their
-real strings; a chat template) while keeping the embedding matrix small. The corpus is built into this module so
-the same seed always gives the same ``tokenizer.json``.
+real one (byte-level, so any text, Korean included, round-trips; the family's own pre-tokenizer split pattern,
+so text splits at the same places, chat-template boundaries included; the real special tokens; the real chat
+template) while keeping the embedding matrix small. The corpus is built into this module so the same seed
+always gives the same ``tokenizer.json``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
 
 VOCAB_SIZE = 1200  # BPE vocabulary before special tokens; the built-in corpus saturates just below it
+
+# The real tokenizers' split patterns (tokenizer.json's pre_tokenizer): Llama 3 groups up to three digits,
+# Qwen2 splits every digit. Both keep "\n\n" apart from the word after it.
+LLAMA3_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+QWEN2_SPLIT = LLAMA3_SPLIT.replace(r"\p{N}{1,3}", r"\p{N}")
 
 COLOURS = ("red", "green", "blue", "yellow", "purple", "orange", "black", "white", "grey", "pink", "brown")
 SHAPES = ("circle", "square", "triangle", "star", "diamond", "rectangle", "hexagon", "oval")
@@ -82,6 +90,9 @@ def corpus() -> Iterator[str]:
     """The fixed training corpus: shapes/colours VQA phrasing, numbers, instructions and a building glossary."""
     yield from INSTRUCTIONS
     yield from QUESTIONS
+    # Chat templates put "\n" and "\n\n" between headers and text: real vocabularies hold both as tokens.
+    for text in INSTRUCTIONS + QUESTIONS:
+        yield f"assistant\n\n{text}\n\nuser\n{text}\nsystem\n"
     for colour in COLOURS:
         for shape in SHAPES:
             yield f"A {colour} {shape} on a white background. The shape is a {shape} and its colour is {colour}."
@@ -100,16 +111,20 @@ def train_tokenizer(
     *,
     bos_token: str | None,
     eos_token: str,
-    pad_token: str,
+    pad_token: str | None,
     chat_template: str,
+    split_pattern: str,
     prepend_bos: bool = False,
 ) -> PreTrainedTokenizerFast:
     """Train the BPE model and wrap it; special tokens get ids after the BPE vocabulary, in the given order.
 
+    ``split_pattern`` is the family's pre-tokenizer regex; ``pad_token`` None leaves the pad token unset, as
+    Llama 3.1 Instruct does.
+
     ``prepend_bos`` adds ``bos_token`` to every plain ``tokenizer(text)`` call as Llama 3 does; chat templates
     write it themselves and ``apply_chat_template`` encodes without special tokens, so it is never doubled.
     """
-    backend = _train_bpe()
+    backend = _train_bpe(split_pattern)
     backend.add_special_tokens(list(special_tokens))
     if prepend_bos:
         bos_id = backend.token_to_id(bos_token)
@@ -127,9 +142,12 @@ def train_tokenizer(
     )
 
 
-def _train_bpe() -> Tokenizer:
+def _train_bpe(split_pattern: str) -> Tokenizer:
     backend = Tokenizer(models.BPE())
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(split_pattern), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])  # fmt: skip
     backend.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=VOCAB_SIZE,

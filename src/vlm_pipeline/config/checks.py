@@ -13,7 +13,7 @@ from typing import Any
 
 import yaml
 
-from vlm_pipeline.config.schema import ConfigError, Parameters, validate_parameters
+from vlm_pipeline.config.schema import ATTENTION_PACKAGES, ConfigError, Parameters, validate_parameters
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +56,13 @@ def check_machine(params: Parameters, project_root: Path) -> None:
     _check_accelerate_agrees(accelerate, params, sft.accelerate_config)
     quantized = [name for name, variant in (("lora", params.lora), ("full_ft", params.full_ft))
                  if variant and variant.method.quantization and variant.method.quantization.enabled]  # fmt: skip
+    attention = params.model.attn_implementation
+    package = ATTENTION_PACKAGES.get(attention)
+    if package and importlib.util.find_spec(package) is None:
+        raise ConfigError(
+            f"model.attn_implementation {attention} needs the {package} package, which is not installed in this "
+            "environment: install it on the GPU machine, or use sdpa"
+        )
     if (quantized or sft.optim in BITSANDBYTES_OPTIMIZERS) and importlib.util.find_spec("bitsandbytes") is None:
         needs = f"{quantized[0]}.method.quantization" if quantized else f"sft.optim {sft.optim}"
         raise ConfigError(f"{needs} needs bitsandbytes, which is not installed in this environment")

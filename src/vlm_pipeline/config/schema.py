@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import difflib
 import logging
+from pathlib import Path
 from typing import Any, Literal, TypeVar, get_args, get_origin
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -106,6 +107,72 @@ class PreprocessingParams(Section):
     )
     num_proc: int = Field(1, ge=1, le=256, description="Processes for tokenisation (datasets.map).")
     images: ImageBounds = Field(default_factory=ImageBounds, description="Image bounds applied by the processor.")
+    chat_template: str | None = Field(
+        None,
+        description="A .jinja file that replaces the checkpoint's chat template wherever the processor loads "
+        "(preprocessing, training, the saved model, evaluation). Null: the checkpoint's own, unchanged.",
+    )
+    template_kwargs: dict[str, Any] = Field(
+        default_factory=lambda: {"date_string": "26 Jul 2024"},
+        description="Variables every chat-template rendering gets. date_string pins Llama 3's 'Today Date' "
+        "(otherwise today's date), so the same data gives the same tokens on any day.",
+    )
+
+    @field_validator("chat_template")
+    @classmethod
+    def _template_file(cls, value: str | None) -> str | None:
+        if value is not None and not Path(value).is_file():
+            raise ValueError(f"{value} is not a file (expected a .jinja chat template)")
+        return value
+
+
+# --- how every stage loads the model (TRL ModelConfig names) --------------------------------------------------
+
+DTYPES = ("auto", "bfloat16", "float16", "float32")
+ATTENTION = ("sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention")
+# The seeds' older spellings of an attention implementation.
+ATTENTION_ALIASES = {"flash": "flash_attention_2", "flash_attn": "flash_attention_2", "fa2": "flash_attention_2"}
+# Attention implementations that need a package beyond torch.
+ATTENTION_PACKAGES = {"flash_attention_2": "flash_attn", "flash_attention_3": "flash_attn_interface"}
+
+
+class ModelParams(Section):
+    """TRL ``ModelConfig`` fields: how training, the merge and evaluation load the model."""
+
+    dtype: Literal[DTYPES] = Field(  # type: ignore[valid-type]
+        "float32",
+        description="dtype the weights load in: float32, bfloat16 (half the memory; the seeds' choice on GPUs), "
+        "float16, or auto (the checkpoint's own). With LoRA the frozen base stays in it and the adapters train "
+        "in float32.",
+    )
+    attn_implementation: Literal[ATTENTION] = Field(  # type: ignore[valid-type]
+        "sdpa",
+        description="Attention kernel: sdpa (PyTorch, any device), eager, flash_attention_2 (needs the flash-attn "
+        "package and a GPU; bf16/fp16 only).",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _seed_names(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        if "torch_dtype" in data:
+            if "dtype" in data:
+                raise ValueError("torch_dtype and dtype are both set: keep dtype (torch_dtype is its older name)")
+            logger.warning("model.torch_dtype is an older name; using model.dtype")
+            data["dtype"] = data.pop("torch_dtype")
+        alias = ATTENTION_ALIASES.get(data.get("attn_implementation"))
+        if alias:
+            logger.warning("model.attn_implementation %s is an older name; using %s", data["attn_implementation"], alias)
+            data["attn_implementation"] = alias
+        return data
+
+    @model_validator(mode="after")
+    def _flash_needs_half(self) -> ModelParams:
+        if self.attn_implementation.startswith("flash_attention") and self.dtype == "float32":
+            raise ValueError(f"attn_implementation {self.attn_implementation} runs in bfloat16 or float16, not float32")
+        return self
 
 
 # --- stage 3: training (TRL SFTConfig names) -----------------------------------------------------------------
@@ -371,6 +438,7 @@ class Parameters(Section):
     trust_remote_code: bool = Field(
         False, description="Run Python shipped inside the model folder. Only for checkpoints you trust."
     )
+    model: ModelParams = Field(default_factory=ModelParams, description="How every stage loads the model.")
     data_validation: DataValidationParams = Field(default_factory=DataValidationParams, description="Stage 1.")
     preprocessing: PreprocessingParams = Field(default_factory=PreprocessingParams, description="Stage 2.")
     sft: SFTParams = Field(default_factory=SFTParams, description="Stage 3, shared by every method.")

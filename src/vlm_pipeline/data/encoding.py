@@ -1,8 +1,8 @@
 """Turn a validated record into model inputs with the model's own chat template and processor.
 
-Labels are exactly the assistant turns: the chat templates mark each assistant turn (its text and its
-end-of-turn token) with ``{% generation %}``, and transformers returns that span as ``assistant_masks``.
-Everything else (system, user, image and pad tokens) is -100.
+Labels are exactly the assistant turns (their text and end-of-turn token), found by rendering the checkpoint's
+own chat template turn by turn (``vlm_pipeline.data.labels``). Everything else (system, user, image and pad
+tokens) is -100. A record left with no label token is set aside with the reason ``no_label_tokens``.
 
 A record longer than ``max_length`` is never truncated through image tokens: it is set aside with the
 reason ``too_long``, or, for a text-only record when ``truncate_text_only`` is on, cut at ``max_length``.
@@ -16,9 +16,11 @@ from typing import Any
 from PIL import Image
 
 from vlm_pipeline.data.formats import message_text
+from vlm_pipeline.data.labels import ChatEncoder
 
 IGNORE_INDEX = -100
 TOO_LONG = "too_long"
+NO_LABEL_TOKENS = "no_label_tokens"
 TRAIN_ON = ("all_assistant_turns", "last_assistant_turn")
 
 
@@ -46,47 +48,35 @@ def attach_images(messages: list[dict], images: list[Image.Image]) -> list[dict]
 
 
 def encode_messages(
-    processor: Any, messages: list[dict], images: list[Image.Image], *, train_on: str = "all_assistant_turns"
+    encoder: ChatEncoder, messages: list[dict], images: list[Image.Image], *, train_on: str = "all_assistant_turns"
 ) -> dict[str, list[int]]:
     """``input_ids`` and ``labels`` for one conversation, image placeholders expanded by the processor."""
     if train_on not in TRAIN_ON:
         raise ValueError(f"preprocessing.train_on must be one of {', '.join(TRAIN_ON)}, got {train_on!r}")
-    encoded = processor.apply_chat_template(
-        attach_images(messages, images) if images else messages,
-        tokenize=True,
-        return_dict=True,
-        return_assistant_tokens_mask=True,
-    )
-    input_ids = _first_row(encoded["input_ids"])
-    mask = _first_row(encoded["assistant_masks"])
+    input_ids, spans = encoder.assistant_spans(attach_images(messages, images) if images else messages)
     if train_on == "last_assistant_turn":
-        mask = last_span_only(mask)
-    labels = [token if keep else IGNORE_INDEX for token, keep in zip(input_ids, mask, strict=True)]
+        spans = spans[-1:]
+    labels = [IGNORE_INDEX] * len(input_ids)
+    for start, end in spans:
+        labels[start:end] = input_ids[start:end]
     return {"input_ids": input_ids, "labels": labels}
 
 
-def last_span_only(mask: list[int]) -> list[int]:
-    """Keep only the last contiguous run of 1s (the final assistant turn) in an assistant mask."""
-    end = max((i for i, keep in enumerate(mask) if keep), default=-1) + 1
-    start = end
-    while start > 0 and mask[start - 1]:
-        start -= 1
-    return [1 if start <= i < end else 0 for i in range(len(mask))]
-
-
 def encode_record(
-    processor: Any, record: dict, image_root: Path, *, max_length: int, train_on: str, truncate_text_only: bool
+    encoder: ChatEncoder, record: dict, image_root: Path, *, max_length: int, train_on: str, truncate_text_only: bool
 ) -> dict[str, Any]:
     """Encode one validated record and apply the length policy.
 
     Returns the row for the Arrow dataset plus bookkeeping: ``length`` (before any cut), ``cut`` (tokens
     removed by truncation) and ``reason``/``detail`` (set when the record must go to quarantine).
     """
-    encoded = encode_messages(processor, record["messages"], load_images(record, image_root), train_on=train_on)
+    encoded = encode_messages(encoder, record["messages"], load_images(record, image_root), train_on=train_on)
     length = len(encoded["input_ids"])
     row = {**encoded, "image_paths": record["images"], "source_line": record["source_line"], "length": length,
            "cut": 0, "reason": None, "detail": None,
            "label_tokens": sum(token != IGNORE_INDEX for token in encoded["labels"])}  # fmt: skip
+    if not row["label_tokens"]:
+        return {**row, "reason": NO_LABEL_TOKENS, "detail": f"the chat template marks no assistant token ({train_on})"}
     if length <= max_length:
         return row
     if record["images"] or not truncate_text_only:
@@ -108,9 +98,3 @@ def prompt_messages(record: dict) -> list[dict]:
 def reference_answer(record: dict) -> str:
     """The text of the final assistant turn."""
     return message_text(record["messages"][-1])
-
-
-def _first_row(values: Any) -> list[int]:
-    # Processors return a batch of one ([[...]]); tokenizers return a flat list for one conversation.
-    values = values.tolist() if hasattr(values, "tolist") else list(values)
-    return list(values[0]) if values and isinstance(values[0], list) else values

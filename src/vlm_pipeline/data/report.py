@@ -106,5 +106,5 @@ def data_markdown(validation: dict[str, dict], preprocessing: dict, reasons: Cou
         widths, heights = zip(*sizes, strict=True)
         lines.append(f"- images: {len(sizes)}, width {min(widths)}-{max(widths)} px, height {min(heights)}-{max(heights)} px")
     lines += ["", "Quarantined records, with line numbers and reasons: `data/02_intermediate/<split>/quarantine.jsonl`"
-              " and `data/03_primary/<split>_overlength.jsonl`.", ""]  # fmt: skip
+              " and `data/03_primary/<split>_set_aside.jsonl`.", ""]  # fmt: skip
     return "\n".join(lines)

@@ -7,6 +7,7 @@ the same validated parameters, accelerate file and model ``config.json``; a run 
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
@@ -46,12 +47,21 @@ def engine_settings(accelerate: dict[str, Any]) -> dict[str, Any]:
     return {"world_size": world, "engine": "ddp" if world > 1 else "single"}
 
 
+def load_dtype_bytes(dtype: str, model_dir: Path) -> int:
+    """Bytes per weight as ``model.dtype`` loads it; ``auto`` reads the checkpoint's own dtype from config.json."""
+    if dtype == "auto":
+        config = json.loads((Path(model_dir) / "config.json").read_text(encoding="utf-8"))
+        dtype = str(config.get("dtype") or config.get("torch_dtype") or "float32")
+    return 4 if dtype == "float32" else 2
+
+
 def memory_settings(
     sft: SFTParams, method: MethodParams, accelerate: dict[str, Any], *, seq_len: int, images_per_row: float,
-    vision_tokens_per_image: int,
+    vision_tokens_per_image: int, load_bytes: int = 4,
 ) -> MemorySettings:
-    """What our trainer does with these parameters, as memory settings: it loads the base in float32 and trains
-    under autocast; DeepSpeed with bf16 casts the module to bf16 and keeps an fp32 master copy."""
+    """What our trainer does with these parameters, as memory settings: it loads the base at ``load_bytes`` per
+    weight (``model.dtype``) and trains under autocast; DeepSpeed with bf16 casts the module to bf16 and keeps an
+    fp32 master copy."""
     engine = engine_settings(accelerate)
     mixed = sft.bf16 or sft.fp16
     quantization = method.quantization
@@ -60,8 +70,8 @@ def memory_settings(
         bits = 8 if quantization.load_in_8bit else 4
     return MemorySettings(
         **engine,
-        weight_bytes=2 if engine["engine"].startswith("zero") and mixed else 4,
-        bf16_compute=mixed,
+        weight_bytes=2 if engine["engine"].startswith("zero") and mixed else load_bytes,
+        bf16_compute=mixed or load_bytes == 2,
         quantization_bits=bits,
         double_quant=bool(quantization and quantization.bnb_4bit_use_double_quant),
         optimizer=sft.optim,
@@ -77,9 +87,11 @@ def memory_settings(
 def build_plan(
     *, model_dir: Path, sft: SFTParams, method: MethodParams, images: dict[str, Any], records: int,
     lengths: list[int] | None = None, max_length: int, images_per_row: float | None = None,
-    gpu_memory_gb: float | None = None, trust_remote_code: bool = False,
+    gpu_memory_gb: float | None = None, trust_remote_code: bool = False, load_dtype: str = "float32",
 ) -> dict[str, Any]:
     """The plan of one run: steps, tokens, memory terms (GiB), the verdict and, if over, the settings that fit.
+
+    ``load_dtype`` is ``model.dtype``: the bytes of every weight the run does not train in float32.
 
     ``lengths`` are the preprocessed training records' token counts; without them (planning before any data),
     every row is assumed ``max_length`` long.
@@ -97,6 +109,7 @@ def build_plan(
     settings = memory_settings(
         sft, method, accelerate, seq_len=longest, images_per_row=images_per_row,
         vision_tokens_per_image=vision_tokens(shape.architecture, images) if vision else 0,
+        load_bytes=load_dtype_bytes(load_dtype, model_dir),
     )  # fmt: skip
     memory = estimate_memory(shape, settings)
     plan = {

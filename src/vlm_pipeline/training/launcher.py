@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from vlm_pipeline.config import MethodParams, SFTParams
+from vlm_pipeline.config import MethodParams, ModelParams, SFTParams
 from vlm_pipeline.config.schema import parse_section
 
 
@@ -19,8 +19,9 @@ class TrainingLaunchError(RuntimeError):
 
 
 def resolve_run_config(
-    *, base_model: Path, train_dataset: Path, eval_dataset: Path | None = None, image_root: Path, image_bounds: dict, sft: dict, method: dict,
-    final_dir: Path, trust_remote_code: bool = False,
+    *, base_model: Path, train_dataset: Path, eval_dataset: Path | None = None, image_root: Path, image_bounds: dict,
+    chat_template: str | None = None, model: dict | None = None, sft: dict, method: dict, final_dir: Path,
+    trust_remote_code: bool = False,
 ) -> dict[str, Any]:
     """The JSON document the trainer entry point reads: every SFTConfig field from the schema, resolved."""
     sft_params = parse_section(SFTParams, sft, "sft")  # legacy names mapped, schema defaults filled in
@@ -32,6 +33,10 @@ def resolve_run_config(
         "eval_dataset": str(eval_dataset) if eval_dataset and sft_params.eval_strategy != "no" else None,
         "image_root": str(image_root),
         "image_bounds": image_bounds,
+        # The template's text, not only its path: editing the file changes the hash, so no stale resume.
+        "chat_template": str(Path(chat_template).resolve()) if chat_template else None,
+        "chat_template_sha256": hashlib.sha256(Path(chat_template).read_bytes()).hexdigest() if chat_template else None,
+        "model": parse_section(ModelParams, model or {}, "model").model_dump(),
         "trust_remote_code": trust_remote_code,
         "padding_free": sft_params.padding_free,
         "learning_rate": method_params.learning_rate,

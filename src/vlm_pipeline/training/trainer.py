@@ -52,8 +52,38 @@ def build_sft_config(config: dict[str, Any]) -> SFTConfig:
     return SFTConfig(**{**config["sft"], **fixed})
 
 
+class NonFiniteTrainingError(RuntimeError):
+    """The loss or gradient norm became NaN or infinite; the message names the optimizer step."""
+
+
 class VLMSFTTrainer(SFTTrainer):
-    """TRL's SFTTrainer, batching by modality when a vision dataset mixes text-only and image rows."""
+    """TRL's SFTTrainer, batching by modality when a vision dataset mixes text-only and image rows, and stopping
+    on a non-finite loss or gradient norm before the optimizer applies it.
+
+    transformers only logs such a loss (``logging_nan_inf_filter`` even hides it) and steps on, so a run would
+    silently write NaN weights into every later checkpoint. Stopping here keeps the last complete checkpoint,
+    written before the bad step, as the newest one."""
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        if not torch.isfinite(loss).all():
+            self._stop_non_finite("loss", loss.item())
+        return loss
+
+    def _get_grad_norm(self, model, grad_norm=None):
+        grad_norm = super()._get_grad_norm(model, grad_norm=grad_norm)
+        if grad_norm is not None and not torch.isfinite(torch.as_tensor(grad_norm)).all():
+            self._stop_non_finite("gradient norm", float(grad_norm))
+        return grad_norm
+
+    def _stop_non_finite(self, what: str, value: float) -> None:
+        step = self.state.global_step + 1
+        checkpoints = sorted(Path(self.args.output_dir).glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
+        kept = f"the newest checkpoint, {checkpoints[-1]}, was written before it" if checkpoints else "no checkpoint was written yet"
+        raise NonFiniteTrainingError(
+            f"training stopped at optimizer step {step}: the {what} is {value}; {kept}. Lower the learning "
+            "rate, check the data of this step, or use bf16 instead of fp16"
+        )
 
     def create_accelerator_and_postprocess(self) -> None:
         super().create_accelerator_and_postprocess()
@@ -76,11 +106,13 @@ def build_trainer(config: dict[str, Any]) -> SFTTrainer:
     base = Path(config["base_model"])
     architecture = architecture_for_model(base)
     trust = config.get("trust_remote_code", False)
-    processor = load_processor(base, image_bounds=config["image_bounds"], trust_remote_code=trust)
+    processor = load_processor(
+        base, image_bounds=config["image_bounds"], chat_template=config["chat_template"], trust_remote_code=trust
+    )
     quantization = config.get("quantization")
     quantized = is_enabled(quantization)
     model = load_model(
-        base, trust_remote_code=trust,
+        base, trust_remote_code=trust, **config["model"],
         quantization_config=bits_and_bytes_config(quantization, architecture) if quantized else None,
     )  # fmt: skip
     # No KV cache in training: it is useless there, and with a cache transformers would not read packed
@@ -101,7 +133,7 @@ def build_trainer(config: dict[str, Any]) -> SFTTrainer:
     if config.get("lora"):
         targets = lora_target_modules(model, architecture, config["lora"]["target_modules"])
         peft_config = LoraConfig(task_type="CAUSAL_LM", **{**config["lora"], "target_modules": targets})
-    return VLMSFTTrainer(
+    trainer = VLMSFTTrainer(
         model=model,
         args=build_sft_config(config),
         train_dataset=load_from_disk(config["train_dataset"]),
@@ -110,6 +142,23 @@ def build_trainer(config: dict[str, Any]) -> SFTTrainer:
         data_collator=SFTCollator(processor, architecture, Path(config["image_root"]), config["padding_free"]),
         peft_config=peft_config,
     )
+    if peft_config is not None:
+        train_adapters_in_float32(trainer)
+    return trainer
+
+
+def train_adapters_in_float32(trainer: SFTTrainer) -> None:
+    """LoRA: the frozen base stays in its load dtype; what trains (adapters, modules_to_save) is float32.
+
+    PEFT upcasts adapters itself, but TRL casts them to bf16 over a quantized base; small bf16 updates to
+    bf16 weights round away. Under DeepSpeed ZeRO-3 the adapters keep the base's dtype: ZeRO-3 gathers
+    parameters into buffers of one dtype (TRL issue #6089)."""
+    plugin = trainer.args.deepspeed_plugin
+    if plugin is not None and plugin.zero_stage == 3:
+        return
+    for parameter in trainer.model.parameters():
+        if parameter.requires_grad and parameter.dtype != torch.float32:
+            parameter.data = parameter.data.float()
 
 
 def engine_record(trainer: SFTTrainer) -> dict[str, Any]:
@@ -150,6 +199,8 @@ def run(config: dict[str, Any]) -> None:
     # main process writes (transformers checks should_save), and only it writes the files below.
     trainer.save_model(str(final_dir))
     if trainer.is_world_process_zero():
+        # The Trainer pickles its arguments beside the weights; the run config JSON already records them.
+        (final_dir / "training_args.bin").unlink(missing_ok=True)
         (final_dir / "run_info.json").write_text(json.dumps(engine_record(trainer), indent=2))
         trainer.processing_class.save_pretrained(str(final_dir))
         (final_dir / "training_history.json").write_text(json.dumps(trainer.state.log_history, indent=2))

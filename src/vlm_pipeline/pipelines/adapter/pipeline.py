@@ -24,7 +24,7 @@ def create_pipeline(variant: str) -> Pipeline:
             merge_adapter,
             inputs=[
                 "base_model", "adapter", "trained_model", "test_tokenized@arrow", "params:raw_data", "params:method",
-                "params:adapter", "params:trust_remote_code",
+                "params:adapter", "params:model", "params:trust_remote_code",
             ],  # fmt: skip
             outputs=["merged_model", "merge_check"],
             name="merge_adapter",
@@ -35,5 +35,5 @@ def create_pipeline(variant: str) -> Pipeline:
         tags="adapter",
         namespace=variant,
         inputs={"base_model", "test_tokenized@arrow"},
-        parameters={"params:raw_data", "params:adapter", "params:trust_remote_code"},
+        parameters={"params:raw_data", "params:adapter", "params:model", "params:trust_remote_code"},
     )

@@ -10,7 +10,7 @@ from typing import Any
 
 from datasets import Dataset
 
-from vlm_pipeline.architectures import architecture_for_model, load_model, load_processor
+from vlm_pipeline.architectures import architecture_for_model, load_chat_encoder, load_model
 from vlm_pipeline.data.encoding import reference_answer
 from vlm_pipeline.evaluation_report import comparison_figure, loss_curve, loss_figure, report_markdown
 from vlm_pipeline.scoring import generate_answers, teacher_forced_loss, text_scores
@@ -21,17 +21,18 @@ logger = logging.getLogger(__name__)
 
 def evaluate_model(
     model_dir: Path, test_records: list[dict], test_data: Dataset, raw_data: str, preprocessing: dict, params: dict,
-    trust_remote_code: bool = False,
+    model_loading: dict, trust_remote_code: bool = False,
 ) -> dict:
-    """Loss, perplexity, exact match and ROUGE-L of one model, plus its answers (same image bounds as training)."""
+    """Loss, perplexity, exact match and ROUGE-L of one model, plus its answers (same image bounds, chat template
+    and template variables as training; loaded as ``model_loading``, the ``model`` parameter group, says)."""
     architecture = architecture_for_model(model_dir)
-    processor = load_processor(model_dir, image_bounds=preprocessing["images"], trust_remote_code=trust_remote_code)
-    model = load_model(model_dir, trust_remote_code=trust_remote_code).eval()
+    encoder = load_chat_encoder(model_dir, preprocessing, trust_remote_code=trust_remote_code)
+    model = load_model(model_dir, trust_remote_code=trust_remote_code, **model_loading).eval()
     image_root = Path(raw_data)
-    collator = SFTCollator(processor, architecture, image_root)
+    collator = SFTCollator(encoder.processor, architecture, image_root)
     scores = teacher_forced_loss(model, collator, list(test_data), params["batch_size"])
     answers = generate_answers(
-        model, processor, architecture, test_records, image_root,
+        model, encoder, architecture, test_records, image_root,
         max_new_tokens=params["max_new_tokens"], batch_size=params["batch_size"],
     )  # fmt: skip
     scores.update(text_scores(answers, [reference_answer(r) for r in test_records]))

@@ -6,7 +6,7 @@ from vlm_pipeline.pipelines.evaluation.nodes import build_report, compare, evalu
 def create_pipeline(variant: str) -> Pipeline:
     shared = [
         "test_records", "test_tokenized@arrow", "params:raw_data", "params:preprocessing", "params:evaluation",
-        "params:trust_remote_code",
+        "params:model", "params:trust_remote_code",
     ]  # fmt: skip
     nodes = [
         Node(evaluate_model, inputs=["base_model", *shared], outputs="base_evaluation", name="evaluate_base"),
@@ -30,5 +30,7 @@ def create_pipeline(variant: str) -> Pipeline:
         tags="evaluation",
         namespace=variant,
         inputs={"base_model", "test_records", "train_records", "test_tokenized@arrow"},
-        parameters={"params:raw_data", "params:preprocessing", "params:evaluation", "params:trust_remote_code"},
+        parameters={
+            "params:raw_data", "params:preprocessing", "params:evaluation", "params:model", "params:trust_remote_code"
+        },
     )

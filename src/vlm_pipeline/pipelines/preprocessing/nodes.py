@@ -10,22 +10,27 @@ from typing import Any
 
 from datasets import Dataset
 
-from vlm_pipeline.architectures import load_processor
-from vlm_pipeline.data.encoding import encode_record
+from vlm_pipeline.architectures import load_chat_encoder
+from vlm_pipeline.data.encoding import NO_LABEL_TOKENS, TOO_LONG, encode_record
+from vlm_pipeline.data.labels import ChatEncoder, ChatTemplateError
 from vlm_pipeline.data.report import data_figure, data_markdown, image_sizes, padding_share, reason_counts
 
 MODEL_COLUMNS = ["input_ids", "labels", "image_paths", "source_line", "length"]
 
 
-def _encode_row(row: dict, *, processor: Any, image_root: Path, params: dict) -> dict:
-    return encode_record(
-        processor,
-        json.loads(row["record"]),
-        image_root,
-        max_length=params["max_length"],
-        train_on=params["train_on"],
-        truncate_text_only=params["truncate_text_only"],
-    )
+def _encode_row(row: dict, *, encoder: ChatEncoder, image_root: Path, params: dict) -> dict:
+    record = json.loads(row["record"])
+    try:
+        return encode_record(
+            encoder,
+            record,
+            image_root,
+            max_length=params["max_length"],
+            train_on=params["train_on"],
+            truncate_text_only=params["truncate_text_only"],
+        )
+    except ChatTemplateError as error:
+        raise ChatTemplateError(f"valid.jsonl record from line {record['source_line']}: {error}") from None
 
 
 def tokenize_split(
@@ -39,10 +44,13 @@ def tokenize_split(
     that this stage runs after the reject budget passed. Records are passed as JSON strings so Arrow does
     not reshape their nested, ragged message parts.
     """
-    processor = load_processor(base_model, image_bounds=params["images"], trust_remote_code=trust_remote_code)
+    encoder = load_chat_encoder(base_model, params, trust_remote_code=trust_remote_code)
     raw = Dataset.from_list([{"record": json.dumps(record, ensure_ascii=False)} for record in records])
-    encode = partial(_encode_row, processor=processor, image_root=Path(raw_data), params=params)
-    encoded = raw.map(encode, num_proc=params["num_proc"] if params["num_proc"] > 1 else None, desc="tokenize")
+    encode = partial(_encode_row, encoder=encoder, image_root=Path(raw_data), params=params)
+    try:
+        encoded = raw.map(encode, num_proc=params["num_proc"] if params["num_proc"] > 1 else None, desc="tokenize")
+    except ChatTemplateError as error:
+        raise ChatTemplateError(f"{base_model}: {error}") from None
     reasons = encoded["reason"]
     rejected = [i for i, reason in enumerate(reasons) if reason is not None]
     report = _split_report(encoded, reasons)
@@ -79,10 +87,12 @@ def _split_report(encoded: Dataset, reasons: list) -> dict:
     kept = [i for i, reason in enumerate(reasons) if reason is None]
     cuts = [cut for cut in columns["cut"] if cut > 0]
     lengths = [columns["length"][i] for i in kept]
+    set_aside = [reason for reason in reasons if reason is not None]
     return {
         "records": len(encoded),
         "kept": len(kept),
-        "too_long": len(encoded) - len(kept),
+        "too_long": set_aside.count(TOO_LONG),
+        "reasons": {reason: set_aside.count(reason) for reason in sorted(set(set_aside))},
         "truncated": {"records": len(cuts), "tokens_cut": sum(cuts), "max_cut": max(cuts, default=0)},
         "length": {
             "min": min(lengths, default=0),
@@ -98,7 +108,13 @@ def combine_reports(
 ) -> dict:
     """Both splits' reports, plus the pad-token share of training batches in file order vs length-grouped."""
     if len(train_data) == 0:
-        raise ValueError("No training record is left after preprocessing; see the *_overlength.jsonl files")
+        unlabelled = train_report["reasons"].get(NO_LABEL_TOKENS, 0)
+        cause = (
+            f"all {unlabelled} records have no label token: the chat template marks no assistant turn"
+            if unlabelled == train_report["records"]
+            else "see the *_set_aside.jsonl files"
+        )
+        raise ValueError(f"No training record is left after preprocessing: {cause}")
     batch_size = sft["per_device_train_batch_size"]
     lengths = train_data["length"]
     return {
@@ -119,8 +135,7 @@ def build_data_report(
     train_data: Dataset, raw_data: str, params: dict,
 ) -> tuple[str, Any]:  # fmt: skip
     """The Markdown summary and the figure (reasons, token lengths, image sizes) for data/08_reporting."""
-    overlength = {"too_long": preprocessing["train"]["too_long"] + preprocessing["test"]["too_long"]}
-    reasons = reason_counts(train_validation, test_validation, {"reasons": {k: v for k, v in overlength.items() if v}})
+    reasons = reason_counts(train_validation, test_validation, preprocessing["train"], preprocessing["test"])
     sizes = image_sizes(train_records, Path(raw_data))
     markdown = data_markdown({"train": train_validation, "test": test_validation}, preprocessing, reasons, sizes)
     return markdown, data_figure(reasons, train_data["length"], sizes, params["max_length"])

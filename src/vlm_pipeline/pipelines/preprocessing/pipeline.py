@@ -14,7 +14,7 @@ def create_pipeline(**kwargs) -> Pipeline:
             # train is encoded whole, then split into train and validation by the next node
             outputs=[
                 "train_encoded" if split == "train" else f"{split}_tokenized@arrow",
-                f"{split}_overlength",
+                f"{split}_set_aside",
                 f"{split}_preprocessing_report",
             ],
             name=f"tokenize_{split}",

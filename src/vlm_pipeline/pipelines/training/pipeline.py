@@ -10,8 +10,8 @@ def create_pipeline(variant: str) -> Pipeline:
             Node(
                 plan_training,
                 inputs=[
-                    "train_tokenized@arrow", "base_model", "params:preprocessing", "params:sft", "params:method",
-                    "params:plan", "params:trust_remote_code",
+                    "train_tokenized@arrow", "base_model", "params:preprocessing", "params:model", "params:sft",
+                    "params:method", "params:plan", "params:trust_remote_code",
                 ],  # fmt: skip
                 outputs="training_plan",
                 name="plan_training",
@@ -20,7 +20,8 @@ def create_pipeline(variant: str) -> Pipeline:
                 train_model,
                 inputs=[
                     "train_tokenized@path", "validation_tokenized@path", "base_model", "params:raw_data",
-                    "params:preprocessing", "params:sft", "params:method", "training_plan", "params:trust_remote_code",
+                    "params:preprocessing", "params:model", "params:sft", "params:method", "training_plan",
+                    "params:trust_remote_code",
                 ],  # fmt: skip
                 outputs=["trained_model", "training_history", "trainable_parameters"],
                 name="train_model",
@@ -33,5 +34,8 @@ def create_pipeline(variant: str) -> Pipeline:
         template,
         namespace=variant,
         inputs={"train_tokenized@arrow", "train_tokenized@path", "validation_tokenized@path", "base_model"},
-        parameters={"params:raw_data", "params:preprocessing", "params:sft", "params:plan", "params:trust_remote_code"},
+        parameters={
+            "params:raw_data", "params:preprocessing", "params:model", "params:sft", "params:plan",
+            "params:trust_remote_code",
+        },
     )

@@ -1,0 +1,139 @@
+"""Which tokens a conversation trains on, found with the checkpoint's own chat template, unchanged.
+
+Each assistant turn's tokens are located by rendering the conversation twice through the processor (image
+placeholders expanded): up to the turn with ``add_generation_prompt=True``, and up to the turn's end. The
+shorter rendering must be a token prefix of the longer one, and every rendering a prefix of the whole
+conversation; the turn is what the longer one adds, cut after its end-of-turn token (so Qwen's ``"\\n"`` after
+``<|im_end|>`` is not trained). This needs nothing from the template (no ``{% generation %}`` markers, no role
+markers in token ids) except that it does not rewrite earlier turns when a later one is added; where it does,
+``ChatTemplateError`` says so. Where a template has ``{% generation %}`` markers, their mask must agree.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Any
+
+import jinja2
+from jinja2 import meta
+
+GENERATION_BLOCK = re.compile(r"{%-?\s*generation\s*-?%}")
+GENERATION_TAGS = re.compile(r"{%-?\s*(end)?generation\s*-?%}")
+
+
+class ChatTemplateError(ValueError):
+    """The chat template cannot show which tokens are the assistant's; the message names the record and why."""
+
+
+def chat_messages(messages: list[dict]) -> list[dict]:
+    """Messages as chat templates expect them: text-only content as one string, image parts kept as parts.
+
+    The Llama 3 templates ``trim`` a message's content and so need a string; every template takes one.
+    """
+    converted = []
+    for message in messages:
+        parts = message["content"]
+        if isinstance(parts, list) and all(part.get("type") == "text" for part in parts):
+            converted.append({"role": message["role"], "content": "".join(part["text"] for part in parts)})
+        else:
+            converted.append(message)
+    return converted
+
+
+@dataclass(frozen=True)
+class ChatEncoder:
+    """A processor (or tokenizer), the template variables every rendering gets, and the end-of-turn token."""
+
+    processor: Any
+    end_of_turn_token: str
+    template_kwargs: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def tokenizer(self) -> Any:
+        return getattr(self.processor, "tokenizer", self.processor)
+
+    @cached_property
+    def render_kwargs(self) -> dict[str, Any]:
+        """The template variables this template reads (a processor takes any other keyword as its own)."""
+        # transformers' own extension parses {% generation %}; plain jinja2 only needs it gone to list variables.
+        template = GENERATION_TAGS.sub("", _template_text(self.processor))
+        names = meta.find_undeclared_variables(jinja2.Environment(extensions=["jinja2.ext.loopcontrols"]).parse(template))
+        return {key: value for key, value in self.template_kwargs.items() if key in names}
+
+    def render_ids(self, conversation: list[dict], *, add_generation_prompt: bool) -> list[int]:
+        """Token ids of ``conversation`` as the template writes it, image placeholders expanded."""
+        encoded = self.processor.apply_chat_template(
+            conversation, tokenize=True, return_dict=True, add_generation_prompt=add_generation_prompt,
+            **self.render_kwargs,
+        )  # fmt: skip
+        return _first_row(encoded["input_ids"])
+
+    def assistant_spans(self, conversation: list[dict]) -> tuple[list[int], list[tuple[int, int]]]:
+        """The conversation's token ids and one ``(start, end)`` per assistant turn (end exclusive).
+
+        ``conversation`` holds the images in its image parts (see ``encoding.attach_images``). Raises
+        ``ChatTemplateError`` when a rendering is not a token prefix of the next one.
+        """
+        conversation = chat_messages(conversation)
+        full = self.render_ids(conversation, add_generation_prompt=False)
+        end_of_turn = self.tokenizer.convert_tokens_to_ids(self.end_of_turn_token)
+        spans = []
+        for turn, message in enumerate(conversation):
+            if message["role"] != "assistant":
+                continue
+            before = self.render_ids(conversation[:turn], add_generation_prompt=True)
+            through = self.render_ids(conversation[: turn + 1], add_generation_prompt=False)
+            _require_prefix(before, through, f"up to assistant turn {turn} with the generation prompt", "that turn")
+            _require_prefix(through, full, f"up to the end of assistant turn {turn}", "the whole conversation")
+            span = through[len(before) :]
+            if end_of_turn not in span:
+                raise ChatTemplateError(
+                    f"assistant turn {turn} does not end with {self.end_of_turn_token}: the template writes "
+                    f"{self.tokenizer.decode(span)!r}"
+                )
+            last = len(span) - 1 - span[::-1].index(end_of_turn)
+            spans.append((len(before), len(before) + last + 1))
+        if GENERATION_BLOCK.search(_template_text(self.processor)):
+            self._check_generation_markers(conversation, full, spans)
+        return full, spans
+
+    def _check_generation_markers(self, conversation: list[dict], full: list[int], spans: list[tuple[int, int]]) -> None:
+        encoded = self.processor.apply_chat_template(
+            conversation, tokenize=True, return_dict=True, return_assistant_tokens_mask=True, **self.render_kwargs
+        )
+        marked = _first_row(encoded["assistant_masks"])
+        found = [0] * len(full)
+        for start, end in spans:
+            found[start:end] = [1] * (end - start)
+        if marked != found:
+            first = next(i for i, (a, b) in enumerate(zip(marked, found, strict=True)) if a != b)
+            raise ChatTemplateError(
+                f"the template's {{% generation %}} markers disagree with the rendered turns from token {first} "
+                f"({self.tokenizer.decode(full[max(first - 3, 0) : first + 3])!r})"
+            )
+
+
+def _require_prefix(shorter: list[int], longer: list[int], what: str, than: str) -> None:
+    if longer[: len(shorter)] == shorter:
+        return
+    first = next((i for i, (a, b) in enumerate(zip(shorter, longer)) if a != b), min(len(shorter), len(longer)))
+    raise ChatTemplateError(
+        f"the chat template is not prefix-preserving: the conversation rendered {what} is not a token prefix of "
+        f"{than} (they differ from token {first}); it rewrites earlier turns or merges tokens across a turn "
+        "boundary. Set preprocessing.chat_template to a .jinja file that renders earlier turns unchanged"
+    )
+
+
+def _template_text(processor: Any) -> str:
+    template = getattr(processor, "chat_template", None) or getattr(
+        getattr(processor, "tokenizer", None), "chat_template", None
+    )
+    return template if isinstance(template, str) else ""
+
+
+def _first_row(values: Any) -> list[int]:
+    # Processors return a batch of one ([[...]]); tokenizers return a flat list for one conversation.
+    values = values.tolist() if hasattr(values, "tolist") else list(values)
+    return list(values[0]) if values and isinstance(values[0], list) else values
