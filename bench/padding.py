@@ -24,7 +24,8 @@ from torch.utils.data import BatchSampler, RandomSampler
 from transformers.trainer_pt_utils import LengthGroupedSampler
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
-from vlm_pipeline.architectures import get_architecture, load_processor
+from vlm_pipeline.architectures import get_architecture, load_chat_encoder
+from vlm_pipeline.config.schema import PreprocessingParams
 from vlm_pipeline.data.encoding import encode_record
 from vlm_pipeline.data.formats import normalise_record
 from vlm_pipeline.training.collator import SFTCollator
@@ -47,9 +48,9 @@ def mixed_records(kind: str, count: int, rng: random.Random) -> list[dict]:
 
 
 def encode(kind: str, records: list[dict], model_dir: Path) -> list[dict]:
-    processor = load_processor(model_dir)
+    encoder = load_chat_encoder(model_dir, PreprocessingParams().model_dump())
     raw = ROOT / ("data/01_raw/alpaca_glossary" if kind == "text" else "data/01_raw/shapes_vqa")
-    return [encode_record(processor, record, raw, max_length=100_000, train_on="all_assistant_turns",
+    return [encode_record(encoder, record, raw, max_length=100_000, train_on="all_assistant_turns",
                           truncate_text_only=False) for record in records]  # fmt: skip
 
 

@@ -61,3 +61,11 @@ def project(tmp_path, monkeypatch) -> Path:
     monkeypatch.chdir(root)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
     return root
+
+
+def chat_encoder(model_dir: Path, **preprocessing):
+    """The encoder preprocessing builds for ``model_dir``: the schema's preprocessing defaults, overridden."""
+    from vlm_pipeline.architectures import load_chat_encoder
+    from vlm_pipeline.config.schema import PreprocessingParams
+
+    return load_chat_encoder(model_dir, PreprocessingParams(**preprocessing).model_dump())

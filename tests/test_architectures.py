@@ -16,10 +16,13 @@ from vlm_pipeline.architectures import (
     load_model,
     load_processor,
 )
+from vlm_pipeline.architectures import llama, mllama, qwen2_5_vl
+from vlm_pipeline.data.labels import ChatEncoder, chat_messages
 
 NAMES = ("qwen2_5_vl", "mllama", "llama")
 ANSWER = "The shape is a red circle."
 PROCESSOR_CLASSES = {"qwen2_5_vl": "Qwen2_5_VLProcessor", "mllama": "MllamaProcessor"}
+REAL = {"qwen2_5_vl": qwen2_5_vl.REAL, "mllama": mllama.REAL, "llama": llama.REAL}
 
 
 def shape_image(colour: str, shape: str = "circle") -> Image.Image:
@@ -39,8 +42,18 @@ def conversation(is_vision: bool, image: Image.Image | None = None, answer: str 
     return messages
 
 
+DATE = {"date_string": "26 Jul 2024"}
+
+
 def encode(processor, messages: list[dict], **kwargs) -> dict:
-    return processor.apply_chat_template(messages, tokenize=True, return_dict=True, return_tensors="pt", **kwargs)
+    """As every stage renders: text-only content as strings (the Llama templates trim it), the date pinned."""
+    if isinstance(messages[0], list):
+        messages = [chat_messages(conversation) for conversation in messages]
+    else:
+        messages = chat_messages(messages)
+    return processor.apply_chat_template(
+        messages, tokenize=True, return_dict=True, return_tensors="pt", **{**DATE, **kwargs}
+    )  # fmt: skip
 
 
 def model_inputs(encoded) -> dict:
@@ -66,8 +79,16 @@ def test_loads_with_the_real_classes(built):
     if architecture.is_vision:
         assert type(processor).__name__ == PROCESSOR_CLASSES[architecture.name]
         assert processor.chat_template == tokenizer_of(processor).chat_template
-    assert processor.chat_template and "{% generation" in processor.chat_template.replace("{%-", "{%")
-    assert sum(p.numel() for p in model.parameters()) < 1_000_000
+        # The real processor settings, verbatim (a twin in everything but size).
+        saved = json.loads((model_dir / "processor_config.json").read_text())["image_processor"]
+        real = REAL[architecture.name].image_processor_settings()
+        if architecture.name == "qwen2_5_vl":  # transformers 5 stores min/max pixels as size edges
+            real["size"] = {"shortest_edge": real.pop("min_pixels"), "longest_edge": real.pop("max_pixels")}
+        assert {key: saved[key] for key in real} == real
+    # The real checkpoint's chat template, byte for byte.
+    assert processor.chat_template == REAL[architecture.name].chat_template()
+    # Mllama: most are the tile position embeddings of the real 560-pixel tiles (9 ratios × 4 tiles × 1601).
+    assert sum(p.numel() for p in model.parameters()) < 3_000_000
     assert all(p.dtype == torch.float32 for p in model.parameters())
     assert not any(path.name.startswith(".") for path in model_dir.parent.iterdir())
     assert not list(model_dir.glob("*.bin"))  # safetensors only
@@ -79,7 +100,11 @@ def test_special_tokens_and_generation_config(built):
     end_of_turn = tokenizer.convert_tokens_to_ids(architecture.end_of_turn_token)
     eos = model.generation_config.eos_token_id
     assert end_of_turn in (eos if isinstance(eos, list) else [eos])
-    assert tokenizer.pad_token_id is not None and model.generation_config.pad_token_id == tokenizer.pad_token_id
+    # Stop tokens: the real generation_config.json's (Llama 3.1) or the real special-token table's, by name.
+    stops = [tokenizer.convert_tokens_to_ids(t) for t in REAL[architecture.name].special_tokens["stop_tokens"]]
+    assert eos == stops
+    assert tokenizer.pad_token_id is not None  # load_processor always leaves one
+    assert model.generation_config.pad_token_id in (None, tokenizer.pad_token_id)
     if architecture.name == "qwen2_5_vl":
         tokens = {
             "image_token_id": "<|image_pad|>",
@@ -100,24 +125,37 @@ def test_special_tokens_and_generation_config(built):
         assert model.model.language_model.layers[1].cross_attn_attn_gate.item() != 0.0  # opened by the builder
     if architecture.name in ("mllama", "llama"):
         assert tokenizer.pad_token == "<|finetune_right_pad_id|>"
+        assert tokenizer.pad_token_id < len(tokenizer)  # a token of its own vocabulary: no resize
 
 
-def test_assistant_mask_is_the_answer_and_end_of_turn(built):
+def test_llama_31_twin_sets_no_pad_token_and_the_loader_picks_the_reserved_one(built, caplog):
+    """As Llama-3.1-8B-Instruct ships: no pad token in the saved tokenizer; loading picks the fine-tune pad."""
+    architecture, model_dir, model, _ = built
+    if architecture.name != "llama":
+        pytest.skip("the Llama 3.1 twin only")
+    from transformers import AutoTokenizer
+
+    assert AutoTokenizer.from_pretrained(model_dir).pad_token is None
+    with caplog.at_level("INFO", logger="vlm_pipeline.architectures"):
+        tokenizer = load_processor(model_dir)
+    assert tokenizer.pad_token == "<|finetune_right_pad_id|>"
+    assert "sets no pad token; padding with <|finetune_right_pad_id|>" in caplog.text
+    assert model.get_input_embeddings().num_embeddings == len(tokenizer)  # never resized
+
+
+def test_assistant_span_is_the_answer_and_end_of_turn(built):
     architecture, _, _, processor = built
-    encoded = encode(processor, conversation(architecture.is_vision), return_assistant_tokens_mask=True)
-    input_ids = encoded["input_ids"][0]
-    mask = torch.as_tensor(encoded["assistant_masks"])[0].bool()
-    assert tokenizer_of(processor).decode(input_ids[mask]) == ANSWER + architecture.end_of_turn_token
-    # The masked span is contiguous and the answer is its only assistant turn.
-    positions = mask.nonzero().flatten()
-    assert positions.tolist() == list(range(int(positions[0]), int(positions[-1]) + 1))
+    encoder = ChatEncoder(processor, architecture.end_of_turn_token, DATE)
+    input_ids, spans = encoder.assistant_spans(conversation(architecture.is_vision))
+    assert input_ids == encode(processor, conversation(architecture.is_vision))["input_ids"][0].tolist()
+    assert [tokenizer_of(processor).decode(input_ids[a:b]) for a, b in spans] == [ANSWER + architecture.end_of_turn_token]
 
 
 def test_chat_format(built):
     architecture, _, _, processor = built
-    text = processor.apply_chat_template(conversation(architecture.is_vision), tokenize=False)
-    question = conversation(architecture.is_vision, answer=None)
-    prompt = processor.apply_chat_template(question, tokenize=False, add_generation_prompt=True)
+    text = processor.apply_chat_template(chat_messages(conversation(architecture.is_vision)), tokenize=False, **DATE)
+    question = chat_messages(conversation(architecture.is_vision, answer=None))
+    prompt = processor.apply_chat_template(question, tokenize=False, add_generation_prompt=True, **DATE)
     if architecture.name == "qwen2_5_vl":
         assert text == (
             "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
@@ -126,9 +164,15 @@ def test_chat_format(built):
         )
         assert prompt.endswith("<|im_start|>assistant\n")
     else:
+        # Llama 3.1 always writes a system header with the dates; 3.2-Vision drops it when images come without
+        # a system message.
+        system = (
+            "" if architecture.is_vision else "<|start_header_id|>system<|end_header_id|>\n\n"
+            "Cutting Knowledge Date: December 2023\nToday Date: 26 Jul 2024\n\n<|eot_id|>"
+        )
         image = "<|image|>" if architecture.is_vision else ""
         assert text == (
-            "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\n"
+            f"<|begin_of_text|>{system}<|start_header_id|>user<|end_header_id|>\n\n"
             f"{image}What color is the shape?<|eot_id|>"
             f"<|start_header_id|>assistant<|end_header_id|>\n\n{ANSWER}<|eot_id|>"
         )
@@ -139,8 +183,12 @@ def test_chat_format(built):
 
 def test_forward_loss_backward_and_generate(built):
     architecture, _, model, processor = built
-    encoded = encode(processor, conversation(architecture.is_vision), return_assistant_tokens_mask=True)
-    labels = encoded["input_ids"].masked_fill(~torch.as_tensor(encoded["assistant_masks"]).bool(), -100)
+    encoded = encode(processor, conversation(architecture.is_vision))
+    _, [(start, end)] = ChatEncoder(processor, architecture.end_of_turn_token, DATE).assistant_spans(
+        conversation(architecture.is_vision)
+    )
+    labels = torch.full_like(encoded["input_ids"], -100)
+    labels[:, start:end] = encoded["input_ids"][:, start:end]
     output = model(**model_inputs(encoded), labels=labels)
     assert math.isfinite(output.loss.item())
     output.loss.backward()

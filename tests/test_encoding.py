@@ -11,7 +11,7 @@ import torch
 from vlm_pipeline.architectures import get_architecture, load_processor
 from vlm_pipeline.data.encoding import IGNORE_INDEX, TOO_LONG, encode_messages, encode_record, load_images
 from vlm_pipeline.data.formats import normalise_record
-from conftest import PROJECT_ROOT
+from conftest import PROJECT_ROOT, chat_encoder
 
 SHAPES = PROJECT_ROOT / "data/01_raw/shapes_vqa"
 ANSWERS = ["It is a red circle.", "No, there is only one shape."]
@@ -49,10 +49,10 @@ def label_spans(labels: list[int]) -> list[list[int]]:
 @pytest.mark.parametrize("train_on", ["all_assistant_turns", "last_assistant_turn"])
 def test_labels_are_exactly_the_assistant_turns(tiny_models, arch, train_on):
     architecture = get_architecture(arch)
-    processor = load_processor(tiny_models[arch])
-    tokenizer = getattr(processor, "tokenizer", processor)
+    encoder = chat_encoder(tiny_models[arch])
+    tokenizer = encoder.tokenizer
     record = multi_turn(architecture.is_vision)
-    encoded = encode_messages(processor, record["messages"], load_images(record, SHAPES), train_on=train_on)
+    encoded = encode_messages(encoder, record["messages"], load_images(record, SHAPES), train_on=train_on)
 
     spans = [tokenizer.decode(span) for span in label_spans(encoded["labels"])]
     expected = ANSWERS if train_on == "all_assistant_turns" else ANSWERS[-1:]
@@ -70,29 +70,29 @@ def test_labels_are_exactly_the_assistant_turns(tiny_models, arch, train_on):
 
 
 def test_records_with_images_are_never_cut(tiny_models):
-    processor = load_processor(tiny_models["qwen2_5_vl"])
+    encoder = chat_encoder(tiny_models["qwen2_5_vl"])
     record = multi_turn(is_vision=True)
-    row = encode_record(processor, record, SHAPES, max_length=20, train_on="all_assistant_turns", truncate_text_only=True)
+    row = encode_record(encoder, record, SHAPES, max_length=20, train_on="all_assistant_turns", truncate_text_only=True)
     assert row["reason"] == TOO_LONG and "images" in row["detail"] and row["cut"] == 0
     assert row["length"] > 20
 
 
 def test_text_records_are_cut_only_when_allowed_and_only_if_a_label_survives(tiny_models):
-    processor = load_processor(tiny_models["llama"])
+    encoder = chat_encoder(tiny_models["llama"])
     record = multi_turn(is_vision=False)
-    full = encode_record(processor, record, SHAPES, max_length=10_000, train_on="all_assistant_turns", truncate_text_only=False)
+    full = encode_record(encoder, record, SHAPES, max_length=10_000, train_on="all_assistant_turns", truncate_text_only=False)
     first_label = next(i for i, label in enumerate(full["labels"]) if label != IGNORE_INDEX)
     limit = first_label + 3
 
-    kept = encode_record(processor, record, SHAPES, max_length=limit, train_on="all_assistant_turns", truncate_text_only=False)
+    kept = encode_record(encoder, record, SHAPES, max_length=limit, train_on="all_assistant_turns", truncate_text_only=False)
     assert kept["reason"] == TOO_LONG and "truncate_text_only is off" in kept["detail"]
 
-    cut = encode_record(processor, record, SHAPES, max_length=limit, train_on="all_assistant_turns", truncate_text_only=True)
+    cut = encode_record(encoder, record, SHAPES, max_length=limit, train_on="all_assistant_turns", truncate_text_only=True)
     assert cut["reason"] is None and len(cut["input_ids"]) == limit == cut["length"]
     assert cut["cut"] == full["length"] - limit
     assert cut["input_ids"] == full["input_ids"][:limit]
 
-    nothing_left = encode_record(processor, record, SHAPES, max_length=first_label, train_on="all_assistant_turns", truncate_text_only=True)
+    nothing_left = encode_record(encoder, record, SHAPES, max_length=first_label, train_on="all_assistant_turns", truncate_text_only=True)
     assert nothing_left["reason"] == TOO_LONG and "no assistant token" in nothing_left["detail"]
 
 
@@ -101,9 +101,9 @@ def test_image_bounds_change_what_the_processor_produces(tiny_models):
     images = load_images(record, SHAPES)  # 56×56
 
     def image_tokens(bounds):
-        processor = load_processor(tiny_models["qwen2_5_vl"], image_bounds=bounds)
-        ids = encode_messages(processor, record["messages"], images)["input_ids"]
-        return ids.count(processor.tokenizer.convert_tokens_to_ids("<|image_pad|>"))
+        encoder = chat_encoder(tiny_models["qwen2_5_vl"], images=bounds or {})
+        ids = encode_messages(encoder, record["messages"], images)["input_ids"]
+        return ids.count(encoder.tokenizer.convert_tokens_to_ids("<|image_pad|>"))
 
     assert image_tokens(None) == 4  # 56×56 → 4×4 patches → 2×2 merged tokens
     assert image_tokens({"min_pixels": 112 * 112, "max_pixels": 112 * 112}) == 16  # resized to 112×112
@@ -121,7 +121,8 @@ def test_parallel_preprocessing_gives_the_same_rows(tiny_models):
     from vlm_pipeline.pipelines.preprocessing.nodes import tokenize_split
 
     records = validate_lines((SHAPES / "train.jsonl").read_bytes().splitlines()[:32], SHAPES, max_image_pixels=10**8).valid
-    params = {"max_length": 512, "train_on": "all_assistant_turns", "truncate_text_only": False, "images": {}}
+    params = {"max_length": 512, "train_on": "all_assistant_turns", "truncate_text_only": False, "images": {},
+              "chat_template": None, "template_kwargs": {}}  # fmt: skip
     serial, _, _ = tokenize_split(records, tiny_models["qwen2_5_vl"], str(SHAPES), {**params, "num_proc": 1}, {})
     parallel, _, _ = tokenize_split(records, tiny_models["qwen2_5_vl"], str(SHAPES), {**params, "num_proc": 2}, {})
     assert serial.to_list() == parallel.to_list() and len(serial) == 32
@@ -136,7 +137,7 @@ def test_padding_free_batches_give_the_padded_loss_without_pad_tokens(tiny_model
     glossary = PROJECT_ROOT / "data/01_raw/alpaca_glossary"
     lines = (glossary / "train.jsonl").read_bytes().splitlines()[:6]
     records = [normalise_record(json.loads(line)) for line in lines]
-    rows = [encode_messages(processor, r["messages"], []) for r in records]
+    rows = [encode_messages(chat_encoder(tiny_models["llama"]), r["messages"], []) for r in records]
     assert len({len(row["input_ids"]) for row in rows}) > 1, "rows of different lengths, so padding matters"
 
     padded = SFTCollator(processor, llama, glossary)(rows)

@@ -11,9 +11,9 @@ import torch
 from peft import LoraConfig, get_peft_model
 from safetensors import safe_open
 
-from conftest import PROJECT_ROOT
+from conftest import PROJECT_ROOT, chat_encoder
 from vlm_pipeline.adapters import MergeVerificationError, merge_and_verify
-from vlm_pipeline.architectures import load_model, load_processor
+from vlm_pipeline.architectures import load_model
 from vlm_pipeline.config.schema import MergeTolerance
 from vlm_pipeline.data.encoding import encode_record
 from vlm_pipeline.data.formats import normalise_record
@@ -44,11 +44,11 @@ def trained_adapter(base: Path, module: str, dest: Path) -> dict[str, torch.Tens
 
 
 def check_rows(base: Path, raw: Path, count: int = 6) -> list[dict]:
-    processor = load_processor(base)
+    encoder = chat_encoder(base)
     lines = (raw / "test.jsonl").read_text(encoding="utf-8").splitlines()[:count]
     records = [{**normalise_record(json.loads(line)), "source_line": i + 1} for i, line in enumerate(lines)]
     return [
-        encode_record(processor, record, raw, max_length=4096, train_on="all_assistant_turns", truncate_text_only=False)
+        encode_record(encoder, record, raw, max_length=4096, train_on="all_assistant_turns", truncate_text_only=False)
         for record in records
     ]
 

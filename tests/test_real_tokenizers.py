@@ -44,8 +44,8 @@ def test_llama3_ids_published_by_meta(llama3):
 
 
 def test_llama3_more_published_ids(llama3):
-    # belladoreai/llama3-tokenizer-js README (npm llama3-tokenizer-js): "Hello world!" -> [128000, 9906, 1917, 0, 128001]
-    # (that library also appends <|end_of_text|>; HF's Llama 3 tokenizer prepends BOS only).
+    # belladoreai/llama3-tokenizer-js README (npm llama3-tokenizer-js): "Hello world!" -> [128000, 9906, 1917, 0,
+    # 128001] (that library also appends <|end_of_text|>; HF's Llama 3 tokenizer prepends BOS only).
     assert llama3("Hello world!")["input_ids"] == [128000, 9906, 1917, 0]
     # ggml-org/llama.cpp PR #7193: HF tokenizers with Llama 3's tokenizer.json give " Việt" -> [101798], a word no
     # merge path reaches (taken whole from the vocabulary, like tiktoken).
@@ -109,7 +109,8 @@ QWEN2_INTEGRATION = {
         104949, 9370, 5333, 58143, 102011, 1773, 37029, 98841, 104034, 104949, 73670, 101940, 100768, 104997,
         33108, 100912, 105054, 90395, 100136, 106831, 45181, 64355, 104034, 113521, 101975, 33108, 85329, 1773,
     ],
-    '```python\ntokenizer = AutoTokenizer.from_pretrained("Qwen/Qwen-tokenizer")\ntokenizer("世界，你好！")```': [
+    '```python\ntokenizer = AutoTokenizer.from_pretrained("Qwen/Qwen-tokenizer")\n'
+    'tokenizer("世界，你好！")```': [
         73594, 12669, 198, 85593, 284, 8979, 37434, 6387, 10442, 35722, 445, 48, 16948, 45274, 16948, 34841,
         3135, 1138, 85593, 445, 99489, 3837, 108386, 6313, 899, 73594,
     ],
