@@ -13,14 +13,17 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import jinja2
 from PIL import Image
 
 from vlm_pipeline.data.formats import message_text
-from vlm_pipeline.data.labels import ChatEncoder
+from vlm_pipeline.data.labels import ChatEncoder, TurnBoundaryMerge
 
 IGNORE_INDEX = -100
 TOO_LONG = "too_long"
 NO_LABEL_TOKENS = "no_label_tokens"
+TEMPLATE_REFUSED = "chat_template_refused"
+TOKEN_MERGE = "token_merge_at_turn_boundary"
 TRAIN_ON = ("all_assistant_turns", "last_assistant_turn")
 
 
@@ -70,7 +73,12 @@ def encode_record(
     Returns the row for the Arrow dataset plus bookkeeping: ``length`` (before any cut), ``cut`` (tokens
     removed by truncation) and ``reason``/``detail`` (set when the record must go to quarantine).
     """
-    encoded = encode_messages(encoder, record["messages"], load_images(record, image_root), train_on=train_on)
+    try:
+        encoded = encode_messages(encoder, record["messages"], load_images(record, image_root), train_on=train_on)
+    except jinja2.TemplateError as error:  # raise_exception() in the template: this checkpoint refuses the record
+        return _set_aside(record, TEMPLATE_REFUSED, f"the chat template refused it: {error}")
+    except TurnBoundaryMerge as error:
+        return _set_aside(record, TOKEN_MERGE, str(error))
     length = len(encoded["input_ids"])
     row = {**encoded, "image_paths": record["images"], "source_line": record["source_line"], "length": length,
            "cut": 0, "reason": None, "detail": None,
@@ -88,6 +96,12 @@ def encode_record(
         return {**row, "reason": TOO_LONG, "detail": detail}
     return {**row, "input_ids": encoded["input_ids"][:max_length], "labels": labels, "length": max_length,
             "cut": length - max_length, "label_tokens": sum(token != IGNORE_INDEX for token in labels)}  # fmt: skip
+
+
+def _set_aside(record: dict, reason: str, detail: str) -> dict[str, Any]:
+    """A row for a record that could not be encoded: no tokens, only the reason."""
+    return {"input_ids": [], "labels": [], "image_paths": record["images"], "source_line": record["source_line"],
+            "length": 0, "cut": 0, "reason": reason, "detail": detail, "label_tokens": 0}  # fmt: skip
 
 
 def prompt_messages(record: dict) -> list[dict]:

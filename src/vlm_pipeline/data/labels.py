@@ -27,6 +27,11 @@ class ChatTemplateError(ValueError):
     """The chat template cannot show which tokens are the assistant's; the message names the record and why."""
 
 
+class TurnBoundaryMerge(ValueError):
+    """One record's text merges into one token with the template's text before it (e.g. an answer that starts
+    with a newline after Qwen's ``assistant\n``): its labels would start mid-token, so the record is set aside."""
+
+
 def chat_messages(messages: list[dict]) -> list[dict]:
     """Messages as chat templates expect them: text-only content as one string, image parts kept as parts.
 
@@ -88,6 +93,8 @@ class ChatEncoder:
             _require_prefix(before, through, f"up to assistant turn {turn} with the generation prompt", "that turn")
             _require_prefix(through, full, f"up to the end of assistant turn {turn}", "the whole conversation")
             span = through[len(before) :]
+            if not span:  # the template writes nothing for this turn: nothing to learn from it
+                continue
             if end_of_turn not in span:
                 raise ChatTemplateError(
                     f"assistant turn {turn} does not end with {self.end_of_turn_token}: the template writes "
@@ -119,6 +126,11 @@ def _require_prefix(shorter: list[int], longer: list[int], what: str, than: str)
     if longer[: len(shorter)] == shorter:
         return
     first = next((i for i, (a, b) in enumerate(zip(shorter, longer)) if a != b), min(len(shorter), len(longer)))
+    if first == len(shorter) - 1:
+        raise TurnBoundaryMerge(
+            f"the text after the conversation rendered {what} merges with its last token ({shorter[-1]} becomes "
+            f"{longer[first]}): labels would start inside a token"
+        )
     raise ChatTemplateError(
         f"the chat template is not prefix-preserving: the conversation rendered {what} is not a token prefix of "
         f"{than} (they differ from token {first}); it rewrites earlier turns or merges tokens across a turn "

@@ -1,0 +1,223 @@
+"""Labels from the checkpoints' own chat templates, unchanged: the decoded labels are exactly the assistant texts
+plus end-of-turn, on the tiny twins (real templates, real processors, tokenizers trained here) and on the real
+128k/152k vocabularies (rebuilt offline, tests/real_tokenizers.py)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from PIL import Image
+from transformers import MllamaImageProcessor, MllamaProcessor, Qwen2_5_VLProcessor, Qwen2VLImageProcessor
+from transformers import Qwen2VLVideoProcessor
+
+from conftest import PROJECT_ROOT, chat_encoder
+from real_tokenizers import real_tokenizer
+from vlm_pipeline.architectures import get_architecture, llama, mllama, qwen2_5_vl
+from vlm_pipeline.data.encoding import (
+    IGNORE_INDEX,
+    NO_LABEL_TOKENS,
+    TEMPLATE_REFUSED,
+    TOKEN_MERGE,
+    encode_messages,
+    encode_record,
+)
+from vlm_pipeline.data.labels import ChatEncoder, ChatTemplateError
+from vlm_pipeline.data.formats import normalise_record
+
+SHAPES = PROJECT_ROOT / "data/01_raw/shapes_vqa"
+DATE = {"date_string": "26 Jul 2024"}
+ANSWERS = ["It is a red circle.", "Two: a circle and, on the right, a square!", "Yes.\n\nBoth are small."]
+TRAIN_ON = ("all_assistant_turns", "last_assistant_turn")
+
+
+def image_part() -> dict:
+    return {"type": "image"}
+
+
+def text(value: str) -> dict:
+    return {"type": "text", "text": value}
+
+
+def conversation(*, system: bool, images: list[int]) -> dict:
+    """Three user/assistant exchanges; ``images[i]`` image parts in user turn ``i`` (Qwen: several, anywhere)."""
+    messages = [{"role": "system", "content": "Answer briefly, in English."}] if system else []
+    questions = ["Describe the picture.", "How many shapes are there?", "Are they small?"]
+    for turn, (question, answer) in enumerate(zip(questions, ANSWERS, strict=True)):
+        count = images[turn] if turn < len(images) else 0
+        messages.append({"role": "user", "content": [image_part()] * count + [text(question)]})
+        messages.append({"role": "assistant", "content": answer})
+    paths = [f"images/train_{i:04d}.png" for i in range(sum(images))]
+    return {**normalise_record({"messages": messages, "images": paths}), "source_line": 7}
+
+
+def decoded_label_spans(encoder: ChatEncoder, encoded: dict) -> list[str]:
+    spans, current = [], []
+    for token, label in zip(encoded["input_ids"], encoded["labels"], strict=True):
+        if label == IGNORE_INDEX:
+            if current:
+                spans.append(current)
+            current = []
+        else:
+            assert label == token
+            current.append(token)
+    spans += [current] if current else []
+    return [encoder.tokenizer.decode(span) for span in spans]
+
+
+def load(record: dict) -> list[Image.Image]:
+    return [Image.open(SHAPES / path).convert("RGB") for path in record["images"]]
+
+
+def expected(end_of_turn: str, train_on: str) -> list[str]:
+    answers = ANSWERS if train_on == "all_assistant_turns" else ANSWERS[-1:]
+    return [answer + end_of_turn for answer in answers]
+
+
+CASES = [
+    ("qwen2_5_vl", {"system": True, "images": [2, 1]}),
+    ("qwen2_5_vl", {"system": False, "images": [1, 0, 2]}),
+    ("mllama", {"system": True, "images": [1]}),
+    ("mllama", {"system": False, "images": [1]}),
+    ("llama", {"system": True, "images": []}),
+    ("llama", {"system": False, "images": []}),
+]
+
+
+@pytest.mark.parametrize("train_on", TRAIN_ON)
+@pytest.mark.parametrize(("arch", "shape"), CASES, ids=[f"{a}-{'system' if s['system'] else 'no_system'}" for a, s in CASES])
+def test_twins_train_exactly_the_assistant_turns(tiny_models, arch, shape, train_on):
+    encoder = chat_encoder(tiny_models[arch])
+    record = conversation(**shape)
+    encoded = encode_messages(encoder, record["messages"], load(record), train_on=train_on)
+    end_of_turn = get_architecture(arch).end_of_turn_token
+    assert decoded_label_spans(encoder, encoded) == expected(end_of_turn, train_on)
+    bos = encoder.tokenizer.bos_token_id
+    if bos is not None:  # Llama 3: the template writes BOS; it is not added a second time
+        assert encoded["input_ids"][0] == bos and encoded["input_ids"].count(bos) == 1
+
+
+def real_processor(arch: str):
+    """The real tokenizer (128k/152k vocabulary) inside the real processor classes and settings."""
+    if arch == "llama":
+        return real_tokenizer("llama3")
+    if arch == "qwen2_5_vl":
+        settings = qwen2_5_vl.REAL.image_processor_settings()
+        return Qwen2_5_VLProcessor(
+            image_processor=Qwen2VLImageProcessor(**settings), tokenizer=real_tokenizer("qwen2"),
+            video_processor=Qwen2VLVideoProcessor(**settings), chat_template=qwen2_5_vl.REAL.chat_template(),
+        )  # fmt: skip
+    tokenizer = real_tokenizer("llama3")
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|image|>"]})  # id 128256, as in 3.2-Vision
+    assert tokenizer.convert_tokens_to_ids("<|image|>") == 128256
+    return MllamaProcessor(
+        image_processor=MllamaImageProcessor(**mllama.REAL.image_processor_settings()), tokenizer=tokenizer,
+        chat_template=mllama.REAL.chat_template(),
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("train_on", TRAIN_ON)
+@pytest.mark.parametrize(("arch", "shape"), CASES, ids=[f"{a}-{'system' if s['system'] else 'no_system'}" for a, s in CASES])
+def test_real_vocabularies_train_exactly_the_assistant_turns(arch, shape, train_on):
+    architecture = get_architecture(arch)
+    encoder = ChatEncoder(real_processor(arch), architecture.end_of_turn_token, DATE)
+    record = conversation(**shape)
+    encoded = encode_messages(encoder, record["messages"], load(record), train_on=train_on)
+    assert decoded_label_spans(encoder, encoded) == expected(architecture.end_of_turn_token, train_on)
+    if arch != "qwen2_5_vl":
+        assert encoded["input_ids"][:2] == [128000, 128006]  # one BOS, then the first header
+
+
+def test_an_answer_merging_into_the_template_text_is_set_aside_not_mislabelled():
+    """Qwen writes 'assistant\\n'; an answer starting with a newline merges with it into one '\\n\\n' token
+    in the real vocabulary, so its first label would start inside a token."""
+    encoder = ChatEncoder(real_processor("qwen2_5_vl"), "<|im_end|>", {})
+    messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "\nHello"}]
+    row = encode_record(encoder, {**normalise_record({"messages": messages}), "source_line": 3}, SHAPES,
+                        max_length=512, train_on="all_assistant_turns", truncate_text_only=False)  # fmt: skip
+    assert row["reason"] == TOKEN_MERGE and "inside a token" in row["detail"]
+
+
+def test_the_older_llama_vision_template_refuses_system_with_images_per_record(tmp_path):
+    """Checkpoints downloaded before December 2024 carry the template that raises on a system message with
+    images: such a record is set aside with the template's own message; the rest train."""
+    model_dir = mllama.build_tiny(tmp_path / "sept2024", 0, template="sept2024")
+    encoder = chat_encoder(model_dir)
+    refused = encode_record(encoder, conversation(system=True, images=[1]), SHAPES, max_length=4096,
+                            train_on="all_assistant_turns", truncate_text_only=False)  # fmt: skip
+    assert refused["reason"] == TEMPLATE_REFUSED and "incompatible with system messages" in refused["detail"]
+    kept = encode_record(encoder, conversation(system=False, images=[1]), SHAPES, max_length=4096,
+                         train_on="all_assistant_turns", truncate_text_only=False)  # fmt: skip
+    assert kept["reason"] is None
+    assert decoded_label_spans(encoder, kept) == expected("<|eot_id|>", "all_assistant_turns")
+
+
+HEADER = "'<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n'"
+GENERATION_MARKED = """\
+{%- for message in messages -%}
+{%- if message['role'] == 'assistant' -%}
+{{- HEADER -}}{%- generation -%}{{- message['content'] + '<|eot_id|>' -}}{%- endgeneration -%}
+{%- else -%}{{- HEADER + message['content'] + '<|eot_id|>' -}}{%- endif -%}
+{%- endfor -%}
+{%- if add_generation_prompt -%}{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' -}}{%- endif -%}
+""".replace("HEADER", HEADER)
+# The markers also cover the assistant header, which the turn's rendering does not add.
+MARKS_THE_HEADER = GENERATION_MARKED.replace(
+    "{{- HEADER -}}{%- generation -%}".replace("HEADER", HEADER), "{%- generation -%}{{- HEADER -}}".replace("HEADER", HEADER)
+)
+
+
+def test_generation_markers_must_agree_with_the_rendered_turns(tiny_models, tmp_path):
+    record = conversation(system=True, images=[])
+    agreeing = tmp_path / "marked.jinja"
+    agreeing.write_text(GENERATION_MARKED)
+    encoder = chat_encoder(tiny_models["llama"], chat_template=str(agreeing))
+    encoded = encode_messages(encoder, record["messages"], [])
+    assert decoded_label_spans(encoder, encoded) == expected("<|eot_id|>", "all_assistant_turns")
+
+    # Markers that disagree with what the turn adds: stop, do not guess.
+    wrong = tmp_path / "wrong.jinja"
+    wrong.write_text(MARKS_THE_HEADER)
+    assert MARKS_THE_HEADER != GENERATION_MARKED
+    with pytest.raises(ChatTemplateError, match="generation"):
+        encode_messages(chat_encoder(tiny_models["llama"], chat_template=str(wrong)), record["messages"], [])
+
+
+# Writes the number of messages into the system header: adding a turn rewrites the first one.
+REWRITING = GENERATION_MARKED.replace("{%- for message", "{{- 'turns: ' + (messages|length)|string -}}{%- for message", 1)
+
+
+def test_a_template_that_rewrites_earlier_turns_stops_preprocessing_naming_model_and_record(tiny_models, tmp_path):
+    from vlm_pipeline.pipelines.preprocessing.nodes import tokenize_split
+
+    template = tmp_path / "rewriting.jinja"
+    template.write_text(REWRITING.replace("{%- generation -%}", "").replace("{%- endgeneration -%}", ""))
+    params = {"max_length": 512, "train_on": "all_assistant_turns", "truncate_text_only": False, "num_proc": 1,
+              "images": {}, "chat_template": str(template), "template_kwargs": {}}  # fmt: skip
+    records = [conversation(system=False, images=[])]
+    with pytest.raises(ChatTemplateError) as error:
+        tokenize_split(records, tiny_models["llama"], str(SHAPES), params, {})
+    message = str(error.value)
+    assert str(tiny_models["llama"]) in message and "line 7" in message and "not prefix-preserving" in message
+    assert "preprocessing.chat_template" in message
+
+
+# Renders user turns only: the assistant's turns add nothing, so nothing can be learnt.
+SILENT_ASSISTANT = GENERATION_MARKED.replace(
+    "{%- generation -%}{{- message['content'] + '<|eot_id|>' -}}{%- endgeneration -%}", ""
+)
+
+
+def test_records_without_label_tokens_are_set_aside_and_a_set_of_them_stops(tiny_models, tmp_path):
+    from vlm_pipeline.pipelines.preprocessing.nodes import combine_reports, tokenize_split
+
+    template = tmp_path / "silent.jinja"
+    template.write_text(SILENT_ASSISTANT)
+    params = {"max_length": 512, "train_on": "all_assistant_turns", "truncate_text_only": False, "num_proc": 1,
+              "images": {}, "chat_template": str(template), "template_kwargs": {}}  # fmt: skip
+    records = [conversation(system=False, images=[]), {**conversation(system=True, images=[]), "source_line": 9}]
+    kept, set_aside, report = tokenize_split(records, tiny_models["llama"], str(SHAPES), params, {})
+    assert len(kept) == 0 and [(row["line"], row["reason"]) for row in set_aside] == [(7, NO_LABEL_TOKENS), (9, NO_LABEL_TOKENS)]
+    assert json.loads(set_aside[0]["raw"])["messages"][1]["role"] == "assistant"  # the record itself is kept
+    with pytest.raises(ValueError, match="all 2 records have no label token"):
+        combine_reports(report, kept, kept, report, {"per_device_train_batch_size": 2})
