@@ -221,3 +221,38 @@ def test_records_without_label_tokens_are_set_aside_and_a_set_of_them_stops(tiny
     assert json.loads(set_aside[0]["raw"])["messages"][1]["role"] == "assistant"  # the record itself is kept
     with pytest.raises(ValueError, match="all 2 records have no label token"):
         combine_reports(report, kept, kept, report, {"per_device_train_batch_size": 2})
+
+
+def test_preprocessing_gives_byte_identical_arrow_files_a_year_later(tiny_models, tmp_path, monkeypatch):
+    """Llama 3.2-Vision's template writes today's date (strftime_now) unless date_string is given: the pinned
+    preprocessing.template_kwargs default makes the tokens independent of the day."""
+    import datetime
+
+    from transformers.utils import chat_template_utils
+
+    from vlm_pipeline.config.schema import PreprocessingParams
+    from vlm_pipeline.data.validation import validate_lines
+    from vlm_pipeline.pipelines.preprocessing.nodes import tokenize_split
+
+    glossary = PROJECT_ROOT / "data/01_raw/alpaca_glossary"
+    records = validate_lines((glossary / "train.jsonl").read_bytes().splitlines()[:8], glossary, max_image_pixels=10**8).valid
+    defaults = PreprocessingParams().model_dump()
+
+    def arrow_files(today: datetime.datetime, template_kwargs: dict) -> dict[str, bytes]:
+        class Clock(datetime.datetime):
+            @classmethod
+            def now(cls, tz=None):
+                return today
+
+        monkeypatch.setattr(chat_template_utils, "datetime", Clock)  # the clock strftime_now reads
+        data, _, _ = tokenize_split(records, tiny_models["mllama"], str(glossary), {**defaults, "template_kwargs": template_kwargs}, {})
+        out = tmp_path / f"{today:%Y}-{len(template_kwargs)}"
+        data.save_to_disk(out)
+        return {path.name: path.read_bytes() for path in sorted(out.glob("*.arrow"))}
+
+    now, next_year = datetime.datetime(2026, 11, 29), datetime.datetime(2027, 11, 29)
+    pinned = defaults["template_kwargs"]
+    assert pinned == {"date_string": "26 Jul 2024"}
+    assert arrow_files(now, pinned) == arrow_files(next_year, pinned)
+    # Unpinned, the moved clock reaches the tokens: the comparison above can fail.
+    assert arrow_files(now, {}) != arrow_files(next_year, {})

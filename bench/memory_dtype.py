@@ -1,0 +1,130 @@
+"""Peak memory of the same LoRA training run with the base loaded in float32 and in bfloat16, on CPU.
+
+    .venv/bin/python bench/memory_dtype.py [--steps 3]
+
+The method is bench/memory_estimate.py's, whose model, shapes and helpers it imports: a ~50M-parameter Llama
+(random weights, saved once as bf16 safetensors like a real checkpoint) is loaded through the project's
+``load_model`` in each dtype and trained with LoRA r16 on q/k/v/o for a few steps by a plain transformers
+Trainer with AdamW, each dtype in its own process. The bf16 run uses ``bf16=True`` (autocast, as our trainer
+on GPU) and ``train_adapters_in_float32``; the child asserts adapters are float32 and the frozen linear weights
+bfloat16. Memory is peak resident memory (VmHWM, reset after imports) minus resident memory before the model
+was loaded; the planner's estimate for each dtype is printed beside it. Linux only. Results go in
+bench/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import memory_estimate  # noqa: E402
+from memory_estimate import BATCH, CONFIG, LORA_TARGETS, SEQ, rss_kib  # noqa: E402
+
+DTYPES = {"float32": {"weight_bytes": 4, "bf16": False}, "bfloat16": {"weight_bytes": 2, "bf16": True}}
+
+
+def measure(dtype_name: str, model_dir: Path, steps: int) -> int:
+    """Runs in a child process: bytes of peak resident memory from loading the model to the end of training."""
+    import torch
+    from datasets import Dataset
+    from peft import LoraConfig, get_peft_model
+    from transformers import Trainer, TrainingArguments, default_data_collator
+
+    from vlm_pipeline.architectures import load_model
+    from vlm_pipeline.training.trainer import train_adapters_in_float32
+
+    dtype, bf16 = getattr(torch, dtype_name), DTYPES[dtype_name]["bf16"]
+    torch.manual_seed(0)
+    tokens = torch.randint(0, CONFIG["vocab_size"], (64, SEQ)).tolist()
+    rows = Dataset.from_dict({"input_ids": tokens, "labels": tokens})
+    Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM: imports and data are not training memory
+    before = rss_kib("VmRSS")
+    model = load_model(model_dir, dtype=dtype)
+    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules=LORA_TARGETS))
+    args = TrainingArguments(
+        output_dir=str(model_dir / f"out-{dtype_name}"), max_steps=steps, per_device_train_batch_size=BATCH,
+        use_cpu=True, bf16=bf16, optim="adamw_torch", report_to="none", save_strategy="no", logging_steps=1,
+        dataloader_num_workers=0,
+    )  # fmt: skip
+    trainer = Trainer(model=model, args=args, train_dataset=rows, data_collator=default_data_collator)
+    train_adapters_in_float32(trainer)
+    for name, parameter in model.named_parameters():
+        assert not parameter.requires_grad or parameter.dtype == torch.float32, (name, parameter.dtype)
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and not module.weight.requires_grad:
+            assert module.weight.dtype == dtype, (name, module.weight.dtype)
+    trainer.train()
+    return (rss_kib("VmHWM") - before) * 1024
+
+
+def estimate(dtype_name: str, model_dir: Path) -> float:
+    """The planner's peak for this load dtype, as plan.memory_settings builds it (weights at the load dtype,
+    bf16 activations for a bf16 base), with memory_estimate's LoRA case."""
+    from vlm_pipeline.config.schema import MethodParams
+    from vlm_pipeline.planning.memory import MemorySettings, estimate_memory
+    from vlm_pipeline.planning.model_shape import read_model_shape
+
+    lora = {"r": 16, "lora_alpha": 32, "target_modules": LORA_TARGETS}
+    shape = read_model_shape(model_dir, MethodParams(output_dir="unused", learning_rate=1e-4, lora=lora))
+    settings = MemorySettings(
+        optimizer="adamw_torch", batch_size=BATCH, seq_len=SEQ, device="cpu",
+        weight_bytes=DTYPES[dtype_name]["weight_bytes"], bf16_compute=DTYPES[dtype_name]["bf16"],
+    )  # fmt: skip
+    return estimate_memory(shape, settings)["peak_allocated"]
+
+
+def save_model(model_dir: Path) -> None:
+    """The ~50M Llama, random weights, saved as bf16 safetensors: both runs load the same values."""
+    import torch
+    from transformers import AutoConfig, LlamaForCausalLM
+
+    (model_dir / "config.json").write_text(json.dumps(CONFIG))
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(AutoConfig.from_pretrained(model_dir)).to(torch.bfloat16)
+    model.save_pretrained(model_dir, safe_serialization=True)
+
+
+def run_child(dtype_name: str, model_dir: Path, steps: int) -> int:
+    command = [sys.executable, __file__, "--child", dtype_name, "--model-dir", str(model_dir), "--steps", str(steps)]
+    child = subprocess.run(command, capture_output=True, text=True, check=True)
+    return json.loads(child.stdout.strip().splitlines()[-1])["bytes"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--child", choices=DTYPES, help=argparse.SUPPRESS)
+    parser.add_argument("--model-dir", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        print(json.dumps({"bytes": measure(args.child, Path(args.model_dir), args.steps)}))
+        return
+    mib = 2**20
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = Path(tmp)
+        save_model(model_dir)
+        print(f"# {platform.machine()}, {platform.python_version()}; Llama 512×6, LoRA r16 q/k/v/o, AdamW, "
+              f"batch {BATCH} × {SEQ} tokens, {args.steps} steps")  # fmt: skip
+        machinery = memory_estimate.run_child("baseline", model_dir, args.steps)  # fp32 tiny-model Trainer
+        print(f"training machinery alone (memory_estimate's baseline, fp32): {machinery / mib:.0f} MiB")
+        print("| base dtype | measured MiB | measured − machinery MiB | estimate MiB |")
+        print("|---|---|---|---|")
+        measured, estimated = {}, {}
+        for name in DTYPES:
+            measured[name], estimated[name] = run_child(name, model_dir, args.steps), estimate(name, model_dir)
+            net = measured[name] - machinery
+            print(f"| {name} | {measured[name] / mib:.0f} | {net / mib:.0f} | {estimated[name] / mib:.0f} |", flush=True)
+        ratio = measured["bfloat16"] / measured["float32"]
+        net_ratio = (measured["bfloat16"] - machinery) / (measured["float32"] - machinery)
+        print(f"bf16 / fp32: measured {ratio:.3f}, measured − machinery {net_ratio:.3f}, "
+              f"estimate {estimated['bfloat16'] / estimated['float32']:.3f}")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
