@@ -256,3 +256,17 @@ def test_preprocessing_gives_byte_identical_arrow_files_a_year_later(tiny_models
     assert arrow_files(now, pinned) == arrow_files(next_year, pinned)
     # Unpinned, the moved clock reaches the tokens: the comparison above can fail.
     assert arrow_files(now, {}) != arrow_files(next_year, {})
+
+
+def test_inspect_labels_marks_what_trains(tiny_models, capsys):
+    from vlm_pipeline.commands import main
+
+    data = PROJECT_ROOT / "data/01_raw/alpaca_glossary/train.jsonl"
+    with pytest.raises(SystemExit) as exit_code:
+        main(["inspect-labels", "--model", str(tiny_models["llama"]), str(data), "-n", "2"])
+    assert exit_code.value.code == 0
+    out = capsys.readouterr().out
+    first = json.loads(data.read_text().splitlines()[0])
+    assert f"{data}:1: " in out and f"{data}:2: " in out and f"{data}:3: " not in out
+    assert f"[[{first['output']}<|eot_id|>]]" in out  # not a terminal: brackets, not colour
+    assert out.count("[[") == 2 and "Today Date: 26 Jul 2024" in out

@@ -7,6 +7,7 @@
     vlm-pipeline metrics [data/08_reporting/lora/metrics.json]
     vlm-pipeline recipe a|b|c|d|b-qlora [--cpu-smoke]
     vlm-pipeline predict --model DIR [--adapter DIR] [--image PATH] --prompt TEXT [--max-new-tokens N]
+    vlm-pipeline inspect-labels --model DIR DATA.jsonl [-n 3] [--image-root DIR] [--chat-template FILE]
     vlm-pipeline plan [--recipe a|b|c|d|b-qlora | --env ENV --pipeline lora|full_ft] [--model-config DIR]
                       [--records N] [--gpu-memory-gb G]
 """
@@ -188,6 +189,33 @@ def _predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def _inspect_labels(args: argparse.Namespace) -> int:
+    """Each record rendered with the model's own chat template, the trained tokens marked, and their counts."""
+    from vlm_pipeline.architectures import load_chat_encoder
+    from vlm_pipeline.config.schema import PreprocessingParams
+    from vlm_pipeline.data.encoding import encode_record
+    from vlm_pipeline.data.report import BRACKETS, COLOUR, label_preview
+    from vlm_pipeline.data.validation import validate_lines
+
+    data = Path(args.data)
+    image_root = Path(args.image_root) if args.image_root else data.parent
+    lines = data.read_bytes().splitlines()
+    result = validate_lines(lines, image_root, max_image_pixels=DEFAULT_MAX_IMAGE_PIXELS, duplicates="keep")
+    preprocessing = PreprocessingParams(chat_template=args.chat_template, train_on=args.train_on).model_dump()
+    encoder = load_chat_encoder(args.model, preprocessing)
+    marks = COLOUR if sys.stdout.isatty() else BRACKETS
+    for record in result.valid[: args.n]:
+        row = encode_record(encoder, record, image_root, max_length=10**9, train_on=args.train_on, truncate_text_only=False)
+        if row["reason"]:
+            print(f"{data}:{row['source_line']}: {row['reason']}: {row['detail']}\n")
+            continue
+        (block,) = label_preview(encoder.tokenizer, [row], marks)
+        print(f"{data}:{block.removeprefix('line ')}\n")
+    for entry in result.quarantine[: args.n]:
+        print(f"{data}:{entry['line']}: {entry['reason']}: {entry['detail']}", file=sys.stderr)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vlm-pipeline", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -235,6 +263,15 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--prompt", required=True)
     predict.add_argument("--max-new-tokens", type=int, default=32)
     predict.set_defaults(func=_predict)
+
+    inspect = commands.add_parser("inspect-labels", help="show which tokens of each record train, with the model's template")
+    inspect.add_argument("data", help="a JSONL file (any supported format)")
+    inspect.add_argument("--model", required=True, help="model directory whose chat template and processor to use")
+    inspect.add_argument("-n", type=int, default=3, help="records to show (default 3)")
+    inspect.add_argument("--image-root", help="folder the image paths are relative to (default: the file's folder)")
+    inspect.add_argument("--chat-template", help="a .jinja file replacing the model's template (preprocessing.chat_template)")
+    inspect.add_argument("--train-on", default="all_assistant_turns", choices=["all_assistant_turns", "last_assistant_turn"])
+    inspect.set_defaults(func=_inspect_labels)
     return parser
 
 

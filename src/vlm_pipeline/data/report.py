@@ -4,12 +4,15 @@ from __future__ import annotations
 
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 
 matplotlib.use("Agg")  # reports are written headless (CI, GPU hosts)
 import matplotlib.pyplot as plt  # noqa: E402
 from PIL import Image  # noqa: E402
+
+from vlm_pipeline.data.encoding import IGNORE_INDEX  # noqa: E402
 
 
 def padding_share(lengths: list[int], batch_size: int, *, group_by_length: bool) -> float:
@@ -77,7 +80,54 @@ def data_figure(reasons: Counter, lengths: list[int], sizes: list[tuple[int, int
     return figure
 
 
-def data_markdown(validation: dict[str, dict], preprocessing: dict, reasons: Counter, sizes: list[tuple[int, int]]) -> str:
+COLOUR = ("\x1b[1;30;42m", "\x1b[0m")  # trained tokens: black on green
+BRACKETS = ("[[", "]]")
+
+
+def marked_labels(tokenizer: Any, input_ids: list[int], labels: list[int], marks: tuple[str, str] = BRACKETS) -> str:
+    """The rendered conversation with the trained tokens between ``marks``; runs of one repeated token (the
+    expanded image placeholders) are shown once with their count."""
+    pieces, run = [], []
+    for index, (token, label) in enumerate(zip(input_ids, labels, strict=True)):
+        run.append(token)
+        trained = label != IGNORE_INDEX
+        ends = index + 1 == len(input_ids) or (labels[index + 1] != IGNORE_INDEX) != trained
+        if ends:
+            text = _collapse_repeats(tokenizer, run)
+            pieces.append(f"{marks[0]}{text}{marks[1]}" if trained else text)
+            run = []
+    return "".join(pieces)
+
+
+def _collapse_repeats(tokenizer: Any, tokens: list[int]) -> str:
+    added = set(tokenizer.get_added_vocab().values())  # special and control tokens, image placeholders included
+    out, text = [], []
+    start = 0
+    while start < len(tokens):
+        end = start
+        while end < len(tokens) and tokens[end] == tokens[start]:
+            end += 1
+        if tokens[start] in added and end - start > 1:
+            out += [tokenizer.decode(text), f"{tokenizer.decode([tokens[start]])}×{end - start}"]
+            text = []
+        else:
+            text += tokens[start:end]  # decoded together: a character split across tokens stays whole
+        start = end
+    return "".join(out + [tokenizer.decode(text)])
+
+
+def label_preview(tokenizer: Any, rows: list[dict], marks: tuple[str, str] = BRACKETS) -> list[str]:
+    """One block per row: its source line, trained/total token counts, and the marked conversation."""
+    blocks = []
+    for row in rows:
+        trained = sum(label != IGNORE_INDEX for label in row["labels"])
+        header = f"line {row['source_line']}: {trained} of {len(row['input_ids'])} tokens trained"
+        blocks.append(f"{header}\n{marked_labels(tokenizer, row['input_ids'], row['labels'], marks)}")
+    return blocks
+
+
+def data_markdown(validation: dict[str, dict], preprocessing: dict, reasons: Counter, sizes: list[tuple[int, int]],
+                  previews: list[str] = ()) -> str:  # fmt: skip
     """A short Markdown summary of the two stages."""
     lines = ["# Data report", "", "| split | lines | valid | quarantined | too long | kept | truncated |", "|---|---|---|---|---|---|---|"]
     for split in ("train", "test"):
@@ -105,6 +155,12 @@ def data_markdown(validation: dict[str, dict], preprocessing: dict, reasons: Cou
     if sizes:
         widths, heights = zip(*sizes, strict=True)
         lines.append(f"- images: {len(sizes)}, width {min(widths)}-{max(widths)} px, height {min(heights)}-{max(heights)} px")
+    if previews:
+        lines += ["", f"## What trains: the first {len(previews)} training records", "",
+                  f"Trained tokens (labels) are between {BRACKETS[0]} {BRACKETS[1]}; everything else is masked.", ""]
+        for preview in previews:
+            header, text = preview.split("\n", 1)
+            lines += [f"**{header}**", "", "```text", text, "```", ""]
     lines += ["", "Quarantined records, with line numbers and reasons: `data/02_intermediate/<split>/quarantine.jsonl`"
               " and `data/03_primary/<split>_set_aside.jsonl`.", ""]  # fmt: skip
     return "\n".join(lines)

@@ -40,7 +40,7 @@ def create_pipeline(**kwargs) -> Pipeline:
         build_data_report,
         inputs=[
             "train_validation_report", "test_validation_report", "preprocessing_report", "train_records",
-            "train_tokenized@arrow", "params:raw_data", "params:preprocessing",
+            "train_tokenized@arrow", "base_model", "params:raw_data", "params:preprocessing", "params:trust_remote_code",
         ],  # fmt: skip
         outputs=["data_report_markdown", "data_report_figure"],
         name="build_data_report",
