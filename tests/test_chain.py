@@ -130,6 +130,14 @@ def assert_token_never_written(project: Path) -> None:
             assert HUB_TOKEN.encode() not in path.read_bytes(), path
 
 
+def assert_clean_model_folder(folder: Path) -> None:
+    """What we hand back is what from_pretrained and serving tools read: no pickle, no training log."""
+    names = {path.name for path in folder.iterdir()}
+    assert {"config.json", "model.safetensors", "generation_config.json", "tokenizer.json", "chat_template.jinja"} <= names
+    assert not [n for n in names if n.endswith((".bin", ".pt", ".pth", ".pkl", ".pickle"))], names
+    assert not names & {"training_history.json", "run_info.json", "trainable_parameters.json", "run_config.json"}
+
+
 def test_lora_chain_on_qwen2_5_vl(project, tiny_models, monkeypatch):
     """The default configuration, unshortened: the tuned model must generalise to the held-out test set."""
     shutil.copytree(tiny_models["qwen2_5_vl"], project / "data/00_base_models/tiny-qwen2_5_vl")
@@ -147,6 +155,7 @@ def test_lora_chain_on_qwen2_5_vl(project, tiny_models, monkeypatch):
     assert summary["tensors"] == count and summary["parameters"] > 0 and summary["r"] == 16
     merged = project / "data/06_models/lora/merged"
     assert load_model(merged) is not None  # from_pretrained alone
+    assert_clean_model_folder(merged)
     check = json.loads((project / "data/08_reporting/lora/merge_check.json").read_text())
     assert check["passed"] and check["max_abs_diff"] < 1e-4 and check["records"] > 0
     n_test = len(read_jsonl(project / "data/02_intermediate/test/valid.jsonl"))
@@ -170,6 +179,8 @@ def test_full_ft_chain_on_qwen2_5_vl(project, tiny_models):
 
     merged = project / "data/06_models/full_ft/merged"
     assert (merged / "model.safetensors").is_file() and not (merged / "adapter_config.json").exists()
+    assert_clean_model_folder(merged)
+    assert not (project / "data/06_models/full_ft/trained/training_args.bin").exists()
     assert not (project / "data/06_models/full_ft/adapter").exists()
     n_test = len(read_jsonl(project / "data/02_intermediate/test/valid.jsonl"))
     assert_evaluation(project, "full_ft", n_test)

@@ -25,10 +25,14 @@ def load_params(env: str = "base") -> dict:
     return loader["parameters"]
 
 
+# Free-form mappings whose keys belong to another library (template variables), not to the schema.
+FREE_FORM = {("preprocessing", "template_kwargs")}
+
+
 def leaf_paths(tree: dict, prefix: tuple = ()) -> list[tuple]:
     paths = []
     for key, value in tree.items():
-        if isinstance(value, dict) and value:
+        if isinstance(value, dict) and value and prefix + (key,) not in FREE_FORM:
             paths += leaf_paths(value, prefix + (key,))
         else:
             paths.append(prefix + (key,))

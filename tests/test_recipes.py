@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from conftest import PROJECT_ROOT
-from test_chain import run_kedro
+from test_chain import assert_clean_model_folder, run_kedro
 from test_config import load_params
 from vlm_pipeline.config import validate_parameters
 from vlm_pipeline.recipes import CPU_SMOKE_STEPS, RECIPES, cpu_smoke_params
@@ -21,7 +21,8 @@ from vlm_pipeline.recipes import CPU_SMOKE_STEPS, RECIPES, cpu_smoke_params
 # The issue's table of the seeds' values, per recipe: (parameter path, value).
 SEED_TABLE = {
     "a": {
-        "sft.accelerate_config": "conf/accelerate/deepspeed_zero3.yaml",
+        "model.dtype": "bfloat16",  # seed 000: --torch_dtype bfloat16
+        "model.attn_implementation": "flash_attention_2",  # seed 000: attn_implementation "flash"
         "sft.bf16": True,
         "sft.optim": "adamw_torch_fused",
         "sft.adam_beta1": 0.9,
@@ -41,6 +42,7 @@ SEED_TABLE = {
         "sft.save_total_limit": 3,
     },
     "b": {
+        "model.dtype": "float16",  # seed 001: torch_dtype=torch.float16
         "sft.fp16": True,
         "sft.bf16": False,
         "sft.per_device_train_batch_size": 2,
@@ -64,6 +66,7 @@ SEED_TABLE = {
         "sft.gradient_accumulation_steps": 2,
     },
     "c": {
+        "model.dtype": "bfloat16",  # seed 003: bf16, all tensors bfloat16
         "sft.accelerate_config": "conf/accelerate/fsdp.yaml",
         "sft.bf16": True,
         "sft.fp16": False,
@@ -80,6 +83,7 @@ SEED_TABLE = {
         "sft.dataloader_num_workers": 1,
     },
     "d": {
+        "model.dtype": "bfloat16",  # seed 004: bf16 = True
         "raw_data": "data/01_raw/alpaca_glossary",
         "sft.bf16": True,
         "sft.optim": "adamw_torch",
@@ -165,6 +169,7 @@ def test_recipe_runs_end_to_end_on_cpu_with_a_tiny_model(name, project, tiny_mod
     quantization = params.lora.method.quantization if recipe.pipeline == "lora" else None
     if quantization is not None:  # (b) 8-bit, (b-qlora) 4-bit: trained on bitsandbytes layers ...
         assert set(run_info["quantized_layers"]) == {"Linear8bitLt" if quantization.load_in_8bit else "Linear4bit"}
+    assert_clean_model_folder(project / "data/06_models" / recipe.pipeline / "merged")
     if recipe.pipeline == "lora":  # ... and merged into the unquantized base, verified in float32
         check = metrics["merge_check"]
         assert check["passed"] and check["dtype"] == "float32" and check["max_abs_diff"] < 1e-4
