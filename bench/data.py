@@ -23,6 +23,7 @@ from pathlib import Path
 from datasets import Dataset, disable_progress_bars
 
 from vlm_pipeline.architectures import load_processor
+from vlm_pipeline.config.schema import PreprocessingParams
 from vlm_pipeline.data.encoding import attach_images, load_images
 from vlm_pipeline.data.validation import validate_lines
 from vlm_pipeline.pipelines.preprocessing.nodes import tokenize_split
@@ -101,8 +102,7 @@ def main() -> None:
         print(f"validate images: {args.image_records} records in {seconds:.2f} s = {args.image_records / seconds:,.0f} rows/s")
 
         records = result.valid[: args.preprocess_records]
-        params = {"max_length": 512, "train_on": "all_assistant_turns", "truncate_text_only": False, "num_proc": 1,
-                  "images": {}}  # fmt: skip
+        params = PreprocessingParams(max_length=512).model_dump()
         bare_map(records[:20], args.model, root)  # warm-up: first-call costs land in neither side
         # Alternate the two sides and take medians, so drift on a shared machine hits both alike.
         bare_times, our_times = [], []

@@ -6,6 +6,7 @@ Step counts are shrunk through run-time parameters; everything else is the commi
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import subprocess
 import sys
@@ -91,6 +92,11 @@ def assert_evaluation(project: Path, variant: str, test_records: int) -> dict:
     assert {"prompt", "images", "reference", "base", "tuned"} <= set(predictions[0])
     # Training moved the model: the tuned loss on held-out records is below the random base's.
     assert metrics["tuned"]["loss"] < metrics["base"]["loss"]
+    # Something trained: a loss of 0 (no label token) or NaN is a failure, at every step and in evaluation.
+    history = json.loads((project / f"data/06_models/{variant}/training_history.json").read_text())
+    losses = [entry["loss"] for entry in history if "loss" in entry]
+    assert losses and all(math.isfinite(loss) and loss > 0 for loss in losses), losses
+    assert all(math.isfinite(metrics[m]["loss"]) and metrics[m]["loss"] > 0 for m in ("base", "tuned"))
     return metrics
 
 

@@ -10,6 +10,7 @@ import torch
 
 from vlm_pipeline.architectures import get_architecture, load_processor
 from vlm_pipeline.data.encoding import IGNORE_INDEX, TOO_LONG, encode_messages, encode_record, load_images
+from vlm_pipeline.config.schema import PreprocessingParams
 from vlm_pipeline.data.formats import normalise_record
 from conftest import PROJECT_ROOT, chat_encoder
 
@@ -121,8 +122,7 @@ def test_parallel_preprocessing_gives_the_same_rows(tiny_models):
     from vlm_pipeline.pipelines.preprocessing.nodes import tokenize_split
 
     records = validate_lines((SHAPES / "train.jsonl").read_bytes().splitlines()[:32], SHAPES, max_image_pixels=10**8).valid
-    params = {"max_length": 512, "train_on": "all_assistant_turns", "truncate_text_only": False, "images": {},
-              "chat_template": None, "template_kwargs": {}}  # fmt: skip
+    params = PreprocessingParams(max_length=512).model_dump()
     serial, _, _ = tokenize_split(records, tiny_models["qwen2_5_vl"], str(SHAPES), {**params, "num_proc": 1}, {})
     parallel, _, _ = tokenize_split(records, tiny_models["qwen2_5_vl"], str(SHAPES), {**params, "num_proc": 2}, {})
     assert serial.to_list() == parallel.to_list() and len(serial) == 32

@@ -23,6 +23,7 @@ from vlm_pipeline.data.encoding import (
     encode_record,
 )
 from vlm_pipeline.data.labels import ChatEncoder, ChatTemplateError
+from vlm_pipeline.config.schema import PreprocessingParams
 from vlm_pipeline.data.formats import normalise_record
 
 SHAPES = PROJECT_ROOT / "data/01_raw/shapes_vqa"
@@ -192,8 +193,7 @@ def test_a_template_that_rewrites_earlier_turns_stops_preprocessing_naming_model
 
     template = tmp_path / "rewriting.jinja"
     template.write_text(REWRITING.replace("{%- generation -%}", "").replace("{%- endgeneration -%}", ""))
-    params = {"max_length": 512, "train_on": "all_assistant_turns", "truncate_text_only": False, "num_proc": 1,
-              "images": {}, "chat_template": str(template), "template_kwargs": {}}  # fmt: skip
+    params = PreprocessingParams(chat_template=str(template), template_kwargs={}).model_dump()
     records = [conversation(system=False, images=[])]
     with pytest.raises(ChatTemplateError) as error:
         tokenize_split(records, tiny_models["llama"], str(SHAPES), params, {})
@@ -213,8 +213,7 @@ def test_records_without_label_tokens_are_set_aside_and_a_set_of_them_stops(tiny
 
     template = tmp_path / "silent.jinja"
     template.write_text(SILENT_ASSISTANT)
-    params = {"max_length": 512, "train_on": "all_assistant_turns", "truncate_text_only": False, "num_proc": 1,
-              "images": {}, "chat_template": str(template), "template_kwargs": {}}  # fmt: skip
+    params = PreprocessingParams(chat_template=str(template), template_kwargs={}).model_dump()
     records = [conversation(system=False, images=[]), {**conversation(system=True, images=[]), "source_line": 9}]
     kept, set_aside, report = tokenize_split(records, tiny_models["llama"], str(SHAPES), params, {})
     assert len(kept) == 0 and [(row["line"], row["reason"]) for row in set_aside] == [(7, NO_LABEL_TOKENS), (9, NO_LABEL_TOKENS)]
@@ -270,3 +269,39 @@ def test_inspect_labels_marks_what_trains(tiny_models, capsys):
     assert f"{data}:1: " in out and f"{data}:2: " in out and f"{data}:3: " not in out
     assert f"[[{first['output']}<|eot_id|>]]" in out  # not a terminal: brackets, not colour
     assert out.count("[[") == 2 and "Today Date: 26 Jul 2024" in out
+
+
+@pytest.mark.parametrize("stop", ["<|end_of_text|>", "<|eom_id|>", "<|eot_id|>"])
+def test_generation_stops_on_every_end_token_of_the_checkpoints_generation_config(tiny_models, stop):
+    """Llama-3.1-8B-Instruct's generation_config.json lists three end tokens; a model whose first answer token is
+    any of them answers nothing, through the evaluation stage's own generation."""
+    import torch
+
+    from vlm_pipeline.architectures import load_model
+    from vlm_pipeline.scoring import generate_answers
+
+    encoder = chat_encoder(tiny_models["llama"])
+    model = load_model(tiny_models["llama"]).eval()
+    stop_id = encoder.tokenizer.convert_tokens_to_ids(stop)
+    assert stop_id in model.generation_config.eos_token_id
+    prompt = encoder.tokenizer.convert_tokens_to_ids("ĊĊ")  # "\n\n", the generation prompt's last token
+    with torch.no_grad():  # layers add nothing, so the last hidden state is the prompt token's normed embedding
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+        hidden = model.model.norm(model.model.embed_tokens.weight[prompt])
+        model.lm_head.weight.zero_()
+        model.lm_head.weight[stop_id] = 100 * hidden  # the stop token wins the first step by far
+
+    record = {"messages": [{"role": "user", "content": [text("Define beam.")]}, {"role": "assistant", "content": [text("x")]}],
+              "images": []}  # fmt: skip
+    inputs = encoder.processor.apply_chat_template(
+        [{"role": "user", "content": "Define beam."}], add_generation_prompt=True, tokenize=True, return_dict=True,
+        return_tensors="pt", **encoder.render_kwargs,
+    )  # fmt: skip
+    assert inputs["input_ids"][0, -1].item() == prompt
+    with torch.no_grad():
+        generated = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+    assert generated[0, inputs["input_ids"].shape[1] :].tolist() == [stop_id]  # stopped after the first token
+    assert generate_answers(model, encoder, get_architecture("llama"), [record], SHAPES, max_new_tokens=4,
+                            batch_size=1) == [""]  # fmt: skip

@@ -11,6 +11,7 @@ import pytest
 
 from vlm_pipeline.architectures import get_architecture, load_model, load_processor
 from vlm_pipeline.data.validation import validate_lines
+from vlm_pipeline.config.schema import PreprocessingParams
 from vlm_pipeline.pipelines.preprocessing.nodes import tokenize_split
 from vlm_pipeline.training.collator import SFTCollator
 from vlm_pipeline.training.launcher import resolve_run_config
@@ -44,7 +45,7 @@ def mixed_records() -> list[dict]:
 def test_mllama_trains_on_a_mixed_dataset(tmp_path, tiny_models):
     records = mixed_records()
     assert {bool(r["images"]) for r in records} == {True, False}
-    params = {"max_length": 512, "train_on": "all_assistant_turns", "truncate_text_only": False, "num_proc": 1, "images": {}}
+    params = PreprocessingParams(max_length=512).model_dump()
     train, quarantine, _ = tokenize_split(records, tiny_models["mllama"], str(RAW / "shapes_vqa"), params, {})
     assert not quarantine
     # Why the sampler matters: one batch with both kinds of row does not run on Mllama.

@@ -89,7 +89,8 @@ class ChatEncoder:
             if message["role"] != "assistant":
                 continue
             before = self.render_ids(conversation[:turn], add_generation_prompt=True)
-            through = self.render_ids(conversation[: turn + 1], add_generation_prompt=False)
+            last_message = turn == len(conversation) - 1  # the usual case: its rendering is the whole conversation
+            through = full if last_message else self.render_ids(conversation[: turn + 1], add_generation_prompt=False)
             _require_prefix(before, through, f"up to assistant turn {turn} with the generation prompt", "that turn")
             _require_prefix(through, full, f"up to the end of assistant turn {turn}", "the whole conversation")
             span = through[len(before) :]
