@@ -54,6 +54,10 @@ def assert_data_stages(project: Path, raw: Path) -> None:
         row = tokenized[0]
         assert -100 in row["labels"] and any(t != -100 for t in row["labels"])
         assert len(row["labels"]) == len(row["input_ids"])
+    # The data report shows what trains in the first training records, as `vlm-pipeline inspect-labels` does.
+    report = (project / "data/08_reporting/data_report.md").read_text(encoding="utf-8")
+    first = read_jsonl(project / "data/02_intermediate/train/valid.jsonl")[0]["messages"][-1]["content"][0]["text"]
+    assert "## What trains" in report and f"[[{first}" in report
 
 
 def assert_mlflow_run(project: Path, pipeline: str, expect_adapter: bool) -> None:

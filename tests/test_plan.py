@@ -82,15 +82,41 @@ def test_plan_prints_each_recipe_from_its_real_config(name):
         assert line in result.stdout, result.stdout
 
 
-def test_over_budget_names_the_settings_that_fit():
-    result = subprocess.run([*VLM_PLAN, "--recipe", "d", "--records", "2400", "--gpu-memory-gb", "24"],
+def plan_changes(gpu_memory_gb: int) -> list[str]:
+    result = subprocess.run([*VLM_PLAN, "--recipe", "d", "--records", "2400", "--gpu-memory-gb", str(gpu_memory_gb)],
                             capture_output=True, text=True, cwd=PROJECT_ROOT, timeout=120)  # fmt: skip
-    assert result.returncode == 1 and "DOES NOT FIT in 24 GB" in result.stdout, result.stdout
-    # fp32 8B weights alone are 32 GB: checkpointing, smaller batches and an 8-bit optimizer cannot make it fit;
-    # with them, QLoRA does.
-    changes = result.stdout.split("would fit with these changes together")[1]
-    assert "+ sft.gradient_checkpointing=true" in changes and changes.rstrip().splitlines()[-1].startswith(
-        "    + method.quantization.load_in_4bit=true (QLoRA)")  # fmt: skip
+    assert result.returncode == 1 and f"DOES NOT FIT in {gpu_memory_gb} GB" in result.stdout, result.stdout
+    return result.stdout.split("would fit with these changes together")[1].rstrip().splitlines()[1:]
+
+
+def test_over_budget_names_the_settings_that_fit():
+    # Recipe (d) loads the 8B base in bf16 (15 GiB of weights): at 24 GB checkpointing and smaller batches
+    # suffice; at 16 GB only QLoRA, after them and an 8-bit optimizer, does.
+    assert [line.split(":")[0].strip() for line in plan_changes(24)] == [
+        "+ sft.gradient_checkpointing=true", "+ sft.per_device_train_batch_size halved, gradient_accumulation_steps doubled"
+    ]  # fmt: skip
+    changes = plan_changes(16)
+    assert changes[0].startswith("    + sft.gradient_checkpointing=true")
+    assert changes[-1].startswith("    + method.quantization.load_in_4bit=true (QLoRA)")
+
+
+def test_the_weights_follow_the_load_dtype():
+    from vlm_pipeline.config import validate_parameters
+    from vlm_pipeline.planning.plan import build_plan
+    from test_config import load_params
+
+    params = validate_parameters(load_params("llama_text_lora"))
+    weights = {
+        dtype: build_plan(
+            model_dir=PROJECT_ROOT / RECIPES["d"].model_config, sft=params.sft.model_copy(update={
+                "accelerate_config": str(PROJECT_ROOT / params.sft.accelerate_config)}),
+            method=params.lora.method, images={}, records=2400, max_length=512, load_dtype=dtype,
+        )["memory_gib"]["weights"]
+        for dtype in ("float32", "bfloat16", "auto")
+    }  # fmt: skip
+    # 8.03B frozen parameters at 4 or 2 bytes, plus the float32 adapters; auto reads the checkpoint's bfloat16.
+    assert weights["float32"] == pytest.approx(30.0, abs=0.3) and weights["bfloat16"] == pytest.approx(15.1, abs=0.2)
+    assert weights["auto"] == weights["bfloat16"]
 
 
 def test_training_stops_at_the_plan_before_any_model_loads(project, tiny_models):
