@@ -84,11 +84,12 @@ def test_loads_with_the_real_classes(built):
         real = REAL[architecture.name].image_processor_settings()
         if architecture.name == "qwen2_5_vl":  # transformers 5 stores min/max pixels as size edges
             real["size"] = {"shortest_edge": real.pop("min_pixels"), "longest_edge": real.pop("max_pixels")}
+        if architecture.name == "mllama":  # the tile's pixels are a size: the one setting the twin shrinks
+            assert real.pop("size") == {"height": 560, "width": 560} and saved["size"] == {"height": 56, "width": 56}
         assert {key: saved[key] for key in real} == real
     # The real checkpoint's chat template, byte for byte.
     assert processor.chat_template == REAL[architecture.name].chat_template()
-    # Mllama: most are the tile position embeddings of the real 560-pixel tiles (9 ratios × 4 tiles × 1601).
-    assert sum(p.numel() for p in model.parameters()) < 3_000_000
+    assert sum(p.numel() for p in model.parameters()) < 1_000_000
     assert all(p.dtype == torch.float32 for p in model.parameters())
     assert not any(path.name.startswith(".") for path in model_dir.parent.iterdir())
     assert not list(model_dir.glob("*.bin"))  # safetensors only
