@@ -13,7 +13,7 @@ TINY_MODEL := data/00_base_models/tiny-qwen2_5_vl
 export DVC_NO_ANALYTICS := 1
 export PYTHONUNBUFFERED := 1
 
-.PHONY: install model run test viz clean
+.PHONY: install model run test test-fast viz clean
 
 $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -37,6 +37,10 @@ run: model
 
 test: install
 	$(BIN)/python -m pytest -q
+
+# The inner loop: everything but Kedro sessions, subprocesses and training runs (the `slow` marker).
+test-fast: install
+	$(BIN)/python -m pytest -q -m "not slow"
 
 viz: install
 	$(BIN)/kedro viz build

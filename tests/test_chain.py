@@ -21,6 +21,8 @@ from safetensors import safe_open
 
 from vlm_pipeline.architectures import load_model
 
+pytestmark = pytest.mark.slow  # Kedro sessions, subprocesses or training runs: `make test` only
+
 SHORT_TRAINING = {"sft": {"max_steps": 12, "logging_steps": 2, "save_steps": 6}}
 
 

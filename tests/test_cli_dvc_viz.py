@@ -4,6 +4,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 import json
 import os
 import shutil
@@ -12,6 +14,8 @@ import sys
 from pathlib import Path
 
 from conftest import PROJECT_ROOT, copy_project
+
+pytestmark = pytest.mark.slow  # Kedro sessions, subprocesses or training runs: `make test` only
 
 BIN = Path(sys.executable).parent
 

@@ -145,6 +145,7 @@ def test_trust_remote_code_is_off_by_default_and_warns_when_on(caplog, tmp_path)
     assert "trust_remote_code is true" in caplog.text
 
 
+@pytest.mark.slow
 def test_a_bad_parameter_stops_the_run_before_any_node(project):
     bootstrap_project(project)
     with KedroSession.create(project_path=project, runtime_params={"sft": {"evaluation_strateg": "steps"}}) as session:

@@ -19,6 +19,8 @@ from conftest import PROJECT_ROOT, copy_project, run_data_stages
 from vlm_pipeline.architectures import load_model
 from vlm_pipeline.training.launcher import launch_command, resolve_run_config, write_run_config
 
+pytestmark = pytest.mark.slow  # Kedro sessions, subprocesses or training runs: `make test` only
+
 GLOBAL_BATCH = 4
 ENGINES = {
     "cpu_ddp": {"distributed_type": "MULTI_CPU", "engine": "DistributedDataParallel", "dtensor_parameters": False},

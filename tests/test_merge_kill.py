@@ -6,6 +6,8 @@ logits check passed; this kills a real `kedro run` of the adapter stage while th
 
 from __future__ import annotations
 
+import pytest
+
 import hashlib
 import os
 import signal
@@ -17,6 +19,8 @@ from pathlib import Path
 from conftest import copy_project
 from test_chain import run_kedro
 from vlm_pipeline.architectures import load_model
+
+pytestmark = pytest.mark.slow  # Kedro sessions, subprocesses or training runs: `make test` only
 
 
 def digest(path: Path) -> str:

@@ -42,6 +42,7 @@ def mixed_records() -> list[dict]:
     return validate_lines(vqa + text, RAW / "shapes_vqa", max_image_pixels=10**8).valid
 
 
+@pytest.mark.slow
 def test_mllama_trains_on_a_mixed_dataset(tmp_path, tiny_models):
     records = mixed_records()
     assert {bool(r["images"]) for r in records} == {True, False}

@@ -40,6 +40,7 @@ def test_flash_attention_without_its_package_stops_before_any_model_loads(monkey
         check_parameters(params, PROJECT_ROOT)
 
 
+@pytest.mark.slow
 def test_lora_over_a_bf16_base_trains_float32_adapters(tiny_models, tmp_path):
     from datasets import Dataset
 

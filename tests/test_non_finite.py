@@ -16,6 +16,8 @@ from vlm_pipeline.training.checkpoints import last_complete_checkpoint
 from vlm_pipeline.training.launcher import resolve_run_config
 from vlm_pipeline.training.trainer import NonFiniteTrainingError, build_trainer
 
+pytestmark = pytest.mark.slow  # Kedro sessions, subprocesses or training runs: `make test` only
+
 POISON = 7  # a token id only the third row contains
 
 

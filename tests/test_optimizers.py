@@ -8,6 +8,8 @@ from conftest import PROJECT_ROOT, copy_project, run_data_stages
 from vlm_pipeline.training.launcher import resolve_run_config
 from vlm_pipeline.training.trainer import build_trainer
 
+pytestmark = pytest.mark.slow  # Kedro sessions, subprocesses or training runs: `make test` only
+
 STEPS = 8
 
 

@@ -72,6 +72,7 @@ def test_memory_terms_on_the_real_llama_8b_config():
     assert weights[4] / GIB == pytest.approx(7.3, abs=0.1)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(RECIPES))
 def test_plan_prints_each_recipe_from_its_real_config(name):
     result = subprocess.run([*VLM_PLAN, "--recipe", name, "--records", "2400"], capture_output=True, text=True,
@@ -89,6 +90,7 @@ def plan_changes(gpu_memory_gb: int) -> list[str]:
     return result.stdout.split("would fit with these changes together")[1].rstrip().splitlines()[1:]
 
 
+@pytest.mark.slow
 def test_over_budget_names_the_settings_that_fit():
     # Recipe (d) loads the 8B base in bf16 (15 GiB of weights): at 24 GB checkpointing and smaller batches
     # suffice; at 16 GB only QLoRA, after them and an 8-bit optimizer, does.
@@ -119,6 +121,7 @@ def test_the_weights_follow_the_load_dtype():
     assert weights["auto"] == weights["bfloat16"]
 
 
+@pytest.mark.slow
 def test_training_stops_at_the_plan_before_any_model_loads(project, tiny_models):
     shutil.copytree(tiny_models["qwen2_5_vl"], project / "data/00_base_models/tiny-qwen2_5_vl")
     run_data_stages(project)

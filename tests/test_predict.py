@@ -13,6 +13,8 @@ from peft import LoraConfig, get_peft_model
 from conftest import PROJECT_ROOT
 from vlm_pipeline.architectures import load_model
 
+pytestmark = pytest.mark.slow  # Kedro sessions, subprocesses or training runs: `make test` only
+
 IMAGE = PROJECT_ROOT / "data/01_raw/shapes_vqa/images/test_0000.png"
 
 

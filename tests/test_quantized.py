@@ -18,6 +18,8 @@ from conftest import PROJECT_ROOT, copy_project, run_data_stages
 from vlm_pipeline.training.launcher import resolve_run_config
 from vlm_pipeline.training.trainer import build_trainer, run
 
+pytestmark = pytest.mark.slow  # Kedro sessions, subprocesses or training runs: `make test` only
+
 QLORA = {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": True,
          "bnb_4bit_compute_dtype": "bfloat16"}  # fmt: skip
 

@@ -130,6 +130,7 @@ def test_recipe_carries_the_seed_values(name):
         assert fsdp["fsdp_use_orig_params"] is False and fsdp["fsdp_offload_params"] is False
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(RECIPES))
 def test_recipe_runs_end_to_end_on_cpu_with_a_tiny_model(name, project, tiny_models):
     recipe = RECIPES[name]

@@ -8,6 +8,8 @@ and with the same adapter as an uninterrupted run.
 
 from __future__ import annotations
 
+import pytest
+
 import json
 import os
 import re
@@ -22,6 +24,8 @@ from safetensors.torch import load_file
 
 from conftest import copy_project, run_data_stages
 from vlm_pipeline.recipes import as_cli_params
+
+pytestmark = pytest.mark.slow  # Kedro sessions, subprocesses or training runs: `make test` only
 
 STEPS = 40
 PARAMS = {"sft": {"max_steps": STEPS, "save_steps": 4, "logging_steps": 1, "save_total_limit": 3}}
