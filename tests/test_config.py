@@ -154,3 +154,42 @@ def test_a_bad_parameter_stops_the_run_before_any_node(project):
     assert not (project / "data/02_intermediate").exists()
     while mlflow.active_run():  # kedro-mlflow may have opened the run before the check stopped it
         mlflow.end_run()
+
+
+# Per-variant method blocks are choices, not defaults: output_dir and learning_rate have none in the schema, and
+# conf/base's demo trains lm_head in full (modules_to_save), which the schema must not impose on an 8B recipe.
+VARIANT_BLOCKS = ("lora", "full_ft")
+
+
+def schema_disagreements(model: type[BaseModel], values: dict, prefix: str = "") -> list[str]:
+    found = []
+    for name, field in model.model_fields.items():
+        if name not in values or (not prefix and name in VARIANT_BLOCKS):
+            continue
+        inner = _model_in(field.annotation)
+        if inner is not None and isinstance(values[name], dict) and (prefix + name) not in {".".join(p) for p in FREE_FORM}:
+            found += schema_disagreements(inner, values[name], f"{prefix}{name}.")
+        elif not field.is_required() and field.get_default(call_default_factory=True) != values[name]:
+            found.append(f"{prefix}{name}: schema {field.get_default(call_default_factory=True)!r}, conf/base {values[name]!r}")
+    return found
+
+
+def test_the_schema_defaults_are_conf_bases_values():
+    """One set of defaults: a value written in conf/base/parameters*.yml is the schema's default, so a run config
+    resolved from the schema alone (the trainer's, the tests') trains as `kedro run` does."""
+    assert schema_disagreements(Parameters, load_params()) == []
+
+
+def test_every_committed_parameter_has_its_comment():
+    """Each key set in conf/base has a comment line directly above it (or at its end): what it does, its range."""
+    missing = []
+    for path in sorted((PROJECT_ROOT / "conf/base").glob("parameters*.yml")):
+        lines = path.read_text(encoding="utf-8").splitlines()
+        for number, line in enumerate(lines):
+            key, _, value = line.strip().partition(":")
+            if not key or key.startswith(("#", "-")) or not _ or not value.strip():
+                continue  # comments, list items, and mappings whose keys carry the comments
+            above = lines[number - 1].strip() if number else ""
+            if not above.startswith("#") and "#" not in value:
+                missing.append(f"{path.name}:{number + 1}: {key}")
+    assert missing == []

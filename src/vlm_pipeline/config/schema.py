@@ -189,15 +189,17 @@ class SFTParams(Section):
         False, description="Text-only models: one row per batch with no pad tokens (position_ids mark boundaries)."
     )
     seed: int = Field(42, ge=0, description="Seed for new weights (LoRA), data order and dropout.")
-    num_train_epochs: float = Field(3.0, gt=0, description="Passes over the training set. Range 1-10.")
+    num_train_epochs: float = Field(
+        12, gt=0, description="Passes over the training set. Range 1-10 on real data; the tiny demo needs 12."
+    )
     max_steps: int = Field(-1, ge=-1, description="If > 0, stop after this many optimizer steps (overrides epochs).")
-    per_device_train_batch_size: int = Field(8, ge=1, description="Rows per device per forward pass. 1-16 for VLMs.")
+    per_device_train_batch_size: int = Field(16, ge=1, description="Rows per device per forward pass. 1-16 for VLMs.")
     per_device_eval_batch_size: int = Field(8, ge=1, description="Rows per device per evaluation forward pass.")
     gradient_accumulation_steps: int = Field(
         1, ge=1, description="Forward passes per optimizer step. Effective batch = per-device × this × processes."
     )
     train_sampling_strategy: Literal["random", "sequential", "group_by_length"] = Field(
-        "random", description="Batch order; group_by_length batches similar lengths (less padding)."
+        "group_by_length", description="Batch order; group_by_length batches similar lengths (less padding)."
     )
     optim: Literal[OPTIMIZERS] = Field(  # type: ignore[valid-type]
         "adamw_torch", description="Optimizer (transformers' name). 8bit/paged ones need bitsandbytes."
@@ -208,13 +210,13 @@ class SFTParams(Section):
     adam_epsilon: float = Field(1e-8, gt=0.0, le=1e-3, description="AdamW ε. 1e-8 (1e-6 with fp16 is common).")
     max_grad_norm: float = Field(1.0, ge=0.0, description="Clip the gradient norm to this. 0.3-1.0; 0 = no clip.")
     lr_scheduler_type: Literal[SCHEDULERS] = Field(  # type: ignore[valid-type]
-        "linear", description="Learning-rate schedule: cosine, linear, constant, constant_with_warmup, ..."
+        "cosine", description="Learning-rate schedule: cosine, linear, constant, constant_with_warmup, ..."
     )
     lr_scheduler_kwargs: dict[str, Any] = Field(
         default_factory=dict, description="Extra schedule arguments, e.g. {min_lr_rate: 0.1} for cosine_with_min_lr."
     )
     warmup_steps: float = Field(
-        0, ge=0, description="Linear warm-up: a whole number of steps, or a share of all steps below 1 (e.g. 0.1)."
+        0.05, ge=0, description="Linear warm-up: a whole number of steps, or a share of all steps below 1 (e.g. 0.1)."
     )
     bf16: bool = Field(False, description="bf16 mixed precision (Ampere+ GPUs; CPUs emulate it).")
     fp16: bool = Field(False, description="fp16 mixed precision with loss scaling, for GPUs without bf16.")
@@ -227,7 +229,7 @@ class SFTParams(Section):
     eval_strategy: Literal["no", "steps", "epoch"] = Field("no", description="When to evaluate on the validation split.")
     eval_steps: float | None = Field(None, gt=0, description="Evaluate every N steps (with eval_strategy steps).")
     save_strategy: Literal["no", "steps", "epoch", "best"] = Field("steps", description="When to write checkpoints.")
-    save_steps: float = Field(500, gt=0, description="Checkpoint every N optimizer steps (resume points).")
+    save_steps: float = Field(200, gt=0, description="Checkpoint every N optimizer steps (resume points).")
     save_total_limit: int | None = Field(2, ge=1, description="Keep at most this many checkpoints. 1-5.")
     load_best_model_at_end: bool = Field(
         False, description="End with the checkpoint best on metric_for_best_model (needs eval and save to align)."
@@ -241,7 +243,9 @@ class SFTParams(Section):
         None, description="DDP: search for unused parameters each step (slow); false with FSDP/frozen towers."
     )
     dataloader_num_workers: int = Field(0, ge=0, le=64, description="DataLoader worker processes. 0 = main process.")
-    dataloader_pin_memory: bool = Field(True, description="Pinned host memory for faster host-to-GPU copies.")
+    dataloader_pin_memory: bool = Field(
+        False, description="Pinned host memory for faster host-to-GPU copies; true on GPU hosts (CPU: warns only)."
+    )
 
     @model_validator(mode="before")
     @classmethod
