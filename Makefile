@@ -13,7 +13,7 @@ TINY_MODEL := data/00_base_models/tiny-qwen2_5_vl
 export DVC_NO_ANALYTICS := 1
 export PYTHONUNBUFFERED := 1
 
-.PHONY: install model run test test-fast viz clean
+.PHONY: install model run lint test test-fast viz clean
 
 $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -34,6 +34,11 @@ model: $(TINY_MODEL)/config.json
 run: model
 	$(BIN)/kedro run --pipelines lora
 	$(BIN)/vlm-pipeline metrics data/08_reporting/lora/metrics.json
+
+# ruff (configured in pyproject.toml): lint, and the formatting check. `ruff format .` fixes the latter.
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 
 test: install
 	$(BIN)/python -m pytest -q

@@ -50,8 +50,16 @@ def image_lines(count: int, image_root: Path) -> list[bytes]:
     for i in range(count):
         name = f"images/{i:06d}.png"
         shutil.copyfile(sources[i % len(sources)], image_root / name)
-        record = {"messages": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": f"What colour is shape {i}?"}]},
-                               {"role": "assistant", "content": "red"}], "images": [name]}  # fmt: skip
+        record = {
+            "messages": [
+                {
+                    "role": "user",
+                    "content": [{"type": "image"}, {"type": "text", "text": f"What colour is shape {i}?"}],
+                },
+                {"role": "assistant", "content": "red"},
+            ],
+            "images": [name],
+        }
         lines.append(json.dumps(record).encode())
     return lines
 
@@ -99,7 +107,10 @@ def main() -> None:
         images = image_lines(args.image_records, root)
         result, seconds = timed(validate_lines, images, root, max_image_pixels=12_845_056)
         assert result.report["valid"] == args.image_records
-        print(f"validate images: {args.image_records} records in {seconds:.2f} s = {args.image_records / seconds:,.0f} rows/s")
+        print(
+            f"validate images: {args.image_records} records in {seconds:.2f} s = "
+            f"{args.image_records / seconds:,.0f} rows/s"
+        )
 
         records = result.valid[: args.preprocess_records]
         params = PreprocessingParams(max_length=512).model_dump()
@@ -112,8 +123,10 @@ def main() -> None:
             assert len(kept) == len(records)
             our_times.append(seconds)
         bare, ours = statistics.median(bare_times), statistics.median(our_times)
-        print(f"preprocess {len(records)} image records (median of {args.rounds}): bare datasets.map {bare:.2f} s, "
-              f"ours {ours:.2f} s, ratio ours/bare = {ours / bare:.3f}")  # fmt: skip
+        print(
+            f"preprocess {len(records)} image records (median of {args.rounds}): bare datasets.map {bare:.2f} s, "
+            f"ours {ours:.2f} s, ratio ours/bare = {ours / bare:.3f}"
+        )
 
 
 if __name__ == "__main__":

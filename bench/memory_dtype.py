@@ -48,10 +48,17 @@ def measure(dtype_name: str, model_dir: Path, steps: int) -> int:
     model = load_model(model_dir, dtype=dtype)
     model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules=LORA_TARGETS))
     args = TrainingArguments(
-        output_dir=str(model_dir / f"out-{dtype_name}"), max_steps=steps, per_device_train_batch_size=BATCH,
-        use_cpu=True, bf16=bf16, optim="adamw_torch", report_to="none", save_strategy="no", logging_steps=1,
+        output_dir=str(model_dir / f"out-{dtype_name}"),
+        max_steps=steps,
+        per_device_train_batch_size=BATCH,
+        use_cpu=True,
+        bf16=bf16,
+        optim="adamw_torch",
+        report_to="none",
+        save_strategy="no",
+        logging_steps=1,
         dataloader_num_workers=0,
-    )  # fmt: skip
+    )
     trainer = Trainer(model=model, args=args, train_dataset=rows, data_collator=default_data_collator)
     train_adapters_in_float32(trainer)
     for name, parameter in model.named_parameters():
@@ -73,9 +80,13 @@ def estimate(dtype_name: str, model_dir: Path) -> float:
     lora = {"r": 16, "lora_alpha": 32, "target_modules": LORA_TARGETS}
     shape = read_model_shape(model_dir, MethodParams(output_dir="unused", learning_rate=1e-4, lora=lora))
     settings = MemorySettings(
-        optimizer="adamw_torch", batch_size=BATCH, seq_len=SEQ, device="cpu",
-        weight_bytes=DTYPES[dtype_name]["weight_bytes"], bf16_compute=DTYPES[dtype_name]["bf16"],
-    )  # fmt: skip
+        optimizer="adamw_torch",
+        batch_size=BATCH,
+        seq_len=SEQ,
+        device="cpu",
+        weight_bytes=DTYPES[dtype_name]["weight_bytes"],
+        bf16_compute=DTYPES[dtype_name]["bf16"],
+    )
     return estimate_memory(shape, settings)["peak_allocated"]
 
 
@@ -109,8 +120,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = Path(tmp)
         save_model(model_dir)
-        print(f"# {platform.machine()}, {platform.python_version()}; Llama 512×6, LoRA r16 q/k/v/o, AdamW, "
-              f"batch {BATCH} × {SEQ} tokens, {args.steps} steps")  # fmt: skip
+        print(
+            f"# {platform.machine()}, {platform.python_version()}; Llama 512×6, LoRA r16 q/k/v/o, AdamW, "
+            f"batch {BATCH} × {SEQ} tokens, {args.steps} steps"
+        )
         machinery = memory_estimate.run_child("baseline", model_dir, args.steps)  # fp32 tiny-model Trainer
         print(f"training machinery alone (memory_estimate's baseline, fp32): {machinery / mib:.0f} MiB")
         print("| base dtype | measured MiB | measured − machinery MiB | estimate MiB |")
@@ -119,11 +132,15 @@ def main() -> None:
         for name in DTYPES:
             measured[name], estimated[name] = run_child(name, model_dir, args.steps), estimate(name, model_dir)
             net = measured[name] - machinery
-            print(f"| {name} | {measured[name] / mib:.0f} | {net / mib:.0f} | {estimated[name] / mib:.0f} |", flush=True)
+            print(
+                f"| {name} | {measured[name] / mib:.0f} | {net / mib:.0f} | {estimated[name] / mib:.0f} |", flush=True
+            )
         ratio = measured["bfloat16"] / measured["float32"]
         net_ratio = (measured["bfloat16"] - machinery) / (measured["float32"] - machinery)
-        print(f"bf16 / fp32: measured {ratio:.3f}, measured − machinery {net_ratio:.3f}, "
-              f"estimate {estimated['bfloat16'] / estimated['float32']:.3f}")  # fmt: skip
+        print(
+            f"bf16 / fp32: measured {ratio:.3f}, measured − machinery {net_ratio:.3f}, "
+            f"estimate {estimated['bfloat16'] / estimated['float32']:.3f}"
+        )
 
 
 if __name__ == "__main__":

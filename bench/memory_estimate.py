@@ -20,10 +20,20 @@ import tempfile
 from pathlib import Path
 
 CONFIG = {
-    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 512, "intermediate_size": 1408,
-    "num_hidden_layers": 6, "num_attention_heads": 8, "num_key_value_heads": 4, "head_dim": 64, "vocab_size": 32000,
-    "max_position_embeddings": 2048, "rms_norm_eps": 1e-5, "tie_word_embeddings": False, "hidden_act": "silu",
-}  # fmt: skip
+    "architectures": ["LlamaForCausalLM"],
+    "model_type": "llama",
+    "hidden_size": 512,
+    "intermediate_size": 1408,
+    "num_hidden_layers": 6,
+    "num_attention_heads": 8,
+    "num_key_value_heads": 4,
+    "head_dim": 64,
+    "vocab_size": 32000,
+    "max_position_embeddings": 2048,
+    "rms_norm_eps": 1e-5,
+    "tie_word_embeddings": False,
+    "hidden_act": "silu",
+}
 BATCH, SEQ = 4, 512
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 CASES = {
@@ -62,17 +72,33 @@ def measure(case: dict, model_dir: Path, steps: int) -> int:
     before = rss_kib("VmRSS")
     config = AutoConfig.from_pretrained(model_dir)
     if case.get("tiny"):
-        config.update({"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
-                       "num_key_value_heads": 1, "head_dim": 8, "vocab_size": 256})  # fmt: skip
+        config.update(
+            {
+                "hidden_size": 16,
+                "intermediate_size": 32,
+                "num_hidden_layers": 1,
+                "num_attention_heads": 2,
+                "num_key_value_heads": 1,
+                "head_dim": 8,
+                "vocab_size": 256,
+            }
+        )
     model = LlamaForCausalLM(config)
     if case.get("lora"):
         model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules=LORA_TARGETS))
     args = TrainingArguments(
-        output_dir=str(model_dir / "out"), max_steps=steps, per_device_train_batch_size=BATCH, use_cpu=True,
-        optim=case["optim"], gradient_checkpointing=case.get("gradient_checkpointing", False), report_to="none",
-        save_strategy="no", logging_steps=1, dataloader_num_workers=0,
+        output_dir=str(model_dir / "out"),
+        max_steps=steps,
+        per_device_train_batch_size=BATCH,
+        use_cpu=True,
+        optim=case["optim"],
+        gradient_checkpointing=case.get("gradient_checkpointing", False),
+        report_to="none",
+        save_strategy="no",
+        logging_steps=1,
+        dataloader_num_workers=0,
         gradient_checkpointing_kwargs={"use_reentrant": False},
-    )  # fmt: skip
+    )
     Trainer(model=model, args=args, train_dataset=rows, data_collator=default_data_collator).train()
     return (rss_kib("VmHWM") - before) * 1024
 
@@ -84,8 +110,13 @@ def estimate(case: dict, model_dir: Path) -> float:
 
     lora = {"r": 16, "lora_alpha": 32, "target_modules": LORA_TARGETS} if case.get("lora") else None
     shape = read_model_shape(model_dir, MethodParams(output_dir="unused", learning_rate=1e-4, lora=lora))
-    settings = MemorySettings(optimizer=case["optim"], batch_size=BATCH, seq_len=SEQ, device="cpu",
-                              gradient_checkpointing=case.get("gradient_checkpointing", False))  # fmt: skip
+    settings = MemorySettings(
+        optimizer=case["optim"],
+        batch_size=BATCH,
+        seq_len=SEQ,
+        device="cpu",
+        gradient_checkpointing=case.get("gradient_checkpointing", False),
+    )
     return estimate_memory(shape, settings)["peak_allocated"]
 
 
@@ -111,8 +142,11 @@ def main() -> None:
             measured = run_child(name, model_dir, args.steps)
             estimated = estimate(case, model_dir)
             net = measured - baseline
-            print(f"| {name} | {estimated / 2**30:.3f} | {measured / 2**30:.3f} | {net / 2**30:.3f} | {estimated / net:.2f} |",
-                  flush=True)  # fmt: skip
+            print(
+                f"| {name} | {estimated / 2**30:.3f} | {measured / 2**30:.3f} | {net / 2**30:.3f} "
+                f"| {estimated / net:.2f} |",
+                flush=True,
+            )
 
 
 def run_child(name: str, model_dir: Path, steps: int) -> int:

@@ -18,10 +18,20 @@ from vlm_pipeline.planning.memory import GIB, MemorySettings, estimate_memory
 from vlm_pipeline.planning.model_shape import read_model_shape
 
 LLAMA_8B = Path(__file__).resolve().parents[1] / "conf/model_configs/llama-3.1-8b-instruct"
-TORCHTUNE_LORA = {"r": 8, "lora_alpha": 16,
-                  "target_modules": ["q_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]}  # fmt: skip
-COMMON = {"weight_bytes": 2, "bf16_compute": True, "batch_size": 2, "seq_len": 2048, "gradient_checkpointing": True,
-          "loss_chunks": 8, "fp32_norms": False}  # fmt: skip
+TORCHTUNE_LORA = {
+    "r": 8,
+    "lora_alpha": 16,
+    "target_modules": ["q_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+}
+COMMON = {
+    "weight_bytes": 2,
+    "bf16_compute": True,
+    "batch_size": 2,
+    "seq_len": 2048,
+    "gradient_checkpointing": True,
+    "loss_chunks": 8,
+    "fp32_norms": False,
+}
 # (row, published GiB, LoRA or not, settings)
 ROWS = [
     ("LoRA, 1x 4090", 16.2, True, MemorySettings(**COMMON, optimizer="adamw_torch_fused")),
@@ -31,8 +41,10 @@ ROWS = [
 
 
 def main() -> None:
-    print("| torchtune row (Llama 3.1 8B) | published GiB | estimate, allocated GiB | estimate + overhead GiB | "
-          "allocated / published | without gradients and optimizer states GiB |\n|---|---|---|---|---|---|")  # fmt: skip
+    print(
+        "| torchtune row (Llama 3.1 8B) | published GiB | estimate, allocated GiB | estimate + overhead GiB | "
+        "allocated / published | without gradients and optimizer states GiB |\n|---|---|---|---|---|---|"
+    )
     for row, published, lora, settings in ROWS:
         method = MethodParams(output_dir="unused", learning_rate=1e-4, lora=TORCHTUNE_LORA if lora else None)
         memory = estimate_memory(read_model_shape(LLAMA_8B, method), settings)

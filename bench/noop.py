@@ -56,7 +56,9 @@ def main() -> None:
         kedro = [run([str(BIN / "kedro"), "run", "--pipelines", "lora"], project, env) for _ in range(args.repeats)]
         print("| command, nothing changed | median s | runs s |\n|---|---|---|")
         print(f"| dvc repro | {statistics.median(dvc):.2f} | {', '.join(f'{t:.2f}' for t in dvc)} |")
-        print(f"| kedro run --pipelines lora | {statistics.median(kedro):.1f} | {', '.join(f'{t:.1f}' for t in kedro)} |")
+        print(
+            f"| kedro run --pipelines lora | {statistics.median(kedro):.1f} | {', '.join(f'{t:.1f}' for t in kedro)} |"
+        )
 
 
 if __name__ == "__main__":

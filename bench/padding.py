@@ -50,8 +50,12 @@ def mixed_records(kind: str, count: int, rng: random.Random) -> list[dict]:
 def encode(kind: str, records: list[dict], model_dir: Path) -> list[dict]:
     encoder = load_chat_encoder(model_dir, PreprocessingParams().model_dump())
     raw = ROOT / ("data/01_raw/alpaca_glossary" if kind == "text" else "data/01_raw/shapes_vqa")
-    return [encode_record(encoder, record, raw, max_length=100_000, train_on="all_assistant_turns",
-                          truncate_text_only=False) for record in records]  # fmt: skip
+    return [
+        encode_record(
+            encoder, record, raw, max_length=100_000, train_on="all_assistant_turns", truncate_text_only=False
+        )
+        for record in records
+    ]
 
 
 def pad_share_of_longest(batches: list[list[int]], lengths: list[int]) -> float:
@@ -86,19 +90,30 @@ def main() -> None:
         ours_total += flat["input_ids"].numel()
         ours_pad += flat["input_ids"].numel() - sum(len(row["input_ids"]) for row in rows)
     lengths = [row["length"] for row in vision]
-    random_batches = list(BatchSampler(RandomSampler(range(len(lengths)), generator=torch.Generator().manual_seed(0)),
-                                       args.batch_size, False))  # fmt: skip
-    grouped = list(BatchSampler(LengthGroupedSampler(args.batch_size, lengths=lengths,
-                                                     generator=torch.Generator().manual_seed(0)),
-                                args.batch_size, False))  # fmt: skip
+    random_batches = list(
+        BatchSampler(
+            RandomSampler(range(len(lengths)), generator=torch.Generator().manual_seed(0)), args.batch_size, False
+        )
+    )
+    grouped = list(
+        BatchSampler(
+            LengthGroupedSampler(args.batch_size, lengths=lengths, generator=torch.Generator().manual_seed(0)),
+            args.batch_size,
+            False,
+        )
+    )
     text_lengths = [len(row["input_ids"]) for row in text]
-    print(f"# {args.records} records per set, batch {args.batch_size}; text lengths {min(text_lengths)}-"
-          f"{max(text_lengths)} tokens, vision {min(lengths)}-{max(lengths)}")
+    print(
+        f"# {args.records} records per set, batch {args.batch_size}; text lengths {min(text_lengths)}-"
+        f"{max(text_lengths)} tokens, vision {min(lengths)}-{max(lengths)}"
+    )
     print("| set | TRL default: pad share | ours: pad share | ratio ours / TRL |\n|---|---|---|---|")
     trl_share, ours_share = trl_pad / trl_total, ours_pad / ours_total
     print(f"| text (padding-free) | {trl_share:.1%} | {ours_share:.1%} | {ours_share / trl_share:.2f} |")
     random_share, grouped_share = pad_share_of_longest(random_batches, lengths), pad_share_of_longest(grouped, lengths)
-    print(f"| vision (group_by_length) | {random_share:.1%} | {grouped_share:.1%} | {grouped_share / random_share:.2f} |")
+    print(
+        f"| vision (group_by_length) | {random_share:.1%} | {grouped_share:.1%} | {grouped_share / random_share:.2f} |"
+    )
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
-PLAIN_TRL = '''
+PLAIN_TRL = """
 import json, sys
 from pathlib import Path
 from datasets import Dataset
@@ -49,7 +49,7 @@ trainer = SFTTrainer(model=AutoModelForCausalLM.from_pretrained(model_dir), args
                      processing_class=AutoTokenizer.from_pretrained(model_dir), peft_config=peft)
 result = trainer.train()
 print(json.dumps({"train_runtime": result.metrics["train_runtime"], "steps": trainer.state.global_step}))
-'''
+"""
 
 
 def timed(command: list[str], cwd: Path, env: dict) -> tuple[float, str]:
@@ -74,7 +74,11 @@ def main() -> None:
             shutil.copytree(ROOT / name, project / name, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
         env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{project / 'mlflow.db'}"}
         model = project / "data/00_base_models/tiny-llama"
-        timed([str(BIN / "vlm-pipeline"), "tiny-model", "--arch", "llama", "--out", str(model), "--seed", "0"], project, env)
+        timed(
+            [str(BIN / "vlm-pipeline"), "tiny-model", "--arch", "llama", "--out", str(model), "--seed", "0"],
+            project,
+            env,
+        )
         kedro = [str(BIN / "kedro"), "run", "--pipelines", "lora", "--env", "tiny_llama"]
         timed([*kedro, "--tags", "data_validation,preprocessing"], project, env)
         script = Path(tmp) / "plain_trl.py"
@@ -82,22 +86,40 @@ def main() -> None:
         ours_step, plain_step, ours_wall, plain_wall = [], [], [], []
         for round_ in range(args.rounds):
             # A new seed each round: a new run config, so our stage trains instead of reusing a finished run.
-            params = (f"sft.max_steps={args.steps},sft.padding_free=false,sft.train_sampling_strategy=random,"
-                      f"sft.logging_steps={args.steps},sft.save_steps={args.steps},sft.seed={42 + round_}")  # fmt: skip
+            params = (
+                f"sft.max_steps={args.steps},sft.padding_free=false,sft.train_sampling_strategy=random,"
+                f"sft.logging_steps={args.steps},sft.save_steps={args.steps},sft.seed={42 + round_}"
+            )
             wall, _ = timed([*kedro, "--tags", "training", "--params", params], project, env)
             history = json.loads((project / "data/06_models/lora/training_history.json").read_text())
             ran = json.loads((project / "data/06_models/lora/trained/run_info.json").read_text())["global_step"]
             ours_step.append(history[-1]["train_runtime"] / ran)
             ours_wall.append(wall)
-            wall, out = timed([sys.executable, str(script), str(model), str(project / "data/01_raw/alpaca_glossary/train.jsonl"),
-                               str(Path(tmp) / "plain"), str(args.steps)], project, env)  # fmt: skip
+            wall, out = timed(
+                [
+                    sys.executable,
+                    str(script),
+                    str(model),
+                    str(project / "data/01_raw/alpaca_glossary/train.jsonl"),
+                    str(Path(tmp) / "plain"),
+                    str(args.steps),
+                ],
+                project,
+                env,
+            )
             plain = json.loads(out.strip().splitlines()[-1])
             plain_step.append(plain["train_runtime"] / plain["steps"])
             plain_wall.append(wall)
         ours, plain = statistics.median(ours_step), statistics.median(plain_step)
-        print(f"# tiny Llama, LoRA r16 all-linear + lm_head, batch 16, {args.steps} steps, {args.rounds} alternating rounds")
+        print(
+            f"# tiny Llama, LoRA r16 all-linear + lm_head, batch 16, {args.steps} steps, "
+            f"{args.rounds} alternating rounds"
+        )
         print("| measure | ours | plain TRL | ratio ours / plain |\n|---|---|---|---|")
-        print(f"| s per optimizer step (median of train_runtime / steps) | {ours:.3f} | {plain:.3f} | {ours / plain:.3f} |")
+        print(
+            f"| s per optimizer step (median of train_runtime / steps) | {ours:.3f} | {plain:.3f} "
+            f"| {ours / plain:.3f} |"
+        )
         ow, pw = statistics.median(ours_wall), statistics.median(plain_wall)
         print(f"| wall time of the whole command, s (median) | {ow:.1f} | {pw:.1f} | {ow / pw:.2f} |")
 

@@ -35,22 +35,47 @@ QWEN2_PATTERN = LLAMA3_PATTERN.replace(r"\p{N}{1,3}", r"\p{N}")
 
 # Llama 3.1's 256 control tokens from 128000 (3.2-Vision renames 128005 to <|step_id|> and adds <|image|>=128256).
 _LLAMA3_NAMED = [
-    "<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>", "<|reserved_special_token_1|>",
-    "<|finetune_right_pad_id|>", "<|reserved_special_token_2|>", "<|start_header_id|>", "<|end_header_id|>",
-    "<|eom_id|>", "<|eot_id|>", "<|python_tag|>",
-]  # fmt: skip
+    "<|begin_of_text|>",
+    "<|end_of_text|>",
+    "<|reserved_special_token_0|>",
+    "<|reserved_special_token_1|>",
+    "<|finetune_right_pad_id|>",
+    "<|reserved_special_token_2|>",
+    "<|start_header_id|>",
+    "<|end_header_id|>",
+    "<|eom_id|>",
+    "<|eot_id|>",
+    "<|python_tag|>",
+]
 LLAMA3_SPECIAL = _LLAMA3_NAMED + [f"<|reserved_special_token_{i}|>" for i in range(3, 3 + 256 - len(_LLAMA3_NAMED))]
 
 # Qwen2.5(-VL)'s added tokens from 151643; the last eight are added but not special (special=False).
 QWEN2_SPECIAL = [
-    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>", "<|box_start|>",
-    "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>", "<|vision_end|>", "<|vision_pad|>",
-    "<|image_pad|>", "<|video_pad|>",
-]  # fmt: skip
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|object_ref_start|>",
+    "<|object_ref_end|>",
+    "<|box_start|>",
+    "<|box_end|>",
+    "<|quad_start|>",
+    "<|quad_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|vision_pad|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+]
 QWEN2_ADDED = [
-    "<tool_call>", "</tool_call>", "<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>", "<|fim_pad|>",
-    "<|repo_name|>", "<|file_sep|>",
-]  # fmt: skip
+    "<tool_call>",
+    "</tool_call>",
+    "<|fim_prefix|>",
+    "<|fim_middle|>",
+    "<|fim_suffix|>",
+    "<|fim_pad|>",
+    "<|repo_name|>",
+    "<|file_sep|>",
+]
 
 
 @dataclass(frozen=True)
@@ -70,18 +95,32 @@ class Family:
 
 FAMILIES = {
     "llama3": Family(
-        "llama_models", "llama3/tokenizer.model",
-        "82e9d31979e92ab929cd544440f129d9ecd797b69e327f80f17e1c50d5551b55", 128000,
-        LLAMA3_PATTERN, LLAMA3_SPECIAL, [], "llama-3.1-8b-instruct",
-        bos="<|begin_of_text|>", eos="<|eot_id|>", pad=None,
+        "llama_models",
+        "llama3/tokenizer.model",
+        "82e9d31979e92ab929cd544440f129d9ecd797b69e327f80f17e1c50d5551b55",
+        128000,
+        LLAMA3_PATTERN,
+        LLAMA3_SPECIAL,
+        [],
+        "llama-3.1-8b-instruct",
+        bos="<|begin_of_text|>",
+        eos="<|eot_id|>",
+        pad=None,
     ),
     "qwen2": Family(
-        "dashscope", "resources/qwen.tiktoken",
-        "b2b1b8dfb5cc5f024bafc373121c6aba3f66f9a5a0269e243470a1de16a33186", 151643,
-        QWEN2_PATTERN, QWEN2_SPECIAL, QWEN2_ADDED, "qwen2.5-vl-7b-instruct",
-        bos=None, eos="<|im_end|>", pad="<|endoftext|>",
+        "dashscope",
+        "resources/qwen.tiktoken",
+        "b2b1b8dfb5cc5f024bafc373121c6aba3f66f9a5a0269e243470a1de16a33186",
+        151643,
+        QWEN2_PATTERN,
+        QWEN2_SPECIAL,
+        QWEN2_ADDED,
+        "qwen2.5-vl-7b-instruct",
+        bos=None,
+        eos="<|im_end|>",
+        pad="<|endoftext|>",
     ),
-}  # fmt: skip
+}
 
 
 class RealTokenizerUnavailable(RuntimeError):
@@ -139,7 +178,7 @@ def _replayed_merges(ranks: dict[bytes, int]) -> list[tuple[bytes, bytes]]:
     for token in sorted(ranks, key=ranks.__getitem__):
         parts = [token[i : i + 1] for i in range(len(token))]
         while len(parts) > 2:
-            pairs = [(ranks.get(a + b, len(ranks)), i) for i, (a, b) in enumerate(zip(parts, parts[1:]))]
+            pairs = [(ranks.get(a + b, len(ranks)), i) for i, (a, b) in enumerate(zip(parts, parts[1:], strict=False))]
             rank, i = min(pairs)
             if rank >= ranks[token]:
                 break

@@ -13,10 +13,12 @@ from vlm_pipeline.architectures import (
     ARCHITECTURES,
     architecture_for_model,
     get_architecture,
+    llama,
     load_model,
     load_processor,
+    mllama,
+    qwen2_5_vl,
 )
-from vlm_pipeline.architectures import llama, mllama, qwen2_5_vl
 from vlm_pipeline.data.labels import ChatEncoder, chat_messages
 
 NAMES = ("qwen2_5_vl", "mllama", "llama")
@@ -53,7 +55,7 @@ def encode(processor, messages: list[dict], **kwargs) -> dict:
         messages = chat_messages(messages)
     return processor.apply_chat_template(
         messages, tokenize=True, return_dict=True, return_tensors="pt", **{**DATE, **kwargs}
-    )  # fmt: skip
+    )
 
 
 def model_inputs(encoded) -> dict:
@@ -149,7 +151,9 @@ def test_assistant_span_is_the_answer_and_end_of_turn(built):
     encoder = ChatEncoder(processor, architecture.end_of_turn_token, DATE)
     input_ids, spans = encoder.assistant_spans(conversation(architecture.is_vision))
     assert input_ids == encode(processor, conversation(architecture.is_vision))["input_ids"][0].tolist()
-    assert [tokenizer_of(processor).decode(input_ids[a:b]) for a, b in spans] == [ANSWER + architecture.end_of_turn_token]
+    assert [tokenizer_of(processor).decode(input_ids[a:b]) for a, b in spans] == [
+        ANSWER + architecture.end_of_turn_token
+    ]
 
 
 def test_chat_format(built):
@@ -168,7 +172,9 @@ def test_chat_format(built):
         # Llama 3.1 always writes a system header with the dates; 3.2-Vision drops it when images come without
         # a system message.
         system = (
-            "" if architecture.is_vision else "<|start_header_id|>system<|end_header_id|>\n\n"
+            ""
+            if architecture.is_vision
+            else "<|start_header_id|>system<|end_header_id|>\n\n"
             "Cutting Knowledge Date: December 2023\nToday Date: 26 Jul 2024\n\n<|eot_id|>"
         )
         image = "<|image|>" if architecture.is_vision else ""
@@ -261,4 +267,3 @@ def test_registry_errors_name_the_choices(tmp_path):
         architecture_for_model(tmp_path)
     with pytest.raises(FileNotFoundError, match="config.json"):
         architecture_for_model(tmp_path / "missing")
-

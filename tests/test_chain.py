@@ -46,7 +46,9 @@ def assert_data_stages(project: Path, raw: Path) -> None:
     from datasets import load_from_disk
 
     for split in ("train", "test"):
-        raw_records = [line for line in (raw / f"{split}.jsonl").read_text(encoding="utf-8").splitlines() if line.strip()]
+        raw_records = [
+            line for line in (raw / f"{split}.jsonl").read_text(encoding="utf-8").splitlines() if line.strip()
+        ]
         out = project / "data/02_intermediate" / split
         valid, quarantine = read_jsonl(out / "valid.jsonl"), read_jsonl(out / "quarantine.jsonl")
         report = json.loads((out / "report.json").read_text())
@@ -73,7 +75,9 @@ def assert_mlflow_run(project: Path, pipeline: str, expect_adapter: bool) -> Non
     history = mlflow.tracking.MlflowClient().get_metric_history(run.info.run_id, "train.loss")
     assert len(history) >= 2
     evaluation = {a.path for a in mlflow.artifacts.list_artifacts(run_id=run.info.run_id, artifact_path="evaluation")}
-    assert {f"evaluation/{name}" for name in ("report.md", "loss_curve.json", "loss_curve.png", "base_vs_tuned.png")} <= evaluation
+    assert {
+        f"evaluation/{name}" for name in ("report.md", "loss_curve.json", "loss_curve.png", "base_vs_tuned.png")
+    } <= evaluation
     reports = {a.path for a in mlflow.artifacts.list_artifacts(run_id=run.info.run_id, artifact_path="data_report")}
     assert reports == {"data_report/data_report.md", "data_report/data_report.png"}
     artifacts = {a.path for a in mlflow.artifacts.list_artifacts(run_id=run.info.run_id, artifact_path="adapter")}
@@ -145,7 +149,13 @@ def assert_token_never_written(project: Path) -> None:
 def assert_clean_model_folder(folder: Path) -> None:
     """What we hand back is what from_pretrained and serving tools read: no pickle, no training log."""
     names = {path.name for path in folder.iterdir()}
-    assert {"config.json", "model.safetensors", "generation_config.json", "tokenizer.json", "chat_template.jinja"} <= names
+    assert {
+        "config.json",
+        "model.safetensors",
+        "generation_config.json",
+        "tokenizer.json",
+        "chat_template.jinja",
+    } <= names
     assert not [n for n in names if n.endswith((".bin", ".pt", ".pth", ".pkl", ".pickle"))], names
     assert not names & {"training_history.json", "run_info.json", "trainable_parameters.json", "run_config.json"}
 
@@ -229,8 +239,11 @@ def assert_trainer_runs_on_its_own_and_resumes(project: Path) -> None:
     config_path.write_text(json.dumps(config))
     result = subprocess.run(
         [sys.executable, "-m", "vlm_pipeline.training.trainer", "--config", str(config_path)],
-        cwd=project, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
+        cwd=project,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert (project / "standalone/adapter_model.safetensors").is_file()
     history = json.loads((project / "standalone/training_history.json").read_text())

@@ -4,8 +4,6 @@
 
 from __future__ import annotations
 
-import pytest
-
 import json
 import os
 import shutil
@@ -13,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from conftest import PROJECT_ROOT, copy_project
 
 pytestmark = pytest.mark.slow  # Kedro sessions, subprocesses or training runs: `make test` only
@@ -45,8 +44,13 @@ def test_kedro_run_on_another_raw_data_folder(tmp_path, tiny_models):
     shutil.copytree(tiny_models["qwen2_5_vl"], project / "data/00_base_models/tiny-qwen2_5_vl")
     other = subset(PROJECT_ROOT / "data/01_raw/shapes_vqa", tmp_path / "elsewhere", train=24, test=8)
     long_question = " ".join(["Is the shape red or blue or green?"] * 100)
-    too_long = {"messages": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": long_question}]},
-                             {"role": "assistant", "content": "red"}], "images": ["images/train_0000.png"]}  # fmt: skip
+    too_long = {
+        "messages": [
+            {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": long_question}]},
+            {"role": "assistant", "content": "red"},
+        ],
+        "images": ["images/train_0000.png"],
+    }
     with (other / "train.jsonl").open("a", encoding="utf-8") as handle:
         handle.write(json.dumps(too_long) + "\n")
     run(
@@ -57,7 +61,9 @@ def test_kedro_run_on_another_raw_data_folder(tmp_path, tiny_models):
     report = json.loads((project / "data/02_intermediate/train/report.json").read_text())
     assert report["total"] == report["valid"] == 25
     # The over-long record (line 25) is set aside by preprocessing with its reason; nothing is lost.
-    set_aside = [json.loads(row) for row in (project / "data/03_primary/train_set_aside.jsonl").read_text().splitlines()]
+    set_aside = [
+        json.loads(row) for row in (project / "data/03_primary/train_set_aside.jsonl").read_text().splitlines()
+    ]
     assert [(row["line"], row["reason"]) for row in set_aside] == [(25, "too_long")]
     preprocessing = json.loads((project / "data/03_primary/preprocessing_report.json").read_text())
     assert preprocessing["train"]["kept"] + preprocessing["train"]["too_long"] == 25
@@ -89,7 +95,9 @@ def test_dvc_repro_runs_the_chain_then_nothing(tmp_path):
     plots = run([str(BIN / "dvc"), "plots", "show", "--json"], project, **env)
     rendered = json.loads(plots.stdout)
     assert not rendered.get("errors"), rendered["errors"]
-    assert {"data/08_reporting/lora/loss_curve.json", "data/08_reporting/lora/base_vs_tuned.png"} <= set(rendered["data"])
+    assert {"data/08_reporting/lora/loss_curve.json", "data/08_reporting/lora/base_vs_tuned.png"} <= set(
+        rendered["data"]
+    )
 
 
 def test_kedro_viz_build(tmp_path):
@@ -109,8 +117,21 @@ def test_validate_cli_measures_length_with_the_model(tmp_path, tiny_models):
     long_record["messages"][0]["content"][1]["text"] = "Which colour? " * 200
     source = tmp_path / "with_long.jsonl"
     source.write_text("\n".join([*lines, json.dumps(long_record)]) + "\n", encoding="utf-8")
-    cmd = [str(BIN / "vlm-pipeline"), "validate", str(source), "--image-root", str(raw), "--output-dir", str(tmp_path / "out"),
-           "--model", str(tiny_models["qwen2_5_vl"]), "--max-length", "512", "--max-invalid-fraction", "0.1"]  # fmt: skip
+    cmd = [
+        str(BIN / "vlm-pipeline"),
+        "validate",
+        str(source),
+        "--image-root",
+        str(raw),
+        "--output-dir",
+        str(tmp_path / "out"),
+        "--model",
+        str(tiny_models["qwen2_5_vl"]),
+        "--max-length",
+        "512",
+        "--max-invalid-fraction",
+        "0.1",
+    ]
     result = run(cmd, tmp_path)
     assert f"{source}:21: too_long:" in result.stderr and "20 valid, 1 quarantined of 21" in result.stdout
     report = json.loads((tmp_path / "out/report.json").read_text())
@@ -119,14 +140,34 @@ def test_validate_cli_measures_length_with_the_model(tmp_path, tiny_models):
 
 def test_validate_cli_exit_status(tmp_path):
     raw = PROJECT_ROOT / "data/01_raw/shapes_vqa"
-    ok = run([str(BIN / "vlm-pipeline"), "validate", str(raw / "test.jsonl"), "--image-root", str(raw), "--output-dir", str(tmp_path / "ok")], tmp_path)
+    ok = run(
+        [
+            str(BIN / "vlm-pipeline"),
+            "validate",
+            str(raw / "test.jsonl"),
+            "--image-root",
+            str(raw),
+            "--output-dir",
+            str(tmp_path / "ok"),
+        ],
+        tmp_path,
+    )
     assert "96 valid, 0 quarantined" in ok.stdout
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"instruction": "x", "output": null}\nnot json\n{"instruction": "Define", "output": "A word."}\n')
     result = subprocess.run(
-        [str(BIN / "vlm-pipeline"), "validate", str(bad), "--image-root", str(tmp_path), "--output-dir", str(tmp_path / "bad")],
-        capture_output=True, text=True,
-    )  # fmt: skip
+        [
+            str(BIN / "vlm-pipeline"),
+            "validate",
+            str(bad),
+            "--image-root",
+            str(tmp_path),
+            "--output-dir",
+            str(tmp_path / "bad"),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode != 0
     assert "2 of 3 records" in result.stderr and "missing_field" in result.stderr
     assert f"{bad}:1: missing_field:" in result.stderr and f"{bad}:2: not_json:" in result.stderr
@@ -137,9 +178,13 @@ def test_validate_cli_exit_status(tmp_path):
 def test_a_typo_stops_kedro_run_naming_the_key(tmp_path):
     project = copy_project(tmp_path / "project")
     result = subprocess.run(
-        [str(BIN / "kedro"), "run", "--params", "sft.optimm=adamw_torch"], cwd=project, capture_output=True, text=True,
-        env={**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{project / 'mlflow.db'}"}, timeout=300,
-    )  # fmt: skip
+        [str(BIN / "kedro"), "run", "--params", "sft.optimm=adamw_torch"],
+        cwd=project,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{project / 'mlflow.db'}"},
+        timeout=300,
+    )
     assert result.returncode != 0
     assert "unknown key sft.optimm; did you mean sft.optim?" in result.stdout + result.stderr
     assert not (project / "data/02_intermediate").exists()

@@ -8,6 +8,7 @@ import logging
 
 import mlflow
 import pytest
+from conftest import PROJECT_ROOT
 from kedro.config import OmegaConfigLoader
 from kedro.framework.session import KedroSession
 from kedro.framework.startup import bootstrap_project
@@ -16,7 +17,6 @@ from pydantic import BaseModel
 from vlm_pipeline import settings
 from vlm_pipeline.config import ConfigError, Parameters, SFTParams, check_parameters, normalise_sft, validate_parameters
 from vlm_pipeline.config.schema import OPTIMIZERS, SCHEDULERS, _model_in
-from conftest import PROJECT_ROOT
 
 
 def load_params(env: str = "base") -> dict:
@@ -102,21 +102,38 @@ BASE = {"raw_data": "data/01_raw/shapes_vqa", "base_model": "data/00_base_models
     ("params", "message"),
     [
         ({"sft": {"bf16": True, "fp16": True}}, "fp16 and bf16 are both true"),
-        ({"sft": {"load_best_model_at_end": True, "eval_strategy": "steps", "eval_steps": 300, "save_steps": 500}},
-         "save_steps to be a multiple of eval_steps"),
+        (
+            {"sft": {"load_best_model_at_end": True, "eval_strategy": "steps", "eval_steps": 300, "save_steps": 500}},
+            "save_steps to be a multiple of eval_steps",
+        ),
         ({"sft": {"load_best_model_at_end": True}}, "needs eval_strategy steps or epoch"),
         ({"sft": {"warmup_steps": 2.5}}, "neither a whole number of steps nor a share below 1"),
         ({"sft": {"optim": "adamw"}}, "sft.optim: Input should be .*did you mean"),
         ({"sft": {"remove_unused_columns": True}}, "collator reads the image_paths column"),
-        ({"full_ft": {"method": {"output_dir": "o", "learning_rate": 1e-5, "quantization": {"load_in_4bit": True}}}},
-         "4-bit base cannot be fully fine-tuned"),
-        ({"lora": {"method": {"output_dir": "o", "learning_rate": 1e-4, "lora": {"r": 8},
-                              "quantization": {"load_in_4bit": True, "load_in_8bit": True}}}},
-         "load_in_8bit and load_in_4bit are both true"),
-        ({"full_ft": {"method": {"output_dir": "o", "learning_rate": 1e-5, "lora": {"r": 8}}}}, "full_ft.method has a lora"),
+        (
+            {"full_ft": {"method": {"output_dir": "o", "learning_rate": 1e-5, "quantization": {"load_in_4bit": True}}}},
+            "4-bit base cannot be fully fine-tuned",
+        ),
+        (
+            {
+                "lora": {
+                    "method": {
+                        "output_dir": "o",
+                        "learning_rate": 1e-4,
+                        "lora": {"r": 8},
+                        "quantization": {"load_in_4bit": True, "load_in_8bit": True},
+                    }
+                }
+            },
+            "load_in_8bit and load_in_4bit are both true",
+        ),
+        (
+            {"full_ft": {"method": {"output_dir": "o", "learning_rate": 1e-5, "lora": {"r": 8}}}},
+            "full_ft.method has a lora",
+        ),
         ({"preprocessing": {"images": {"min_pixels": 10000, "max_pixels": 5000}}}, "min_pixels 10000 is larger"),
     ],
-)  # fmt: skip
+)
 def test_impossible_combinations_fail_with_a_reason(params, message):
     with pytest.raises(ConfigError, match=message):
         validate_parameters({**BASE, **params})
@@ -167,10 +184,16 @@ def schema_disagreements(model: type[BaseModel], values: dict, prefix: str = "")
         if name not in values or (not prefix and name in VARIANT_BLOCKS):
             continue
         inner = _model_in(field.annotation)
-        if inner is not None and isinstance(values[name], dict) and (prefix + name) not in {".".join(p) for p in FREE_FORM}:
+        if (
+            inner is not None
+            and isinstance(values[name], dict)
+            and (prefix + name) not in {".".join(p) for p in FREE_FORM}
+        ):
             found += schema_disagreements(inner, values[name], f"{prefix}{name}.")
         elif not field.is_required() and field.get_default(call_default_factory=True) != values[name]:
-            found.append(f"{prefix}{name}: schema {field.get_default(call_default_factory=True)!r}, conf/base {values[name]!r}")
+            found.append(
+                f"{prefix}{name}: schema {field.get_default(call_default_factory=True)!r}, conf/base {values[name]!r}"
+            )
     return found
 
 

@@ -143,8 +143,16 @@ def test_every_reason_code_on_its_own_line(image_root, tmp_path):
     source = tmp_path / "all_reasons.jsonl"
     source.write_bytes(b"\n".join(lines) + b"\n")
     out = tmp_path / "cli_out"
-    argv = ["validate", str(source), "--image-root", str(image_root), "--output-dir", str(out),
-            "--max-image-pixels", str(SMALL_MAX_PIXELS)]  # fmt: skip
+    argv = [
+        "validate",
+        str(source),
+        "--image-root",
+        str(image_root),
+        "--output-dir",
+        str(out),
+        "--max-image-pixels",
+        str(SMALL_MAX_PIXELS),
+    ]
     with pytest.raises(SystemExit) as exit_info:
         commands.main(argv)
     assert exit_info.value.code == 1, "19 of 22 quarantined is above the default 5% budget"
@@ -170,9 +178,14 @@ def test_every_reason_code_on_its_own_line(image_root, tmp_path):
     assert report["reasons"] == dict(Counter(expected.values()))
     assert sum(report["reasons"].values()) == report["quarantined"]
     assert report["image_sizes"] == {
-        "count": 2, "min_width": 8, "max_width": 8, "mean_width": 8.0,
-        "min_height": 6, "max_height": 8, "mean_height": 7.0,
-    }  # fmt: skip
+        "count": 2,
+        "min_width": 8,
+        "max_width": 8,
+        "mean_width": 8.0,
+        "min_height": 6,
+        "max_height": 8,
+        "mean_height": 7.0,
+    }
     assert report["text_chars"]["min"] > 0
 
 
@@ -234,10 +247,20 @@ def reason_of(record, image_root: Path) -> str | None:
         ({"messages": []}, "bad_messages"),
         ({"messages": None}, "bad_messages"),
         ({"messages": ["hello", {"role": "assistant", "content": "a"}]}, "bad_messages"),
-        ({"messages": [{"role": "user", "content": [{"type": "video"}]}, {"role": "assistant", "content": "a"}]},
-         "bad_messages"),  # fmt: skip
-        ({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"},
-                       {"role": "user", "content": "and?"}]}, "no_assistant_turn"),  # fmt: skip
+        (
+            {"messages": [{"role": "user", "content": [{"type": "video"}]}, {"role": "assistant", "content": "a"}]},
+            "bad_messages",
+        ),
+        (
+            {
+                "messages": [
+                    {"role": "user", "content": "q"},
+                    {"role": "assistant", "content": "a"},
+                    {"role": "user", "content": "and?"},
+                ]
+            },
+            "no_assistant_turn",
+        ),
         ({**vqa("images/red.png"), "images": ["images/red.png", "images/blue.png"]}, "image_count_mismatch"),
         ({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}, None),
     ],
@@ -310,8 +333,11 @@ def test_sample_generator_is_deterministic_and_matches_the_committed_data(tmp_pa
     generated = tree_bytes(first)
     assert generated == tree_bytes(second)
     assert {name for name in generated if name.endswith(".jsonl")} == {
-        "shapes_vqa/train.jsonl", "shapes_vqa/test.jsonl", "alpaca_glossary/train.jsonl", "alpaca_glossary/test.jsonl",
-    }  # fmt: skip
+        "shapes_vqa/train.jsonl",
+        "shapes_vqa/test.jsonl",
+        "alpaca_glossary/train.jsonl",
+        "alpaca_glossary/test.jsonl",
+    }
     # The committed files are exactly what the generator writes (re-run it after changing it).
     for data_set in ("shapes_vqa", "alpaca_glossary"):
         assert tree_bytes(SAMPLE_ROOT / data_set) == tree_bytes(first / data_set)

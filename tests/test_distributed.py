@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 from accelerate.commands.config.config_args import load_config_from_file
-
 from conftest import PROJECT_ROOT, copy_project, run_data_stages
+
 from vlm_pipeline.architectures import load_model
 from vlm_pipeline.training.launcher import launch_command, resolve_run_config, write_run_config
 
@@ -37,14 +37,26 @@ def text_data(tmp_path_factory, tiny_models) -> Path:
 
 
 def train(out: Path, accelerate_config: str, per_device: int, base_model: Path, data: Path) -> Path:
-    sft = {"seed": 0, "num_train_epochs": 1, "per_device_train_batch_size": per_device, "logging_steps": 1,
-           "save_steps": 1000, "dataloader_pin_memory": False, "accelerate_config": accelerate_config}  # fmt: skip
+    sft = {
+        "seed": 0,
+        "num_train_epochs": 1,
+        "per_device_train_batch_size": per_device,
+        "logging_steps": 1,
+        "save_steps": 1000,
+        "dataloader_pin_memory": False,
+        "accelerate_config": accelerate_config,
+    }
     final = out / "final"
     final.mkdir(parents=True)
     config = resolve_run_config(
-        base_model=base_model, train_dataset=data, image_root=PROJECT_ROOT / "data/01_raw/alpaca_glossary",
-        image_bounds={}, sft=sft, method={"output_dir": str(out), "learning_rate": 1e-3}, final_dir=final,
-    )  # fmt: skip
+        base_model=base_model,
+        train_dataset=data,
+        image_root=PROJECT_ROOT / "data/01_raw/alpaca_glossary",
+        image_bounds={},
+        sft=sft,
+        method={"output_dir": str(out), "learning_rate": 1e-3},
+        final_dir=final,
+    )
     command = launch_command(str(PROJECT_ROOT / accelerate_config), write_run_config(config, out / "run.json"))
     result = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=PROJECT_ROOT)
     assert result.returncode == 0, result.stdout[-4000:]
@@ -54,8 +66,13 @@ def train(out: Path, accelerate_config: str, per_device: int, base_model: Path, 
 
 @pytest.fixture(scope="module")
 def single_process_steps(tmp_path_factory, tiny_models, text_data) -> int:
-    final = train(tmp_path_factory.mktemp("single"), "conf/accelerate/cpu_single_process.yaml", GLOBAL_BATCH,
-                  tiny_models["llama"], text_data)  # fmt: skip
+    final = train(
+        tmp_path_factory.mktemp("single"),
+        "conf/accelerate/cpu_single_process.yaml",
+        GLOBAL_BATCH,
+        tiny_models["llama"],
+        text_data,
+    )
     info = json.loads((final / "run_info.json").read_text())
     assert info["world_size"] == 1
     return info["global_step"]

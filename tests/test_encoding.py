@@ -7,12 +7,12 @@ import json
 
 import pytest
 import torch
+from conftest import PROJECT_ROOT, chat_encoder
 
 from vlm_pipeline.architectures import get_architecture, load_processor
-from vlm_pipeline.data.encoding import IGNORE_INDEX, TOO_LONG, encode_messages, encode_record, load_images
 from vlm_pipeline.config.schema import PreprocessingParams
+from vlm_pipeline.data.encoding import IGNORE_INDEX, TOO_LONG, encode_messages, encode_record, load_images
 from vlm_pipeline.data.formats import normalise_record
-from conftest import PROJECT_ROOT, chat_encoder
 
 SHAPES = PROJECT_ROOT / "data/01_raw/shapes_vqa"
 ANSWERS = ["It is a red circle.", "No, there is only one shape."]
@@ -59,14 +59,16 @@ def test_labels_are_exactly_the_assistant_turns(tiny_models, arch, train_on):
     expected = ANSWERS if train_on == "all_assistant_turns" else ANSWERS[-1:]
     assert spans == [answer + architecture.end_of_turn_token for answer in expected]
     # Where a label is kept it equals the input token (no shift here; the model shifts).
-    assert all(l in (IGNORE_INDEX, t) for t, l in zip(encoded["input_ids"], encoded["labels"], strict=True))
+    assert all(label in (IGNORE_INDEX, t) for t, label in zip(encoded["input_ids"], encoded["labels"], strict=True))
     specials = {tokenizer.pad_token_id}
     if architecture.image_token:
         image_id = tokenizer.convert_tokens_to_ids(architecture.image_token)
         assert image_id in encoded["input_ids"], "the processor expanded the image placeholder"
         specials.add(image_id)
     assert not specials & {t for t in encoded["labels"] if t != IGNORE_INDEX}
-    system_and_prompts = tokenizer.decode([t for t, l in zip(encoded["input_ids"], encoded["labels"], strict=True) if l == IGNORE_INDEX])
+    system_and_prompts = tokenizer.decode(
+        [t for t, label in zip(encoded["input_ids"], encoded["labels"], strict=True) if label == IGNORE_INDEX]
+    )
     assert "Answer briefly." in system_and_prompts and "Are there two shapes?" in system_and_prompts
 
 
@@ -81,19 +83,27 @@ def test_records_with_images_are_never_cut(tiny_models):
 def test_text_records_are_cut_only_when_allowed_and_only_if_a_label_survives(tiny_models):
     encoder = chat_encoder(tiny_models["llama"])
     record = multi_turn(is_vision=False)
-    full = encode_record(encoder, record, SHAPES, max_length=10_000, train_on="all_assistant_turns", truncate_text_only=False)
+    full = encode_record(
+        encoder, record, SHAPES, max_length=10_000, train_on="all_assistant_turns", truncate_text_only=False
+    )
     first_label = next(i for i, label in enumerate(full["labels"]) if label != IGNORE_INDEX)
     limit = first_label + 3
 
-    kept = encode_record(encoder, record, SHAPES, max_length=limit, train_on="all_assistant_turns", truncate_text_only=False)
+    kept = encode_record(
+        encoder, record, SHAPES, max_length=limit, train_on="all_assistant_turns", truncate_text_only=False
+    )
     assert kept["reason"] == TOO_LONG and "truncate_text_only is off" in kept["detail"]
 
-    cut = encode_record(encoder, record, SHAPES, max_length=limit, train_on="all_assistant_turns", truncate_text_only=True)
+    cut = encode_record(
+        encoder, record, SHAPES, max_length=limit, train_on="all_assistant_turns", truncate_text_only=True
+    )
     assert cut["reason"] is None and len(cut["input_ids"]) == limit == cut["length"]
     assert cut["cut"] == full["length"] - limit
     assert cut["input_ids"] == full["input_ids"][:limit]
 
-    nothing_left = encode_record(encoder, record, SHAPES, max_length=first_label, train_on="all_assistant_turns", truncate_text_only=True)
+    nothing_left = encode_record(
+        encoder, record, SHAPES, max_length=first_label, train_on="all_assistant_turns", truncate_text_only=True
+    )
     assert nothing_left["reason"] == TOO_LONG and "no assistant token" in nothing_left["detail"]
 
 
@@ -121,7 +131,9 @@ def test_parallel_preprocessing_gives_the_same_rows(tiny_models):
     from vlm_pipeline.data.validation import validate_lines
     from vlm_pipeline.pipelines.preprocessing.nodes import tokenize_split
 
-    records = validate_lines((SHAPES / "train.jsonl").read_bytes().splitlines()[:32], SHAPES, max_image_pixels=10**8).valid
+    records = validate_lines(
+        (SHAPES / "train.jsonl").read_bytes().splitlines()[:32], SHAPES, max_image_pixels=10**8
+    ).valid
     params = PreprocessingParams(max_length=512).model_dump()
     serial, _, _ = tokenize_split(records, tiny_models["qwen2_5_vl"], str(SHAPES), {**params, "num_proc": 1}, {})
     parallel, _, _ = tokenize_split(records, tiny_models["qwen2_5_vl"], str(SHAPES), {**params, "num_proc": 2}, {})

@@ -7,13 +7,19 @@ from __future__ import annotations
 import json
 
 import pytest
-from PIL import Image
-from transformers import MllamaImageProcessor, MllamaProcessor, Qwen2_5_VLProcessor, Qwen2VLImageProcessor
-from transformers import Qwen2VLVideoProcessor
-
 from conftest import PROJECT_ROOT, chat_encoder
+from PIL import Image
 from real_tokenizers import real_tokenizer
-from vlm_pipeline.architectures import get_architecture, llama, mllama, qwen2_5_vl
+from transformers import (
+    MllamaImageProcessor,
+    MllamaProcessor,
+    Qwen2_5_VLProcessor,
+    Qwen2VLImageProcessor,
+    Qwen2VLVideoProcessor,
+)
+
+from vlm_pipeline.architectures import get_architecture, mllama, qwen2_5_vl
+from vlm_pipeline.config.schema import PreprocessingParams
 from vlm_pipeline.data.encoding import (
     IGNORE_INDEX,
     NO_LABEL_TOKENS,
@@ -22,9 +28,8 @@ from vlm_pipeline.data.encoding import (
     encode_messages,
     encode_record,
 )
-from vlm_pipeline.data.labels import ChatEncoder, ChatTemplateError
-from vlm_pipeline.config.schema import PreprocessingParams
 from vlm_pipeline.data.formats import normalise_record
+from vlm_pipeline.data.labels import ChatEncoder, ChatTemplateError
 
 SHAPES = PROJECT_ROOT / "data/01_raw/shapes_vqa"
 DATE = {"date_string": "26 Jul 2024"}
@@ -86,7 +91,9 @@ CASES = [
 
 
 @pytest.mark.parametrize("train_on", TRAIN_ON)
-@pytest.mark.parametrize(("arch", "shape"), CASES, ids=[f"{a}-{'system' if s['system'] else 'no_system'}" for a, s in CASES])
+@pytest.mark.parametrize(
+    ("arch", "shape"), CASES, ids=[f"{a}-{'system' if s['system'] else 'no_system'}" for a, s in CASES]
+)
 def test_twins_train_exactly_the_assistant_turns(tiny_models, arch, shape, train_on):
     encoder = chat_encoder(tiny_models[arch])
     record = conversation(**shape)
@@ -105,20 +112,25 @@ def real_processor(arch: str):
     if arch == "qwen2_5_vl":
         settings = qwen2_5_vl.REAL.image_processor_settings()
         return Qwen2_5_VLProcessor(
-            image_processor=Qwen2VLImageProcessor(**settings), tokenizer=real_tokenizer("qwen2"),
-            video_processor=Qwen2VLVideoProcessor(**settings), chat_template=qwen2_5_vl.REAL.chat_template(),
-        )  # fmt: skip
+            image_processor=Qwen2VLImageProcessor(**settings),
+            tokenizer=real_tokenizer("qwen2"),
+            video_processor=Qwen2VLVideoProcessor(**settings),
+            chat_template=qwen2_5_vl.REAL.chat_template(),
+        )
     tokenizer = real_tokenizer("llama3")
     tokenizer.add_special_tokens({"additional_special_tokens": ["<|image|>"]})  # id 128256, as in 3.2-Vision
     assert tokenizer.convert_tokens_to_ids("<|image|>") == 128256
     return MllamaProcessor(
-        image_processor=MllamaImageProcessor(**mllama.REAL.image_processor_settings()), tokenizer=tokenizer,
+        image_processor=MllamaImageProcessor(**mllama.REAL.image_processor_settings()),
+        tokenizer=tokenizer,
         chat_template=mllama.REAL.chat_template(),
-    )  # fmt: skip
+    )
 
 
 @pytest.mark.parametrize("train_on", TRAIN_ON)
-@pytest.mark.parametrize(("arch", "shape"), CASES, ids=[f"{a}-{'system' if s['system'] else 'no_system'}" for a, s in CASES])
+@pytest.mark.parametrize(
+    ("arch", "shape"), CASES, ids=[f"{a}-{'system' if s['system'] else 'no_system'}" for a, s in CASES]
+)
 def test_real_vocabularies_train_exactly_the_assistant_turns(arch, shape, train_on):
     architecture = get_architecture(arch)
     encoder = ChatEncoder(real_processor(arch), architecture.end_of_turn_token, DATE)
@@ -134,8 +146,14 @@ def test_an_answer_merging_into_the_template_text_is_set_aside_not_mislabelled()
     in the real vocabulary, so its first label would start inside a token."""
     encoder = ChatEncoder(real_processor("qwen2_5_vl"), "<|im_end|>", {})
     messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "\nHello"}]
-    row = encode_record(encoder, {**normalise_record({"messages": messages}), "source_line": 3}, SHAPES,
-                        max_length=512, train_on="all_assistant_turns", truncate_text_only=False)  # fmt: skip
+    row = encode_record(
+        encoder,
+        {**normalise_record({"messages": messages}), "source_line": 3},
+        SHAPES,
+        max_length=512,
+        train_on="all_assistant_turns",
+        truncate_text_only=False,
+    )
     assert row["reason"] == TOKEN_MERGE and "inside a token" in row["detail"]
 
 
@@ -144,11 +162,23 @@ def test_the_older_llama_vision_template_refuses_system_with_images_per_record(t
     images: such a record is set aside with the template's own message; the rest train."""
     model_dir = mllama.build_tiny(tmp_path / "sept2024", 0, template="sept2024")
     encoder = chat_encoder(model_dir)
-    refused = encode_record(encoder, conversation(system=True, images=[1]), SHAPES, max_length=4096,
-                            train_on="all_assistant_turns", truncate_text_only=False)  # fmt: skip
+    refused = encode_record(
+        encoder,
+        conversation(system=True, images=[1]),
+        SHAPES,
+        max_length=4096,
+        train_on="all_assistant_turns",
+        truncate_text_only=False,
+    )
     assert refused["reason"] == TEMPLATE_REFUSED and "incompatible with system messages" in refused["detail"]
-    kept = encode_record(encoder, conversation(system=False, images=[1]), SHAPES, max_length=4096,
-                         train_on="all_assistant_turns", truncate_text_only=False)  # fmt: skip
+    kept = encode_record(
+        encoder,
+        conversation(system=False, images=[1]),
+        SHAPES,
+        max_length=4096,
+        train_on="all_assistant_turns",
+        truncate_text_only=False,
+    )
     assert kept["reason"] is None
     assert decoded_label_spans(encoder, kept) == expected("<|eot_id|>", "all_assistant_turns")
 
@@ -164,7 +194,8 @@ GENERATION_MARKED = """\
 """.replace("HEADER", HEADER)
 # The markers also cover the assistant header, which the turn's rendering does not add.
 MARKS_THE_HEADER = GENERATION_MARKED.replace(
-    "{{- HEADER -}}{%- generation -%}".replace("HEADER", HEADER), "{%- generation -%}{{- HEADER -}}".replace("HEADER", HEADER)
+    "{{- HEADER -}}{%- generation -%}".replace("HEADER", HEADER),
+    "{%- generation -%}{{- HEADER -}}".replace("HEADER", HEADER),
 )
 
 
@@ -185,7 +216,9 @@ def test_generation_markers_must_agree_with_the_rendered_turns(tiny_models, tmp_
 
 
 # Writes the number of messages into the system header: adding a turn rewrites the first one.
-REWRITING = GENERATION_MARKED.replace("{%- for message", "{{- 'turns: ' + (messages|length)|string -}}{%- for message", 1)
+REWRITING = GENERATION_MARKED.replace(
+    "{%- for message", "{{- 'turns: ' + (messages|length)|string -}}{%- for message", 1
+)
 
 
 def test_a_template_that_rewrites_earlier_turns_stops_preprocessing_naming_model_and_record(tiny_models, tmp_path):
@@ -216,7 +249,10 @@ def test_records_without_label_tokens_are_set_aside_and_a_set_of_them_stops(tiny
     params = PreprocessingParams(chat_template=str(template), template_kwargs={}).model_dump()
     records = [conversation(system=False, images=[]), {**conversation(system=True, images=[]), "source_line": 9}]
     kept, set_aside, report = tokenize_split(records, tiny_models["llama"], str(SHAPES), params, {})
-    assert len(kept) == 0 and [(row["line"], row["reason"]) for row in set_aside] == [(7, NO_LABEL_TOKENS), (9, NO_LABEL_TOKENS)]
+    assert len(kept) == 0 and [(row["line"], row["reason"]) for row in set_aside] == [
+        (7, NO_LABEL_TOKENS),
+        (9, NO_LABEL_TOKENS),
+    ]
     assert json.loads(set_aside[0]["raw"])["messages"][1]["role"] == "assistant"  # the record itself is kept
     with pytest.raises(ValueError, match="all 2 records have no label token"):
         combine_reports(report, kept, kept, report, {"per_device_train_batch_size": 2})
@@ -234,7 +270,9 @@ def test_preprocessing_gives_byte_identical_arrow_files_a_year_later(tiny_models
     from vlm_pipeline.pipelines.preprocessing.nodes import tokenize_split
 
     glossary = PROJECT_ROOT / "data/01_raw/alpaca_glossary"
-    records = validate_lines((glossary / "train.jsonl").read_bytes().splitlines()[:8], glossary, max_image_pixels=10**8).valid
+    records = validate_lines(
+        (glossary / "train.jsonl").read_bytes().splitlines()[:8], glossary, max_image_pixels=10**8
+    ).valid
     defaults = PreprocessingParams().model_dump()
 
     def arrow_files(today: datetime.datetime, template_kwargs: dict) -> dict[str, bytes]:
@@ -244,7 +282,9 @@ def test_preprocessing_gives_byte_identical_arrow_files_a_year_later(tiny_models
                 return today
 
         monkeypatch.setattr(chat_template_utils, "datetime", Clock)  # the clock strftime_now reads
-        data, _, _ = tokenize_split(records, tiny_models["mllama"], str(glossary), {**defaults, "template_kwargs": template_kwargs}, {})
+        data, _, _ = tokenize_split(
+            records, tiny_models["mllama"], str(glossary), {**defaults, "template_kwargs": template_kwargs}, {}
+        )
         out = tmp_path / f"{today:%Y}-{len(template_kwargs)}"
         data.save_to_disk(out)
         return {path.name: path.read_bytes() for path in sorted(out.glob("*.arrow"))}
@@ -293,15 +333,25 @@ def test_generation_stops_on_every_end_token_of_the_checkpoints_generation_confi
         model.lm_head.weight.zero_()
         model.lm_head.weight[stop_id] = 100 * hidden  # the stop token wins the first step by far
 
-    record = {"messages": [{"role": "user", "content": [text("Define beam.")]}, {"role": "assistant", "content": [text("x")]}],
-              "images": []}  # fmt: skip
+    record = {
+        "messages": [
+            {"role": "user", "content": [text("Define beam.")]},
+            {"role": "assistant", "content": [text("x")]},
+        ],
+        "images": [],
+    }
     inputs = encoder.processor.apply_chat_template(
-        [{"role": "user", "content": "Define beam."}], add_generation_prompt=True, tokenize=True, return_dict=True,
-        return_tensors="pt", **encoder.render_kwargs,
-    )  # fmt: skip
+        [{"role": "user", "content": "Define beam."}],
+        add_generation_prompt=True,
+        tokenize=True,
+        return_dict=True,
+        return_tensors="pt",
+        **encoder.render_kwargs,
+    )
     assert inputs["input_ids"][0, -1].item() == prompt
     with torch.no_grad():
         generated = model.generate(**inputs, max_new_tokens=4, do_sample=False)
     assert generated[0, inputs["input_ids"].shape[1] :].tolist() == [stop_id]  # stopped after the first token
-    assert generate_answers(model, encoder, get_architecture("llama"), [record], SHAPES, max_new_tokens=4,
-                            batch_size=1) == [""]  # fmt: skip
+    assert generate_answers(
+        model, encoder, get_architecture("llama"), [record], SHAPES, max_new_tokens=4, batch_size=1
+    ) == [""]

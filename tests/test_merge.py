@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import PROJECT_ROOT, chat_encoder
 from peft import LoraConfig, get_peft_model
 from safetensors import safe_open
 
-from conftest import PROJECT_ROOT, chat_encoder
 from vlm_pipeline.adapters import MergeVerificationError, merge_and_verify
 from vlm_pipeline.architectures import load_model
 from vlm_pipeline.config.schema import MergeTolerance
@@ -31,8 +31,12 @@ TOLERANCE = MergeTolerance().model_dump()
 def trained_adapter(base: Path, module: str, dest: Path) -> dict[str, torch.Tensor]:
     """A LoRA adapter with nonzero A and B and ``module`` changed as training would; returns that module's tensors."""
     torch.manual_seed(0)
-    model = get_peft_model(load_model(base), LoraConfig(
-        r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], init_lora_weights=False, modules_to_save=[module]))  # fmt: skip
+    model = get_peft_model(
+        load_model(base),
+        LoraConfig(
+            r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], init_lora_weights=False, modules_to_save=[module]
+        ),
+    )
     trained = {}
     with torch.no_grad():
         for name, parameter in model.named_parameters():
@@ -89,6 +93,12 @@ def test_merge_check_fails_the_merge_beyond_tolerance(tiny_models, tmp_path):
     (tmp_path / "merged").mkdir()
     with pytest.raises(MergeVerificationError, match=r"max \|Δlogits\|.*relative.*merge_dtype=float32"):
         merge_and_verify(
-            base, tmp_path / "adapter", base, check_rows(base, PROJECT_ROOT / raw_name), PROJECT_ROOT / raw_name,
-            tmp_path / "merged", dtype="bfloat16", tolerance={**TOLERANCE, "bfloat16": 1e-5},
-        )  # fmt: skip
+            base,
+            tmp_path / "adapter",
+            base,
+            check_rows(base, PROJECT_ROOT / raw_name),
+            PROJECT_ROOT / raw_name,
+            tmp_path / "merged",
+            dtype="bfloat16",
+            tolerance={**TOLERANCE, "bfloat16": 1e-5},
+        )

@@ -6,8 +6,6 @@ logits check passed; this kills a real `kedro run` of the adapter stage while th
 
 from __future__ import annotations
 
-import pytest
-
 import hashlib
 import os
 import signal
@@ -16,8 +14,10 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 from conftest import copy_project
 from test_chain import run_kedro
+
 from vlm_pipeline.architectures import load_model
 
 pytestmark = pytest.mark.slow  # Kedro sessions, subprocesses or training runs: `make test` only
@@ -35,10 +35,19 @@ def test_killed_merge_keeps_the_previous_model(tmp_path, tiny_models, monkeypatc
     merged = project / "data/06_models/lora/merged"
     before = {path.name: digest(path) for path in merged.iterdir()}
 
-    command = [str(Path(sys.executable).parent / "kedro"), "run", "--pipelines", "lora", "--tags", "adapter",
-               "--params", f"base_model={tiny_models['qwen2_5_vl']},adapter.merge_dtype=bfloat16"]  # fmt: skip
-    merge = subprocess.Popen(command, cwd=project, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
-                             start_new_session=True)  # fmt: skip
+    command = [
+        str(Path(sys.executable).parent / "kedro"),
+        "run",
+        "--pipelines",
+        "lora",
+        "--tags",
+        "adapter",
+        "--params",
+        f"base_model={tiny_models['qwen2_5_vl']},adapter.merge_dtype=bfloat16",
+    ]
+    merge = subprocess.Popen(
+        command, cwd=project, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True
+    )
     deadline = time.monotonic() + 300
     while not list(merged.parent.glob(".merged.staging-*/model.safetensors")):  # the new model is being written
         assert merge.poll() is None, "the merge finished before it could be interrupted"

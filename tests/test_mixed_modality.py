@@ -8,15 +8,15 @@ import subprocess
 import sys
 
 import pytest
+from conftest import PROJECT_ROOT
 
 from vlm_pipeline.architectures import get_architecture, load_model, load_processor
-from vlm_pipeline.data.validation import validate_lines
 from vlm_pipeline.config.schema import PreprocessingParams
+from vlm_pipeline.data.validation import validate_lines
 from vlm_pipeline.pipelines.preprocessing.nodes import tokenize_split
 from vlm_pipeline.training.collator import SFTCollator
 from vlm_pipeline.training.launcher import resolve_run_config
 from vlm_pipeline.training.sampler import ModalityGroupedSampler
-from conftest import PROJECT_ROOT
 
 RAW = PROJECT_ROOT / "data/01_raw"
 
@@ -56,21 +56,38 @@ def test_mllama_trains_on_a_mixed_dataset(tmp_path, tiny_models):
         load_model(tiny_models["mllama"])(**collator(mixed))
     train.save_to_disk(str(tmp_path / "train"))
 
-    sft = {"seed": 0, "max_steps": 6, "per_device_train_batch_size": 4, "logging_steps": 1, "save_steps": 100,
-           "bf16": False, "dataloader_pin_memory": False,
-           "train_sampling_strategy": "group_by_length"}  # fmt: skip
-    method = {"output_dir": str(tmp_path / "run"), "learning_rate": 1e-3,
-              "lora": {"r": 4, "lora_alpha": 8, "target_modules": "all-linear"}}  # fmt: skip
+    sft = {
+        "seed": 0,
+        "max_steps": 6,
+        "per_device_train_batch_size": 4,
+        "logging_steps": 1,
+        "save_steps": 100,
+        "bf16": False,
+        "dataloader_pin_memory": False,
+        "train_sampling_strategy": "group_by_length",
+    }
+    method = {
+        "output_dir": str(tmp_path / "run"),
+        "learning_rate": 1e-3,
+        "lora": {"r": 4, "lora_alpha": 8, "target_modules": "all-linear"},
+    }
     (tmp_path / "final").mkdir()
     config = resolve_run_config(
-        base_model=tiny_models["mllama"], train_dataset=tmp_path / "train", image_root=RAW / "shapes_vqa",
-        image_bounds={}, sft=sft, method=method, final_dir=tmp_path / "final",
-    )  # fmt: skip
+        base_model=tiny_models["mllama"],
+        train_dataset=tmp_path / "train",
+        image_root=RAW / "shapes_vqa",
+        image_bounds={},
+        sft=sft,
+        method=method,
+        final_dir=tmp_path / "final",
+    )
     (tmp_path / "config.json").write_text(json.dumps(config))
     result = subprocess.run(
         [sys.executable, "-m", "vlm_pipeline.training.trainer", "--config", str(tmp_path / "config.json")],
-        capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     history = json.loads((tmp_path / "final/training_history.json").read_text())
     losses = [entry["loss"] for entry in history if "loss" in entry]

@@ -8,9 +8,9 @@ import logging
 
 import pytest
 import torch
-
 from conftest import PROJECT_ROOT
 from test_config import load_params
+
 from vlm_pipeline.config import ConfigError, check_parameters, validate_parameters
 from vlm_pipeline.training.launcher import resolve_run_config
 from vlm_pipeline.training.trainer import build_trainer
@@ -44,17 +44,27 @@ def test_flash_attention_without_its_package_stops_before_any_model_loads(monkey
 def test_lora_over_a_bf16_base_trains_float32_adapters(tiny_models, tmp_path):
     from datasets import Dataset
 
-    rows = [{"input_ids": [20, 30, 40, 50], "labels": [-100, -100, 40, 50], "image_paths": [], "source_line": 1,
-             "length": 4}] * 4  # fmt: skip
+    rows = [
+        {
+            "input_ids": [20, 30, 40, 50],
+            "labels": [-100, -100, 40, 50],
+            "image_paths": [],
+            "source_line": 1,
+            "length": 4,
+        }
+    ] * 4
     Dataset.from_list(rows).save_to_disk(tmp_path / "train")
     (tmp_path / "final").mkdir()
     config = resolve_run_config(
-        base_model=tiny_models["llama"], train_dataset=tmp_path / "train", image_root=tmp_path, image_bounds={},
-        model={"dtype": "bfloat16"}, sft={"max_steps": 1, "per_device_train_batch_size": 2, "bf16": True,
-                                         "dataloader_pin_memory": False},
+        base_model=tiny_models["llama"],
+        train_dataset=tmp_path / "train",
+        image_root=tmp_path,
+        image_bounds={},
+        model={"dtype": "bfloat16"},
+        sft={"max_steps": 1, "per_device_train_batch_size": 2, "bf16": True, "dataloader_pin_memory": False},
         method={"output_dir": str(tmp_path / "out"), "learning_rate": 1e-3, "lora": {"r": 4, "lora_alpha": 8}},
         final_dir=tmp_path / "final",
-    )  # fmt: skip
+    )
     trainer = build_trainer(config)
     trained = {p.dtype for p in trainer.model.parameters() if p.requires_grad}
     frozen_linear = {m.base_layer.weight.dtype for m in trainer.model.modules() if hasattr(m, "base_layer")}

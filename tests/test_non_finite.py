@@ -7,9 +7,9 @@ import shutil
 
 import pytest
 import torch
+from conftest import PROJECT_ROOT
 from datasets import Dataset
 
-from conftest import PROJECT_ROOT
 from vlm_pipeline.architectures import load_model
 from vlm_pipeline.data.encoding import IGNORE_INDEX
 from vlm_pipeline.training.checkpoints import last_complete_checkpoint
@@ -33,17 +33,36 @@ def test_a_nan_loss_stops_the_run_naming_the_step_and_keeps_the_checkpoints_befo
     rows = []
     for step in range(4):
         ids = [20 + step, 30, 40, 50, 60, 70] + ([POISON] if step == 2 else [80])
-        rows.append({"input_ids": ids, "labels": [IGNORE_INDEX] * 3 + ids[3:], "image_paths": [], "source_line": step + 1,
-                     "length": len(ids)})  # fmt: skip
+        rows.append(
+            {
+                "input_ids": ids,
+                "labels": [IGNORE_INDEX] * 3 + ids[3:],
+                "image_paths": [],
+                "source_line": step + 1,
+                "length": len(ids),
+            }
+        )
     Dataset.from_list(rows).save_to_disk(tmp_path / "train")
 
-    sft = {"max_steps": 4, "per_device_train_batch_size": 1, "train_sampling_strategy": "sequential", "save_steps": 1,
-           "save_total_limit": None, "logging_steps": 1, "dataloader_pin_memory": False}  # fmt: skip
+    sft = {
+        "max_steps": 4,
+        "per_device_train_batch_size": 1,
+        "train_sampling_strategy": "sequential",
+        "save_steps": 1,
+        "save_total_limit": None,
+        "logging_steps": 1,
+        "dataloader_pin_memory": False,
+    }
     (tmp_path / "final").mkdir()
     config = resolve_run_config(
-        base_model=base, train_dataset=tmp_path / "train", image_root=PROJECT_ROOT / "data/01_raw", image_bounds={},
-        sft=sft, method={"output_dir": str(tmp_path / "out"), "learning_rate": 1e-3}, final_dir=tmp_path / "final",
-    )  # fmt: skip
+        base_model=base,
+        train_dataset=tmp_path / "train",
+        image_root=PROJECT_ROOT / "data/01_raw",
+        image_bounds={},
+        sft=sft,
+        method={"output_dir": str(tmp_path / "out"), "learning_rate": 1e-3},
+        final_dir=tmp_path / "final",
+    )
     trainer = build_trainer(config)
     with pytest.raises(NonFiniteTrainingError, match=r"optimizer step 3: the loss is nan.*checkpoint-2"):
         trainer.train()

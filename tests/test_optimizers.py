@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import pytest
-
 from conftest import PROJECT_ROOT, copy_project, run_data_stages
+
 from vlm_pipeline.training.launcher import resolve_run_config
 from vlm_pipeline.training.trainer import build_trainer
 
@@ -20,14 +20,24 @@ def text_train(tmp_path_factory, tiny_models):
 
 
 def trainer_for(tmp_path, tiny_models, text_train, **sft):
-    sft = {"max_steps": STEPS, "per_device_train_batch_size": 4, "logging_steps": 1, "save_strategy": "no",
-           "dataloader_pin_memory": False, **sft}  # fmt: skip
+    sft = {
+        "max_steps": STEPS,
+        "per_device_train_batch_size": 4,
+        "logging_steps": 1,
+        "save_strategy": "no",
+        "dataloader_pin_memory": False,
+        **sft,
+    }
     (tmp_path / "final").mkdir()
     config = resolve_run_config(
-        base_model=tiny_models["llama"], train_dataset=text_train, image_root=PROJECT_ROOT / "data/01_raw",
-        image_bounds={}, sft=sft, method={"output_dir": str(tmp_path), "learning_rate": 1e-3},
+        base_model=tiny_models["llama"],
+        train_dataset=text_train,
+        image_root=PROJECT_ROOT / "data/01_raw",
+        image_bounds={},
+        sft=sft,
+        method={"output_dir": str(tmp_path), "learning_rate": 1e-3},
         final_dir=tmp_path / "final",
-    )  # fmt: skip
+    )
     return build_trainer(config)
 
 
@@ -50,8 +60,10 @@ def test_optimizer_is_the_one_named_and_trains(optim, module, name, tmp_path, ti
     if optim == "adamw_torch_fused":
         assert optimizer.param_groups[0]["fused"]
     if "8bit" in optim:
-        assert any(state.get("state1") is not None and state["state1"].dtype.itemsize == 1
-                   for state in optimizer.state.values())  # fmt: skip
+        assert any(
+            state.get("state1") is not None and state["state1"].dtype.itemsize == 1
+            for state in optimizer.state.values()
+        )
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     assert len(losses) == 3 and losses[-1] < losses[0]
 

@@ -9,8 +9,8 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import PROJECT_ROOT, run_data_stages
+
 from vlm_pipeline.config.schema import MethodParams, SFTParams
 from vlm_pipeline.planning.memory import GIB, MemorySettings, estimate_memory
 from vlm_pipeline.planning.model_shape import read_model_shape
@@ -23,21 +23,37 @@ VLM_PLAN = [str(Path(sys.executable).parent / "vlm-pipeline"), "plan"]
 
 def test_the_seed_worked_example():
     """Seed 004: 2400 records, 8 per device, 4 accumulation: 75 steps an epoch, checkpoint-75, -150, -225."""
-    sft = SFTParams(per_device_train_batch_size=8, gradient_accumulation_steps=4, num_train_epochs=3,
-                    save_strategy="epoch", save_total_limit=None)  # fmt: skip
+    sft = SFTParams(
+        per_device_train_batch_size=8,
+        gradient_accumulation_steps=4,
+        num_train_epochs=3,
+        save_strategy="epoch",
+        save_total_limit=None,
+    )
     steps = plan_steps(2400, 1, sft)
     assert steps["steps_per_epoch"] == 75 and steps["total_steps"] == 225 and steps["effective_batch"] == 32
     assert steps["checkpoints_kept"]["names"] == ["checkpoint-75", "checkpoint-150", "checkpoint-225"]
     # Seed 000: 4 per device × 8 GPUs × 4 accumulation = 128.
-    assert plan_steps(2400, 8, SFTParams(per_device_train_batch_size=4, gradient_accumulation_steps=4))[
-        "effective_batch"] == 128  # fmt: skip
+    assert (
+        plan_steps(2400, 8, SFTParams(per_device_train_batch_size=4, gradient_accumulation_steps=4))["effective_batch"]
+        == 128
+    )
 
 
 def test_step_arithmetic_edges():
     # A partial last batch still makes a step; warm-up as a ratio rounds up; eval_steps as a share of the total.
-    sft = SFTParams(per_device_train_batch_size=8, gradient_accumulation_steps=4, num_train_epochs=2,
-                    warmup_steps=0.1, eval_strategy="steps", eval_steps=0.25, save_steps=20, save_total_limit=2,
-                    load_best_model_at_end=True, metric_for_best_model="eval_loss")  # fmt: skip
+    sft = SFTParams(
+        per_device_train_batch_size=8,
+        gradient_accumulation_steps=4,
+        num_train_epochs=2,
+        warmup_steps=0.1,
+        eval_strategy="steps",
+        eval_steps=0.25,
+        save_steps=20,
+        save_total_limit=2,
+        load_best_model_at_end=True,
+        metric_for_best_model="eval_loss",
+    )
     steps = plan_steps(2401, 1, sft)
     assert steps["batches_per_epoch"] == 301 and steps["steps_per_epoch"] == 76 and steps["total_steps"] == 152
     assert steps["warmup_steps"] == 16
@@ -54,14 +70,21 @@ def test_memory_terms_on_the_real_llama_8b_config():
     settings = MemorySettings(batch_size=2, seq_len=2048, bf16_compute=True)
     full = estimate_memory(shape, settings)
     assert full["weights"] == shape.total * 4 and full["optimizer_states"] == shape.total * 8
-    checkpointed = estimate_memory(shape, MemorySettings(batch_size=2, seq_len=2048, bf16_compute=True,
-                                                         gradient_checkpointing=True))  # fmt: skip
+    checkpointed = estimate_memory(
+        shape, MemorySettings(batch_size=2, seq_len=2048, bf16_compute=True, gradient_checkpointing=True)
+    )
     assert checkpointed["activations"] < full["activations"] / 5
-    zero3 = estimate_memory(shape, MemorySettings(batch_size=2, seq_len=2048, bf16_compute=True, weight_bytes=2,
-                                                  engine="zero3", world_size=8))  # fmt: skip
+    zero3 = estimate_memory(
+        shape,
+        MemorySettings(batch_size=2, seq_len=2048, bf16_compute=True, weight_bytes=2, engine="zero3", world_size=8),
+    )
     assert zero3["optimizer_states"] == pytest.approx(shape.total * 12 / 8)  # Adam + fp32 master, sharded
-    lora = read_model_shape(LLAMA_8B, MethodParams(output_dir="unused", learning_rate=1e-4,
-                                                   lora={"r": 16, "target_modules": ["q_proj", "k_proj", "v_proj"]}))
+    lora = read_model_shape(
+        LLAMA_8B,
+        MethodParams(
+            output_dir="unused", learning_rate=1e-4, lora={"r": 16, "target_modules": ["q_proj", "k_proj", "v_proj"]}
+        ),
+    )
     assert lora.trainable == 32 * 16 * ((4096 + 4096) + 2 * (4096 + 1024))  # r × (in + out) per adapted layer
     weights = {bits: estimate_memory(lora, MemorySettings(quantization_bits=bits))["weights"] for bits in (None, 8, 4)}
     linear, rest = lora.linear_weights["language_model"], lora.total - lora.linear_weights["language_model"]
@@ -75,17 +98,33 @@ def test_memory_terms_on_the_real_llama_8b_config():
 @pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(RECIPES))
 def test_plan_prints_each_recipe_from_its_real_config(name):
-    result = subprocess.run([*VLM_PLAN, "--recipe", name, "--records", "2400"], capture_output=True, text=True,
-                            cwd=PROJECT_ROOT, timeout=120)  # fmt: skip
+    result = subprocess.run(
+        [*VLM_PLAN, "--recipe", name, "--records", "2400"],
+        capture_output=True,
+        text=True,
+        cwd=PROJECT_ROOT,
+        timeout=120,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     assert RECIPES[name].model_config in result.stdout
-    for line in ("effective batch", "per epoch", "checkpoints kept", "peak allocated", "verdict          fits in 80 GB"):
+    for line in (
+        "effective batch",
+        "per epoch",
+        "checkpoints kept",
+        "peak allocated",
+        "verdict          fits in 80 GB",
+    ):
         assert line in result.stdout, result.stdout
 
 
 def plan_changes(gpu_memory_gb: int) -> list[str]:
-    result = subprocess.run([*VLM_PLAN, "--recipe", "d", "--records", "2400", "--gpu-memory-gb", str(gpu_memory_gb)],
-                            capture_output=True, text=True, cwd=PROJECT_ROOT, timeout=120)  # fmt: skip
+    result = subprocess.run(
+        [*VLM_PLAN, "--recipe", "d", "--records", "2400", "--gpu-memory-gb", str(gpu_memory_gb)],
+        capture_output=True,
+        text=True,
+        cwd=PROJECT_ROOT,
+        timeout=120,
+    )
     assert result.returncode == 1 and f"DOES NOT FIT in {gpu_memory_gb} GB" in result.stdout, result.stdout
     return result.stdout.split("would fit with these changes together")[1].rstrip().splitlines()[1:]
 
@@ -95,27 +134,33 @@ def test_over_budget_names_the_settings_that_fit():
     # Recipe (d) loads the 8B base in bf16 (15 GiB of weights): at 24 GB checkpointing and smaller batches
     # suffice; at 16 GB only QLoRA, after them and an 8-bit optimizer, does.
     assert [line.split(":")[0].strip() for line in plan_changes(24)] == [
-        "+ sft.gradient_checkpointing=true", "+ sft.per_device_train_batch_size halved, gradient_accumulation_steps doubled"
-    ]  # fmt: skip
+        "+ sft.gradient_checkpointing=true",
+        "+ sft.per_device_train_batch_size halved, gradient_accumulation_steps doubled",
+    ]
     changes = plan_changes(16)
     assert changes[0].startswith("    + sft.gradient_checkpointing=true")
     assert changes[-1].startswith("    + method.quantization.load_in_4bit=true (QLoRA)")
 
 
 def test_the_weights_follow_the_load_dtype():
+    from test_config import load_params
+
     from vlm_pipeline.config import validate_parameters
     from vlm_pipeline.planning.plan import build_plan
-    from test_config import load_params
 
     params = validate_parameters(load_params("llama_text_lora"))
     weights = {
         dtype: build_plan(
-            model_dir=PROJECT_ROOT / RECIPES["d"].model_config, sft=params.sft.model_copy(update={
-                "accelerate_config": str(PROJECT_ROOT / params.sft.accelerate_config)}),
-            method=params.lora.method, images={}, records=2400, max_length=512, load_dtype=dtype,
+            model_dir=PROJECT_ROOT / RECIPES["d"].model_config,
+            sft=params.sft.model_copy(update={"accelerate_config": str(PROJECT_ROOT / params.sft.accelerate_config)}),
+            method=params.lora.method,
+            images={},
+            records=2400,
+            max_length=512,
+            load_dtype=dtype,
         )["memory_gib"]["weights"]
         for dtype in ("float32", "bfloat16", "auto")
-    }  # fmt: skip
+    }
     # 8.03B frozen parameters at 4 or 2 bytes, plus the float32 adapters; auto reads the checkpoint's bfloat16.
     assert weights["float32"] == pytest.approx(30.0, abs=0.3) and weights["bfloat16"] == pytest.approx(15.1, abs=0.2)
     assert weights["auto"] == weights["bfloat16"]
@@ -126,8 +171,13 @@ def test_training_stops_at_the_plan_before_any_model_loads(project, tiny_models)
     shutil.copytree(tiny_models["qwen2_5_vl"], project / "data/00_base_models/tiny-qwen2_5_vl")
     run_data_stages(project)
     kedro = str(Path(sys.executable).parent / "kedro")
-    result = subprocess.run([kedro, "run", "--pipelines", "lora", "--tags", "training", "--params",
-                             "plan.gpu_memory_gb=0.01"], capture_output=True, text=True, cwd=project, timeout=300)  # fmt: skip
+    result = subprocess.run(
+        [kedro, "run", "--pipelines", "lora", "--tags", "training", "--params", "plan.gpu_memory_gb=0.01"],
+        capture_output=True,
+        text=True,
+        cwd=project,
+        timeout=300,
+    )
     assert result.returncode != 0
     assert "PlanError" in result.stderr + result.stdout and "DOES NOT FIT in 0.01 GB" in result.stderr + result.stdout
     assert not (project / "data/06_models/lora/run_config.json").exists(), "the trainer was never launched"

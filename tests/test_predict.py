@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import PROJECT_ROOT
 from peft import LoraConfig, get_peft_model
 
-from conftest import PROJECT_ROOT
 from vlm_pipeline.architectures import load_model
 
 pytestmark = pytest.mark.slow  # Kedro sessions, subprocesses or training runs: `make test` only
@@ -29,20 +29,33 @@ def test_predict_answers_for_each_architecture(arch, tiny_models):
     result = predict("--model", str(tiny_models[arch]), *image, "--prompt", "What shape is this?")
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.strip()  # tiny random models answer gibberish, but they answer
-    wrong = predict("--model", str(tiny_models[arch]), *(["--image", str(IMAGE)] if arch == "llama" else []),
-                    "--prompt", "What shape is this?")  # fmt: skip
+    wrong = predict(
+        "--model",
+        str(tiny_models[arch]),
+        *(["--image", str(IMAGE)] if arch == "llama" else []),
+        "--prompt",
+        "What shape is this?",
+    )
     assert wrong.returncode == 2 and ("text-only model" in wrong.stderr or "vision model" in wrong.stderr)
 
 
 def test_base_plus_adapter_answers_as_the_merged_model(tmp_path, tiny_models):
     torch.manual_seed(0)
-    model = get_peft_model(load_model(tiny_models["qwen2_5_vl"]), LoraConfig(
-        r=8, lora_alpha=64, target_modules=["q_proj", "v_proj"], init_lora_weights=False))  # fmt: skip
+    model = get_peft_model(
+        load_model(tiny_models["qwen2_5_vl"]),
+        LoraConfig(r=8, lora_alpha=64, target_modules=["q_proj", "v_proj"], init_lora_weights=False),
+    )
     model.save_pretrained(tmp_path / "adapter")
     merged = model.merge_and_unload()
     merged.save_pretrained(tmp_path / "merged")
-    for name in ("tokenizer.json", "tokenizer_config.json", "preprocessor_config.json", "chat_template.jinja",
-                 "processor_config.json", "video_preprocessor_config.json"):  # fmt: skip
+    for name in (
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "preprocessor_config.json",
+        "chat_template.jinja",
+        "processor_config.json",
+        "video_preprocessor_config.json",
+    ):
         if (tiny_models["qwen2_5_vl"] / name).is_file():
             (tmp_path / "merged" / name).write_bytes((tiny_models["qwen2_5_vl"] / name).read_bytes())
     prompt = ["--image", str(IMAGE), "--prompt", "What shape is this?"]

@@ -12,16 +12,20 @@ from pathlib import Path
 import bitsandbytes as bnb
 import pytest
 import torch
+from conftest import PROJECT_ROOT, copy_project, run_data_stages
 from safetensors.torch import load_file
 
-from conftest import PROJECT_ROOT, copy_project, run_data_stages
 from vlm_pipeline.training.launcher import resolve_run_config
 from vlm_pipeline.training.trainer import build_trainer, run
 
 pytestmark = pytest.mark.slow  # Kedro sessions, subprocesses or training runs: `make test` only
 
-QLORA = {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": True,
-         "bnb_4bit_compute_dtype": "bfloat16"}  # fmt: skip
+QLORA = {
+    "load_in_4bit": True,
+    "bnb_4bit_quant_type": "nf4",
+    "bnb_4bit_use_double_quant": True,
+    "bnb_4bit_compute_dtype": "bfloat16",
+}
 
 
 @pytest.fixture(scope="module")
@@ -36,24 +40,50 @@ def tokenized(tmp_path_factory, tiny_models) -> dict[str, Path]:
 
 
 def run_config(tmp_path, base_model, data: Path, raw: str, quantization: dict, **sft) -> dict:
-    sft = {"seed": 0, "max_steps": 8, "per_device_train_batch_size": 4, "logging_steps": 1, "save_steps": 4,
-           "learning_rate": None, "dataloader_pin_memory": False, **sft}  # fmt: skip
+    sft = {
+        "seed": 0,
+        "max_steps": 8,
+        "per_device_train_batch_size": 4,
+        "logging_steps": 1,
+        "save_steps": 4,
+        "learning_rate": None,
+        "dataloader_pin_memory": False,
+        **sft,
+    }
     sft.pop("learning_rate")
-    method = {"output_dir": str(tmp_path), "learning_rate": 5e-3, "quantization": quantization,
-              "lora": {"r": 8, "lora_alpha": 16, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]}}  # fmt: skip
+    method = {
+        "output_dir": str(tmp_path),
+        "learning_rate": 5e-3,
+        "quantization": quantization,
+        "lora": {"r": 8, "lora_alpha": 16, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]},
+    }
     final = tmp_path / "final"
     final.mkdir()
     return resolve_run_config(
-        base_model=base_model, train_dataset=data / "train", eval_dataset=data / "validation",
-        image_root=PROJECT_ROOT / raw, image_bounds={}, sft=sft, method=method, final_dir=final,
-    )  # fmt: skip
+        base_model=base_model,
+        train_dataset=data / "train",
+        eval_dataset=data / "validation",
+        image_root=PROJECT_ROOT / raw,
+        image_bounds={},
+        sft=sft,
+        method=method,
+        final_dir=final,
+    )
 
 
 def test_qlora_gradients_reach_the_adapters_and_the_loss_falls(tmp_path, tiny_models, tokenized):
     # Evaluation every 2 steps puts eval-mode forwards between training steps: on CPUs with AVX512-BF16 a
     # careless setup stops LoRA gradients after the first one, which the checkpoint comparison below catches.
-    config = run_config(tmp_path, tiny_models["llama"], tokenized["llama"], "data/01_raw/alpaca_glossary", QLORA,
-                        eval_strategy="steps", eval_steps=2, padding_free=True)  # fmt: skip
+    config = run_config(
+        tmp_path,
+        tiny_models["llama"],
+        tokenized["llama"],
+        "data/01_raw/alpaca_glossary",
+        QLORA,
+        eval_strategy="steps",
+        eval_steps=2,
+        padding_free=True,
+    )
     trainer = build_trainer(config)
     linears = [m for n, m in trainer.model.named_modules() if n.endswith("self_attn.q_proj.base_layer")]
     assert linears and all(isinstance(m, bnb.nn.Linear4bit) for m in linears)
@@ -79,8 +109,14 @@ def test_qlora_gradients_reach_the_adapters_and_the_loss_falls(tmp_path, tiny_mo
 
 
 def test_8bit_lora_trains(tmp_path, tiny_models, tokenized):
-    config = run_config(tmp_path, tiny_models["llama"], tokenized["llama"], "data/01_raw/alpaca_glossary",
-                        {"load_in_8bit": True}, padding_free=True)  # fmt: skip
+    config = run_config(
+        tmp_path,
+        tiny_models["llama"],
+        tokenized["llama"],
+        "data/01_raw/alpaca_glossary",
+        {"load_in_8bit": True},
+        padding_free=True,
+    )
     run(config)
     adapter = load_file(tmp_path / "final/adapter_model.safetensors")
     assert all(torch.isfinite(t).all() for t in adapter.values())
@@ -88,8 +124,9 @@ def test_8bit_lora_trains(tmp_path, tiny_models, tokenized):
 
 
 def test_qlora_on_a_vlm_keeps_the_vision_tower_unquantized(tmp_path, tiny_models, tokenized):
-    config = run_config(tmp_path, tiny_models["qwen2_5_vl"], tokenized["qwen2_5_vl"], "data/01_raw/shapes_vqa",
-                        QLORA, max_steps=3)  # fmt: skip
+    config = run_config(
+        tmp_path, tiny_models["qwen2_5_vl"], tokenized["qwen2_5_vl"], "data/01_raw/shapes_vqa", QLORA, max_steps=3
+    )
     trainer = build_trainer(config)
     modules = dict(trainer.model.named_modules())
     vision = [m for n, m in modules.items() if ".visual." in n and isinstance(m, torch.nn.Linear)]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-
 from real_tokenizers import RealTokenizerUnavailable, real_tokenizer
 
 
@@ -23,6 +22,11 @@ def qwen2():
         pytest.fail(str(exc))  # the test extras install the packages that carry the rank files
 
 
+def id_list(published: str) -> list[int]:
+    """Token ids as published, whitespace-separated: long tables stay a few lines."""
+    return [int(token) for token in published.split()]
+
+
 def ids(tok, text: str) -> list[int]:
     return tok(text, add_special_tokens=False)["input_ids"]
 
@@ -36,11 +40,10 @@ def test_llama3_ids_published_by_meta(llama3):
         "<|start_header_id|>user<|end_header_id|>\n\nThis is a response.<|eot_id|>"
         "<|start_header_id|>assistant<|end_header_id|>\n\n"
     )
-    assert ids(llama3, dialog) == [
-        128000, 128006, 9125, 128007, 271, 2028, 374, 264, 1296, 11914, 13, 128009,
-        128006, 882, 128007, 271, 2028, 374, 264, 2077, 13, 128009,
-        128006, 78191, 128007, 271,
-    ]  # fmt: skip
+    assert ids(llama3, dialog) == id_list("""
+128000 128006 9125 128007 271 2028 374 264 1296 11914 13 128009 128006 882 128007 271 2028 374
+264 2077 13 128009 128006 78191 128007 271
+""")
 
 
 def test_llama3_more_published_ids(llama3):
@@ -58,12 +61,20 @@ def test_llama3_special_tokens(llama3):
     assert (llama3.eos_token, llama3.eos_token_id) == ("<|eot_id|>", 128009)
     assert llama3.pad_token is None  # Llama 3.1-8B-Instruct sets no pad token
     named = {
-        "<|begin_of_text|>": 128000, "<|end_of_text|>": 128001, "<|reserved_special_token_0|>": 128002,
-        "<|reserved_special_token_1|>": 128003, "<|finetune_right_pad_id|>": 128004,
-        "<|reserved_special_token_2|>": 128005, "<|start_header_id|>": 128006, "<|end_header_id|>": 128007,
-        "<|eom_id|>": 128008, "<|eot_id|>": 128009, "<|python_tag|>": 128010,
-        "<|reserved_special_token_3|>": 128011, "<|reserved_special_token_247|>": 128255,
-    }  # fmt: skip
+        "<|begin_of_text|>": 128000,
+        "<|end_of_text|>": 128001,
+        "<|reserved_special_token_0|>": 128002,
+        "<|reserved_special_token_1|>": 128003,
+        "<|finetune_right_pad_id|>": 128004,
+        "<|reserved_special_token_2|>": 128005,
+        "<|start_header_id|>": 128006,
+        "<|end_header_id|>": 128007,
+        "<|eom_id|>": 128008,
+        "<|eot_id|>": 128009,
+        "<|python_tag|>": 128010,
+        "<|reserved_special_token_3|>": 128011,
+        "<|reserved_special_token_247|>": 128255,
+    }
     assert {name: llama3.convert_tokens_to_ids(name) for name in named} == named
     assert ids(llama3, "<|start_header_id|>user<|end_header_id|>") == [128006, 882, 128007]
 
@@ -96,25 +107,26 @@ QWEN2_INTEGRATION = {
     "Transformers (formerly known as pytorch-transformers and pytorch-pretrained-bert) provides "
     "general-purpose architectures (BERT, GPT-2, RoBERTa, XLM, DistilBert, XLNet...) for Natural "
     "Language Understanding (NLU) and Natural Language Generation (NLG) with over 32+ pretrained "
-    "models in 100+ languages and deep interoperability between Jax, PyTorch and TensorFlow.": [
-        8963, 388, 320, 69514, 3881, 438, 4510, 27414, 32852, 388, 323, 4510, 27414, 21334, 35722, 1455, 529, 8,
-        5707, 4586, 58238, 77235, 320, 61437, 11, 479, 2828, 12, 17, 11, 11830, 61437, 64, 11, 1599, 10994, 11,
-        27604, 321, 33, 529, 11, 29881, 6954, 32574, 369, 18448, 11434, 45451, 320, 45, 23236, 8, 323, 18448,
-        11434, 23470, 320, 30042, 38, 8, 448, 916, 220, 18, 17, 10, 80669, 4119, 304, 220, 16, 15, 15, 10, 15459,
-        323, 5538, 94130, 2897, 1948, 619, 706, 11, 5355, 51, 21584, 323, 94986, 13,
-    ],
-    "🤗 Transformers 提供了可以轻松地下载并且训练先进的预训练模型的 API 和工具。使用预训练模型可以减少计算消耗和碳排放，"
-    "并且节省从头训练所需要的时间和资源。": [
-        144834, 80532, 93685, 83744, 34187, 73670, 104261, 29490, 62189, 103937, 104034, 102830, 98841, 104034,
-        104949, 9370, 5333, 58143, 102011, 1773, 37029, 98841, 104034, 104949, 73670, 101940, 100768, 104997,
-        33108, 100912, 105054, 90395, 100136, 106831, 45181, 64355, 104034, 113521, 101975, 33108, 85329, 1773,
-    ],
+    "models in 100+ languages and deep interoperability between Jax, PyTorch and TensorFlow.": id_list("""
+8963 388 320 69514 3881 438 4510 27414 32852 388 323 4510 27414 21334 35722 1455 529 8 5707 4586
+58238 77235 320 61437 11 479 2828 12 17 11 11830 61437 64 11 1599 10994 11 27604 321 33 529 11
+29881 6954 32574 369 18448 11434 45451 320 45 23236 8 323 18448 11434 23470 320 30042 38 8 448
+916 220 18 17 10 80669 4119 304 220 16 15 15 10 15459 323 5538 94130 2897 1948 619 706 11 5355
+51 21584 323 94986 13
+"""),
+    "🤗 Transformers 提供了可以轻松地下载并且训练先进的预训练模型的 API 和工具。"
+    "使用预训练模型可以减少计算消耗和碳排放，"
+    "并且节省从头训练所需要的时间和资源。": id_list("""
+144834 80532 93685 83744 34187 73670 104261 29490 62189 103937 104034 102830 98841 104034 104949
+9370 5333 58143 102011 1773 37029 98841 104034 104949 73670 101940 100768 104997 33108 100912
+105054 90395 100136 106831 45181 64355 104034 113521 101975 33108 85329 1773
+"""),
     '```python\ntokenizer = AutoTokenizer.from_pretrained("Qwen/Qwen-tokenizer")\n'
-    'tokenizer("世界，你好！")```': [
-        73594, 12669, 198, 85593, 284, 8979, 37434, 6387, 10442, 35722, 445, 48, 16948, 45274, 16948, 34841,
-        3135, 1138, 85593, 445, 99489, 3837, 108386, 6313, 899, 73594,
-    ],
-}  # fmt: skip
+    'tokenizer("世界，你好！")```': id_list("""
+73594 12669 198 85593 284 8979 37434 6387 10442 35722 445 48 16948 45274 16948 34841 3135 1138
+85593 445 99489 3837 108386 6313 899 73594
+"""),
+}
 
 
 @pytest.mark.parametrize("text", list(QWEN2_INTEGRATION), ids=["english", "chinese", "code"])
@@ -136,11 +148,29 @@ def test_qwen2_special_tokens(qwen2):
     assert (qwen2.eos_token, qwen2.eos_token_id) == ("<|im_end|>", 151645)
     assert (qwen2.pad_token, qwen2.pad_token_id) == ("<|endoftext|>", 151643)
     names = [
-        "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
-        "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>", "<|vision_end|>",
-        "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>", "<tool_call>", "</tool_call>", "<|fim_prefix|>",
-        "<|fim_middle|>", "<|fim_suffix|>", "<|fim_pad|>", "<|repo_name|>", "<|file_sep|>",
-    ]  # fmt: skip
+        "<|endoftext|>",
+        "<|im_start|>",
+        "<|im_end|>",
+        "<|object_ref_start|>",
+        "<|object_ref_end|>",
+        "<|box_start|>",
+        "<|box_end|>",
+        "<|quad_start|>",
+        "<|quad_end|>",
+        "<|vision_start|>",
+        "<|vision_end|>",
+        "<|vision_pad|>",
+        "<|image_pad|>",
+        "<|video_pad|>",
+        "<tool_call>",
+        "</tool_call>",
+        "<|fim_prefix|>",
+        "<|fim_middle|>",
+        "<|fim_suffix|>",
+        "<|fim_pad|>",
+        "<|repo_name|>",
+        "<|file_sep|>",
+    ]
     assert qwen2.convert_tokens_to_ids(names) == list(range(151643, 151665))
 
 

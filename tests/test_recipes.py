@@ -11,10 +11,10 @@ import math
 
 import pytest
 import yaml
-
 from conftest import PROJECT_ROOT
 from test_chain import assert_clean_model_folder, run_kedro
 from test_config import load_params
+
 from vlm_pipeline.config import validate_parameters
 from vlm_pipeline.recipes import CPU_SMOKE_STEPS, RECIPES, cpu_smoke_params
 
@@ -134,8 +134,9 @@ def test_recipe_carries_the_seed_values(name):
 @pytest.mark.parametrize("name", sorted(RECIPES))
 def test_recipe_runs_end_to_end_on_cpu_with_a_tiny_model(name, project, tiny_models):
     recipe = RECIPES[name]
-    run_kedro(project, recipe.pipeline, env=recipe.env, short=False,
-              **cpu_smoke_params(str(tiny_models[recipe.architecture])))  # fmt: skip
+    run_kedro(
+        project, recipe.pipeline, env=recipe.env, short=False, **cpu_smoke_params(str(tiny_models[recipe.architecture]))
+    )
     variant_dir = project / "data/06_models" / recipe.pipeline
     history = json.loads((variant_dir / "training_history.json").read_text())
     steps = [entry["step"] for entry in history if "loss" in entry]

@@ -8,8 +8,6 @@ and with the same adapter as an uninterrupted run.
 
 from __future__ import annotations
 
-import pytest
-
 import json
 import os
 import re
@@ -19,10 +17,11 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
+from conftest import copy_project, run_data_stages
 from safetensors.torch import load_file
 
-from conftest import copy_project, run_data_stages
 from vlm_pipeline.recipes import as_cli_params
 
 pytestmark = pytest.mark.slow  # Kedro sessions, subprocesses or training runs: `make test` only
@@ -44,9 +43,13 @@ def training_command(base_model: Path) -> list[str]:
 def start_training(project: Path, base_model: Path, log: Path) -> subprocess.Popen:
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{project / 'mlflow.db'}"}
     return subprocess.Popen(
-        training_command(base_model), cwd=project, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT,
+        training_command(base_model),
+        cwd=project,
+        env=env,
+        stdout=log.open("w"),
+        stderr=subprocess.STDOUT,
         start_new_session=True,  # its own process group: the kill reaches kedro, accelerate and the trainer
-    )  # fmt: skip
+    )
 
 
 def adapter_weights(project: Path) -> dict[str, torch.Tensor]:
@@ -71,7 +74,9 @@ def test_killed_training_resumes_from_the_last_complete_checkpoint(tmp_path, tin
     assert not (project / "data/06_models/lora/trained").exists()  # nothing that looks finished
 
     (run_dir,) = checkpoints.iterdir()
-    complete = max(int(p.name.split("-")[1]) for p in run_dir.glob("checkpoint-*") if (p / "trainer_state.json").is_file())
+    complete = max(
+        int(p.name.split("-")[1]) for p in run_dir.glob("checkpoint-*") if (p / "trainer_state.json").is_file()
+    )
     assert 8 <= complete < STEPS
     # What a kill during a save leaves: a newer folder with part of the weights and no complete state.
     half = run_dir / "checkpoint-36"

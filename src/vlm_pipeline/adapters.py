@@ -23,15 +23,28 @@ ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 # What a model folder handed to users holds: what from_pretrained and serving tools read. Pickles
 # (training_args.bin) and training logs live beside the model, never in it.
 MODEL_FILE_NAMES = {
-    "config.json", "generation_config.json", "model.safetensors.index.json", "tokenizer.json", "tokenizer_config.json",
-    "special_tokens_map.json", "chat_template.jinja", "chat_template.json", "preprocessor_config.json",
-    "processor_config.json", "video_preprocessor_config.json", "vocab.json", "merges.txt", "added_tokens.json",
-}  # fmt: skip
+    "config.json",
+    "generation_config.json",
+    "model.safetensors.index.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "chat_template.json",
+    "preprocessor_config.json",
+    "processor_config.json",
+    "video_preprocessor_config.json",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+}
 
 
 def is_model_file(name: str) -> bool:
     """Whether a file belongs in a model folder handed to users (weights only as safetensors)."""
     return name in MODEL_FILE_NAMES or name.endswith(".safetensors")
+
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
@@ -90,7 +103,9 @@ def merge_and_verify(
     batch = collator(check_rows)
 
     peft_model = PeftModel.from_pretrained(
-        load_model(base_model, dtype=torch_dtype, trust_remote_code=trust_remote_code, attn_implementation=attn_implementation),
+        load_model(
+            base_model, dtype=torch_dtype, trust_remote_code=trust_remote_code, attn_implementation=attn_implementation
+        ),
         str(adapter_dir),
     ).eval()
     expected = batch_logits(peft_model, batch)

@@ -69,13 +69,21 @@ def _quarantine_too_long(result, lines: list[bytes], args: argparse.Namespace) -
     encoder = load_chat_encoder(args.model, PreprocessingParams().model_dump())
     kept = []
     for record in result.valid:
-        row = encode_record(encoder, record, Path(args.image_root), max_length=args.max_length,
-                            train_on="all_assistant_turns", truncate_text_only=False)  # fmt: skip
+        row = encode_record(
+            encoder,
+            record,
+            Path(args.image_root),
+            max_length=args.max_length,
+            train_on="all_assistant_turns",
+            truncate_text_only=False,
+        )
         if row["reason"] is None:
             kept.append(record)
             continue
         raw = lines[record["source_line"] - 1].decode("utf-8", errors="replace")
-        result.quarantine.append({"line": record["source_line"], "reason": row["reason"], "detail": row["detail"], "raw": raw})
+        result.quarantine.append(
+            {"line": record["source_line"], "reason": row["reason"], "detail": row["detail"], "raw": raw}
+        )
         result.report["reasons"][row["reason"]] = result.report["reasons"].get(row["reason"], 0) + 1
     moved = len(result.valid) - len(kept)
     result.valid[:] = kept
@@ -95,8 +103,12 @@ def _metrics(args: argparse.Namespace) -> int:
     print(format_table(JSONDataset(str(path)).load()))
     # The other evaluation outputs of the same variant (conf/base/catalog.yml puts them there).
     variant = path.parent.name
-    outputs = [path.parent / "report.md", path.parent / "loss_curve.png", path.parent / "base_vs_tuned.png",
-               path.parents[2] / "07_model_output" / variant / "predictions.jsonl"]  # fmt: skip
+    outputs = [
+        path.parent / "report.md",
+        path.parent / "loss_curve.png",
+        path.parent / "base_vs_tuned.png",
+        path.parents[2] / "07_model_output" / variant / "predictions.jsonl",
+    ]
     print("\n".join(f"  {output}" for output in outputs if output.is_file()))
     return 0
 
@@ -146,15 +158,23 @@ def _plan(args: argparse.Namespace) -> int:
 
         data = training_data(load_from_disk(str(train)))
     else:
-        print(f"error: {train} does not exist (no preprocessed data yet): give --records N, the number of "
-              "training records after the validation hold-out", file=sys.stderr)  # fmt: skip
+        print(
+            f"error: {train} does not exist (no preprocessed data yet): give --records N, the number of "
+            "training records after the validation hold-out",
+            file=sys.stderr,
+        )
         return 2
     plan = build_plan(
-        model_dir=model_config, sft=params.sft, method=getattr(params, variant).method,
-        images=params.preprocessing.images.model_dump(), **data, max_length=params.preprocessing.max_length,
+        model_dir=model_config,
+        sft=params.sft,
+        method=getattr(params, variant).method,
+        images=params.preprocessing.images.model_dump(),
+        **data,
+        max_length=params.preprocessing.max_length,
         gpu_memory_gb=args.gpu_memory_gb if args.gpu_memory_gb is not None else params.plan.gpu_memory_gb,
-        trust_remote_code=params.trust_remote_code, load_dtype=params.model.dtype,
-    )  # fmt: skip
+        trust_remote_code=params.trust_remote_code,
+        load_dtype=params.model.dtype,
+    )
     print(f"plan: --env {env}, pipeline {variant}\n{format_plan(plan)}")
     return 0 if plan["fits"] is not False else 1
 
@@ -179,12 +199,19 @@ def _predict(args: argparse.Namespace) -> int:
         model = PeftModel.from_pretrained(model, args.adapter)
     image = Path(args.image).resolve() if args.image else None
     content = [{"type": "image"}, {"type": "text", "text": args.prompt}] if image else args.prompt
-    record = {"messages": [{"role": "user", "content": content}, {"role": "assistant", "content": ""}],
-              "images": [image.name] if image else []}  # fmt: skip
+    record = {
+        "messages": [{"role": "user", "content": content}, {"role": "assistant", "content": ""}],
+        "images": [image.name] if image else [],
+    }
     (answer,) = generate_answers(
-        model.eval(), load_chat_encoder(args.model, PreprocessingParams().model_dump()), architecture, [record],
-        image.parent if image else Path.cwd(), max_new_tokens=args.max_new_tokens, batch_size=1,
-    )  # fmt: skip
+        model.eval(),
+        load_chat_encoder(args.model, PreprocessingParams().model_dump()),
+        architecture,
+        [record],
+        image.parent if image else Path.cwd(),
+        max_new_tokens=args.max_new_tokens,
+        batch_size=1,
+    )
     print(answer)
     return 0
 
@@ -205,7 +232,9 @@ def _inspect_labels(args: argparse.Namespace) -> int:
     encoder = load_chat_encoder(args.model, preprocessing)
     marks = COLOUR if sys.stdout.isatty() else BRACKETS
     for record in result.valid[: args.n]:
-        row = encode_record(encoder, record, image_root, max_length=10**9, train_on=args.train_on, truncate_text_only=False)
+        row = encode_record(
+            encoder, record, image_root, max_length=10**9, train_on=args.train_on, truncate_text_only=False
+        )
         if row["reason"]:
             print(f"{data}:{row['source_line']}: {row['reason']}: {row['detail']}\n")
             continue
@@ -217,7 +246,9 @@ def _inspect_labels(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="vlm-pipeline", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="vlm-pipeline", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     commands = parser.add_subparsers(dest="command", required=True)
 
     tiny = commands.add_parser("tiny-model", help="build a tiny random model of a real architecture, offline")
@@ -264,13 +295,19 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--max-new-tokens", type=int, default=32)
     predict.set_defaults(func=_predict)
 
-    inspect = commands.add_parser("inspect-labels", help="show which tokens of each record train, with the model's template")
+    inspect = commands.add_parser(
+        "inspect-labels", help="show which tokens of each record train, with the model's template"
+    )
     inspect.add_argument("data", help="a JSONL file (any supported format)")
     inspect.add_argument("--model", required=True, help="model directory whose chat template and processor to use")
     inspect.add_argument("-n", type=int, default=3, help="records to show (default 3)")
     inspect.add_argument("--image-root", help="folder the image paths are relative to (default: the file's folder)")
-    inspect.add_argument("--chat-template", help="a .jinja file replacing the model's template (preprocessing.chat_template)")
-    inspect.add_argument("--train-on", default="all_assistant_turns", choices=["all_assistant_turns", "last_assistant_turn"])
+    inspect.add_argument(
+        "--chat-template", help="a .jinja file replacing the model's template (preprocessing.chat_template)"
+    )
+    inspect.add_argument(
+        "--train-on", default="all_assistant_turns", choices=["all_assistant_turns", "last_assistant_turn"]
+    )
     inspect.set_defaults(func=_inspect_labels)
     return parser
 

@@ -61,20 +61,36 @@ def changed_most(predictions: list[dict], count: int = 10) -> list[dict]:
 
 def report_markdown(metrics: dict, predictions: list[dict], count: int = 10) -> str:
     names = list(metrics["base"])
-    lines = ["# Evaluation report", "", f"{len(predictions)} test records, same records and settings for both models.",
-             "", "| metric | base | tuned | change |", "|---|---|---|---|"]  # fmt: skip
+    lines = [
+        "# Evaluation report",
+        "",
+        f"{len(predictions)} test records, same records and settings for both models.",
+        "",
+        "| metric | base | tuned | change |",
+        "|---|---|---|---|",
+    ]
     for name in names:
         base, tuned = metrics["base"][name], metrics["tuned"][name]
         lines.append(f"| {name} | {base:.4f} | {tuned:.4f} | {tuned - base:+.4f} |")
     baseline = metrics["majority_baseline"]
-    lines += ["", f"Always answering the most common training answer ({baseline['answer']!r}) scores exact match "
-              f"{baseline['exact_match']:.4f}."]  # fmt: skip
+    lines += [
+        "",
+        f"Always answering the most common training answer ({baseline['answer']!r}) scores exact match "
+        f"{baseline['exact_match']:.4f}.",
+    ]
     check = metrics.get("merge_check", {})
     if "max_abs_diff" in check:
-        lines.append(f"Merge check: max |logit difference| {check['max_abs_diff']:.2e} on {check['records']} records "
-                     f"(tolerance {check['tolerance']:.0e}, {'passed' if check['passed'] else 'FAILED'}).")  # fmt: skip
-    lines += ["", f"## The {count} answers tuning changed most (by ROUGE-L against the reference)", "",
-              "| line | prompt | reference | base | tuned | ROUGE-L gain |", "|---|---|---|---|---|---|"]  # fmt: skip
+        lines.append(
+            f"Merge check: max |logit difference| {check['max_abs_diff']:.2e} on {check['records']} records "
+            f"(tolerance {check['tolerance']:.0e}, {'passed' if check['passed'] else 'FAILED'})."
+        )
+    lines += [
+        "",
+        f"## The {count} answers tuning changed most (by ROUGE-L against the reference)",
+        "",
+        "| line | prompt | reference | base | tuned | ROUGE-L gain |",
+        "|---|---|---|---|---|---|",
+    ]
     for row in changed_most(predictions, count):
         prompt = _as_text(row["prompt"])
         cells = [str(row["line"]), prompt, row["reference"], row["base"], row["tuned"], f"{row['rouge_l_gain']:+.2f}"]

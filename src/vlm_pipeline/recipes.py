@@ -2,8 +2,8 @@
 
 A recipe is a Kedro conf environment (``conf/<env>/``) carrying the seed's values. ``cpu_smoke_params`` is
 the override that runs it end to end on a laptop: it swaps only the model path (a tiny model of the same
-architecture), the accelerate file (one CPU process), the attention kernel (sdpa), batch sizes and step counts. Precision, optimizer,
-schedule, LoRA and evaluation settings stay the recipe's own.
+architecture), the accelerate file (one CPU process), the attention kernel (sdpa), batch sizes and step counts.
+Precision, optimizer, schedule, LoRA and evaluation settings stay the recipe's own.
 """
 
 from __future__ import annotations
@@ -27,16 +27,32 @@ class Recipe:
 
 MLLAMA_11B = "conf/model_configs/llama-3.2-11b-vision-instruct"
 RECIPES: dict[str, Recipe] = {
-    "a": Recipe("llama_vision_full_ft", "full_ft", "mllama", "Llama-3.2-11B-Vision full FT, 8×80 GB, DeepSpeed ZeRO-3",
-                MLLAMA_11B),
-    "b": Recipe("llama_vision_lora", "lora", "mllama", "Llama-3.2-11B-Vision LoRA on an 8-bit base, one A100",
-                MLLAMA_11B),
-    "c": Recipe("qwen_vl_fsdp", "full_ft", "qwen2_5_vl", "Qwen2.5-VL full FT, FSDP, bf16, Adafactor",
-                "conf/model_configs/qwen2.5-vl-7b-instruct"),
-    "d": Recipe("llama_text_lora", "lora", "llama", "Llama-3.1-8B LoRA from alpaca JSONL",
-                "conf/model_configs/llama-3.1-8b-instruct"),
+    "a": Recipe(
+        "llama_vision_full_ft",
+        "full_ft",
+        "mllama",
+        "Llama-3.2-11B-Vision full FT, 8×80 GB, DeepSpeed ZeRO-3",
+        MLLAMA_11B,
+    ),
+    "b": Recipe(
+        "llama_vision_lora", "lora", "mllama", "Llama-3.2-11B-Vision LoRA on an 8-bit base, one A100", MLLAMA_11B
+    ),
+    "c": Recipe(
+        "qwen_vl_fsdp",
+        "full_ft",
+        "qwen2_5_vl",
+        "Qwen2.5-VL full FT, FSDP, bf16, Adafactor",
+        "conf/model_configs/qwen2.5-vl-7b-instruct",
+    ),
+    "d": Recipe(
+        "llama_text_lora",
+        "lora",
+        "llama",
+        "Llama-3.1-8B LoRA from alpaca JSONL",
+        "conf/model_configs/llama-3.1-8b-instruct",
+    ),
     "b-qlora": Recipe("llama_vision_qlora", "lora", "mllama", "recipe (b) over a 4-bit NF4 base (QLoRA)", MLLAMA_11B),
-}  # fmt: skip
+}
 
 CPU_SMOKE_STEPS = 4
 

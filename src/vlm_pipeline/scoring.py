@@ -34,9 +34,11 @@ def teacher_forced_loss(model: Any, collator: SFTCollator, rows: list[dict], bat
         # Shift so that tokens < n predict n, as the models' own loss does.
         shift_logits, shift_labels = logits[:, :-1], labels[:, 1:]
         losses = torch.nn.functional.cross_entropy(
-            shift_logits.reshape(-1, shift_logits.size(-1)), shift_labels.reshape(-1),
-            ignore_index=IGNORE_INDEX, reduction="sum",
-        )  # fmt: skip
+            shift_logits.reshape(-1, shift_logits.size(-1)),
+            shift_labels.reshape(-1),
+            ignore_index=IGNORE_INDEX,
+            reduction="sum",
+        )
         total_loss += losses.item()
         labelled = shift_labels != IGNORE_INDEX
         total_tokens += int(labelled.sum())
@@ -75,9 +77,14 @@ def generate_answers(
                 messages = prompt_messages(record)
                 conversations.append(chat_messages(attach_images(messages, images) if images else messages))
             inputs = processor.apply_chat_template(
-                conversations, add_generation_prompt=True, tokenize=True, return_dict=True,
-                return_tensors="pt", padding=True, **encoder.render_kwargs,
-            )  # fmt: skip
+                conversations,
+                add_generation_prompt=True,
+                tokenize=True,
+                return_dict=True,
+                return_tensors="pt",
+                padding=True,
+                **encoder.render_kwargs,
+            )
             output = model.generate(
                 **inputs, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id
             )

@@ -103,9 +103,12 @@ def load_chat_encoder(model_dir: str | Path, preprocessing: dict, *, trust_remot
     """The processor with ``preprocessing``'s image bounds and chat template, plus its template variables."""
     architecture = architecture_for_model(model_dir)
     processor = load_processor(
-        model_dir, image_bounds=preprocessing["images"], chat_template=preprocessing["chat_template"],
-        architecture=architecture, trust_remote_code=trust_remote_code,
-    )  # fmt: skip
+        model_dir,
+        image_bounds=preprocessing["images"],
+        chat_template=preprocessing["chat_template"],
+        architecture=architecture,
+        trust_remote_code=trust_remote_code,
+    )
     return ChatEncoder(processor, architecture.end_of_turn_token, dict(preprocessing["template_kwargs"]))
 
 
@@ -123,6 +126,10 @@ def load_model(
     """
     model_class = architecture_for_model(model_dir).model_class
     return model_class.from_pretrained(
-        str(model_dir), dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True,
-        quantization_config=quantization_config, attn_implementation=attn_implementation,
-    )  # fmt: skip
+        str(model_dir),
+        dtype=dtype,
+        trust_remote_code=trust_remote_code,
+        use_safetensors=True,
+        quantization_config=quantization_config,
+        attn_implementation=attn_implementation,
+    )

@@ -26,8 +26,15 @@ EOM = "<|eom_id|>"
 EOT = "<|eot_id|>"
 # Llama 3's named special tokens (the real vocabulary also holds ~250 reserved ones the tiny model does not need).
 SPECIAL_TOKENS = (
-    BEGIN_OF_TEXT, END_OF_TEXT, PAD, "<|start_header_id|>", "<|end_header_id|>", EOM, EOT, "<|python_tag|>"
-)  # fmt: skip
+    BEGIN_OF_TEXT,
+    END_OF_TEXT,
+    PAD,
+    "<|start_header_id|>",
+    "<|end_header_id|>",
+    EOM,
+    EOT,
+    "<|python_tag|>",
+)
 
 REAL = RealCheckpointFiles("llama-3.1-8b-instruct")
 

@@ -46,9 +46,13 @@ def tiny_processor() -> Qwen2_5_VLProcessor:
     tokens = REAL.special_tokens
     template = REAL.chat_template()
     tokenizer = train_tokenizer(
-        SPECIAL_TOKENS, bos_token=tokens["bos_token"], eos_token=tokens["eos_token"], pad_token=tokens["pad_token"],
-        chat_template=template, split_pattern=QWEN2_SPLIT,
-    )  # fmt: skip
+        SPECIAL_TOKENS,
+        bos_token=tokens["bos_token"],
+        eos_token=tokens["eos_token"],
+        pad_token=tokens["pad_token"],
+        chat_template=template,
+        split_pattern=QWEN2_SPLIT,
+    )
     settings = REAL.image_processor_settings()
     return Qwen2_5_VLProcessor(
         image_processor=Qwen2VLImageProcessor(**settings),

@@ -17,8 +17,14 @@ from vlm_pipeline.config.schema import ATTENTION_PACKAGES, ConfigError, Paramete
 
 logger = logging.getLogger(__name__)
 
-BITSANDBYTES_OPTIMIZERS = {"adamw_8bit", "adamw_bnb_8bit", "paged_adamw_32bit", "paged_adamw_8bit", "lion_8bit",
-                           "paged_lion_8bit"}  # fmt: skip
+BITSANDBYTES_OPTIMIZERS = {
+    "adamw_8bit",
+    "adamw_bnb_8bit",
+    "paged_adamw_32bit",
+    "paged_adamw_8bit",
+    "lion_8bit",
+    "paged_lion_8bit",
+}
 
 
 def check_parameters(params: dict[str, Any], project_root: Path | None = None) -> Parameters:
@@ -54,8 +60,11 @@ def check_machine(params: Parameters, project_root: Path) -> None:
     if sft.bf16 and not on_cpu and not torch.cuda.is_bf16_supported():
         raise ConfigError("sft.bf16 is true but this machine's GPU has no bf16 (pre-Ampere); set sft.fp16 instead")
     _check_accelerate_agrees(accelerate, params, sft.accelerate_config)
-    quantized = [name for name, variant in (("lora", params.lora), ("full_ft", params.full_ft))
-                 if variant and variant.method.quantization and variant.method.quantization.enabled]  # fmt: skip
+    quantized = [
+        name
+        for name, variant in (("lora", params.lora), ("full_ft", params.full_ft))
+        if variant and variant.method.quantization and variant.method.quantization.enabled
+    ]
     attention = params.model.attn_implementation
     package = ATTENTION_PACKAGES.get(attention)
     if package and importlib.util.find_spec(package) is None:

@@ -43,13 +43,28 @@ MOVED = {
 ALWAYS = {"save_safetensors": True}
 
 OPTIMIZERS = (
-    "adamw_torch_fused", "adamw_torch", "adamw_8bit", "adamw_bnb_8bit", "paged_adamw_32bit", "paged_adamw_8bit",
-    "adafactor", "sgd", "lion_8bit", "paged_lion_8bit",
-)  # fmt: skip
+    "adamw_torch_fused",
+    "adamw_torch",
+    "adamw_8bit",
+    "adamw_bnb_8bit",
+    "paged_adamw_32bit",
+    "paged_adamw_8bit",
+    "adafactor",
+    "sgd",
+    "lion_8bit",
+    "paged_lion_8bit",
+)
 SCHEDULERS = (
-    "linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup", "inverse_sqrt",
-    "cosine_with_min_lr", "warmup_stable_decay",
-)  # fmt: skip
+    "linear",
+    "cosine",
+    "cosine_with_restarts",
+    "polynomial",
+    "constant",
+    "constant_with_warmup",
+    "inverse_sqrt",
+    "cosine_with_min_lr",
+    "warmup_stable_decay",
+)
 
 
 class Section(BaseModel):
@@ -66,10 +81,12 @@ SectionT = TypeVar("SectionT", bound=Section)
 
 class DataValidationParams(Section):
     max_invalid_fraction: float = Field(
-        0.05, ge=0.0, le=1.0,
+        0.05,
+        ge=0.0,
+        le=1.0,
         description="Largest share of records that may be quarantined before the run stops (0.0 = any bad record "
         "stops it). Range 0.0-0.1; more usually means a format or path problem.",
-    )  # fmt: skip
+    )
     max_image_pixels: int = Field(
         12_845_056, gt=0, description="Images with more pixels are rejected before they can exhaust memory. 1e5-2e7."
     )
@@ -79,7 +96,9 @@ class DataValidationParams(Section):
 
 
 class ImageBounds(Section):
-    min_pixels: int | None = Field(None, ge=3136, description="Qwen2.5-VL: smallest image area in pixels (28×28 units).")
+    min_pixels: int | None = Field(
+        None, ge=3136, description="Qwen2.5-VL: smallest image area in pixels (28×28 units)."
+    )
     max_pixels: int | None = Field(
         None, ge=3136, le=12_845_056, description="Qwen2.5-VL: largest image area; bounds image tokens and memory."
     )
@@ -164,7 +183,9 @@ class ModelParams(Section):
             data["dtype"] = data.pop("torch_dtype")
         alias = ATTENTION_ALIASES.get(data.get("attn_implementation"))
         if alias:
-            logger.warning("model.attn_implementation %s is an older name; using %s", data["attn_implementation"], alias)
+            logger.warning(
+                "model.attn_implementation %s is an older name; using %s", data["attn_implementation"], alias
+            )
             data["attn_implementation"] = alias
         return data
 
@@ -221,12 +242,16 @@ class SFTParams(Section):
     bf16: bool = Field(False, description="bf16 mixed precision (Ampere+ GPUs; CPUs emulate it).")
     fp16: bool = Field(False, description="fp16 mixed precision with loss scaling, for GPUs without bf16.")
     bf16_full_eval: bool = Field(False, description="Evaluate in pure bf16 (faster, slightly less exact).")
-    gradient_checkpointing: bool = Field(False, description="Recompute activations in backward: ~30% slower, far less memory.")
+    gradient_checkpointing: bool = Field(
+        False, description="Recompute activations in backward: ~30% slower, far less memory."
+    )
     gradient_checkpointing_kwargs: dict[str, Any] | None = Field(
         None, description="Passed to torch checkpointing, e.g. {use_reentrant: false} (needed with LoRA and FSDP)."
     )
     logging_steps: float = Field(10, gt=0, description="Log every N optimizer steps (a share below 1 of all steps).")
-    eval_strategy: Literal["no", "steps", "epoch"] = Field("no", description="When to evaluate on the validation split.")
+    eval_strategy: Literal["no", "steps", "epoch"] = Field(
+        "no", description="When to evaluate on the validation split."
+    )
     eval_steps: float | None = Field(None, gt=0, description="Evaluate every N steps (with eval_strategy steps).")
     save_strategy: Literal["no", "steps", "epoch", "best"] = Field("steps", description="When to write checkpoints.")
     save_steps: float = Field(200, gt=0, description="Checkpoint every N optimizer steps (resume points).")
@@ -407,10 +432,12 @@ class MergeTolerance(Section):
         1e-4, gt=0, le=1e-2, description="Largest |logits(merged) - logits(base+adapter)|, absolute. 1e-5 to 1e-3."
     )
     bfloat16: float = Field(
-        0.05, gt=0, le=0.5,
+        0.05,
+        gt=0,
+        le=0.5,
         description="Largest |logits(merged) - logits(base+adapter)| as a fraction of the largest |logit|. "
         "bf16 keeps 8 significant bits, so its rounding error scales with the value. 0.02-0.1.",
-    )  # fmt: skip
+    )
 
 
 class AdapterParams(Section):
@@ -428,10 +455,12 @@ class EvaluationParams(Section):
 
 class PlanParams(Section):
     gpu_memory_gb: float | None = Field(
-        None, gt=0, le=1024,
+        None,
+        gt=0,
+        le=1024,
         description="Memory of one GPU in GB (80 for an A100/H100 80GB). The run stops before loading the model if "
         "the estimate is larger. Null: no check (CPU runs).",
-    )  # fmt: skip
+    )
 
 
 class Parameters(Section):

@@ -80,9 +80,16 @@ def encode_record(
     except TurnBoundaryMerge as error:
         return _set_aside(record, TOKEN_MERGE, str(error))
     length = len(encoded["input_ids"])
-    row = {**encoded, "image_paths": record["images"], "source_line": record["source_line"], "length": length,
-           "cut": 0, "reason": None, "detail": None,
-           "label_tokens": sum(token != IGNORE_INDEX for token in encoded["labels"])}  # fmt: skip
+    row = {
+        **encoded,
+        "image_paths": record["images"],
+        "source_line": record["source_line"],
+        "length": length,
+        "cut": 0,
+        "reason": None,
+        "detail": None,
+        "label_tokens": sum(token != IGNORE_INDEX for token in encoded["labels"]),
+    }
     if not row["label_tokens"]:
         return {**row, "reason": NO_LABEL_TOKENS, "detail": f"the chat template marks no assistant token ({train_on})"}
     if length <= max_length:
@@ -94,14 +101,29 @@ def encode_record(
     if all(token == IGNORE_INDEX for token in labels):
         detail = f"{length} tokens; cutting at max_length {max_length} would leave no assistant token to learn"
         return {**row, "reason": TOO_LONG, "detail": detail}
-    return {**row, "input_ids": encoded["input_ids"][:max_length], "labels": labels, "length": max_length,
-            "cut": length - max_length, "label_tokens": sum(token != IGNORE_INDEX for token in labels)}  # fmt: skip
+    return {
+        **row,
+        "input_ids": encoded["input_ids"][:max_length],
+        "labels": labels,
+        "length": max_length,
+        "cut": length - max_length,
+        "label_tokens": sum(token != IGNORE_INDEX for token in labels),
+    }
 
 
 def _set_aside(record: dict, reason: str, detail: str) -> dict[str, Any]:
     """A row for a record that could not be encoded: no tokens, only the reason."""
-    return {"input_ids": [], "labels": [], "image_paths": record["images"], "source_line": record["source_line"],
-            "length": 0, "cut": 0, "reason": reason, "detail": detail, "label_tokens": 0}  # fmt: skip
+    return {
+        "input_ids": [],
+        "labels": [],
+        "image_paths": record["images"],
+        "source_line": record["source_line"],
+        "length": 0,
+        "cut": 0,
+        "reason": reason,
+        "detail": detail,
+        "label_tokens": 0,
+    }
 
 
 def prompt_messages(record: dict) -> list[dict]:

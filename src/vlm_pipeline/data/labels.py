@@ -64,15 +64,20 @@ class ChatEncoder:
         """The template variables this template reads (a processor takes any other keyword as its own)."""
         # transformers' own extension parses {% generation %}; plain jinja2 only needs it gone to list variables.
         template = GENERATION_TAGS.sub("", _template_text(self.processor))
-        names = meta.find_undeclared_variables(jinja2.Environment(extensions=["jinja2.ext.loopcontrols"]).parse(template))
+        names = meta.find_undeclared_variables(
+            jinja2.Environment(extensions=["jinja2.ext.loopcontrols"]).parse(template)
+        )
         return {key: value for key, value in self.template_kwargs.items() if key in names}
 
     def render_ids(self, conversation: list[dict], *, add_generation_prompt: bool) -> list[int]:
         """Token ids of ``conversation`` as the template writes it, image placeholders expanded."""
         encoded = self.processor.apply_chat_template(
-            conversation, tokenize=True, return_dict=True, add_generation_prompt=add_generation_prompt,
+            conversation,
+            tokenize=True,
+            return_dict=True,
+            add_generation_prompt=add_generation_prompt,
             **self.render_kwargs,
-        )  # fmt: skip
+        )
         return _first_row(encoded["input_ids"])
 
     def assistant_spans(self, conversation: list[dict]) -> tuple[list[int], list[tuple[int, int]]]:
@@ -107,7 +112,9 @@ class ChatEncoder:
             self._check_generation_markers(conversation, full, spans)
         return full, spans
 
-    def _check_generation_markers(self, conversation: list[dict], full: list[int], spans: list[tuple[int, int]]) -> None:
+    def _check_generation_markers(
+        self, conversation: list[dict], full: list[int], spans: list[tuple[int, int]]
+    ) -> None:
         encoded = self.processor.apply_chat_template(
             conversation, tokenize=True, return_dict=True, return_assistant_tokens_mask=True, **self.render_kwargs
         )
@@ -126,7 +133,8 @@ class ChatEncoder:
 def _require_prefix(shorter: list[int], longer: list[int], what: str, than: str) -> None:
     if longer[: len(shorter)] == shorter:
         return
-    first = next((i for i, (a, b) in enumerate(zip(shorter, longer)) if a != b), min(len(shorter), len(longer)))
+    differing = (i for i, (a, b) in enumerate(zip(shorter, longer, strict=False)) if a != b)
+    first = next(differing, min(len(shorter), len(longer)))
     if first == len(shorter) - 1:
         raise TurnBoundaryMerge(
             f"the text after the conversation rendered {what} merges with its last token ({shorter[-1]} becomes "

@@ -68,8 +68,11 @@ def data_figure(reasons: Counter, lengths: list[int], sizes: list[tuple[int, int
     if lengths and max_length <= 1.5 * max(lengths):
         ax_lengths.axvline(max_length, color="black", linestyle="--", label=f"max_length {max_length}")
         ax_lengths.legend()
-    ax_lengths.set(title=f"Training record length (max_length {max_length})", xlabel="tokens, image tokens included",
-                   ylabel="records")  # fmt: skip
+    ax_lengths.set(
+        title=f"Training record length (max_length {max_length})",
+        xlabel="tokens, image tokens included",
+        ylabel="records",
+    )
     if sizes:
         widths, heights = zip(*sizes, strict=True)
         ax_sizes.scatter(widths, heights, s=8, alpha=0.5)
@@ -126,10 +129,20 @@ def label_preview(tokenizer: Any, rows: list[dict], marks: tuple[str, str] = BRA
     return blocks
 
 
-def data_markdown(validation: dict[str, dict], preprocessing: dict, reasons: Counter, sizes: list[tuple[int, int]],
-                  previews: list[str] = ()) -> str:  # fmt: skip
+def data_markdown(
+    validation: dict[str, dict],
+    preprocessing: dict,
+    reasons: Counter,
+    sizes: list[tuple[int, int]],
+    previews: list[str] = (),
+) -> str:
     """A short Markdown summary of the two stages."""
-    lines = ["# Data report", "", "| split | lines | valid | quarantined | too long | kept | truncated |", "|---|---|---|---|---|---|---|"]
+    lines = [
+        "# Data report",
+        "",
+        "| split | lines | valid | quarantined | too long | kept | truncated |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for split in ("train", "test"):
         v, p = validation[split], preprocessing[split]
         lines.append(
@@ -154,13 +167,24 @@ def data_markdown(validation: dict[str, dict], preprocessing: dict, reasons: Cou
     ]
     if sizes:
         widths, heights = zip(*sizes, strict=True)
-        lines.append(f"- images: {len(sizes)}, width {min(widths)}-{max(widths)} px, height {min(heights)}-{max(heights)} px")
+        lines.append(
+            f"- images: {len(sizes)}, width {min(widths)}-{max(widths)} px, height {min(heights)}-{max(heights)} px"
+        )
     if previews:
-        lines += ["", f"## What trains: the first {len(previews)} training records", "",
-                  f"Trained tokens (labels) are between {BRACKETS[0]} {BRACKETS[1]}; everything else is masked.", ""]
+        lines += [
+            "",
+            f"## What trains: the first {len(previews)} training records",
+            "",
+            f"Trained tokens (labels) are between {BRACKETS[0]} {BRACKETS[1]}; everything else is masked.",
+            "",
+        ]
         for preview in previews:
             header, text = preview.split("\n", 1)
             lines += [f"**{header}**", "", "```text", text, "```", ""]
-    lines += ["", "Quarantined records, with line numbers and reasons: `data/02_intermediate/<split>/quarantine.jsonl`"
-              " and `data/03_primary/<split>_set_aside.jsonl`.", ""]  # fmt: skip
+    lines += [
+        "",
+        "Quarantined records, with line numbers and reasons: `data/02_intermediate/<split>/quarantine.jsonl`"
+        " and `data/03_primary/<split>_set_aside.jsonl`.",
+        "",
+    ]
     return "\n".join(lines)

@@ -185,9 +185,7 @@ def _checked_image(relative: str, root: Path, max_image_pixels: int, cache: dict
     return outcome.size  # type: ignore[return-value]
 
 
-def build_report(
-    total: int, quarantine: list[dict], image_sizes: list[tuple[int, int]], text_chars: list[int]
-) -> dict:
+def build_report(total: int, quarantine: list[dict], image_sizes: list[tuple[int, int]], text_chars: list[int]) -> dict:
     """Counts, reasons (most frequent first) and size statistics of the valid records."""
     reasons = Counter(entry["reason"] for entry in quarantine)
     return {

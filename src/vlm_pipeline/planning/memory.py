@@ -183,4 +183,3 @@ def _logits_bytes(shape: ModelShape, settings: MemorySettings) -> float:
     upcast = 4 if activation == 2 else 0
     cpu_buffer = 4 if settings.device == "cpu" else 0
     return tokens * shape.vocab * (activation + upcast + 4 + 4 + cpu_buffer) / settings.loss_chunks
-

@@ -81,8 +81,12 @@ def read_model_shape(model_dir: str | Path, method: Any, trust_remote_code: bool
         vision=_vision_stack(config),
         linear_weights=linear,
         largest_layer=max(
-            (sum(p.numel() for p in block.parameters()) for module in model.modules() if isinstance(module, nn.ModuleList)
-             for block in module),  # fmt: skip
+            (
+                sum(p.numel() for p in block.parameters())
+                for module in model.modules()
+                if isinstance(module, nn.ModuleList)
+                for block in module
+            ),
             default=0,
         ),
         trainable=trainable,

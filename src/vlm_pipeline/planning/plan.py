@@ -56,8 +56,14 @@ def load_dtype_bytes(dtype: str, model_dir: Path) -> int:
 
 
 def memory_settings(
-    sft: SFTParams, method: MethodParams, accelerate: dict[str, Any], *, seq_len: int, images_per_row: float,
-    vision_tokens_per_image: int, load_bytes: int = 4,
+    sft: SFTParams,
+    method: MethodParams,
+    accelerate: dict[str, Any],
+    *,
+    seq_len: int,
+    images_per_row: float,
+    vision_tokens_per_image: int,
+    load_bytes: int = 4,
 ) -> MemorySettings:
     """What our trainer does with these parameters, as memory settings: it loads the base at ``load_bytes`` per
     weight (``model.dtype``) and trains under autocast; DeepSpeed with bf16 casts the module to bf16 and keeps an
@@ -85,9 +91,18 @@ def memory_settings(
 
 
 def build_plan(
-    *, model_dir: Path, sft: SFTParams, method: MethodParams, images: dict[str, Any], records: int,
-    lengths: list[int] | None = None, max_length: int, images_per_row: float | None = None,
-    gpu_memory_gb: float | None = None, trust_remote_code: bool = False, load_dtype: str = "float32",
+    *,
+    model_dir: Path,
+    sft: SFTParams,
+    method: MethodParams,
+    images: dict[str, Any],
+    records: int,
+    lengths: list[int] | None = None,
+    max_length: int,
+    images_per_row: float | None = None,
+    gpu_memory_gb: float | None = None,
+    trust_remote_code: bool = False,
+    load_dtype: str = "float32",
 ) -> dict[str, Any]:
     """The plan of one run: steps, tokens, memory terms (GiB), the verdict and, if over, the settings that fit.
 
@@ -107,16 +122,23 @@ def build_plan(
     elif images_per_row is None:  # planning before any data: one image per row
         images_per_row = 1.0
     settings = memory_settings(
-        sft, method, accelerate, seq_len=longest, images_per_row=images_per_row,
+        sft,
+        method,
+        accelerate,
+        seq_len=longest,
+        images_per_row=images_per_row,
         vision_tokens_per_image=vision_tokens(shape.architecture, images) if vision else 0,
         load_bytes=load_dtype_bytes(load_dtype, model_dir),
-    )  # fmt: skip
+    )
     memory = estimate_memory(shape, settings)
     plan = {
         "model": {
-            "config": str(model_dir), "architecture": shape.architecture, "parameters": shape.parameters,
-            "total_parameters": shape.total, "trainable_parameters": shape.trainable,
-        },  # fmt: skip
+            "config": str(model_dir),
+            "architecture": shape.architecture,
+            "parameters": shape.parameters,
+            "total_parameters": shape.total,
+            "trainable_parameters": shape.trainable,
+        },
         "steps": steps,
         "tokens_per_step": {
             "mean": round(mean_length * steps["effective_batch"]),
@@ -152,7 +174,11 @@ def vision_tokens(architecture: str, images: dict[str, Any]) -> int:
 
 
 def alternatives(
-    model_dir: Path, shape: ModelShape, settings: MemorySettings, method: MethodParams, gpu_memory_gb: float,
+    model_dir: Path,
+    shape: ModelShape,
+    settings: MemorySettings,
+    method: MethodParams,
+    gpu_memory_gb: float,
     trust_remote_code: bool,
 ) -> list[dict[str, Any]]:
     """Changes that together bring the estimate under the budget: the usual knobs in order of how little they
@@ -185,7 +211,9 @@ def _changes(model_dir: Path, trust_remote_code: bool) -> list[tuple[str, Any]]:
         return shape, replace(settings, batch_size=half, gradient_accumulation_steps=accumulation), method
 
     def checkpointing(shape, settings, method):
-        return None if settings.gradient_checkpointing else (shape, replace(settings, gradient_checkpointing=True), method)
+        return (
+            None if settings.gradient_checkpointing else (shape, replace(settings, gradient_checkpointing=True), method)
+        )
 
     def zero3(shape, settings, method):
         if settings.world_size < 2 or settings.engine == "zero3":
@@ -199,7 +227,9 @@ def _changes(model_dir: Path, trust_remote_code: bool) -> list[tuple[str, Any]]:
         return shape, replace(settings, engine="zero3", offload_optimizer=True, weight_bytes=weight_bytes), method
 
     def eight_bit_optimizer(shape, settings, method):
-        return None if "8bit" in settings.optimizer else (shape, replace(settings, optimizer="paged_adamw_8bit"), method)
+        return (
+            None if "8bit" in settings.optimizer else (shape, replace(settings, optimizer="paged_adamw_8bit"), method)
+        )
 
     def lora(shape, settings, method):
         if method.lora is not None:
@@ -237,7 +267,8 @@ def format_plan(plan: dict[str, Any]) -> str:
         f"world size       {steps['world_size']} ({settings['engine']})",
         f"effective batch  {steps['effective_batch']} = {settings['batch_size']} per device × {steps['world_size']} "
         f"× {settings['gradient_accumulation_steps']} accumulation",
-        f"steps            {steps['steps_per_epoch']:,} per epoch × {steps['epochs']:g} epochs = {steps['total_steps']:,}",
+        f"steps            {steps['steps_per_epoch']:,} per epoch × {steps['epochs']:g} epochs = "
+        f"{steps['total_steps']:,}",
         f"warm-up          {steps['warmup_steps']:,} steps",
         f"evaluations at   {_steps_text(steps['eval_steps'])}",
         f"checkpoints at   {_steps_text(steps['save_steps'])}",
@@ -246,8 +277,17 @@ def format_plan(plan: dict[str, Any]) -> str:
         f"longest row {plan['tokens_per_step']['longest_row']:,}",
         "memory per GPU (GiB, estimate)",
     ]
-    for name in ("weights", "gradients", "optimizer_states", "activations", "logits_and_loss",
-                 "optimizer_step_temporaries", "peak_allocated", "framework_overhead", "total"):  # fmt: skip
+    for name in (
+        "weights",
+        "gradients",
+        "optimizer_states",
+        "activations",
+        "logits_and_loss",
+        "optimizer_step_temporaries",
+        "peak_allocated",
+        "framework_overhead",
+        "total",
+    ):
         lines.append(f"  {name.replace('_', ' '):<28}{memory[name]:>10.2f}")
     budget = plan["gpu_memory_gb"]
     if budget is None:

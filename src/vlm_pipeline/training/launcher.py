@@ -19,8 +19,17 @@ class TrainingLaunchError(RuntimeError):
 
 
 def resolve_run_config(
-    *, base_model: Path, train_dataset: Path, eval_dataset: Path | None = None, image_root: Path, image_bounds: dict,
-    chat_template: str | None = None, model: dict | None = None, sft: dict, method: dict, final_dir: Path,
+    *,
+    base_model: Path,
+    train_dataset: Path,
+    eval_dataset: Path | None = None,
+    image_root: Path,
+    image_bounds: dict,
+    chat_template: str | None = None,
+    model: dict | None = None,
+    sft: dict,
+    method: dict,
+    final_dir: Path,
     trust_remote_code: bool = False,
 ) -> dict[str, Any]:
     """The JSON document the trainer entry point reads: every SFTConfig field from the schema, resolved."""
@@ -59,11 +68,16 @@ def config_hash(config: dict[str, Any]) -> str:
 def launch_command(accelerate_config: str, run_config_path: Path) -> list[str]:
     """``accelerate launch`` of the trainer module with this interpreter (so the same venv is used)."""
     return [
-        sys.executable, "-m", "accelerate.commands.launch",
-        "--config_file", accelerate_config,
-        "-m", "vlm_pipeline.training.trainer",
-        "--config", str(run_config_path),
-    ]  # fmt: skip
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        accelerate_config,
+        "-m",
+        "vlm_pipeline.training.trainer",
+        "--config",
+        str(run_config_path),
+    ]
 
 
 def launch(command: list[str], tail_lines: int = 40) -> None:

@@ -26,7 +26,10 @@ class ModalityGroupedSampler(Sampler[int]):
     """
 
     def __init__(self, has_images: list[bool], batch_size: int, seed: int, lengths: list[int] | None = None):
-        self.groups = [[i for i, flag in enumerate(has_images) if flag], [i for i, flag in enumerate(has_images) if not flag]]
+        self.groups = [
+            [i for i, flag in enumerate(has_images) if flag],
+            [i for i, flag in enumerate(has_images) if not flag],
+        ]
         self.batch_size = batch_size
         self.seed = seed
         self.lengths = lengths
@@ -47,7 +50,11 @@ class ModalityGroupedSampler(Sampler[int]):
         if self.lengths is not None:
             # Like transformers' LengthGroupedSampler: sort within mega-batches of 50 batches.
             mega = 50 * self.batch_size
-            order = [i for s in range(0, len(order), mega) for i in sorted(order[s : s + mega], key=lambda i: -self.lengths[i])]
+            order = [
+                i
+                for s in range(0, len(order), mega)
+                for i in sorted(order[s : s + mega], key=lambda i: -self.lengths[i])
+            ]
         short = -len(order) % self.batch_size
         order += order[:short]  # fill the last batch with rows of the same modality
         return [order[s : s + self.batch_size] for s in range(0, len(order), self.batch_size)]

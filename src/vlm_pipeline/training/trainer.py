@@ -14,8 +14,8 @@ copy in ``checkpoint_dir/final`` so that the same config run again returns the s
 from __future__ import annotations
 
 import argparse
-from collections import Counter
 import json
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -31,9 +31,9 @@ from vlm_pipeline.atomic import link_tree, replace_dir_atomic, staging_dir_for
 from vlm_pipeline.training import cpu_distributed
 from vlm_pipeline.training.checkpoints import last_complete_checkpoint
 from vlm_pipeline.training.collator import SFTCollator
-from vlm_pipeline.training.trainable import format_table, freeze, lora_target_modules, parameter_table
 from vlm_pipeline.training.quantization import bits_and_bytes_config, is_enabled
 from vlm_pipeline.training.sampler import ModalityGroupedSampler, is_mixed
+from vlm_pipeline.training.trainable import format_table, freeze, lora_target_modules, parameter_table
 
 
 def build_sft_config(config: dict[str, Any]) -> SFTConfig:
@@ -79,7 +79,11 @@ class VLMSFTTrainer(SFTTrainer):
     def _stop_non_finite(self, what: str, value: float) -> None:
         step = self.state.global_step + 1
         checkpoints = sorted(Path(self.args.output_dir).glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
-        kept = f"the newest checkpoint, {checkpoints[-1]}, was written before it" if checkpoints else "no checkpoint was written yet"
+        kept = (
+            f"the newest checkpoint, {checkpoints[-1]}, was written before it"
+            if checkpoints
+            else "no checkpoint was written yet"
+        )
         raise NonFiniteTrainingError(
             f"training stopped at optimizer step {step}: the {what} is {value}; {kept}. Lower the learning "
             "rate, check the data of this step, or use bf16 instead of fp16"
@@ -112,9 +116,11 @@ def build_trainer(config: dict[str, Any]) -> SFTTrainer:
     quantization = config.get("quantization")
     quantized = is_enabled(quantization)
     model = load_model(
-        base, trust_remote_code=trust, **config["model"],
+        base,
+        trust_remote_code=trust,
+        **config["model"],
         quantization_config=bits_and_bytes_config(quantization, architecture) if quantized else None,
-    )  # fmt: skip
+    )
     # No KV cache in training: it is useless there, and with a cache transformers would not read packed
     # (padding-free) sequence boundaries from position_ids, letting rows attend to each other.
     model.config.use_cache = False
@@ -126,7 +132,8 @@ def build_trainer(config: dict[str, Any]) -> SFTTrainer:
         model = prepare_model_for_kbit_training(
             model,
             use_gradient_checkpointing=config["sft"].get("gradient_checkpointing", False),
-            gradient_checkpointing_kwargs=config["sft"].get("gradient_checkpointing_kwargs") or {"use_reentrant": False},
+            gradient_checkpointing_kwargs=config["sft"].get("gradient_checkpointing_kwargs")
+            or {"use_reentrant": False},
         )
     freeze(model, architecture, config.get("freeze") or {})
     peft_config = None

@@ -17,17 +17,31 @@ def extract_adapter(trained_model: Path, method: dict) -> tuple[Path, dict]:
 
 
 def merge_adapter(
-    base_model: Path, adapter: Path, trained_model: Path, test_data: Dataset, raw_data: str, method: dict, params: dict,
-    model: dict, trust_remote_code: bool = False,
+    base_model: Path,
+    adapter: Path,
+    trained_model: Path,
+    test_data: Dataset,
+    raw_data: str,
+    method: dict,
+    params: dict,
+    model: dict,
+    trust_remote_code: bool = False,
 ) -> tuple[Path, dict]:
     """Merge into the base model and verify logits on the first ``merge_check_records`` test records."""
     staged = staging_dir_for(Path(method["output_dir"]) / "merged")
     rows = list(test_data.select(range(min(params["merge_check_records"], len(test_data)))))
     check = merge_and_verify(
-        base_model, adapter, trained_model, rows, Path(raw_data), staged,
-        dtype=params["merge_dtype"], tolerance=params["merge_tolerance"],
-        attn_implementation=model["attn_implementation"], trust_remote_code=trust_remote_code,
-    )  # fmt: skip
+        base_model,
+        adapter,
+        trained_model,
+        rows,
+        Path(raw_data),
+        staged,
+        dtype=params["merge_dtype"],
+        tolerance=params["merge_tolerance"],
+        attn_implementation=model["attn_implementation"],
+        trust_remote_code=trust_remote_code,
+    )
     return staged, check
 
 

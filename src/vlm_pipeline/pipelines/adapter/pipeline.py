@@ -23,9 +23,16 @@ def create_pipeline(variant: str) -> Pipeline:
         Node(
             merge_adapter,
             inputs=[
-                "base_model", "adapter", "trained_model", "test_tokenized@arrow", "params:raw_data", "params:method",
-                "params:adapter", "params:model", "params:trust_remote_code",
-            ],  # fmt: skip
+                "base_model",
+                "adapter",
+                "trained_model",
+                "test_tokenized@arrow",
+                "params:raw_data",
+                "params:method",
+                "params:adapter",
+                "params:model",
+                "params:trust_remote_code",
+            ],
             outputs=["merged_model", "merge_check"],
             name="merge_adapter",
         ),

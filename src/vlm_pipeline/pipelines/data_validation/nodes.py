@@ -21,9 +21,7 @@ def validate_split(raw_lines: list[bytes], raw_data: str, params: dict) -> tuple
 def enforce_reject_budget(train_report: dict, test_report: dict, raw_data: str, params: dict) -> dict:
     """Stop the run (after both quarantine files are written) if either split rejected too much."""
     for split, report in (("train", train_report), ("test", test_report)):
-        check_reject_budget(
-            report, params["max_invalid_fraction"], source=str(Path(raw_data) / f"{split}.jsonl")
-        )
+        check_reject_budget(report, params["max_invalid_fraction"], source=str(Path(raw_data) / f"{split}.jsonl"))
     return {
         "raw_data": raw_data,
         "train": {key: train_report[key] for key in ("total", "valid", "quarantined")},

@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 from collections import Counter
 from pathlib import Path
-
 from typing import Any
 
 from datasets import Dataset
@@ -20,8 +19,14 @@ logger = logging.getLogger(__name__)
 
 
 def evaluate_model(
-    model_dir: Path, test_records: list[dict], test_data: Dataset, raw_data: str, preprocessing: dict, params: dict,
-    model_loading: dict, trust_remote_code: bool = False,
+    model_dir: Path,
+    test_records: list[dict],
+    test_data: Dataset,
+    raw_data: str,
+    preprocessing: dict,
+    params: dict,
+    model_loading: dict,
+    trust_remote_code: bool = False,
 ) -> dict:
     """Loss, perplexity, exact match and ROUGE-L of one model, plus its answers (same image bounds, chat template
     and template variables as training; loaded as ``model_loading``, the ``model`` parameter group, says)."""
@@ -32,9 +37,14 @@ def evaluate_model(
     collator = SFTCollator(encoder.processor, architecture, image_root)
     scores = teacher_forced_loss(model, collator, list(test_data), params["batch_size"])
     answers = generate_answers(
-        model, encoder, architecture, test_records, image_root,
-        max_new_tokens=params["max_new_tokens"], batch_size=params["batch_size"],
-    )  # fmt: skip
+        model,
+        encoder,
+        architecture,
+        test_records,
+        image_root,
+        max_new_tokens=params["max_new_tokens"],
+        batch_size=params["batch_size"],
+    )
     scores.update(text_scores(answers, [reference_answer(r) for r in test_records]))
     return {"scores": scores, "answers": answers}
 
@@ -49,7 +59,12 @@ def compare(
     base: dict, tuned: dict, baseline: dict, merge_check: dict, test_records: list[dict]
 ) -> tuple[dict, list[dict], dict]:
     """metrics.json, predictions rows, and flat MLflow metrics; logs the base-vs-tuned table."""
-    metrics = {"base": base["scores"], "tuned": tuned["scores"], "majority_baseline": baseline, "merge_check": merge_check}
+    metrics = {
+        "base": base["scores"],
+        "tuned": tuned["scores"],
+        "majority_baseline": baseline,
+        "merge_check": merge_check,
+    }
     predictions = [
         {
             "line": record["source_line"],
@@ -89,7 +104,7 @@ def describe_merge_check(check: dict) -> str:
         f"({check['criterion']} {check['measured']:.3g} ≤ {check['tolerance']:g}), "
         f"top-1 agreement {check['top1_agreement']:.3f}"
         + (f", {saved['tensors']} modules_to_save tensors reloaded identical" if saved.get("tensors") else "")
-    )  # fmt: skip
+    )
 
 
 def build_report(metrics: dict, predictions: list[dict], history: list[dict]) -> tuple[str, list[dict], Any, Any]:

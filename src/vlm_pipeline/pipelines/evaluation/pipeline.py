@@ -5,13 +5,23 @@ from vlm_pipeline.pipelines.evaluation.nodes import build_report, compare, evalu
 
 def create_pipeline(variant: str) -> Pipeline:
     shared = [
-        "test_records", "test_tokenized@arrow", "params:raw_data", "params:preprocessing", "params:evaluation",
-        "params:model", "params:trust_remote_code",
-    ]  # fmt: skip
+        "test_records",
+        "test_tokenized@arrow",
+        "params:raw_data",
+        "params:preprocessing",
+        "params:evaluation",
+        "params:model",
+        "params:trust_remote_code",
+    ]
     nodes = [
         Node(evaluate_model, inputs=["base_model", *shared], outputs="base_evaluation", name="evaluate_base"),
         Node(evaluate_model, inputs=["merged_model", *shared], outputs="tuned_evaluation", name="evaluate_tuned"),
-        Node(majority_baseline, inputs=["train_records", "test_records"], outputs="majority_baseline", name="majority_baseline"),
+        Node(
+            majority_baseline,
+            inputs=["train_records", "test_records"],
+            outputs="majority_baseline",
+            name="majority_baseline",
+        ),
         Node(
             compare,
             inputs=["base_evaluation", "tuned_evaluation", "majority_baseline", "merge_check", "test_records"],
@@ -31,6 +41,10 @@ def create_pipeline(variant: str) -> Pipeline:
         namespace=variant,
         inputs={"base_model", "test_records", "train_records", "test_tokenized@arrow"},
         parameters={
-            "params:raw_data", "params:preprocessing", "params:evaluation", "params:model", "params:trust_remote_code"
+            "params:raw_data",
+            "params:preprocessing",
+            "params:evaluation",
+            "params:model",
+            "params:trust_remote_code",
         },
     )

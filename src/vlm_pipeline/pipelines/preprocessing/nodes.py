@@ -13,7 +13,14 @@ from datasets import Dataset
 from vlm_pipeline.architectures import load_chat_encoder
 from vlm_pipeline.data.encoding import NO_LABEL_TOKENS, TOO_LONG, encode_record
 from vlm_pipeline.data.labels import ChatEncoder, ChatTemplateError
-from vlm_pipeline.data.report import data_figure, data_markdown, label_preview, image_sizes, padding_share, reason_counts
+from vlm_pipeline.data.report import (
+    data_figure,
+    data_markdown,
+    image_sizes,
+    label_preview,
+    padding_share,
+    reason_counts,
+)
 
 MODEL_COLUMNS = ["input_ids", "labels", "image_paths", "source_line", "length"]
 
@@ -34,7 +41,11 @@ def _encode_row(row: dict, *, encoder: ChatEncoder, image_root: Path, params: di
 
 
 def tokenize_split(
-    records: list[dict], base_model: Path, raw_data: str, params: dict, validation_summary: dict,
+    records: list[dict],
+    base_model: Path,
+    raw_data: str,
+    params: dict,
+    validation_summary: dict,
     trust_remote_code: bool = False,
 ) -> tuple[Dataset, list[dict], dict]:
     """Encode every validated record (in ``num_proc`` processes); over-long ones go to their own quarantine.
@@ -134,14 +145,23 @@ PREVIEW_RECORDS = 3
 
 
 def build_data_report(
-    train_validation: dict, test_validation: dict, preprocessing: dict, train_records: list[dict],
-    train_data: Dataset, base_model: Path, raw_data: str, params: dict, trust_remote_code: bool = False,
-) -> tuple[str, Any]:  # fmt: skip
+    train_validation: dict,
+    test_validation: dict,
+    preprocessing: dict,
+    train_records: list[dict],
+    train_data: Dataset,
+    base_model: Path,
+    raw_data: str,
+    params: dict,
+    trust_remote_code: bool = False,
+) -> tuple[str, Any]:
     """The Markdown summary and the figure (reasons, token lengths, image sizes) for data/08_reporting, with the
     first training records' trained tokens marked (what ``vlm-pipeline inspect-labels`` prints)."""
     reasons = reason_counts(train_validation, test_validation, preprocessing["train"], preprocessing["test"])
     sizes = image_sizes(train_records, Path(raw_data))
     tokenizer = load_chat_encoder(base_model, params, trust_remote_code=trust_remote_code).tokenizer
     previews = label_preview(tokenizer, list(train_data.select(range(min(PREVIEW_RECORDS, len(train_data))))))
-    markdown = data_markdown({"train": train_validation, "test": test_validation}, preprocessing, reasons, sizes, previews)
+    markdown = data_markdown(
+        {"train": train_validation, "test": test_validation}, preprocessing, reasons, sizes, previews
+    )
     return markdown, data_figure(reasons, train_data["length"], sizes, params["max_length"])

@@ -1,6 +1,11 @@
 from kedro.pipeline import Node, Pipeline
 
-from vlm_pipeline.pipelines.preprocessing.nodes import build_data_report, combine_reports, hold_out_validation, tokenize_split
+from vlm_pipeline.pipelines.preprocessing.nodes import (
+    build_data_report,
+    combine_reports,
+    hold_out_validation,
+    tokenize_split,
+)
 
 
 def create_pipeline(**kwargs) -> Pipeline:
@@ -8,9 +13,13 @@ def create_pipeline(**kwargs) -> Pipeline:
         Node(
             tokenize_split,
             inputs=[
-                f"{split}_records", "base_model", "params:raw_data", "params:preprocessing", "validation_summary",
+                f"{split}_records",
+                "base_model",
+                "params:raw_data",
+                "params:preprocessing",
+                "validation_summary",
                 "params:trust_remote_code",
-            ],  # fmt: skip
+            ],
             # train is encoded whole, then split into train and validation by the next node
             outputs=[
                 "train_encoded" if split == "train" else f"{split}_tokenized@arrow",
@@ -30,18 +39,28 @@ def create_pipeline(**kwargs) -> Pipeline:
     report = Node(
         combine_reports,
         inputs=[
-            "train_preprocessing_report", "train_tokenized@arrow", "validation_tokenized@arrow",
-            "test_preprocessing_report", "params:sft",
-        ],  # fmt: skip
+            "train_preprocessing_report",
+            "train_tokenized@arrow",
+            "validation_tokenized@arrow",
+            "test_preprocessing_report",
+            "params:sft",
+        ],
         outputs="preprocessing_report",
         name="combine_preprocessing_reports",
     )
     data_report = Node(
         build_data_report,
         inputs=[
-            "train_validation_report", "test_validation_report", "preprocessing_report", "train_records",
-            "train_tokenized@arrow", "base_model", "params:raw_data", "params:preprocessing", "params:trust_remote_code",
-        ],  # fmt: skip
+            "train_validation_report",
+            "test_validation_report",
+            "preprocessing_report",
+            "train_records",
+            "train_tokenized@arrow",
+            "base_model",
+            "params:raw_data",
+            "params:preprocessing",
+            "params:trust_remote_code",
+        ],
         outputs=["data_report_markdown", "data_report_figure"],
         name="build_data_report",
     )

@@ -17,24 +17,43 @@ logger = logging.getLogger(__name__)
 
 
 def plan_training(
-    train_data: Dataset, base_model: Path, preprocessing: dict, model: dict, sft: dict, method: dict, plan: dict,
+    train_data: Dataset,
+    base_model: Path,
+    preprocessing: dict,
+    model: dict,
+    sft: dict,
+    method: dict,
+    plan: dict,
     trust_remote_code: bool = False,
 ) -> dict:
     """The preflight plan (steps, checkpoints, memory per GPU) from config.json alone; stops an over-budget run."""
     result = build_plan(
-        model_dir=base_model, sft=parse_section(SFTParams, sft, "sft"), method=parse_section(MethodParams, method, "method"),
-        images=preprocessing["images"], **training_data(train_data), max_length=preprocessing["max_length"],
-        gpu_memory_gb=parse_section(PlanParams, plan, "plan").gpu_memory_gb, trust_remote_code=trust_remote_code,
+        model_dir=base_model,
+        sft=parse_section(SFTParams, sft, "sft"),
+        method=parse_section(MethodParams, method, "method"),
+        images=preprocessing["images"],
+        **training_data(train_data),
+        max_length=preprocessing["max_length"],
+        gpu_memory_gb=parse_section(PlanParams, plan, "plan").gpu_memory_gb,
+        trust_remote_code=trust_remote_code,
         load_dtype=model["dtype"],
-    )  # fmt: skip
+    )
     logger.info("Training plan\n%s", format_plan(result))
     check_fits(result)
     return result
 
 
 def train_model(
-    train_data: Path, validation_data: Path, base_model: Path, raw_data: str, preprocessing: dict, model: dict,
-    sft: dict, method: dict, training_plan: dict, trust_remote_code: bool = False,
+    train_data: Path,
+    validation_data: Path,
+    base_model: Path,
+    raw_data: str,
+    preprocessing: dict,
+    model: dict,
+    sft: dict,
+    method: dict,
+    training_plan: dict,
+    trust_remote_code: bool = False,
 ) -> tuple[Path, list, dict]:
     """Launch the trainer; return the staged trained model (or adapter), its log history and the
     trainable-parameter table (per component). Warns if the run took other steps than the plan said."""

@@ -10,19 +10,32 @@ def create_pipeline(variant: str) -> Pipeline:
             Node(
                 plan_training,
                 inputs=[
-                    "train_tokenized@arrow", "base_model", "params:preprocessing", "params:model", "params:sft",
-                    "params:method", "params:plan", "params:trust_remote_code",
-                ],  # fmt: skip
+                    "train_tokenized@arrow",
+                    "base_model",
+                    "params:preprocessing",
+                    "params:model",
+                    "params:sft",
+                    "params:method",
+                    "params:plan",
+                    "params:trust_remote_code",
+                ],
                 outputs="training_plan",
                 name="plan_training",
             ),
             Node(
                 train_model,
                 inputs=[
-                    "train_tokenized@path", "validation_tokenized@path", "base_model", "params:raw_data",
-                    "params:preprocessing", "params:model", "params:sft", "params:method", "training_plan",
+                    "train_tokenized@path",
+                    "validation_tokenized@path",
+                    "base_model",
+                    "params:raw_data",
+                    "params:preprocessing",
+                    "params:model",
+                    "params:sft",
+                    "params:method",
+                    "training_plan",
                     "params:trust_remote_code",
-                ],  # fmt: skip
+                ],
                 outputs=["trained_model", "training_history", "trainable_parameters"],
                 name="train_model",
             ),
@@ -35,7 +48,11 @@ def create_pipeline(variant: str) -> Pipeline:
         namespace=variant,
         inputs={"train_tokenized@arrow", "train_tokenized@path", "validation_tokenized@path", "base_model"},
         parameters={
-            "params:raw_data", "params:preprocessing", "params:model", "params:sft", "params:plan",
+            "params:raw_data",
+            "params:preprocessing",
+            "params:model",
+            "params:sft",
+            "params:plan",
             "params:trust_remote_code",
         },
     )
