@@ -94,7 +94,7 @@ def _quarantine_too_long(result, lines: list[bytes], args: argparse.Namespace) -
 
 def _metrics(args: argparse.Namespace) -> int:
     from vlm_pipeline.datasets import JSONDataset
-    from vlm_pipeline.pipelines.evaluation.nodes import format_table
+    from vlm_pipeline.evaluation_report import format_table
 
     path = Path(args.path)
     if not path.is_file():

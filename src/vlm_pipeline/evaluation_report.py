@@ -78,12 +78,7 @@ def report_markdown(metrics: dict, predictions: list[dict], count: int = 10) -> 
         f"Always answering the most common training answer ({baseline['answer']!r}) scores exact match "
         f"{baseline['exact_match']:.4f}.",
     ]
-    check = metrics.get("merge_check", {})
-    if "max_abs_diff" in check:
-        lines.append(
-            f"Merge check: max |logit difference| {check['max_abs_diff']:.2e} on {check['records']} records "
-            f"(tolerance {check['tolerance']:.0e}, {'passed' if check['passed'] else 'FAILED'})."
-        )
+    lines.append(f"Merge check: {describe_merge_check(metrics.get('merge_check', {}))}.")
     lines += [
         "",
         f"## The {count} answers tuning changed most (by ROUGE-L against the reference)",
@@ -103,3 +98,28 @@ def _as_text(content) -> str:
     if isinstance(content, str):
         return content
     return " ".join(part.get("text", "[image]") if part.get("type") != "image" else "[image]" for part in content)
+
+
+def format_table(metrics: dict) -> str:
+    """The base-vs-tuned table the evaluation logs and ``vlm-pipeline metrics`` prints."""
+    names = list(metrics["base"])
+    lines = [f"{'metric':<14}{'base':>12}{'tuned':>12}", "-" * 38]
+    lines += [f"{name:<14}{metrics['base'][name]:>12.4f}{metrics['tuned'][name]:>12.4f}" for name in names]
+    lines.append(f"{'majority EM':<14}{metrics['majority_baseline']['exact_match']:>24.4f}")
+    lines.append(f"merge check: {describe_merge_check(metrics['merge_check'])}")
+    return "\n".join(lines)
+
+
+def describe_merge_check(check: dict) -> str:
+    """One line on the merge check. Only a passed check reaches a report: a failed one stops the adapter stage
+    (``MergeVerificationError``) before evaluation runs."""
+    if "passed" not in check:  # full fine-tuning: nothing was merged
+        return check.get("reason", "not run")
+    saved = check.get("modules_to_save") or {}
+    return (
+        f"passed in {check['dtype']} on {check['records']} test records: "
+        f"max |Δlogits| {check['max_abs_diff']:.3g} "
+        f"({check['criterion']} {check['measured']:.3g} ≤ {check['tolerance']:g}), "
+        f"top-1 agreement {check['top1_agreement']:.3f}"
+        + (f", {saved['tensors']} modules_to_save tensors reloaded identical" if saved.get("tensors") else "")
+    )

@@ -11,7 +11,13 @@ from datasets import Dataset
 
 from vlm_pipeline.architectures import architecture_for_model, load_chat_encoder, load_model
 from vlm_pipeline.data.encoding import reference_answer
-from vlm_pipeline.evaluation_report import comparison_figure, loss_curve, loss_figure, report_markdown
+from vlm_pipeline.evaluation_report import (
+    comparison_figure,
+    format_table,
+    loss_curve,
+    loss_figure,
+    report_markdown,
+)
 from vlm_pipeline.scoring import generate_answers, teacher_forced_loss, text_scores
 from vlm_pipeline.training.collator import SFTCollator
 
@@ -83,28 +89,6 @@ def compare(
     }
     logger.info("\n%s", format_table(metrics))
     return metrics, predictions, flat
-
-
-def format_table(metrics: dict) -> str:
-    names = list(metrics["base"])
-    lines = [f"{'metric':<14}{'base':>12}{'tuned':>12}", "-" * 38]
-    lines += [f"{name:<14}{metrics['base'][name]:>12.4f}{metrics['tuned'][name]:>12.4f}" for name in names]
-    lines.append(f"{'majority EM':<14}{metrics['majority_baseline']['exact_match']:>24.4f}")
-    lines.append(f"merge check: {describe_merge_check(metrics['merge_check'])}")
-    return "\n".join(lines)
-
-
-def describe_merge_check(check: dict) -> str:
-    if "passed" not in check:  # full fine-tuning: nothing was merged
-        return check.get("reason", "not run")
-    saved = check.get("modules_to_save") or {}
-    return (
-        f"{'passed' if check['passed'] else 'FAILED'} in {check['dtype']} on {check['records']} test records: "
-        f"max |Δlogits| {check['max_abs_diff']:.3g} "
-        f"({check['criterion']} {check['measured']:.3g} ≤ {check['tolerance']:g}), "
-        f"top-1 agreement {check['top1_agreement']:.3f}"
-        + (f", {saved['tensors']} modules_to_save tensors reloaded identical" if saved.get("tensors") else "")
-    )
 
 
 def build_report(metrics: dict, predictions: list[dict], history: list[dict]) -> tuple[str, list[dict], Any, Any]:
