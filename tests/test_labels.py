@@ -75,6 +75,13 @@ def load(record: dict) -> list[Image.Image]:
     return [Image.open(SHAPES / path).convert("RGB") for path in record["images"]]
 
 
+def encode_untruncated(encoder: ChatEncoder, record: dict) -> dict:
+    """``encode_record`` as preprocessing calls it, with a length limit no test record reaches."""
+    return encode_record(
+        encoder, record, SHAPES, max_length=4096, train_on="all_assistant_turns", truncate_text_only=False
+    )
+
+
 def expected(end_of_turn: str, train_on: str) -> list[str]:
     answers = ANSWERS if train_on == "all_assistant_turns" else ANSWERS[-1:]
     return [answer + end_of_turn for answer in answers]
@@ -146,14 +153,7 @@ def test_an_answer_merging_into_the_template_text_is_set_aside_not_mislabelled()
     in the real vocabulary, so its first label would start inside a token."""
     encoder = ChatEncoder(real_processor("qwen2_5_vl"), "<|im_end|>", {})
     messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "\nHello"}]
-    row = encode_record(
-        encoder,
-        {**normalise_record({"messages": messages}), "source_line": 3},
-        SHAPES,
-        max_length=512,
-        train_on="all_assistant_turns",
-        truncate_text_only=False,
-    )
+    row = encode_untruncated(encoder, {**normalise_record({"messages": messages}), "source_line": 3})
     assert row["reason"] == TOKEN_MERGE and "inside a token" in row["detail"]
 
 
@@ -162,23 +162,9 @@ def test_the_older_llama_vision_template_refuses_system_with_images_per_record(t
     images: such a record is set aside with the template's own message; the rest train."""
     model_dir = mllama.build_tiny(tmp_path / "sept2024", 0, template="sept2024")
     encoder = chat_encoder(model_dir)
-    refused = encode_record(
-        encoder,
-        conversation(system=True, images=[1]),
-        SHAPES,
-        max_length=4096,
-        train_on="all_assistant_turns",
-        truncate_text_only=False,
-    )
+    refused = encode_untruncated(encoder, conversation(system=True, images=[1]))
     assert refused["reason"] == TEMPLATE_REFUSED and "incompatible with system messages" in refused["detail"]
-    kept = encode_record(
-        encoder,
-        conversation(system=False, images=[1]),
-        SHAPES,
-        max_length=4096,
-        train_on="all_assistant_turns",
-        truncate_text_only=False,
-    )
+    kept = encode_untruncated(encoder, conversation(system=False, images=[1]))
     assert kept["reason"] is None
     assert decoded_label_spans(encoder, kept) == expected("<|eot_id|>", "all_assistant_turns")
 
