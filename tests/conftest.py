@@ -68,4 +68,42 @@ def chat_encoder(model_dir: Path, **preprocessing):
     from vlm_pipeline.architectures import load_chat_encoder
     from vlm_pipeline.config.schema import PreprocessingParams
 
-    return load_chat_encoder(model_dir, PreprocessingParams(**preprocessing).model_dump())
+    return load_chat_encoder(model_dir, PreprocessingParams(**preprocessing))
+
+
+def run_context(model_dir: Path, image_root: Path, **model):
+    """The typed run context the pipeline's model stages receive (what build_run_context returns)."""
+    from vlm_pipeline.config.run import RunContext
+    from vlm_pipeline.config.schema import ModelParams
+
+    return RunContext(base_model=Path(model_dir), image_root=Path(image_root), model=ModelParams(**model))
+
+
+def trainer_run_config(
+    *,
+    base_model: Path,
+    train_dataset: Path,
+    image_root: Path,
+    output_dir: Path,
+    final_dir: Path,
+    sft: dict,
+    method: dict,
+    model: dict | None = None,
+    eval_dataset: Path | None = None,
+    image_bounds: dict | None = None,
+):
+    """The trainer's RunConfig as the training stage builds it, from plain test values; checkpoints go to
+    ``output_dir/checkpoints/<identity>``."""
+    from vlm_pipeline.config.schema import ImageBounds, MethodParams, SFTParams
+    from vlm_pipeline.training.launcher import resolve_run_config
+
+    return resolve_run_config(
+        context=run_context(base_model, image_root, **(model or {})),
+        train_dataset=Path(train_dataset),
+        eval_dataset=eval_dataset,
+        image_bounds=ImageBounds(**(image_bounds or {})),
+        sft=SFTParams(**sft),
+        method=MethodParams(**method),
+        checkpoint_root=Path(output_dir) / "checkpoints",
+        final_dir=Path(final_dir),
+    )

@@ -2,29 +2,34 @@
 
 from __future__ import annotations
 
+import dataclasses
+import importlib
 import json
 import math
+import pkgutil
+from types import SimpleNamespace
 
 import pytest
 import torch
 from PIL import Image, ImageDraw
+from transformers import AutoImageProcessor
 
+import vlm_pipeline.architectures as architectures_package
 from vlm_pipeline.architectures import (
     ARCHITECTURES,
+    Architecture,
     architecture_for_model,
     get_architecture,
-    llama,
     load_model,
     load_processor,
-    mllama,
-    qwen2_5_vl,
 )
+from vlm_pipeline.config.schema import ImageBounds
 from vlm_pipeline.data.labels import ChatEncoder, chat_messages
 
-NAMES = ("qwen2_5_vl", "mllama", "llama")
+NAMES = tuple(ARCHITECTURES)
+VISION_NAMES = tuple(name for name, architecture in ARCHITECTURES.items() if architecture.is_vision)
 ANSWER = "The shape is a red circle."
 PROCESSOR_CLASSES = {"qwen2_5_vl": "Qwen2_5_VLProcessor", "mllama": "MllamaProcessor"}
-REAL = {"qwen2_5_vl": qwen2_5_vl.REAL, "mllama": mllama.REAL, "llama": llama.REAL}
 
 
 def shape_image(colour: str, shape: str = "circle") -> Image.Image:
@@ -83,14 +88,14 @@ def test_loads_with_the_real_classes(built):
         assert processor.chat_template == tokenizer_of(processor).chat_template
         # The real processor settings, verbatim (a twin in everything but size).
         saved = json.loads((model_dir / "processor_config.json").read_text())["image_processor"]
-        real = REAL[architecture.name].image_processor_settings()
+        real = architecture.real_checkpoint.image_processor_settings()
         if architecture.name == "qwen2_5_vl":  # transformers 5 stores min/max pixels as size edges
             real["size"] = {"shortest_edge": real.pop("min_pixels"), "longest_edge": real.pop("max_pixels")}
         if architecture.name == "mllama":  # the tile's pixels are a size: the one setting the twin shrinks
             assert real.pop("size") == {"height": 560, "width": 560} and saved["size"] == {"height": 56, "width": 56}
         assert {key: saved[key] for key in real} == real
     # The real checkpoint's chat template, byte for byte.
-    assert processor.chat_template == REAL[architecture.name].chat_template()
+    assert processor.chat_template == architecture.real_checkpoint.chat_template()
     assert sum(p.numel() for p in model.parameters()) < 1_000_000
     assert all(p.dtype == torch.float32 for p in model.parameters())
     assert not any(path.name.startswith(".") for path in model_dir.parent.iterdir())
@@ -104,7 +109,7 @@ def test_special_tokens_and_generation_config(built):
     eos = model.generation_config.eos_token_id
     assert end_of_turn in (eos if isinstance(eos, list) else [eos])
     # Stop tokens: the real generation_config.json's (Llama 3.1) or the real special-token table's, by name.
-    stops = [tokenizer.convert_tokens_to_ids(t) for t in REAL[architecture.name].special_tokens["stop_tokens"]]
+    stops = [tokenizer.convert_tokens_to_ids(t) for t in architecture.real_checkpoint.special_tokens["stop_tokens"]]
     assert eos == stops
     assert tokenizer.pad_token_id is not None  # load_processor always leaves one
     assert model.generation_config.pad_token_id in (None, tokenizer.pad_token_id)
@@ -259,11 +264,102 @@ def test_tokenizer_round_trips_any_text(built):
 
 
 def test_registry_errors_name_the_choices(tmp_path):
-    assert set(ARCHITECTURES) == set(NAMES)
-    with pytest.raises(ValueError, match="qwen2_5_vl.*mllama.*llama"):
+    with pytest.raises(ValueError, match=".*".join(ARCHITECTURES)):
         get_architecture("gpt2")
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
     with pytest.raises(ValueError, match=r"config\.json.*'gpt2'"):
         architecture_for_model(tmp_path)
     with pytest.raises(FileNotFoundError, match="config.json"):
         architecture_for_model(tmp_path / "missing")
+
+
+def test_every_family_module_is_registered_once():
+    """A family is one module defining ``ARCHITECTURE`` plus its line in the registry: forgetting the line fails."""
+    defined = {}
+    for module_info in pkgutil.iter_modules(architectures_package.__path__):
+        module = importlib.import_module(f"{architectures_package.__name__}.{module_info.name}")
+        if isinstance(getattr(module, "ARCHITECTURE", None), Architecture):
+            defined[module_info.name] = module.ARCHITECTURE
+    assert defined, "no family module found"
+    assert sorted(a.name for a in defined.values()) == sorted(ARCHITECTURES)
+    assert all(ARCHITECTURES[a.name] is a for a in defined.values())
+    model_types = [a.model_type for a in ARCHITECTURES.values()]
+    assert len(set(model_types)) == len(model_types), "architecture_for_model could not tell two families apart"
+
+
+def test_image_bound_fields_are_exactly_the_schema_fields_and_named_in_their_help():
+    """``preprocessing.images`` (``ImageBounds``, which may not import the registry) offers exactly the fields some
+    family honours, and each field's help text names, as ``(registry name)``, every family that reads it."""
+    declared = {field: set() for field in ImageBounds.model_fields}
+    for architecture in ARCHITECTURES.values():
+        for field in architecture.image_bound_fields:
+            assert field in declared, f"{architecture.name} reads {field!r}, which ImageBounds does not offer"
+            declared[field].add(architecture.name)
+    for field, readers in declared.items():
+        assert readers, f"ImageBounds.{field} is read by no registered family"
+        description = ImageBounds.model_fields[field].description or ""
+        named = {name for name in ARCHITECTURES if f"({name})" in description}
+        assert named == readers, f"ImageBounds.{field}: help names {sorted(named)}, read by {sorted(readers)}"
+
+
+class RecordingBounds(dict):
+    """Bounds that set nothing (every field None) and remember which fields were asked for."""
+
+    def __init__(self):
+        super().__init__()
+        self.read: set[str] = set()
+
+    def get(self, key, default=None):
+        self.read.add(key)
+        return default
+
+    def __getitem__(self, key):
+        self.read.add(key)
+        return None
+
+
+def real_image_processor(architecture: Architecture):
+    """The real checkpoint's image processor (published preprocessor_config.json), inside a processor-like shell."""
+    return SimpleNamespace(image_processor=AutoImageProcessor.from_pretrained(architecture.real_checkpoint.path))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_image_bound_fields_are_the_fields_the_family_reads(name):
+    architecture = get_architecture(name)
+    bounds = RecordingBounds()
+    assert (architecture.vision_tokens_per_image(bounds) > 0) == architecture.is_vision
+    if architecture.bound_images is not None:
+        architecture.bound_images(real_image_processor(architecture), bounds)
+    assert bounds.read == set(architecture.image_bound_fields)
+
+
+@pytest.mark.parametrize("name", VISION_NAMES)
+def test_vision_mlp_gated_matches_the_model(name):
+    """The planner's vision-activation estimate counts a SwiGLU MLP (``gate_proj``) only where the tower has one."""
+    from transformers import AutoConfig
+
+    from vlm_pipeline.training.trainable import component_of
+
+    architecture = get_architecture(name)
+    config = AutoConfig.from_pretrained(architecture.real_checkpoint.path)
+    with torch.device("meta"):
+        model = architecture.model_class._from_config(config)
+    tower = [module for module, _ in model.named_modules() if component_of(module, architecture) == "vision_tower"]
+    assert tower, f"no vision_tower modules in {name}"
+    assert any(module.endswith(".gate_proj") for module in tower) == architecture.vision_mlp_gated
+
+
+@pytest.mark.parametrize(
+    ("name", "change", "message"),
+    [
+        ("qwen2_5_vl", {"vision_mlp_gated": None}, "must set vision_mlp_gated"),
+        ("qwen2_5_vl", {"image_inputs": None}, "must set image_inputs"),
+        ("qwen2_5_vl", {"image_bound_fields": ()}, "bound_images and image_bound_fields go together"),
+        ("qwen2_5_vl", {"vision_tokens_per_image": lambda bounds: 0}, "positive count"),
+        ("llama", {"image_bound_fields": ("max_pixels",)}, "text-only .* sets image_bound_fields"),
+        ("llama", {"vision_tokens_per_image": lambda bounds: 5}, "text-only family's is 0"),
+    ],
+)
+def test_a_record_mixing_vision_and_text_only_facts_is_refused(name, change, message):
+    with pytest.raises(ValueError, match=message):
+        dataclasses.replace(get_architecture(name), **change)

@@ -20,6 +20,7 @@ from kedro.framework.startup import bootstrap_project
 from safetensors import safe_open
 
 from vlm_pipeline.architectures import load_model
+from vlm_pipeline.config.run import RunConfig
 
 pytestmark = pytest.mark.slow  # Kedro sessions, subprocesses or training runs: `make test` only
 
@@ -232,11 +233,10 @@ def assert_trainer_runs_on_its_own_and_resumes(project: Path) -> None:
     Same config (only the output folder differs), so it resumes from the chain's final checkpoint and
     trains no further step; the history it writes ends at that step.
     """
-    config = json.loads((project / "data/06_models/lora/run_config.json").read_text())
-    config["final_dir"] = str(project / "standalone")
+    config = RunConfig.read(project / "data/06_models/lora/run_config.json")
     (project / "standalone").mkdir()
     config_path = project / "standalone_config.json"
-    config_path.write_text(json.dumps(config))
+    config_path.write_text(config.model_copy(update={"final_dir": project / "standalone"}).model_dump_json())
     result = subprocess.run(
         [sys.executable, "-m", "vlm_pipeline.training.trainer", "--config", str(config_path)],
         cwd=project,

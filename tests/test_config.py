@@ -111,14 +111,13 @@ BASE = {"raw_data": "data/01_raw/shapes_vqa", "base_model": "data/00_base_models
         ({"sft": {"optim": "adamw"}}, "sft.optim: Input should be .*did you mean"),
         ({"sft": {"remove_unused_columns": True}}, "collator reads the image_paths column"),
         (
-            {"full_ft": {"method": {"output_dir": "o", "learning_rate": 1e-5, "quantization": {"load_in_4bit": True}}}},
+            {"full_ft": {"method": {"learning_rate": 1e-5, "quantization": {"load_in_4bit": True}}}},
             "4-bit base cannot be fully fine-tuned",
         ),
         (
             {
                 "lora": {
                     "method": {
-                        "output_dir": "o",
                         "learning_rate": 1e-4,
                         "lora": {"r": 8},
                         "quantization": {"load_in_4bit": True, "load_in_8bit": True},
@@ -128,7 +127,7 @@ BASE = {"raw_data": "data/01_raw/shapes_vqa", "base_model": "data/00_base_models
             "load_in_8bit and load_in_4bit are both true",
         ),
         (
-            {"full_ft": {"method": {"output_dir": "o", "learning_rate": 1e-5, "lora": {"r": 8}}}},
+            {"full_ft": {"method": {"learning_rate": 1e-5, "lora": {"r": 8}}}},
             "full_ft.method has a lora",
         ),
         ({"preprocessing": {"images": {"min_pixels": 10000, "max_pixels": 5000}}}, "min_pixels 10000 is larger"),
@@ -156,10 +155,22 @@ def test_machine_checks_name_the_accelerate_file(tmp_path):
 
 def test_trust_remote_code_is_off_by_default_and_warns_when_on(caplog, tmp_path):
     (tmp_path / "cpu.yaml").write_text("use_cpu: true\n")
-    assert check_parameters({**BASE, "sft": {"accelerate_config": "cpu.yaml"}}, tmp_path).trust_remote_code is False
+    cpu = {"sft": {"accelerate_config": "cpu.yaml"}}
+    assert check_parameters({**BASE, **cpu}, tmp_path).model.trust_remote_code is False
     with caplog.at_level(logging.WARNING, logger="vlm_pipeline.config"):
-        check_parameters({**BASE, "trust_remote_code": True, "sft": {"accelerate_config": "cpu.yaml"}}, tmp_path)
-    assert "trust_remote_code is true" in caplog.text
+        check_parameters({**BASE, **cpu, "model": {"trust_remote_code": True}}, tmp_path)
+    assert "model.trust_remote_code is true" in caplog.text
+    with pytest.raises(ConfigError, match="trust_remote_code moved to model.trust_remote_code"):
+        check_parameters({**BASE, **cpu, "trust_remote_code": True}, tmp_path)
+
+
+@pytest.mark.parametrize("where", [("sft",), ("lora", "method")])
+def test_an_output_dir_parameter_is_refused_because_the_catalog_owns_paths(where):
+    params = {"sft": {}, "lora": {"method": {"learning_rate": 1e-4, "lora": {"r": 8}}}}
+    section = params[where[0]] if len(where) == 1 else params[where[0]][where[1]]
+    section["output_dir"] = "out"
+    with pytest.raises(ConfigError, match="catalog"):
+        validate_parameters({**BASE, **params})
 
 
 @pytest.mark.slow
@@ -173,7 +184,7 @@ def test_a_bad_parameter_stops_the_run_before_any_node(project):
         mlflow.end_run()
 
 
-# Per-variant method blocks are choices, not defaults: output_dir and learning_rate have none in the schema, and
+# Per-variant method blocks are choices, not defaults: learning_rate has none in the schema, and
 # conf/base's demo trains lm_head in full (modules_to_save), which the schema must not impose on an 8B recipe.
 VARIANT_BLOCKS = ("lora", "full_ft")
 

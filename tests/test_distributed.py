@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 import torch
 from accelerate.commands.config.config_args import load_config_from_file
-from conftest import PROJECT_ROOT, copy_project, run_data_stages
+from conftest import PROJECT_ROOT, copy_project, run_data_stages, trainer_run_config
 
 from vlm_pipeline.architectures import load_model
-from vlm_pipeline.training.launcher import launch_command, resolve_run_config, write_run_config
+from vlm_pipeline.training.launcher import launch_command, write_run_config
 
 pytestmark = pytest.mark.slow  # Kedro sessions, subprocesses or training runs: `make test` only
 
@@ -48,14 +48,14 @@ def train(out: Path, accelerate_config: str, per_device: int, base_model: Path, 
     }
     final = out / "final"
     final.mkdir(parents=True)
-    config = resolve_run_config(
+    config = trainer_run_config(
         base_model=base_model,
         train_dataset=data,
         image_root=PROJECT_ROOT / "data/01_raw/alpaca_glossary",
-        image_bounds={},
-        sft=sft,
-        method={"output_dir": str(out), "learning_rate": 1e-3},
+        output_dir=out,
         final_dir=final,
+        sft=sft,
+        method={"learning_rate": 1e-3},
     )
     command = launch_command(str(PROJECT_ROOT / accelerate_config), write_run_config(config, out / "run.json"))
     result = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=PROJECT_ROOT)

@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from conftest import PROJECT_ROOT, chat_encoder
+from conftest import PROJECT_ROOT, chat_encoder, run_context
 
 from vlm_pipeline.architectures import get_architecture, load_processor
 from vlm_pipeline.config.schema import PreprocessingParams
@@ -134,9 +134,9 @@ def test_parallel_preprocessing_gives_the_same_rows(tiny_models):
     records = validate_lines(
         (SHAPES / "train.jsonl").read_bytes().splitlines()[:32], SHAPES, max_image_pixels=10**8
     ).valid
-    params = PreprocessingParams(max_length=512).model_dump()
-    serial, _, _ = tokenize_split(records, tiny_models["qwen2_5_vl"], str(SHAPES), {**params, "num_proc": 1}, {})
-    parallel, _, _ = tokenize_split(records, tiny_models["qwen2_5_vl"], str(SHAPES), {**params, "num_proc": 2}, {})
+    context = run_context(tiny_models["qwen2_5_vl"], SHAPES)
+    serial, _, _ = tokenize_split(records, context, PreprocessingParams(max_length=512, num_proc=1))
+    parallel, _, _ = tokenize_split(records, context, PreprocessingParams(max_length=512, num_proc=2))
     assert serial.to_list() == parallel.to_list() and len(serial) == 32
 
 

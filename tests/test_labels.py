@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import PROJECT_ROOT, chat_encoder
+from conftest import PROJECT_ROOT, chat_encoder, run_context
 from PIL import Image
 from real_tokenizers import real_tokenizer
 from transformers import (
@@ -19,7 +19,7 @@ from transformers import (
 )
 
 from vlm_pipeline.architectures import get_architecture, mllama, qwen2_5_vl
-from vlm_pipeline.config.schema import PreprocessingParams
+from vlm_pipeline.config.schema import PreprocessingParams, SFTParams
 from vlm_pipeline.data.encoding import (
     IGNORE_INDEX,
     NO_LABEL_TOKENS,
@@ -212,10 +212,10 @@ def test_a_template_that_rewrites_earlier_turns_stops_preprocessing_naming_model
 
     template = tmp_path / "rewriting.jinja"
     template.write_text(REWRITING.replace("{%- generation -%}", "").replace("{%- endgeneration -%}", ""))
-    params = PreprocessingParams(chat_template=str(template), template_kwargs={}).model_dump()
+    params = PreprocessingParams(chat_template=str(template), template_kwargs={})
     records = [conversation(system=False, images=[])]
     with pytest.raises(ChatTemplateError) as error:
-        tokenize_split(records, tiny_models["llama"], str(SHAPES), params, {})
+        tokenize_split(records, run_context(tiny_models["llama"], SHAPES), params)
     message = str(error.value)
     assert str(tiny_models["llama"]) in message and "line 7" in message and "not prefix-preserving" in message
     assert "preprocessing.chat_template" in message
@@ -232,16 +232,16 @@ def test_records_without_label_tokens_are_set_aside_and_a_set_of_them_stops(tiny
 
     template = tmp_path / "silent.jinja"
     template.write_text(SILENT_ASSISTANT)
-    params = PreprocessingParams(chat_template=str(template), template_kwargs={}).model_dump()
+    params = PreprocessingParams(chat_template=str(template), template_kwargs={})
     records = [conversation(system=False, images=[]), {**conversation(system=True, images=[]), "source_line": 9}]
-    kept, set_aside, report = tokenize_split(records, tiny_models["llama"], str(SHAPES), params, {})
+    kept, set_aside, report = tokenize_split(records, run_context(tiny_models["llama"], SHAPES), params)
     assert len(kept) == 0 and [(row["line"], row["reason"]) for row in set_aside] == [
         (7, NO_LABEL_TOKENS),
         (9, NO_LABEL_TOKENS),
     ]
     assert json.loads(set_aside[0]["raw"])["messages"][1]["role"] == "assistant"  # the record itself is kept
     with pytest.raises(ValueError, match="all 2 records have no label token"):
-        combine_reports(report, kept, kept, report, {"per_device_train_batch_size": 2})
+        combine_reports(report, kept, kept, report, SFTParams(per_device_train_batch_size=2))
 
 
 def test_preprocessing_gives_byte_identical_arrow_files_a_year_later(tiny_models, tmp_path, monkeypatch):
@@ -259,7 +259,6 @@ def test_preprocessing_gives_byte_identical_arrow_files_a_year_later(tiny_models
     records = validate_lines(
         (glossary / "train.jsonl").read_bytes().splitlines()[:8], glossary, max_image_pixels=10**8
     ).valid
-    defaults = PreprocessingParams().model_dump()
 
     def arrow_files(today: datetime.datetime, template_kwargs: dict) -> dict[str, bytes]:
         class Clock(datetime.datetime):
@@ -269,14 +268,14 @@ def test_preprocessing_gives_byte_identical_arrow_files_a_year_later(tiny_models
 
         monkeypatch.setattr(chat_template_utils, "datetime", Clock)  # the clock strftime_now reads
         data, _, _ = tokenize_split(
-            records, tiny_models["mllama"], str(glossary), {**defaults, "template_kwargs": template_kwargs}, {}
+            records, run_context(tiny_models["mllama"], glossary), PreprocessingParams(template_kwargs=template_kwargs)
         )
         out = tmp_path / f"{today:%Y}-{len(template_kwargs)}"
         data.save_to_disk(out)
         return {path.name: path.read_bytes() for path in sorted(out.glob("*.arrow"))}
 
     now, next_year = datetime.datetime(2026, 11, 29), datetime.datetime(2027, 11, 29)
-    pinned = defaults["template_kwargs"]
+    pinned = PreprocessingParams().template_kwargs
     assert pinned == {"date_string": "26 Jul 2024"}
     assert arrow_files(now, pinned) == arrow_files(next_year, pinned)
     # Unpinned, the moved clock reaches the tokens: the comparison above can fail.

@@ -8,14 +8,14 @@ import subprocess
 import sys
 
 import pytest
-from conftest import PROJECT_ROOT
+from conftest import PROJECT_ROOT, run_context, trainer_run_config
 
 from vlm_pipeline.architectures import get_architecture, load_model, load_processor
 from vlm_pipeline.config.schema import PreprocessingParams
 from vlm_pipeline.data.validation import validate_lines
 from vlm_pipeline.pipelines.preprocessing.nodes import tokenize_split
 from vlm_pipeline.training.collator import SFTCollator
-from vlm_pipeline.training.launcher import resolve_run_config
+from vlm_pipeline.training.launcher import write_run_config
 from vlm_pipeline.training.sampler import ModalityGroupedSampler
 
 RAW = PROJECT_ROOT / "data/01_raw"
@@ -46,8 +46,8 @@ def mixed_records() -> list[dict]:
 def test_mllama_trains_on_a_mixed_dataset(tmp_path, tiny_models):
     records = mixed_records()
     assert {bool(r["images"]) for r in records} == {True, False}
-    params = PreprocessingParams(max_length=512).model_dump()
-    train, quarantine, _ = tokenize_split(records, tiny_models["mllama"], str(RAW / "shapes_vqa"), params, {})
+    params = PreprocessingParams(max_length=512)
+    train, quarantine, _ = tokenize_split(records, run_context(tiny_models["mllama"], RAW / "shapes_vqa"), params)
     assert not quarantine
     # Why the sampler matters: one batch with both kinds of row does not run on Mllama.
     mixed = [next(r for r in train if r["image_paths"]), next(r for r in train if not r["image_paths"])]
@@ -67,21 +67,20 @@ def test_mllama_trains_on_a_mixed_dataset(tmp_path, tiny_models):
         "train_sampling_strategy": "group_by_length",
     }
     method = {
-        "output_dir": str(tmp_path / "run"),
         "learning_rate": 1e-3,
         "lora": {"r": 4, "lora_alpha": 8, "target_modules": "all-linear"},
     }
     (tmp_path / "final").mkdir()
-    config = resolve_run_config(
+    config = trainer_run_config(
         base_model=tiny_models["mllama"],
         train_dataset=tmp_path / "train",
         image_root=RAW / "shapes_vqa",
-        image_bounds={},
+        output_dir=tmp_path / "run",
+        final_dir=tmp_path / "final",
         sft=sft,
         method=method,
-        final_dir=tmp_path / "final",
     )
-    (tmp_path / "config.json").write_text(json.dumps(config))
+    write_run_config(config, tmp_path / "config.json")
     result = subprocess.run(
         [sys.executable, "-m", "vlm_pipeline.training.trainer", "--config", str(tmp_path / "config.json")],
         capture_output=True,

@@ -8,11 +8,10 @@ import logging
 
 import pytest
 import torch
-from conftest import PROJECT_ROOT
+from conftest import PROJECT_ROOT, trainer_run_config
 from test_config import load_params
 
 from vlm_pipeline.config import ConfigError, check_parameters, validate_parameters
-from vlm_pipeline.training.launcher import resolve_run_config
 from vlm_pipeline.training.trainer import build_trainer
 
 
@@ -55,15 +54,15 @@ def test_lora_over_a_bf16_base_trains_float32_adapters(tiny_models, tmp_path):
     ] * 4
     Dataset.from_list(rows).save_to_disk(tmp_path / "train")
     (tmp_path / "final").mkdir()
-    config = resolve_run_config(
+    config = trainer_run_config(
         base_model=tiny_models["llama"],
         train_dataset=tmp_path / "train",
         image_root=tmp_path,
-        image_bounds={},
+        output_dir=tmp_path / "out",
+        final_dir=tmp_path / "final",
         model={"dtype": "bfloat16"},
         sft={"max_steps": 1, "per_device_train_batch_size": 2, "bf16": True, "dataloader_pin_memory": False},
-        method={"output_dir": str(tmp_path / "out"), "learning_rate": 1e-3, "lora": {"r": 4, "lora_alpha": 8}},
-        final_dir=tmp_path / "final",
+        method={"learning_rate": 1e-3, "lora": {"r": 4, "lora_alpha": 8}},
     )
     trainer = build_trainer(config)
     trained = {p.dtype for p in trainer.model.parameters() if p.requires_grad}

@@ -7,13 +7,12 @@ import shutil
 
 import pytest
 import torch
-from conftest import PROJECT_ROOT
+from conftest import PROJECT_ROOT, trainer_run_config
 from datasets import Dataset
 
 from vlm_pipeline.architectures import load_model
 from vlm_pipeline.data.encoding import IGNORE_INDEX
 from vlm_pipeline.training.checkpoints import last_complete_checkpoint
-from vlm_pipeline.training.launcher import resolve_run_config
 from vlm_pipeline.training.trainer import NonFiniteTrainingError, build_trainer
 
 pytestmark = pytest.mark.slow  # Kedro sessions, subprocesses or training runs: `make test` only
@@ -54,14 +53,14 @@ def test_a_nan_loss_stops_the_run_naming_the_step_and_keeps_the_checkpoints_befo
         "dataloader_pin_memory": False,
     }
     (tmp_path / "final").mkdir()
-    config = resolve_run_config(
+    config = trainer_run_config(
         base_model=base,
         train_dataset=tmp_path / "train",
         image_root=PROJECT_ROOT / "data/01_raw",
-        image_bounds={},
-        sft=sft,
-        method={"output_dir": str(tmp_path / "out"), "learning_rate": 1e-3},
+        output_dir=tmp_path / "out",
         final_dir=tmp_path / "final",
+        sft=sft,
+        method={"learning_rate": 1e-3},
     )
     trainer = build_trainer(config)
     with pytest.raises(NonFiniteTrainingError, match=r"optimizer step 3: the loss is nan.*checkpoint-2"):

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import pytest
-from conftest import PROJECT_ROOT, copy_project, run_data_stages
+from conftest import PROJECT_ROOT, copy_project, run_data_stages, trainer_run_config
 
-from vlm_pipeline.training.launcher import resolve_run_config
 from vlm_pipeline.training.trainer import build_trainer
 
 pytestmark = pytest.mark.slow  # Kedro sessions, subprocesses or training runs: `make test` only
@@ -29,14 +28,14 @@ def trainer_for(tmp_path, tiny_models, text_train, **sft):
         **sft,
     }
     (tmp_path / "final").mkdir()
-    config = resolve_run_config(
+    config = trainer_run_config(
         base_model=tiny_models["llama"],
         train_dataset=text_train,
         image_root=PROJECT_ROOT / "data/01_raw",
-        image_bounds={},
-        sft=sft,
-        method={"output_dir": str(tmp_path), "learning_rate": 1e-3},
+        output_dir=tmp_path,
         final_dir=tmp_path / "final",
+        sft=sft,
+        method={"learning_rate": 1e-3},
     )
     return build_trainer(config)
 

@@ -7,13 +7,18 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from conftest import PROJECT_ROOT, run_data_stages
+from PIL import Image
+from transformers import AutoConfig, AutoImageProcessor
 
-from vlm_pipeline.config.schema import MethodParams, SFTParams
+from vlm_pipeline.architectures import ARCHITECTURES, get_architecture
+from vlm_pipeline.config.schema import ImageBounds, MethodParams, SFTParams
 from vlm_pipeline.planning.memory import GIB, MemorySettings, estimate_memory
 from vlm_pipeline.planning.model_shape import read_model_shape
+from vlm_pipeline.planning.plan import build_plan
 from vlm_pipeline.planning.steps import plan_steps
 from vlm_pipeline.recipes import RECIPES
 
@@ -64,7 +69,7 @@ def test_step_arithmetic_edges():
 
 
 def test_memory_terms_on_the_real_llama_8b_config():
-    method = MethodParams(output_dir="unused", learning_rate=1e-5)
+    method = MethodParams(learning_rate=1e-5)
     shape = read_model_shape(LLAMA_8B, method)
     assert shape.total == 8_030_261_248 and shape.trainable == shape.total  # the published 8.03B
     settings = MemorySettings(batch_size=2, seq_len=2048, bf16_compute=True)
@@ -81,9 +86,7 @@ def test_memory_terms_on_the_real_llama_8b_config():
     assert zero3["optimizer_states"] == pytest.approx(shape.total * 12 / 8)  # Adam + fp32 master, sharded
     lora = read_model_shape(
         LLAMA_8B,
-        MethodParams(
-            output_dir="unused", learning_rate=1e-4, lora={"r": 16, "target_modules": ["q_proj", "k_proj", "v_proj"]}
-        ),
+        MethodParams(learning_rate=1e-4, lora={"r": 16, "target_modules": ["q_proj", "k_proj", "v_proj"]}),
     )
     assert lora.trainable == 32 * 16 * ((4096 + 4096) + 2 * (4096 + 1024))  # r × (in + out) per adapted layer
     weights = {bits: estimate_memory(lora, MemorySettings(quantization_bits=bits))["weights"] for bits in (None, 8, 4)}
@@ -146,7 +149,6 @@ def test_the_weights_follow_the_load_dtype():
     from test_config import load_params
 
     from vlm_pipeline.config import validate_parameters
-    from vlm_pipeline.planning.plan import build_plan
 
     params = validate_parameters(load_params("llama_text_lora"))
     weights = {
@@ -181,3 +183,63 @@ def test_training_stops_at_the_plan_before_any_model_loads(project, tiny_models)
     assert result.returncode != 0
     assert "PlanError" in result.stderr + result.stdout and "DOES NOT FIT in 0.01 GB" in result.stderr + result.stdout
     assert not (project / "data/06_models/lora/run_config.json").exists(), "the trainer was never launched"
+
+
+def _qwen_tower_tokens(encoded, config) -> int:
+    return int(encoded["image_grid_thw"].prod(-1).sum())  # t × h × w patches per image, before the 2×2 merge
+
+
+def _mllama_tower_tokens(encoded, config) -> int:
+    tiles, edge = encoded["pixel_values"].shape[2], encoded["pixel_values"].shape[-1]  # padded to max_image_tiles
+    return tiles * ((edge // config.vision_config.patch_size) ** 2 + 1)  # patches and a class token per tile
+
+
+# Per vision family: its vision tower's sequence from the real image processor's output (and the real config), and
+# (preprocessing.images, image size) cases, each image at least as large as the bound: the plan's estimate is for it.
+TOWER_TOKENS = {
+    "qwen2_5_vl": (
+        _qwen_tower_tokens,
+        [({"max_pixels": 224 * 224}, (448, 448)), ({"min_pixels": 3136, "max_pixels": 280 * 280}, (560, 560))],
+    ),
+    "mllama": (
+        _mllama_tower_tokens,
+        [({"max_image_tiles": 1}, (1120, 560)), ({"max_image_tiles": 3}, (1120, 560)), ({}, (560, 560))],
+    ),
+}
+
+
+def test_every_vision_family_has_a_tower_count():
+    assert set(TOWER_TOKENS) == {name for name, a in ARCHITECTURES.items() if a.is_vision}
+
+
+def _plan_vision_tokens(model_dir: Path, images: dict) -> int:
+    plan = build_plan(
+        model_dir=model_dir,
+        sft=SFTParams(accelerate_config=str(PROJECT_ROOT / "conf/accelerate/single_gpu.yaml")),
+        method=MethodParams(learning_rate=1e-4),
+        images=ImageBounds(**images).model_dump(),
+        records=8,
+        max_length=512,
+    )
+    return plan["settings"]["vision_tokens_per_image"]
+
+
+@pytest.mark.parametrize(
+    ("name", "bounds", "size"), [(name, *case) for name, (_, cases) in TOWER_TOKENS.items() for case in cases]
+)
+def test_planned_vision_tokens_are_what_the_real_processor_gives_the_tower(name, bounds, size):
+    """The plan, on the real checkpoint's config, counts the vision-tower tokens the real image processor (its
+    published settings, bounded through the family's ``bound_images``) produces for an image at the bound."""
+    architecture = get_architecture(name)
+    real = architecture.real_checkpoint.path
+    processor = SimpleNamespace(image_processor=AutoImageProcessor.from_pretrained(real))
+    architecture.bound_images(processor, ImageBounds(**bounds).model_dump())
+    encoded = processor.image_processor(images=[[Image.new("RGB", size, "white")]], return_tensors="pt")
+    count, _ = TOWER_TOKENS[name]
+    assert _plan_vision_tokens(real, bounds) == count(encoded, AutoConfig.from_pretrained(real))
+
+
+@pytest.mark.parametrize("name", [name for name, a in ARCHITECTURES.items() if not a.is_vision])
+def test_text_only_families_plan_no_vision_tokens(name):
+    images = {"min_pixels": 3136, "max_pixels": 224 * 224, "max_image_tiles": 2}
+    assert _plan_vision_tokens(get_architecture(name).real_checkpoint.path, images) == 0

@@ -12,10 +12,9 @@ from pathlib import Path
 import bitsandbytes as bnb
 import pytest
 import torch
-from conftest import PROJECT_ROOT, copy_project, run_data_stages
+from conftest import PROJECT_ROOT, copy_project, run_data_stages, trainer_run_config
 from safetensors.torch import load_file
 
-from vlm_pipeline.training.launcher import resolve_run_config
 from vlm_pipeline.training.trainer import build_trainer, run
 
 pytestmark = pytest.mark.slow  # Kedro sessions, subprocesses or training runs: `make test` only
@@ -52,22 +51,21 @@ def run_config(tmp_path, base_model, data: Path, raw: str, quantization: dict, *
     }
     sft.pop("learning_rate")
     method = {
-        "output_dir": str(tmp_path),
         "learning_rate": 5e-3,
         "quantization": quantization,
         "lora": {"r": 8, "lora_alpha": 16, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]},
     }
     final = tmp_path / "final"
     final.mkdir()
-    return resolve_run_config(
+    return trainer_run_config(
         base_model=base_model,
         train_dataset=data / "train",
         eval_dataset=data / "validation",
         image_root=PROJECT_ROOT / raw,
-        image_bounds={},
+        output_dir=tmp_path,
+        final_dir=final,
         sft=sft,
         method=method,
-        final_dir=final,
     )
 
 

@@ -16,6 +16,7 @@ from test_chain import assert_clean_model_folder, run_kedro
 from test_config import load_params
 
 from vlm_pipeline.config import validate_parameters
+from vlm_pipeline.config.run import RunConfig
 from vlm_pipeline.recipes import CPU_SMOKE_STEPS, RECIPES, cpu_smoke_params
 
 # The issue's table of the seeds' values, per recipe: (parameter path, value).
@@ -154,8 +155,7 @@ def test_recipe_runs_end_to_end_on_cpu_with_a_tiny_model(name, project, tiny_mod
     if params.sft.eval_strategy == "steps":
         assert any("eval_loss" in entry for entry in history)
     if params.sft.load_best_model_at_end:
-        run_config = json.loads((variant_dir / "run_config.json").read_text())
-        checkpoint = project / run_config["checkpoint_dir"] / f"checkpoint-{CPU_SMOKE_STEPS}"
+        checkpoint = RunConfig.read(variant_dir / "run_config.json").checkpoint_dir / f"checkpoint-{CPU_SMOKE_STEPS}"
         state = json.loads((checkpoint / "trainer_state.json").read_text())
         assert state["best_model_checkpoint"] and state["best_metric"] is not None
     metrics = json.loads((project / "data/08_reporting" / recipe.pipeline / "metrics.json").read_text())
@@ -164,8 +164,8 @@ def test_recipe_runs_end_to_end_on_cpu_with_a_tiny_model(name, project, tiny_mod
     # The preflight plan said what the Trainer did: its steps, and the checkpoint folders left at the end.
     plan = json.loads((project / "data/08_reporting" / recipe.pipeline / "training_plan.json").read_text())
     assert plan["steps"]["total_steps"] == run_info["global_step"] == CPU_SMOKE_STEPS
-    run_config = json.loads((variant_dir / "run_config.json").read_text())
-    left = {path.name for path in (project / run_config["checkpoint_dir"]).glob("checkpoint-*")}
+    checkpoint_dir = RunConfig.read(variant_dir / "run_config.json").checkpoint_dir
+    left = {path.name for path in checkpoint_dir.glob("checkpoint-*")}
     kept = set(plan["steps"]["checkpoints_kept"]["names"])
     assert kept <= left and len(left - kept) <= int(plan["steps"]["checkpoints_kept"]["plus_best"]), (left, kept)
     quantization = params.lora.method.quantization if recipe.pipeline == "lora" else None

@@ -2,7 +2,7 @@
 
 (Not named ``cli.py``: Kedro imports ``<package>.cli`` as its own CLI extension.)
 
-    vlm-pipeline tiny-model --arch qwen2_5_vl|mllama|llama --out DIR [--seed N]
+    vlm-pipeline tiny-model --arch NAME --out DIR [--seed N]   (NAME: a family in vlm_pipeline.architectures)
     vlm-pipeline validate INPUT.jsonl --image-root DIR --output-dir OUT [--max-invalid-fraction F]
     vlm-pipeline metrics [data/08_reporting/lora/metrics.json]
     vlm-pipeline recipe a|b|c|d|b-qlora [--cpu-smoke]
@@ -17,16 +17,29 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from vlm_pipeline.architectures import Architecture
 
 DEFAULT_MAX_INVALID_FRACTION = 0.05  # same default as conf/base/parameters_data_validation.yml
 DEFAULT_MAX_IMAGE_PIXELS = 12845056
 
 
-def _tiny_model(args: argparse.Namespace) -> int:
+def _architecture(name: str) -> Architecture:
+    """``--arch``: the registered family of that name. The registry (torch, transformers) is imported only when a
+    command that takes ``--arch`` is parsed, so the other commands start without it."""
     from vlm_pipeline.architectures import get_architecture
 
-    out = get_architecture(args.arch).build_tiny(Path(args.out), args.seed)
-    print(f"Built tiny {args.arch} model in {out}")
+    try:
+        return get_architecture(name)
+    except ValueError as error:  # argparse prints it as a usage error: "unknown architecture ...; expected one of"
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def _tiny_model(args: argparse.Namespace) -> int:
+    out = args.arch.build_tiny(Path(args.out), args.seed)
+    print(f"Built tiny {args.arch.name} model in {out}")
     return 0
 
 
@@ -66,7 +79,7 @@ def _quarantine_too_long(result, lines: list[bytes], args: argparse.Namespace) -
     from vlm_pipeline.config.schema import PreprocessingParams
     from vlm_pipeline.data.encoding import encode_record
 
-    encoder = load_chat_encoder(args.model, PreprocessingParams().model_dump())
+    encoder = load_chat_encoder(args.model, PreprocessingParams())
     kept = []
     for record in result.valid:
         row = encode_record(
@@ -172,7 +185,7 @@ def _plan(args: argparse.Namespace) -> int:
         **data,
         max_length=params.preprocessing.max_length,
         gpu_memory_gb=args.gpu_memory_gb if args.gpu_memory_gb is not None else params.plan.gpu_memory_gb,
-        trust_remote_code=params.trust_remote_code,
+        trust_remote_code=params.model.trust_remote_code,
         load_dtype=params.model.dtype,
     )
     print(f"plan: --env {env}, pipeline {variant}\n{format_plan(plan)}")
@@ -205,7 +218,7 @@ def _predict(args: argparse.Namespace) -> int:
     }
     (answer,) = generate_answers(
         model.eval(),
-        load_chat_encoder(args.model, PreprocessingParams().model_dump()),
+        load_chat_encoder(args.model, PreprocessingParams()),
         architecture,
         [record],
         image.parent if image else Path.cwd(),
@@ -228,7 +241,7 @@ def _inspect_labels(args: argparse.Namespace) -> int:
     image_root = Path(args.image_root) if args.image_root else data.parent
     lines = data.read_bytes().splitlines()
     result = validate_lines(lines, image_root, max_image_pixels=DEFAULT_MAX_IMAGE_PIXELS, duplicates="keep")
-    preprocessing = PreprocessingParams(chat_template=args.chat_template, train_on=args.train_on).model_dump()
+    preprocessing = PreprocessingParams(chat_template=args.chat_template, train_on=args.train_on)
     encoder = load_chat_encoder(args.model, preprocessing)
     marks = COLOUR if sys.stdout.isatty() else BRACKETS
     for record in result.valid[: args.n]:
@@ -252,7 +265,13 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     tiny = commands.add_parser("tiny-model", help="build a tiny random model of a real architecture, offline")
-    tiny.add_argument("--arch", required=True, choices=["qwen2_5_vl", "mllama", "llama"])
+    tiny.add_argument(
+        "--arch",
+        required=True,
+        type=_architecture,
+        metavar="NAME",
+        help="a family registered in vlm_pipeline.architectures, e.g. qwen2_5_vl (a wrong name lists them all)",
+    )
     tiny.add_argument("--out", required=True, help="directory to write (replaced atomically)")
     tiny.add_argument("--seed", type=int, default=0, help="the build is deterministic for a given seed")
     tiny.set_defaults(func=_tiny_model)

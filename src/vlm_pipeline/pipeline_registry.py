@@ -6,15 +6,16 @@ under ``data/0X_*/<variant>/`` and its method parameters under ``<variant>.metho
 
 from kedro.pipeline import Pipeline
 
-from vlm_pipeline.pipelines import adapter, data_validation, evaluation, preprocessing, training
+from vlm_pipeline.pipelines import adapter, data_validation, evaluation, preprocessing, run_context, training
 
 VARIANTS = ("lora", "full_ft")
 
 
 def build_chain(variant: str) -> Pipeline:
-    """The whole chain for one fine-tuning variant: shared data stages + namespaced model stages."""
+    """The whole chain for one fine-tuning variant: the run context, shared data stages, namespaced model stages."""
     return (
-        data_validation.create_pipeline()
+        run_context.create_pipeline()
+        + data_validation.create_pipeline()
         + preprocessing.create_pipeline()
         + training.create_pipeline(variant)
         + adapter.create_pipeline(variant)

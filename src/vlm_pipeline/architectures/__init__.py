@@ -17,6 +17,7 @@ from transformers import AutoProcessor, AutoTokenizer
 
 from vlm_pipeline.architectures import llama, mllama, qwen2_5_vl
 from vlm_pipeline.architectures.base import Architecture
+from vlm_pipeline.config.schema import PreprocessingParams
 from vlm_pipeline.data.labels import ChatEncoder
 
 logger = logging.getLogger(__name__)
@@ -67,8 +68,8 @@ def load_processor(
 ) -> Any:
     """``AutoProcessor`` for a vision model, ``AutoTokenizer`` for a text-only one, ready to pad.
 
-    ``image_bounds`` (``preprocessing.images``: min/max pixels, max tiles; None values keep the checkpoint's)
-    are applied to the image processor, so preprocessing, training and evaluation see the same image sizes.
+    ``image_bounds`` (``preprocessing.images``; the family reads its ``image_bound_fields``, None values keep the
+    checkpoint's) are applied to the image processor, so preprocessing, training and evaluation see the same sizes.
     ``chat_template`` (``preprocessing.chat_template``, a .jinja file) replaces the checkpoint's template.
     A tokenizer without a pad token gets one from its own vocabulary (see ``ensure_pad_token``).
     ``architecture`` is read from ``model_dir``'s config.json unless given (an adapter directory has none).
@@ -99,17 +100,19 @@ def ensure_pad_token(tokenizer: Any, architecture: Architecture, model_dir: str 
     logger.info("%s sets no pad token; padding with %s (id %d)", model_dir, choice, tokenizer.pad_token_id)
 
 
-def load_chat_encoder(model_dir: str | Path, preprocessing: dict, *, trust_remote_code: bool = False) -> ChatEncoder:
+def load_chat_encoder(
+    model_dir: str | Path, preprocessing: PreprocessingParams, *, trust_remote_code: bool = False
+) -> ChatEncoder:
     """The processor with ``preprocessing``'s image bounds and chat template, plus its template variables."""
     architecture = architecture_for_model(model_dir)
     processor = load_processor(
         model_dir,
-        image_bounds=preprocessing["images"],
-        chat_template=preprocessing["chat_template"],
+        image_bounds=preprocessing.images.model_dump(),
+        chat_template=preprocessing.chat_template,
         architecture=architecture,
         trust_remote_code=trust_remote_code,
     )
-    return ChatEncoder(processor, architecture.end_of_turn_token, dict(preprocessing["template_kwargs"]))
+    return ChatEncoder(processor, architecture.end_of_turn_token, dict(preprocessing.template_kwargs))
 
 
 def load_model(

@@ -24,10 +24,14 @@ ImageInputsFn = Callable[[Any, list[list[Any]], torch.Tensor], dict[str, torch.T
 
 @dataclass(frozen=True)
 class Architecture:
-    """One supported model family: its names, classes, chat-format tokens and tiny-model builder."""
+    """One supported model family: its names, classes, chat-format tokens, image handling and tiny-model builder.
+
+    A vision family must set every image field (``image_token``, ``image_inputs``, ``vision_mlp_gated``, and
+    ``bound_images`` with its ``image_bound_fields`` unless it honours no bounds); a text-only one sets none of
+    them. ``__post_init__`` refuses a record that mixes the two, so a new family cannot leave a stage guessing."""
 
     name: str
-    """CLI / registry name: ``"qwen2_5_vl"``, ``"mllama"`` or ``"llama"``."""
+    """CLI / registry name, e.g. ``"qwen2_5_vl"``: ``--arch``, recipes and ``ModelShape.architecture`` use it."""
 
     model_type: str
     """The ``model_type`` in a checkpoint's ``config.json``, used to recognise a model directory."""
@@ -48,8 +52,17 @@ class Architecture:
     """Reserved token the family pads with when a checkpoint sets no pad token (Llama 3's
     ``<|finetune_right_pad_id|>``); None: pad with EOS."""
 
+    real_checkpoint: RealCheckpointFiles
+    """The real checkpoint's published non-weight files (``conf/model_configs/<folder>/``) the tiny twin is built
+    from; the tests compare the twin, and the planner's estimates, with them."""
+
     build_tiny: Callable[[Path, int], Path] = field(repr=False)
     """``build_tiny(out_dir, seed)``: write a tiny random model of this architecture to ``out_dir``, return it."""
+
+    vision_tokens_per_image: Callable[[dict], int] = field(repr=False)
+    """``vision_tokens_per_image(bounds)``: the sequence one image gives the vision tower under ``bounds``
+    (``preprocessing.images``; where they bound nothing, the family's documented default image), at the real
+    checkpoint's patch and tile sizes. The planner's vision-activation estimate. Text-only families return 0."""
 
     image_inputs: ImageInputsFn | None = field(default=None, repr=False)
     """``image_inputs(processor, images_per_row, input_ids)``: pixel inputs for an already tokenised batch.
@@ -63,8 +76,44 @@ class Architecture:
     for the trainable-parameter table. Parameters matching no prefix count as ``language_model``."""
 
     bound_images: Callable[[Any, dict], None] | None = field(default=None, repr=False)
-    """``bound_images(processor, bounds)``: apply ``preprocessing.images`` limits (min/max pixels, tiles) to the
-    processor in place, so every image is bounded before tokenisation. None for text-only architectures."""
+    """``bound_images(processor, bounds)``: apply the ``preprocessing.images`` limits this family honours (its
+    ``image_bound_fields``) to the processor in place, so every image is bounded before tokenisation. Called by
+    ``load_processor``. None for text-only architectures."""
+
+    image_bound_fields: tuple[str, ...] = ()
+    """The ``preprocessing.images`` fields (``config.schema.ImageBounds``) that ``bound_images`` and
+    ``vision_tokens_per_image`` read, e.g. ``("min_pixels", "max_pixels")``; () for text-only. A test checks that
+    the registry's union is exactly ``ImageBounds``'s fields and that each field's description names its families."""
+
+    vision_mlp_gated: bool | None = None
+    """The vision tower's MLP is gated (SwiGLU: gate, up and down projections, as Qwen2.5-VL's) rather than two
+    layers (Mllama's): the planner's vision-activation estimate. None for text-only architectures."""
+
+    def __post_init__(self) -> None:
+        image_fields = {
+            "image_token": self.image_token is not None,
+            "image_inputs": self.image_inputs is not None,
+            "vision_mlp_gated": self.vision_mlp_gated is not None,
+            "bound_images": self.bound_images is not None,
+            "image_bound_fields": bool(self.image_bound_fields),
+        }
+        if self.is_vision:
+            missing = [name for name in ("image_token", "image_inputs", "vision_mlp_gated") if not image_fields[name]]
+            if missing:
+                raise ValueError(f"vision architecture {self.name!r} must set {', '.join(missing)}")
+            if image_fields["bound_images"] != image_fields["image_bound_fields"]:
+                raise ValueError(
+                    f"architecture {self.name!r}: bound_images and image_bound_fields go together (the fields it reads)"
+                )
+        elif any(image_fields.values()):
+            present = ", ".join(name for name, value in image_fields.items() if value)
+            raise ValueError(f"text-only architecture {self.name!r} sets {present}, which only vision ones may")
+        unbounded = self.vision_tokens_per_image({})
+        if unbounded < 0 or (unbounded > 0) != self.is_vision:
+            raise ValueError(
+                f"architecture {self.name!r}: vision_tokens_per_image({{}}) is {unbounded}; a vision family's "
+                "default image gives its tower a positive count, a text-only family's is 0"
+            )
 
 
 def write_atomically(out_dir: Path, save: Callable[[Path], None]) -> Path:

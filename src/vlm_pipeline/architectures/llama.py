@@ -102,6 +102,11 @@ def build_tiny(out_dir: Path, seed: int = 0) -> Path:
     return write_atomically(out_dir, save)
 
 
+def vision_tokens_per_image(bounds: dict) -> int:
+    """Text-only: no vision tower, so no image ever costs it a token."""
+    return 0
+
+
 ARCHITECTURE = Architecture(
     name="llama",
     model_type="llama",
@@ -110,6 +115,8 @@ ARCHITECTURE = Architecture(
     image_token=None,
     end_of_turn_token=EOT,
     fine_tune_pad_token=PAD,
+    real_checkpoint=REAL,
     build_tiny=build_tiny,
+    vision_tokens_per_image=vision_tokens_per_image,
     components=(("language_model", "model."), ("language_model", "lm_head.")),
 )

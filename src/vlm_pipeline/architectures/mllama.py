@@ -34,6 +34,9 @@ REAL = RealCheckpointFiles("llama-3.2-11b-vision-instruct")
 # images), which checkpoints downloaded before December 2024 carry.
 TEMPLATES = {"current": "chat_template.jinja", "sept2024": "chat_template_alt.jinja"}
 PATCH_SIZE = 14
+# The real tower's sequence per 560×560 tile: 40×40 patches and a class token. The planner counts the real size.
+REAL_TILE_TOKENS = (560 // PATCH_SIZE) ** 2 + 1
+REAL_MAX_TILES = 4  # the real processor's max_image_tiles
 # The one processor setting the twin shrinks: a tile's pixels are a size, like the hidden widths. At the real
 # 560 px a tile is 1,601 patches, and every image is padded to 4 tiles: a CPU step would take seconds.
 TILE_SIZE = 56
@@ -159,6 +162,12 @@ def bound_images(processor: Any, bounds: dict) -> None:
         processor.image_processor.max_image_tiles = bounds["max_image_tiles"]
 
 
+def vision_tokens_per_image(bounds: dict) -> int:
+    """1,601 per tile for ``max_image_tiles`` tiles (4 where unbounded): every image is padded to that many tiles
+    and the tower encodes them all, so this is the count for any image, not a bound."""
+    return (bounds.get("max_image_tiles") or REAL_MAX_TILES) * REAL_TILE_TOKENS
+
+
 ARCHITECTURE = Architecture(
     name="mllama",
     model_type="mllama",
@@ -167,7 +176,9 @@ ARCHITECTURE = Architecture(
     image_token=REAL.special_tokens["image_token"],
     end_of_turn_token=EOT,
     fine_tune_pad_token=PAD,
+    real_checkpoint=REAL,
     build_tiny=build_tiny,
+    vision_tokens_per_image=vision_tokens_per_image,
     components=(
         ("vision_tower", "model.vision_model."),
         ("projector", "model.multi_modal_projector."),
@@ -176,4 +187,6 @@ ARCHITECTURE = Architecture(
     ),
     image_inputs=image_inputs,
     bound_images=bound_images,
+    image_bound_fields=("max_image_tiles",),
+    vision_mlp_gated=False,  # two layers (fc1, fc2) with GELU
 )

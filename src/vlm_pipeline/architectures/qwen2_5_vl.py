@@ -37,6 +37,10 @@ VIDEO_PAD = "<|video_pad|>"
 SPECIAL_TOKENS = (END_OF_TEXT, IM_START, IM_END, VISION_START, VISION_END, "<|vision_pad|>", IMAGE_PAD, VIDEO_PAD)
 
 REAL = RealCheckpointFiles("qwen2.5-vl-7b-instruct")
+PATCH_SIZE = 14  # the real vision tower's patch edge (preprocessor_config.json ``patch_size``)
+# The image the planner assumes where preprocessing.images sets no max_pixels: 1024×1024 (the checkpoint's own
+# limit, ~12.8M pixels, would plan every run for images few datasets hold).
+DEFAULT_PLANNED_PIXELS = 1024 * 1024
 TEXT_HIDDEN = 64
 TEXT_HEADS = 4
 
@@ -150,6 +154,12 @@ def bound_images(processor: Any, bounds: dict) -> None:
     processor.image_processor.size = size
 
 
+def vision_tokens_per_image(bounds: dict) -> int:
+    """Patches the vision tower sees for the largest image ``bounds`` allow: ``max_pixels`` / 14², or those of a
+    1024×1024 image where unbounded (counted before the 2×2 merge into language-model tokens)."""
+    return (bounds.get("max_pixels") or DEFAULT_PLANNED_PIXELS) // (PATCH_SIZE * PATCH_SIZE)
+
+
 ARCHITECTURE = Architecture(
     name="qwen2_5_vl",
     model_type="qwen2_5_vl",
@@ -158,7 +168,9 @@ ARCHITECTURE = Architecture(
     image_token=IMAGE_PAD,
     end_of_turn_token=IM_END,
     fine_tune_pad_token=None,
+    real_checkpoint=REAL,
     build_tiny=build_tiny,
+    vision_tokens_per_image=vision_tokens_per_image,
     components=(
         ("projector", "model.visual.merger."),
         ("vision_tower", "model.visual."),
@@ -167,4 +179,6 @@ ARCHITECTURE = Architecture(
     ),
     image_inputs=image_inputs,
     bound_images=bound_images,
+    image_bound_fields=("min_pixels", "max_pixels"),
+    vision_mlp_gated=True,  # SwiGLU blocks (gate_proj, up_proj, down_proj)
 )

@@ -31,9 +31,9 @@ def check_parameters(params: dict[str, Any], project_root: Path | None = None) -
     """Validate every parameter group, then check them against this machine; return the typed parameters."""
     parsed = validate_parameters(params)
     check_machine(parsed, project_root or Path.cwd())
-    if parsed.trust_remote_code:
+    if parsed.model.trust_remote_code:
         logger.warning(
-            "trust_remote_code is true: Python files inside %s will run. Use it only for checkpoints you trust.",
+            "model.trust_remote_code is true: Python files inside %s will run. Use it only for checkpoints you trust.",
             parsed.base_model,
         )
     return parsed

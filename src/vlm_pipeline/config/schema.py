@@ -30,6 +30,7 @@ RENAMED = {
     "evaluation_strategy": "eval_strategy",  # transformers 4.46
     "warmup_ratio": "warmup_steps",  # transformers 5: a float in [0, 1) is a ratio
 }
+CATALOG_OWNS_PATHS = "the catalog (conf/base/catalog.yml) says where checkpoints and models go"
 # Meaning moved elsewhere: rejected, naming where it went.
 MOVED = {
     "max_seq_length": "preprocessing.max_length (TRL renamed it max_length; vlm-pipeline checks lengths at "
@@ -38,6 +39,7 @@ MOVED = {
     "group_by_length": "sft.train_sampling_strategy: group_by_length (transformers 5)",
     "hub_token": "the HF_TOKEN environment variable (a token in a parameters file would be logged and committed)",
     "learning_rate": "<variant>.method.learning_rate (each method has its own)",
+    "output_dir": f"nothing: {CATALOG_OWNS_PATHS}",
 }
 # Removed because the behaviour is now the only one: accepted with a warning if set to that behaviour.
 ALWAYS = {"save_safetensors": True}
@@ -72,6 +74,10 @@ class Section(BaseModel):
 
     model_config = ConfigDict(extra="forbid", validate_default=True)
 
+    def __str__(self) -> str:
+        # JSON, as kedro-mlflow logs a typed node parameter by str(): one readable value per group.
+        return self.model_dump_json()
+
 
 SectionT = TypeVar("SectionT", bound=Section)
 
@@ -96,13 +102,22 @@ class DataValidationParams(Section):
 
 
 class ImageBounds(Section):
+    """Limits on image size, applied by the processor; None keeps the checkpoint's own. Each field is honoured only
+    by the families that list it in ``Architecture.image_bound_fields``, and its description names them as
+    ``(registry name)``; tests/test_architectures.py checks both against the registry."""
+
     min_pixels: int | None = Field(
-        None, ge=3136, description="Qwen2.5-VL: smallest image area in pixels (28×28 units)."
+        None, ge=3136, description="Qwen2.5-VL (qwen2_5_vl): smallest image area in pixels (28×28 units)."
     )
     max_pixels: int | None = Field(
-        None, ge=3136, le=12_845_056, description="Qwen2.5-VL: largest image area; bounds image tokens and memory."
+        None,
+        ge=3136,
+        le=12_845_056,
+        description="Qwen2.5-VL (qwen2_5_vl): largest image area; bounds image tokens and memory.",
     )
-    max_image_tiles: int | None = Field(None, ge=1, le=4, description="Mllama: most 560×560 tiles per image (1-4).")
+    max_image_tiles: int | None = Field(
+        None, ge=1, le=4, description="Llama 3.2-Vision (mllama): most 560×560 tiles per image (1-4)."
+    )
 
     @model_validator(mode="after")
     def _ordered(self) -> ImageBounds:
@@ -169,6 +184,15 @@ class ModelParams(Section):
         description="Attention kernel: sdpa (PyTorch, any device), eager, flash_attention_2 (needs the flash-attn "
         "package and a GPU; bf16/fp16 only).",
     )
+    trust_remote_code: bool = Field(
+        False,
+        description="Run Python shipped inside the model folder (custom architectures). Only for checkpoints you "
+        "trust; a warning is logged when it is on.",
+    )
+
+    def loading_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for ``load_model``: dtype, attention kernel and trust_remote_code."""
+        return self.model_dump()
 
     @model_validator(mode="before")
     @classmethod
@@ -394,11 +418,17 @@ class QuantizationParams(Section):
 
 
 class MethodParams(Section):
-    output_dir: str = Field(description="Where checkpoints and the staged trained model go (data/06_models/...).")
     learning_rate: float = Field(gt=0.0, lt=1.0, description="Peak learning rate. LoRA 1e-5-5e-4; full FT 1e-5-5e-5.")
     lora: LoraParams | None = Field(None, description="LoRA settings; absent for full fine-tuning.")
     freeze: FreezeParams = Field(default_factory=FreezeParams, description="Components kept frozen.")
     quantization: QuantizationParams | None = Field(None, description="Quantized base (LoRA only).")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_output_dir(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "output_dir" in data:
+            raise ValueError(f"output_dir is not a parameter: {CATALOG_OWNS_PATHS}")
+        return data
 
     @model_validator(mode="after")
     def _freeze_is_for_full_ft(self) -> MethodParams:
@@ -468,9 +498,6 @@ class Parameters(Section):
 
     raw_data: str = Field(description="Folder with train.jsonl, test.jsonl and the images they name.")
     base_model: str = Field(description="Local model directory (config.json, safetensors, processor).")
-    trust_remote_code: bool = Field(
-        False, description="Run Python shipped inside the model folder. Only for checkpoints you trust."
-    )
     model: ModelParams = Field(default_factory=ModelParams, description="How every stage loads the model.")
     data_validation: DataValidationParams = Field(default_factory=DataValidationParams, description="Stage 1.")
     preprocessing: PreprocessingParams = Field(default_factory=PreprocessingParams, description="Stage 2.")
@@ -480,6 +507,13 @@ class Parameters(Section):
     plan: PlanParams = Field(default_factory=PlanParams, description="The preflight plan (training's first node).")
     lora: VariantParams | None = Field(None, description="The lora pipeline's method (Kedro namespace lora).")
     full_ft: VariantParams | None = Field(None, description="The full_ft pipeline's method (namespace full_ft).")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _moved(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "trust_remote_code" in data:
+            raise ValueError("trust_remote_code moved to model.trust_remote_code (TRL ModelConfig's name)")
+        return data
 
     @model_validator(mode="after")
     def _variants(self) -> Parameters:

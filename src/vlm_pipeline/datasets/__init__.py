@@ -1,13 +1,15 @@
 """Kedro datasets for vlm-pipeline. Every save is atomic: written beside the target, then renamed."""
 
 from vlm_pipeline.datasets.arrow import ArrowDataset
-from vlm_pipeline.datasets.directory import DirectoryDataset
+from vlm_pipeline.datasets.directory import DirectoryDataset, FilePathDataset, StagingDirectoryDataset
 from vlm_pipeline.datasets.jsonl import JSONDataset, JSONLinesDataset, RawLinesDataset
 
 __all__ = [
     "ArrowDataset",
     "DirectoryDataset",
+    "FilePathDataset",
     "JSONDataset",
     "JSONLinesDataset",
     "RawLinesDataset",
+    "StagingDirectoryDataset",
 ]

@@ -11,7 +11,7 @@ from typing import Any
 
 from kedro.io import AbstractDataset, DatasetError
 
-from vlm_pipeline.atomic import replace_dir_atomic
+from vlm_pipeline.atomic import replace_dir_atomic, staging_dir_for
 
 
 class DirectoryDataset(AbstractDataset[Path, Path]):
@@ -22,6 +22,7 @@ class DirectoryDataset(AbstractDataset[Path, Path]):
         required_files: files that must exist for the directory to count as complete, e.g. ``config.json``.
         mlflow_artifact_path: if set and an MLflow run is active, the saved directory is logged under it.
         missing_hint: a sentence added to the error when the directory is absent (how to create it).
+        create: load creates the directory when absent (a work folder, e.g. the checkpoint root).
     """
 
     def __init__(
@@ -30,15 +31,19 @@ class DirectoryDataset(AbstractDataset[Path, Path]):
         required_files: list[str] | None = None,
         mlflow_artifact_path: str | None = None,
         missing_hint: str = "",
+        create: bool = False,
         metadata: dict | None = None,
     ):
         self._path = Path(path)
         self._required_files = list(required_files or [])
         self._mlflow_artifact_path = mlflow_artifact_path
         self._missing_hint = missing_hint
+        self._create = create
         self.metadata = metadata
 
     def load(self) -> Path:
+        if self._create:
+            self._path.mkdir(parents=True, exist_ok=True)
         if not self._path.is_dir():
             raise DatasetError(f"Directory not found: {self._path}. {self._missing_hint}".strip())
         missing = [name for name in self._required_files if not (self._path / name).exists()]
@@ -66,3 +71,44 @@ class DirectoryDataset(AbstractDataset[Path, Path]):
 
     def _exists(self) -> bool:
         return self._path.is_dir()
+
+
+class StagingDirectoryDataset(AbstractDataset[Path, None]):
+    """Load: a fresh, empty staging folder beside ``path``, for a node to build a directory output in.
+
+    The node returns the folder to the ``DirectoryDataset`` of the same ``path``, which renames it into place;
+    so the catalog, not the node, says where a model goes, and a crash leaves only a hidden staging folder.
+    In ``catalog.yml`` both entries take their path from one YAML anchor.
+    """
+
+    def __init__(self, path: str, metadata: dict | None = None):
+        self._target = Path(path)
+        self.metadata = metadata
+
+    def load(self) -> Path:
+        return staging_dir_for(self._target)
+
+    def save(self, data: None) -> None:
+        raise DatasetError(f"{self._target}: a staging folder is only loaded; save the built folder to its target")
+
+    def _describe(self) -> dict[str, Any]:
+        return {"path": str(self._target)}
+
+
+class FilePathDataset(AbstractDataset[Path, None]):
+    """Load: the path of an existing file, for a subprocess that reads it itself (the trainer's run config)."""
+
+    def __init__(self, path: str, metadata: dict | None = None):
+        self._path = Path(path)
+        self.metadata = metadata
+
+    def load(self) -> Path:
+        if not self._path.is_file():
+            raise DatasetError(f"File not found: {self._path}")
+        return self._path
+
+    def save(self, data: None) -> None:
+        raise DatasetError(f"{self._path}: only loaded as a path; it is written through another dataset")
+
+    def _describe(self) -> dict[str, Any]:
+        return {"path": str(self._path)}

@@ -78,7 +78,7 @@ def read_model_shape(model_dir: str | Path, method: Any, trust_remote_code: bool
         parameters=parameters,
         text=_stack(text_config, "num_hidden_layers", "hidden_size", "intermediate_size", gated=True),
         vocab=text_config.vocab_size,
-        vision=_vision_stack(config),
+        vision=_vision_stack(config, architecture),
         linear_weights=linear,
         largest_layer=max(
             (
@@ -124,10 +124,9 @@ def _stack(config: Any, layers: str, hidden: str, intermediate: str, *, gated: b
     return Stack(getattr(config, layers), getattr(config, hidden), getattr(config, intermediate), gated)
 
 
-def _vision_stack(config: Any) -> Stack | None:
+def _vision_stack(config: Any, architecture: Architecture) -> Stack | None:
     vision = getattr(config, "vision_config", None)
     if vision is None:
         return None
     layers = getattr(vision, "depth", None) or vision.num_hidden_layers + getattr(vision, "num_global_layers", 0)
-    gated = getattr(vision, "hidden_act", "gelu") == "silu"  # Qwen2.5-VL's vision MLP is SwiGLU, Mllama's is not
-    return Stack(layers, vision.hidden_size, vision.intermediate_size, gated)
+    return Stack(layers, vision.hidden_size, vision.intermediate_size, bool(architecture.vision_mlp_gated))

@@ -14,15 +14,12 @@ from typing import Any
 
 import yaml
 
+from vlm_pipeline.architectures import get_architecture
 from vlm_pipeline.config import MethodParams
 from vlm_pipeline.config.schema import LoraParams, QuantizationParams, SFTParams
 from vlm_pipeline.planning.memory import GIB, MemorySettings, estimate_memory
 from vlm_pipeline.planning.model_shape import ModelShape, read_model_shape
 from vlm_pipeline.planning.steps import plan_steps
-
-# Patches an image gives the vision tower when its size is not bounded in preprocessing.images: a 1024×1024
-# image for Qwen2.5-VL (14-pixel patches), the four 560×560 tiles Mllama allows (40×40 patches + 1, each).
-DEFAULT_VISION_TOKENS = {"qwen2_5_vl": (1024 * 1024) // (14 * 14), "mllama": 4 * 1601}
 
 
 class PlanError(RuntimeError):
@@ -127,7 +124,7 @@ def build_plan(
         accelerate,
         seq_len=longest,
         images_per_row=images_per_row,
-        vision_tokens_per_image=vision_tokens(shape.architecture, images) if vision else 0,
+        vision_tokens_per_image=get_architecture(shape.architecture).vision_tokens_per_image(images),
         load_bytes=load_dtype_bytes(load_dtype, model_dir),
     )
     memory = estimate_memory(shape, settings)
@@ -162,15 +159,6 @@ def training_data(dataset: Any) -> dict[str, Any]:
         "lengths": list(dataset["length"]),
         "images_per_row": sum(len(paths) for paths in dataset["image_paths"]) / max(len(dataset), 1),
     }
-
-
-def vision_tokens(architecture: str, images: dict[str, Any]) -> int:
-    """Patches per image the vision tower processes, from preprocessing.images where bounded."""
-    if architecture == "qwen2_5_vl" and images.get("max_pixels"):
-        return images["max_pixels"] // (14 * 14)
-    if architecture == "mllama" and images.get("max_image_tiles"):
-        return images["max_image_tiles"] * 1601
-    return DEFAULT_VISION_TOKENS.get(architecture, 0)
 
 
 def alternatives(

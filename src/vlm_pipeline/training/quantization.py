@@ -9,12 +9,12 @@ than 64 inputs, which tiny vision towers have.
 from __future__ import annotations
 
 import importlib.util
-from typing import Any
 
 import torch
 from transformers import BitsAndBytesConfig
 
 from vlm_pipeline.architectures import Architecture
+from vlm_pipeline.config.schema import QuantizationParams
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -23,21 +23,17 @@ class QuantizationUnavailable(RuntimeError):
     """bitsandbytes is missing: raised before any model loads, naming the parameter that asked for it."""
 
 
-def is_enabled(quantization: dict[str, Any] | None) -> bool:
-    return bool(quantization) and bool(quantization.get("load_in_8bit") or quantization.get("load_in_4bit"))
-
-
 def default_skip_modules(architecture: Architecture) -> list[str]:
     """Full dotted names of everything but the language model's layers: vision parts and the output head."""
     prefixes = [prefix.rstrip(".") for component, prefix in architecture.components if component != "language_model"]
     return [*prefixes, "lm_head"]
 
 
-def bits_and_bytes_config(quantization: dict[str, Any], architecture: Architecture) -> BitsAndBytesConfig:
+def bits_and_bytes_config(quantization: QuantizationParams, architecture: Architecture) -> BitsAndBytesConfig:
     """transformers' BitsAndBytesConfig from ``method.quantization`` (its own field names)."""
     if importlib.util.find_spec("bitsandbytes") is None:
         raise QuantizationUnavailable("method.quantization needs bitsandbytes, which is not installed")
-    settings = dict(quantization)
-    settings["bnb_4bit_compute_dtype"] = DTYPES[settings.get("bnb_4bit_compute_dtype", "bfloat16")]
-    settings["llm_int8_skip_modules"] = settings.get("llm_int8_skip_modules") or default_skip_modules(architecture)
+    settings = quantization.model_dump()
+    settings["bnb_4bit_compute_dtype"] = DTYPES[settings["bnb_4bit_compute_dtype"]]
+    settings["llm_int8_skip_modules"] = settings["llm_int8_skip_modules"] or default_skip_modules(architecture)
     return BitsAndBytesConfig(**settings)

@@ -5,8 +5,8 @@ Runs on its own, or under accelerate (which the Kedro training node uses):
     accelerate launch --config_file conf/accelerate/cpu_single_process.yaml \\
         -m vlm_pipeline.training.trainer --config run_config.json
 
-The JSON config is written by ``vlm_pipeline.training.launcher.write_run_config``. Checkpoints go to
-``checkpoint_dir`` (keyed by the config's hash) and a killed run resumes from the newest one. Only the main
+The JSON config is a ``RunConfig`` (``vlm_pipeline.config.run``), saved by the training stage. Checkpoints go to
+``checkpoint_root/<identity>`` (the config's hash) and a killed run resumes from the newest one. Only the main
 process writes the final model, the processor and the log history into ``final_dir``, and keeps a hard-linked
 copy in ``checkpoint_dir/final`` so that the same config run again returns the same model without training.
 """
@@ -28,19 +28,20 @@ from trl import SFTConfig, SFTTrainer
 
 from vlm_pipeline.architectures import architecture_for_model, load_model, load_processor
 from vlm_pipeline.atomic import link_tree, replace_dir_atomic, staging_dir_for
+from vlm_pipeline.config.run import RunConfig
 from vlm_pipeline.training import cpu_distributed
 from vlm_pipeline.training.checkpoints import last_complete_checkpoint
 from vlm_pipeline.training.collator import SFTCollator
-from vlm_pipeline.training.quantization import bits_and_bytes_config, is_enabled
+from vlm_pipeline.training.quantization import bits_and_bytes_config
 from vlm_pipeline.training.sampler import ModalityGroupedSampler, is_mixed
 from vlm_pipeline.training.trainable import format_table, freeze, lora_target_modules, parameter_table
 
 
-def build_sft_config(config: dict[str, Any]) -> SFTConfig:
+def build_sft_config(config: RunConfig) -> SFTConfig:
     """TRL's SFTConfig from the run config; the data is already tokenised and collated by us."""
     fixed = {
-        "output_dir": config["checkpoint_dir"],
-        "learning_rate": config["learning_rate"],
+        "output_dir": str(config.checkpoint_dir),
+        "learning_rate": config.method.learning_rate,
         "remove_unused_columns": False,  # keep image_paths for the collator
         "dataset_kwargs": {"skip_prepare_dataset": True},
         "max_length": None,  # records were length-checked at preprocessing, never truncated here
@@ -49,7 +50,7 @@ def build_sft_config(config: dict[str, Any]) -> SFTConfig:
         # transformers refuses bf16/fp16 without a GPU unless told it runs on the CPU (where torch emulates them).
         "use_cpu": not torch.cuda.is_available(),
     }
-    return SFTConfig(**{**config["sft"], **fixed})
+    return SFTConfig(**{**config.sft.trainer_args(), **fixed})
 
 
 class NonFiniteTrainingError(RuntimeError):
@@ -103,22 +104,23 @@ class VLMSFTTrainer(SFTTrainer):
         return ModalityGroupedSampler(has_images, self.args.train_batch_size, self.args.seed, lengths)
 
 
-def build_trainer(config: dict[str, Any]) -> SFTTrainer:
+def build_trainer(config: RunConfig) -> SFTTrainer:
     # Seed before anything random is created: SFTTrainer wraps the model with fresh LoRA weights before
     # the Trainer seeds itself, so without this two runs of one config start from different adapters.
-    set_seed(config["sft"]["seed"])
-    base = Path(config["base_model"])
+    set_seed(config.sft.seed)
+    base = config.base_model
     architecture = architecture_for_model(base)
-    trust = config.get("trust_remote_code", False)
     processor = load_processor(
-        base, image_bounds=config["image_bounds"], chat_template=config["chat_template"], trust_remote_code=trust
+        base,
+        image_bounds=config.image_bounds.model_dump(),
+        chat_template=config.chat_template,
+        trust_remote_code=config.model.trust_remote_code,
     )
-    quantization = config.get("quantization")
-    quantized = is_enabled(quantization)
+    quantization = config.method.quantization
+    quantized = quantization is not None and quantization.enabled
     model = load_model(
         base,
-        trust_remote_code=trust,
-        **config["model"],
+        **config.model.loading_kwargs(),
         quantization_config=bits_and_bytes_config(quantization, architecture) if quantized else None,
     )
     # No KV cache in training: it is useless there, and with a cache transformers would not read packed
@@ -131,22 +133,22 @@ def build_trainer(config: dict[str, Any]) -> SFTTrainer:
         # weights, after which LoRA gradients are silently None (nothing here or in TRL's init does one).
         model = prepare_model_for_kbit_training(
             model,
-            use_gradient_checkpointing=config["sft"].get("gradient_checkpointing", False),
-            gradient_checkpointing_kwargs=config["sft"].get("gradient_checkpointing_kwargs")
-            or {"use_reentrant": False},
+            use_gradient_checkpointing=config.sft.gradient_checkpointing,
+            gradient_checkpointing_kwargs=config.sft.gradient_checkpointing_kwargs or {"use_reentrant": False},
         )
-    freeze(model, architecture, config.get("freeze") or {})
+    freeze(model, architecture, config.method.freeze.model_dump())
     peft_config = None
-    if config.get("lora"):
-        targets = lora_target_modules(model, architecture, config["lora"]["target_modules"])
-        peft_config = LoraConfig(task_type="CAUSAL_LM", **{**config["lora"], "target_modules": targets})
+    if config.method.lora is not None:
+        lora = config.method.lora.model_dump()
+        targets = lora_target_modules(model, architecture, lora["target_modules"])
+        peft_config = LoraConfig(task_type="CAUSAL_LM", **{**lora, "target_modules": targets})
     trainer = VLMSFTTrainer(
         model=model,
         args=build_sft_config(config),
-        train_dataset=load_from_disk(config["train_dataset"]),
-        eval_dataset=load_from_disk(config["eval_dataset"]) if config.get("eval_dataset") else None,
+        train_dataset=load_from_disk(str(config.train_dataset)),
+        eval_dataset=load_from_disk(str(config.eval_dataset)) if config.eval_dataset else None,
         processing_class=processor,
-        data_collator=SFTCollator(processor, architecture, Path(config["image_root"]), config["padding_free"]),
+        data_collator=SFTCollator(processor, architecture, config.image_root, config.sft.padding_free),
         peft_config=peft_config,
     )
     if peft_config is not None:
@@ -183,17 +185,17 @@ def engine_record(trainer: SFTTrainer) -> dict[str, Any]:
     }
 
 
-def run(config: dict[str, Any]) -> None:
-    checkpoints = Path(config["checkpoint_dir"])
+def run(config: RunConfig) -> None:
+    checkpoints = config.checkpoint_dir
     finished = checkpoints / "final"
-    final_dir = Path(config["final_dir"])
+    final_dir = config.final_dir
     if (finished / "training_history.json").is_file():
         # This exact configuration already finished: hand out that result. Resuming a finished run would
         # train one step more (transformers) and so give a different model for the same config.
         link_tree(finished, final_dir)
         return
     trainer = build_trainer(config)
-    trainable = parameter_table(trainer.model, architecture_for_model(config["base_model"]))
+    trainable = parameter_table(trainer.model, architecture_for_model(config.base_model))
     if trainer.is_world_process_zero():
         print(f"vlm-pipeline: trainable parameters\n{format_table(trainable)}", flush=True)
     # The main process tidies incomplete checkpoints away; every rank then resumes from the same folder.
@@ -220,7 +222,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, type=Path, help="run config JSON written by the launcher")
     args = parser.parse_args(argv)
-    run(json.loads(args.config.read_text()))
+    run(RunConfig.read(args.config))
 
 
 if __name__ == "__main__":

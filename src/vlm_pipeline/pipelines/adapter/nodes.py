@@ -7,46 +7,43 @@ from pathlib import Path
 from datasets import Dataset
 
 from vlm_pipeline.adapters import copy_adapter, is_model_file, merge_and_verify
-from vlm_pipeline.atomic import link_tree, staging_dir_for
+from vlm_pipeline.atomic import link_tree
+from vlm_pipeline.config.run import RunContext
+from vlm_pipeline.config.schema import AdapterParams
 
 
-def extract_adapter(trained_model: Path, method: dict) -> tuple[Path, dict]:
+def extract_adapter(trained_model: Path, adapter_staging: Path) -> tuple[Path, dict]:
     """Stage the adapter files (safetensors + config) for the ``adapter`` dataset; return its summary."""
-    staged = staging_dir_for(Path(method["output_dir"]) / "adapter")
-    return staged, copy_adapter(trained_model, staged)
+    return adapter_staging, copy_adapter(trained_model, adapter_staging)
 
 
 def merge_adapter(
-    base_model: Path,
+    context: RunContext,
     adapter: Path,
     trained_model: Path,
     test_data: Dataset,
-    raw_data: str,
-    method: dict,
-    params: dict,
-    model: dict,
-    trust_remote_code: bool = False,
+    params: AdapterParams,
+    merged_model_staging: Path,
 ) -> tuple[Path, dict]:
     """Merge into the base model and verify logits on the first ``merge_check_records`` test records."""
-    staged = staging_dir_for(Path(method["output_dir"]) / "merged")
-    rows = list(test_data.select(range(min(params["merge_check_records"], len(test_data)))))
+    rows = list(test_data.select(range(min(params.merge_check_records, len(test_data)))))
     check = merge_and_verify(
-        base_model,
+        context.base_model,
         adapter,
         trained_model,
         rows,
-        Path(raw_data),
-        staged,
-        dtype=params["merge_dtype"],
-        tolerance=params["merge_tolerance"],
-        attn_implementation=model["attn_implementation"],
-        trust_remote_code=trust_remote_code,
+        context.image_root,
+        merged_model_staging,
+        dtype=params.merge_dtype,
+        tolerance=params.merge_tolerance.model_dump(),
+        attn_implementation=context.model.attn_implementation,
+        trust_remote_code=context.model.trust_remote_code,
     )
-    return staged, check
+    return merged_model_staging, check
 
 
-def pass_through_full_model(trained_model: Path, method: dict) -> tuple[Path, dict]:
+def pass_through_full_model(trained_model: Path, merged_model_staging: Path) -> tuple[Path, dict]:
     """A full fine-tune is already a standalone model: hard-link its model files (not the logs beside them) into
     place as the merged model."""
-    staged = link_tree(trained_model, staging_dir_for(Path(method["output_dir"]) / "merged"), only=is_model_file)
+    staged = link_tree(trained_model, merged_model_staging, only=is_model_file)
     return staged, {"method": "full_ft", "merged": False, "reason": "full fine-tuning has no adapter to merge"}

@@ -8,7 +8,7 @@ def create_pipeline(variant: str) -> Pipeline:
     if variant == "full_ft":
         pass_through = Node(
             pass_through_full_model,
-            inputs=["trained_model", "params:method"],
+            inputs=["trained_model", "merged_model_staging"],
             outputs=["merged_model", "merge_check"],
             name="pass_through_full_model",
         )
@@ -16,22 +16,19 @@ def create_pipeline(variant: str) -> Pipeline:
     nodes = [
         Node(
             extract_adapter,
-            inputs=["trained_model", "params:method"],
+            inputs=["trained_model", "adapter_staging"],
             outputs=["adapter", "adapter_summary"],
             name="extract_adapter",
         ),
         Node(
             merge_adapter,
             inputs=[
-                "base_model",
+                "run_context",
                 "adapter",
                 "trained_model",
                 "test_tokenized@arrow",
-                "params:raw_data",
-                "params:method",
                 "params:adapter",
-                "params:model",
-                "params:trust_remote_code",
+                "merged_model_staging",
             ],
             outputs=["merged_model", "merge_check"],
             name="merge_adapter",
@@ -41,6 +38,6 @@ def create_pipeline(variant: str) -> Pipeline:
         nodes,
         tags="adapter",
         namespace=variant,
-        inputs={"base_model", "test_tokenized@arrow"},
-        parameters={"params:raw_data", "params:adapter", "params:model", "params:trust_remote_code"},
+        inputs={"run_context", "test_tokenized@arrow"},
+        parameters={"params:adapter"},
     )

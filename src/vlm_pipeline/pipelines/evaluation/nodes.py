@@ -10,6 +10,8 @@ from typing import Any
 from datasets import Dataset
 
 from vlm_pipeline.architectures import architecture_for_model, load_chat_encoder, load_model
+from vlm_pipeline.config.run import RunContext
+from vlm_pipeline.config.schema import EvaluationParams, PreprocessingParams
 from vlm_pipeline.data.encoding import reference_answer
 from vlm_pipeline.evaluation_report import (
     comparison_figure,
@@ -26,30 +28,27 @@ logger = logging.getLogger(__name__)
 
 def evaluate_model(
     model_dir: Path,
+    context: RunContext,
     test_records: list[dict],
     test_data: Dataset,
-    raw_data: str,
-    preprocessing: dict,
-    params: dict,
-    model_loading: dict,
-    trust_remote_code: bool = False,
+    preprocessing: PreprocessingParams,
+    params: EvaluationParams,
 ) -> dict:
     """Loss, perplexity, exact match and ROUGE-L of one model, plus its answers (same image bounds, chat template
-    and template variables as training; loaded as ``model_loading``, the ``model`` parameter group, says)."""
+    and template variables as training; loaded as the run context's ``model`` parameter group says)."""
     architecture = architecture_for_model(model_dir)
-    encoder = load_chat_encoder(model_dir, preprocessing, trust_remote_code=trust_remote_code)
-    model = load_model(model_dir, trust_remote_code=trust_remote_code, **model_loading).eval()
-    image_root = Path(raw_data)
-    collator = SFTCollator(encoder.processor, architecture, image_root)
-    scores = teacher_forced_loss(model, collator, list(test_data), params["batch_size"])
+    encoder = load_chat_encoder(model_dir, preprocessing, trust_remote_code=context.model.trust_remote_code)
+    model = load_model(model_dir, **context.model.loading_kwargs()).eval()
+    collator = SFTCollator(encoder.processor, architecture, context.image_root)
+    scores = teacher_forced_loss(model, collator, list(test_data), params.batch_size)
     answers = generate_answers(
         model,
         encoder,
         architecture,
         test_records,
-        image_root,
-        max_new_tokens=params["max_new_tokens"],
-        batch_size=params["batch_size"],
+        context.image_root,
+        max_new_tokens=params.max_new_tokens,
+        batch_size=params.batch_size,
     )
     scores.update(text_scores(answers, [reference_answer(r) for r in test_records]))
     return {"scores": scores, "answers": answers}

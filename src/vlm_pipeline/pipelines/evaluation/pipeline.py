@@ -4,15 +4,7 @@ from vlm_pipeline.pipelines.evaluation.nodes import build_report, compare, evalu
 
 
 def create_pipeline(variant: str) -> Pipeline:
-    shared = [
-        "test_records",
-        "test_tokenized@arrow",
-        "params:raw_data",
-        "params:preprocessing",
-        "params:evaluation",
-        "params:model",
-        "params:trust_remote_code",
-    ]
+    shared = ["run_context", "test_records", "test_tokenized@arrow", "params:preprocessing", "params:evaluation"]
     nodes = [
         Node(evaluate_model, inputs=["base_model", *shared], outputs="base_evaluation", name="evaluate_base"),
         Node(evaluate_model, inputs=["merged_model", *shared], outputs="tuned_evaluation", name="evaluate_tuned"),
@@ -39,12 +31,6 @@ def create_pipeline(variant: str) -> Pipeline:
         nodes,
         tags="evaluation",
         namespace=variant,
-        inputs={"base_model", "test_records", "train_records", "test_tokenized@arrow"},
-        parameters={
-            "params:raw_data",
-            "params:preprocessing",
-            "params:evaluation",
-            "params:model",
-            "params:trust_remote_code",
-        },
+        inputs={"base_model", "run_context", "test_records", "train_records", "test_tokenized@arrow"},
+        parameters={"params:preprocessing", "params:evaluation"},
     )

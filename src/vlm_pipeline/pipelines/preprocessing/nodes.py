@@ -11,6 +11,8 @@ from typing import Any
 from datasets import Dataset
 
 from vlm_pipeline.architectures import load_chat_encoder
+from vlm_pipeline.config.run import RunContext
+from vlm_pipeline.config.schema import PreprocessingParams, SFTParams
 from vlm_pipeline.data.encoding import NO_LABEL_TOKENS, TOO_LONG, encode_record
 from vlm_pipeline.data.labels import ChatEncoder, ChatTemplateError
 from vlm_pipeline.data.report import (
@@ -25,43 +27,37 @@ from vlm_pipeline.data.report import (
 MODEL_COLUMNS = ["input_ids", "labels", "image_paths", "source_line", "length"]
 
 
-def _encode_row(row: dict, *, encoder: ChatEncoder, image_root: Path, params: dict) -> dict:
+def _encode_row(row: dict, *, encoder: ChatEncoder, image_root: Path, params: PreprocessingParams) -> dict:
     record = json.loads(row["record"])
     try:
         return encode_record(
             encoder,
             record,
             image_root,
-            max_length=params["max_length"],
-            train_on=params["train_on"],
-            truncate_text_only=params["truncate_text_only"],
+            max_length=params.max_length,
+            train_on=params.train_on,
+            truncate_text_only=params.truncate_text_only,
         )
     except ChatTemplateError as error:
         raise ChatTemplateError(f"valid.jsonl record from line {record['source_line']}: {error}") from None
 
 
 def tokenize_split(
-    records: list[dict],
-    base_model: Path,
-    raw_data: str,
-    params: dict,
-    validation_summary: dict,
-    trust_remote_code: bool = False,
+    records: list[dict], context: RunContext, params: PreprocessingParams
 ) -> tuple[Dataset, list[dict], dict]:
-    """Encode every validated record (in ``num_proc`` processes); over-long ones go to their own quarantine.
+    """Encode every validated record (in ``num_proc`` processes); records that cannot train are set aside.
 
-    Images are bounded (``params["images"]``) by the processor before tokenisation, so the image-token
-    counts, and so the lengths, are those training will see. ``validation_summary`` is an input only so
-    that this stage runs after the reject budget passed. Records are passed as JSON strings so Arrow does
-    not reshape their nested, ragged message parts.
+    Images are bounded (``params.images``) by the processor before tokenisation, so the image-token
+    counts, and so the lengths, are those training will see. Records are passed as JSON strings so Arrow
+    does not reshape their nested, ragged message parts.
     """
-    encoder = load_chat_encoder(base_model, params, trust_remote_code=trust_remote_code)
+    encoder = load_chat_encoder(context.base_model, params, trust_remote_code=context.model.trust_remote_code)
     raw = Dataset.from_list([{"record": json.dumps(record, ensure_ascii=False)} for record in records])
-    encode = partial(_encode_row, encoder=encoder, image_root=Path(raw_data), params=params)
+    encode = partial(_encode_row, encoder=encoder, image_root=context.image_root, params=params)
     try:
-        encoded = raw.map(encode, num_proc=params["num_proc"] if params["num_proc"] > 1 else None, desc="tokenize")
+        encoded = raw.map(encode, num_proc=params.num_proc if params.num_proc > 1 else None, desc="tokenize")
     except ChatTemplateError as error:
-        raise ChatTemplateError(f"{base_model}: {error}") from None
+        raise ChatTemplateError(f"{context.base_model}: {error}") from None
     reasons = encoded["reason"]
     rejected = [i for i, reason in enumerate(reasons) if reason is not None]
     report = _split_report(encoded, reasons)
@@ -74,13 +70,13 @@ def tokenize_split(
     return kept.select_columns(MODEL_COLUMNS), quarantine, report
 
 
-def hold_out_validation(encoded: Dataset, params: dict) -> tuple[Dataset, Dataset]:
+def hold_out_validation(encoded: Dataset, params: PreprocessingParams) -> tuple[Dataset, Dataset]:
     """Move ``validation_fraction`` of the training records to the validation split (eval during training).
 
     A record's side is decided by a hash of its line number in valid.jsonl, so the choice is stable across
     runs and machines, and adding records at the end never moves old ones between the splits.
     """
-    fraction = params["validation_fraction"]
+    fraction = params.validation_fraction
     held = [i for i, line in enumerate(encoded["source_line"]) if _unit_hash(line) < fraction]
     if fraction and not held:
         raise ValueError(f"preprocessing.validation_fraction {fraction} holds out no record of {len(encoded)}")
@@ -115,7 +111,7 @@ def _split_report(encoded: Dataset, reasons: list) -> dict:
 
 
 def combine_reports(
-    train_report: dict, train_data: Dataset, validation_data: Dataset, test_report: dict, sft: dict
+    train_report: dict, train_data: Dataset, validation_data: Dataset, test_report: dict, sft: SFTParams
 ) -> dict:
     """Both splits' reports, plus the pad-token share of training batches in file order vs length-grouped."""
     if len(train_data) == 0:
@@ -126,7 +122,7 @@ def combine_reports(
             else "see the *_set_aside.jsonl files"
         )
         raise ValueError(f"No training record is left after preprocessing: {cause}")
-    batch_size = sft["per_device_train_batch_size"]
+    batch_size = sft.per_device_train_batch_size
     lengths = train_data["length"]
     return {
         "train": train_report,
@@ -134,7 +130,7 @@ def combine_reports(
         "test": test_report,
         "padding": {
             "batch_size": batch_size,
-            "padding_free": bool(sft.get("padding_free", False)),
+            "padding_free": sft.padding_free,
             "pad_share_in_file_order": padding_share(lengths, batch_size, group_by_length=False),
             "pad_share_length_grouped": padding_share(lengths, batch_size, group_by_length=True),
         },
@@ -150,18 +146,18 @@ def build_data_report(
     preprocessing: dict,
     train_records: list[dict],
     train_data: Dataset,
-    base_model: Path,
-    raw_data: str,
-    params: dict,
-    trust_remote_code: bool = False,
+    context: RunContext,
+    params: PreprocessingParams,
 ) -> tuple[str, Any]:
     """The Markdown summary and the figure (reasons, token lengths, image sizes) for data/08_reporting, with the
     first training records' trained tokens marked (what ``vlm-pipeline inspect-labels`` prints)."""
     reasons = reason_counts(train_validation, test_validation, preprocessing["train"], preprocessing["test"])
-    sizes = image_sizes(train_records, Path(raw_data))
-    tokenizer = load_chat_encoder(base_model, params, trust_remote_code=trust_remote_code).tokenizer
+    sizes = image_sizes(train_records, context.image_root)
+    tokenizer = load_chat_encoder(
+        context.base_model, params, trust_remote_code=context.model.trust_remote_code
+    ).tokenizer
     previews = label_preview(tokenizer, list(train_data.select(range(min(PREVIEW_RECORDS, len(train_data))))))
     markdown = data_markdown(
         {"train": train_validation, "test": test_validation}, preprocessing, reasons, sizes, previews
     )
-    return markdown, data_figure(reasons, train_data["length"], sizes, params["max_length"])
+    return markdown, data_figure(reasons, train_data["length"], sizes, params.max_length)

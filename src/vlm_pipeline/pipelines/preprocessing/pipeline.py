@@ -12,14 +12,7 @@ def create_pipeline(**kwargs) -> Pipeline:
     split_nodes = [
         Node(
             tokenize_split,
-            inputs=[
-                f"{split}_records",
-                "base_model",
-                "params:raw_data",
-                "params:preprocessing",
-                "validation_summary",
-                "params:trust_remote_code",
-            ],
+            inputs=[f"{split}_records", "run_context", "params:preprocessing"],
             # train is encoded whole, then split into train and validation by the next node
             outputs=[
                 "train_encoded" if split == "train" else f"{split}_tokenized@arrow",
@@ -56,10 +49,8 @@ def create_pipeline(**kwargs) -> Pipeline:
             "preprocessing_report",
             "train_records",
             "train_tokenized@arrow",
-            "base_model",
-            "params:raw_data",
+            "run_context",
             "params:preprocessing",
-            "params:trust_remote_code",
         ],
         outputs=["data_report_markdown", "data_report_figure"],
         name="build_data_report",

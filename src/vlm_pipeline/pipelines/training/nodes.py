@@ -8,72 +8,70 @@ from pathlib import Path
 
 from datasets import Dataset
 
-from vlm_pipeline.atomic import staging_dir_for
-from vlm_pipeline.config.schema import MethodParams, PlanParams, SFTParams, parse_section
+from vlm_pipeline.config.run import RunConfig, RunContext
+from vlm_pipeline.config.schema import MethodParams, PlanParams, PreprocessingParams, SFTParams
 from vlm_pipeline.planning.plan import build_plan, check_fits, format_plan, training_data
-from vlm_pipeline.training.launcher import launch, launch_command, resolve_run_config, write_run_config
+from vlm_pipeline.training.launcher import launch, launch_command, resolve_run_config
 
 logger = logging.getLogger(__name__)
 
 
 def plan_training(
     train_data: Dataset,
-    base_model: Path,
-    preprocessing: dict,
-    model: dict,
-    sft: dict,
-    method: dict,
-    plan: dict,
-    trust_remote_code: bool = False,
+    context: RunContext,
+    preprocessing: PreprocessingParams,
+    sft: SFTParams,
+    method: MethodParams,
+    plan: PlanParams,
 ) -> dict:
     """The preflight plan (steps, checkpoints, memory per GPU) from config.json alone; stops an over-budget run."""
     result = build_plan(
-        model_dir=base_model,
-        sft=parse_section(SFTParams, sft, "sft"),
-        method=parse_section(MethodParams, method, "method"),
-        images=preprocessing["images"],
+        model_dir=context.base_model,
+        sft=sft,
+        method=method,
+        images=preprocessing.images.model_dump(),
         **training_data(train_data),
-        max_length=preprocessing["max_length"],
-        gpu_memory_gb=parse_section(PlanParams, plan, "plan").gpu_memory_gb,
-        trust_remote_code=trust_remote_code,
-        load_dtype=model["dtype"],
+        max_length=preprocessing.max_length,
+        gpu_memory_gb=plan.gpu_memory_gb,
+        trust_remote_code=context.model.trust_remote_code,
+        load_dtype=context.model.dtype,
     )
     logger.info("Training plan\n%s", format_plan(result))
     check_fits(result)
     return result
 
 
-def train_model(
+def write_run_config(
+    context: RunContext,
     train_data: Path,
     validation_data: Path,
-    base_model: Path,
-    raw_data: str,
-    preprocessing: dict,
-    model: dict,
-    sft: dict,
-    method: dict,
-    training_plan: dict,
-    trust_remote_code: bool = False,
-) -> tuple[Path, list, dict]:
-    """Launch the trainer; return the staged trained model (or adapter), its log history and the
-    trainable-parameter table (per component). Warns if the run took other steps than the plan said."""
-    output_dir = Path(method["output_dir"])
-    final_dir = staging_dir_for(output_dir / "trained")
+    preprocessing: PreprocessingParams,
+    sft: SFTParams,
+    method: MethodParams,
+    checkpoints: Path,
+    trained_model_staging: Path,
+) -> dict:
+    """The trainer's whole input (``RunConfig``), for the catalog to save before the launch reads it."""
     config = resolve_run_config(
-        base_model=base_model,
+        context=context,
         train_dataset=train_data,
         eval_dataset=validation_data,
-        image_root=Path(raw_data),
-        image_bounds=preprocessing["images"],
-        chat_template=preprocessing["chat_template"],
-        model=model,
+        image_bounds=preprocessing.images,
+        chat_template=preprocessing.chat_template,
         sft=sft,
         method=method,
-        final_dir=final_dir,
-        trust_remote_code=trust_remote_code,
+        checkpoint_root=checkpoints,
+        final_dir=trained_model_staging,
     )
-    config_path = write_run_config(config, output_dir / "run_config.json")
-    launch(launch_command(sft["accelerate_config"], config_path))
+    return config.model_dump(mode="json")
+
+
+def train_model(run_config: Path, training_plan: dict) -> tuple[Path, list, dict]:
+    """Launch the trainer on the saved run config; return the staged trained model (or adapter), its log history
+    and the trainable-parameter table (per component). Warns if the run took other steps than the plan said."""
+    config = RunConfig.read(run_config)
+    launch(launch_command(config.sft.accelerate_config, run_config))
+    final_dir = config.final_dir
     history = json.loads((final_dir / "training_history.json").read_text())
     trainable = json.loads((final_dir / "trainable_parameters.json").read_text())
     ran = json.loads((final_dir / "run_info.json").read_text())["global_step"]

@@ -1,6 +1,6 @@
 from kedro.pipeline import Node, Pipeline
 
-from vlm_pipeline.pipelines.training.nodes import plan_training, train_model, training_curves
+from vlm_pipeline.pipelines.training.nodes import plan_training, train_model, training_curves, write_run_config
 
 
 def create_pipeline(variant: str) -> Pipeline:
@@ -11,31 +11,33 @@ def create_pipeline(variant: str) -> Pipeline:
                 plan_training,
                 inputs=[
                     "train_tokenized@arrow",
-                    "base_model",
+                    "run_context",
                     "params:preprocessing",
-                    "params:model",
                     "params:sft",
                     "params:method",
                     "params:plan",
-                    "params:trust_remote_code",
                 ],
                 outputs="training_plan",
                 name="plan_training",
             ),
             Node(
-                train_model,
+                write_run_config,
                 inputs=[
+                    "run_context",
                     "train_tokenized@path",
                     "validation_tokenized@path",
-                    "base_model",
-                    "params:raw_data",
                     "params:preprocessing",
-                    "params:model",
                     "params:sft",
                     "params:method",
-                    "training_plan",
-                    "params:trust_remote_code",
+                    "checkpoints",
+                    "trained_model_staging",
                 ],
+                outputs="run_config@json",
+                name="write_run_config",
+            ),
+            Node(
+                train_model,
+                inputs=["run_config@path", "training_plan"],
                 outputs=["trained_model", "training_history", "trainable_parameters"],
                 name="train_model",
             ),
@@ -46,13 +48,6 @@ def create_pipeline(variant: str) -> Pipeline:
     return Pipeline(
         template,
         namespace=variant,
-        inputs={"train_tokenized@arrow", "train_tokenized@path", "validation_tokenized@path", "base_model"},
-        parameters={
-            "params:raw_data",
-            "params:preprocessing",
-            "params:model",
-            "params:sft",
-            "params:plan",
-            "params:trust_remote_code",
-        },
+        inputs={"train_tokenized@arrow", "train_tokenized@path", "validation_tokenized@path", "run_context"},
+        parameters={"params:preprocessing", "params:sft", "params:plan"},
     )
