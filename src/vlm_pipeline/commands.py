@@ -107,7 +107,7 @@ def _quarantine_too_long(result, lines: list[bytes], args: argparse.Namespace) -
 
 def _metrics(args: argparse.Namespace) -> int:
     from vlm_pipeline.datasets import JSONDataset
-    from vlm_pipeline.evaluation_report import format_table
+    from vlm_pipeline.reporting.evaluation import format_table
 
     path = Path(args.path)
     if not path.is_file():
@@ -153,8 +153,9 @@ def _plan(args: argparse.Namespace) -> int:
 
     from vlm_pipeline import settings
     from vlm_pipeline.config import validate_parameters
-    from vlm_pipeline.planning.plan import build_plan, format_plan, training_data
+    from vlm_pipeline.planning.plan import build_plan, training_data
     from vlm_pipeline.recipes import RECIPES
+    from vlm_pipeline.reporting.tables import format_plan
 
     recipe = RECIPES[args.recipe] if args.recipe else None
     env = recipe.env if recipe else args.env
@@ -234,8 +235,8 @@ def _inspect_labels(args: argparse.Namespace) -> int:
     from vlm_pipeline.architectures import load_chat_encoder
     from vlm_pipeline.config.schema import PreprocessingParams
     from vlm_pipeline.data.encoding import encode_record
-    from vlm_pipeline.data.report import BRACKETS, COLOUR, label_preview
     from vlm_pipeline.data.validation import validate_lines
+    from vlm_pipeline.reporting.data import BRACKETS, COLOUR, label_preview
 
     data = Path(args.data)
     image_root = Path(args.image_root) if args.image_root else data.parent

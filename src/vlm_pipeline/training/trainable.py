@@ -70,11 +70,3 @@ def parameter_table(model: nn.Module, architecture: Architecture) -> dict[str, d
             row["total"] += count
             row["trainable"] += count if parameter.requires_grad else 0
     return {component: row for component, row in table.items() if row["total"]}
-
-
-def format_table(table: dict[str, dict[str, int]]) -> str:
-    lines = [f"{'component':<16}{'trainable':>14}{'total':>14}{'share':>9}"]
-    for component, row in table.items():
-        share = row["trainable"] / row["total"] if row["total"] else 0.0
-        lines.append(f"{component:<16}{row['trainable']:>14,}{row['total']:>14,}{share:>9.2%}")
-    return "\n".join(lines)

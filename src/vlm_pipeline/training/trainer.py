@@ -29,12 +29,13 @@ from trl import SFTConfig, SFTTrainer
 from vlm_pipeline.architectures import architecture_for_model, load_model, load_processor
 from vlm_pipeline.atomic import link_tree, replace_dir_atomic, staging_dir_for
 from vlm_pipeline.config.run import RunConfig
+from vlm_pipeline.reporting.tables import format_parameter_table
 from vlm_pipeline.training import cpu_distributed
 from vlm_pipeline.training.checkpoints import last_complete_checkpoint
 from vlm_pipeline.training.collator import SFTCollator
 from vlm_pipeline.training.quantization import bits_and_bytes_config
 from vlm_pipeline.training.sampler import ModalityGroupedSampler, is_mixed
-from vlm_pipeline.training.trainable import format_table, freeze, lora_target_modules, parameter_table
+from vlm_pipeline.training.trainable import freeze, lora_target_modules, parameter_table
 
 
 def build_sft_config(config: RunConfig) -> SFTConfig:
@@ -197,7 +198,7 @@ def run(config: RunConfig) -> None:
     trainer = build_trainer(config)
     trainable = parameter_table(trainer.model, architecture_for_model(config.base_model))
     if trainer.is_world_process_zero():
-        print(f"vlm-pipeline: trainable parameters\n{format_table(trainable)}", flush=True)
+        print(f"vlm-pipeline: trainable parameters\n{format_parameter_table(trainable)}", flush=True)
     # The main process tidies incomplete checkpoints away; every rank then resumes from the same folder.
     choice = [last_complete_checkpoint(checkpoints) if trainer.is_world_process_zero() else None]
     resume = broadcast_object_list(choice)[0]

@@ -13,7 +13,7 @@ from vlm_pipeline.architectures import architecture_for_model, load_chat_encoder
 from vlm_pipeline.config.run import RunContext
 from vlm_pipeline.config.schema import EvaluationParams, PreprocessingParams
 from vlm_pipeline.data.encoding import reference_answer
-from vlm_pipeline.evaluation_report import (
+from vlm_pipeline.reporting.evaluation import (
     comparison_figure,
     format_table,
     loss_curve,

@@ -15,7 +15,7 @@ from vlm_pipeline.config.run import RunContext
 from vlm_pipeline.config.schema import PreprocessingParams, SFTParams
 from vlm_pipeline.data.encoding import NO_LABEL_TOKENS, TOO_LONG, encode_record
 from vlm_pipeline.data.labels import ChatEncoder, ChatTemplateError
-from vlm_pipeline.data.report import (
+from vlm_pipeline.reporting.data import (
     data_figure,
     data_markdown,
     image_sizes,

@@ -10,7 +10,8 @@ from datasets import Dataset
 
 from vlm_pipeline.config.run import RunConfig, RunContext
 from vlm_pipeline.config.schema import MethodParams, PlanParams, PreprocessingParams, SFTParams
-from vlm_pipeline.planning.plan import build_plan, check_fits, format_plan, training_data
+from vlm_pipeline.planning.plan import build_plan, check_fits, training_data
+from vlm_pipeline.reporting.tables import format_plan
 from vlm_pipeline.training.launcher import launch, launch_command, resolve_run_config
 
 logger = logging.getLogger(__name__)

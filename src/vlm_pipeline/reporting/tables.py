@@ -1,0 +1,79 @@
+"""Text tables printed to the terminal and the log: the preflight plan and the trainable-parameter table."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from vlm_pipeline.planning.memory import GIB
+
+
+def format_plan(plan: dict[str, Any]) -> str:
+    """The plan as the table ``vlm-pipeline plan`` prints and the training node logs."""
+    steps, memory, model = plan["steps"], plan["memory_gib"], plan["model"]
+    settings = plan["settings"]
+    kept = steps["checkpoints_kept"]
+    lines = [
+        f"model            {model['architecture']} from {model['config']}: {_count(model['total_parameters'])} "
+        f"parameters, {_count(model['trainable_parameters'])} trainable",
+        f"records          {steps['records']:,} (training split, after the validation hold-out)",
+        f"world size       {steps['world_size']} ({settings['engine']})",
+        f"effective batch  {steps['effective_batch']} = {settings['batch_size']} per device × {steps['world_size']} "
+        f"× {settings['gradient_accumulation_steps']} accumulation",
+        f"steps            {steps['steps_per_epoch']:,} per epoch × {steps['epochs']:g} epochs = "
+        f"{steps['total_steps']:,}",
+        f"warm-up          {steps['warmup_steps']:,} steps",
+        f"evaluations at   {_steps_text(steps['eval_steps'])}",
+        f"checkpoints at   {_steps_text(steps['save_steps'])}",
+        f"checkpoints kept {', '.join(kept['names']) or 'none'}" + (" + the best one" if kept["plus_best"] else ""),
+        f"tokens per step  {plan['tokens_per_step']['mean']:,} (mean; {plan['tokens_per_step']['source']}), "
+        f"longest row {plan['tokens_per_step']['longest_row']:,}",
+        "memory per GPU (GiB, estimate)",
+    ]
+    for name in (
+        "weights",
+        "gradients",
+        "optimizer_states",
+        "activations",
+        "logits_and_loss",
+        "optimizer_step_temporaries",
+        "peak_allocated",
+        "framework_overhead",
+        "total",
+    ):
+        lines.append(f"  {name.replace('_', ' '):<28}{memory[name]:>10.2f}")
+    budget = plan["gpu_memory_gb"]
+    if budget is None:
+        lines.append("verdict          no plan.gpu_memory_gb set: not checked")
+    elif plan["fits"]:
+        lines.append(f"verdict          fits in {budget:g} GB ({memory['total'] * GIB / 1e9:.1f} GB estimated)")
+    else:
+        lines.append(f"verdict          DOES NOT FIT in {budget:g} GB ({memory['total'] * GIB / 1e9:.1f} GB estimated)")
+        steps = plan.get("alternatives", [])
+        if steps:
+            lines.append("  would fit with these changes together (estimate after each):")
+        for option in steps:
+            lines.append(f"    + {option['change']}: {option['total_gib']:.1f} GiB")
+        if not steps:
+            lines.append("  no combination of the usual knobs fits: add GPUs or shorten the rows")
+    return "\n".join(lines)
+
+
+def format_parameter_table(table: dict[str, dict[str, int]]) -> str:
+    """Trainable vs total parameters per component, as the trainer prints it."""
+    lines = [f"{'component':<16}{'trainable':>14}{'total':>14}{'share':>9}"]
+    for component, row in table.items():
+        share = row["trainable"] / row["total"] if row["total"] else 0.0
+        lines.append(f"{component:<16}{row['trainable']:>14,}{row['total']:>14,}{share:>9.2%}")
+    return "\n".join(lines)
+
+
+def _count(number: int) -> str:
+    return f"{number / 1e9:.2f}B" if number >= 1e9 else f"{number / 1e6:,.2f}M"
+
+
+def _steps_text(steps: list[int], shown: int = 6) -> str:
+    if not steps:
+        return "none"
+    if len(steps) <= shown:
+        return ", ".join(map(str, steps))
+    return f"{', '.join(map(str, steps[:3]))}, …, {', '.join(map(str, steps[-2:]))} ({len(steps)} in all)"

@@ -1,0 +1,102 @@
+"""How the pipelines are wired: typed parameter sections into every node, no output path built by a node or
+named by a parameter, and a trainer run identity that follows the data, not its path."""
+
+from __future__ import annotations
+
+import inspect
+import shutil
+import typing
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import PROJECT_ROOT, trainer_run_config
+from datasets import Dataset
+
+from vlm_pipeline.config.schema import Section
+from vlm_pipeline.datasets import DirectoryDataset, StagingDirectoryDataset
+from vlm_pipeline.pipeline_registry import register_pipelines
+
+
+def node_parameters(node) -> list[tuple[str, object]]:
+    """(dataset name, annotation) of every params: input of a node."""
+    hints = typing.get_type_hints(node.func)
+    names = list(inspect.signature(node.func).parameters)
+    return [
+        (dataset, hints.get(arg))
+        for dataset, arg in zip(node.inputs, names, strict=False)
+        if dataset.startswith("params:")
+    ]
+
+
+def all_nodes():
+    return {node.name: node for pipeline in register_pipelines().values() for node in pipeline.nodes}.values()
+
+
+def test_every_node_parameter_is_a_typed_section():
+    untyped = [
+        f"{node.name}: {dataset} is {annotation}"
+        for node in all_nodes()
+        for dataset, annotation in node_parameters(node)
+        if not (isinstance(annotation, type) and issubclass(annotation, Section))
+    ]
+    assert not untyped, untyped
+
+
+def test_no_node_input_is_a_scalar_the_run_context_carries():
+    threaded = {"params:raw_data", "params:base_model", "params:trust_remote_code", "params:model"}
+    offenders = [
+        (node.name, name)
+        for node in all_nodes()
+        for name in node.inputs
+        if name in threaded and node.name != "build_run_context"
+    ]
+    assert not offenders, offenders
+
+
+def test_every_directory_a_node_builds_comes_from_a_staging_dataset_of_the_same_path():
+    catalog = yaml.safe_load((PROJECT_ROOT / "conf/base/catalog.yml").read_text())
+    staging = {name.removesuffix("_staging"): entry for name, entry in catalog.items() if name.endswith("_staging")}
+    assert set(staging) == {"{variant}.trained_model", "{variant}.adapter", "{variant}.merged_model"}
+    for name, entry in staging.items():
+        assert entry["type"].endswith("StagingDirectoryDataset")
+        assert entry["path"] == catalog[name]["path"], name  # the same template, so they cannot drift
+
+
+def test_a_staged_directory_replaces_its_target_atomically(tmp_path):
+    target = tmp_path / "models/trained"
+    staged = StagingDirectoryDataset(path=str(target)).load()
+    assert staged.parent == target.parent and staged.name.startswith(".") and not any(staged.iterdir())
+    (staged / "config.json").write_text("{}")
+    DirectoryDataset(path=str(target), required_files=["config.json"]).save(staged)
+    assert (target / "config.json").is_file() and not staged.exists()
+
+
+def save_rows(rows: list[dict], folder: Path) -> Path:
+    Dataset.from_list(rows).save_to_disk(str(folder))
+    return folder
+
+
+@pytest.fixture
+def rows() -> list[dict]:
+    return [{"input_ids": [1, 2, 3], "labels": [-100, 2, 3], "image_paths": [], "source_line": 1, "length": 3}]
+
+
+def test_the_run_identity_follows_the_data_at_the_same_path(tmp_path, rows, tiny_models):
+    def identity(data: Path) -> str:
+        return trainer_run_config(
+            base_model=tiny_models["llama"],
+            train_dataset=data,
+            image_root=tmp_path,
+            output_dir=tmp_path / "out",
+            final_dir=tmp_path / "final",
+            sft={},
+            method={"learning_rate": 1e-3},
+        ).identity()
+
+    first = identity(save_rows(rows, tmp_path / "train"))
+    shutil.rmtree(tmp_path / "train")
+    assert identity(save_rows(rows, tmp_path / "train")) == first  # the same rows saved again: the same run
+    shutil.rmtree(tmp_path / "train")
+    changed = [{**rows[0], "labels": [-100, -100, 3]}]
+    assert identity(save_rows(changed, tmp_path / "train")) != first  # other rows at the same path: a new run
