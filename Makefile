@@ -40,8 +40,11 @@ lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
+# The full suite in one pytest-xdist worker per core (TEST_WORKERS); tests that share a fixed port run in one
+# worker (--dist loadgroup, the xdist_group marker).
+TEST_WORKERS ?= 2
 test: install
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadgroup
 
 # The inner loop: everything but Kedro sessions, subprocesses and training runs (the `slow` marker).
 test-fast: install

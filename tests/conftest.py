@@ -8,6 +8,11 @@ from pathlib import Path
 
 import pytest
 
+# `make test` runs the suite in pytest-xdist workers, one per core: one intra-op thread each (torch, and the
+# kedro/accelerate subprocesses a test starts, read OMP_NUM_THREADS), so workers do not oversubscribe the cores.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 PROJECT_FILES = ("pyproject.toml", ".telemetry", "dvc.yaml", "README.md")
 PROJECT_DIRS = ("conf", "data/01_raw", "src")

@@ -49,7 +49,7 @@ def all_models(model: type[BaseModel] = Parameters, seen: set | None = None) -> 
     return seen
 
 
-@pytest.mark.parametrize("path", leaf_paths(load_params()), ids=".".join)
+@pytest.mark.parametrize("path", sorted(leaf_paths(load_params())), ids=".".join)
 def test_a_typo_in_any_committed_parameter_is_named_with_the_closest_key(path):
     params = copy.deepcopy(load_params())
     parent = params
