@@ -20,11 +20,11 @@ PROJECT_DIRS = ("conf", "data/01_raw", "src")
 
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory) -> dict[str, Path]:
-    """The three tiny architectures, built offline with the project's own builder (seed 0)."""
-    from vlm_pipeline.architectures import get_architecture
+    """Every registered architecture's tiny twin, built offline with the project's own builder (seed 0)."""
+    from vlm_pipeline.architectures import ARCHITECTURES
 
     root = tmp_path_factory.mktemp("models")
-    return {name: get_architecture(name).build_tiny(root / name, 0) for name in ("qwen2_5_vl", "mllama", "llama")}
+    return {name: architecture.build_tiny(root / name, 0) for name, architecture in ARCHITECTURES.items()}
 
 
 def copy_project(dest: Path) -> Path:
