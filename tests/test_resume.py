@@ -1,4 +1,5 @@
-"""A training run killed with SIGKILL resumes from its newest complete checkpoint when rerun.
+"""A training run killed with SIGKILL resumes from its newest complete checkpoint when rerun; one stopped with
+SIGTERM saves a checkpoint first, leaves nothing running, and the rerun resumes from it.
 
 The first `kedro run` of the training stage is killed mid-run; a half-written checkpoint (as a kill during a
 save leaves) is put beside the real ones; the same command run again resumes from the newest complete
@@ -8,6 +9,7 @@ and with the same adapter as an uninterrupted run.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -17,12 +19,14 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 from conftest import copy_project, run_data_stages
 from safetensors.torch import load_file
 
 from vlm_pipeline.recipes import as_cli_params
+from vlm_pipeline.training.checkpoints import is_complete
 
 pytestmark = pytest.mark.slow  # Kedro sessions, subprocesses or training runs: `make test` only
 
@@ -113,3 +117,44 @@ def test_killed_training_resumes_from_the_last_complete_checkpoint(tmp_path, tin
     assert resumed_weights.keys() == straight_weights.keys()
     for name, tensor in straight_weights.items():
         torch.testing.assert_close(resumed_weights[name], tensor, rtol=0, atol=1e-5, msg=name)
+
+
+def processes_running_in(project: Path) -> list[str]:
+    """Command lines of live processes started in ``project`` (kedro, accelerate launch, the trainer)."""
+    found = []
+    for process in psutil.process_iter(["cwd", "cmdline", "status"]):
+        with contextlib.suppress(psutil.Error):
+            if process.info["cwd"] == str(project) and process.info["status"] != psutil.STATUS_ZOMBIE:
+                found.append(" ".join(process.info["cmdline"] or []))
+    return found
+
+
+def test_sigterm_to_kedro_saves_a_checkpoint_stops_everything_and_the_rerun_resumes(tmp_path, tiny_models):
+    """What a cluster does to a job (Slurm cancel, time limit, preemption): SIGTERM to `kedro run` only."""
+    base_model = tiny_models["qwen2_5_vl"]
+    project = copy_project(tmp_path / "stopped")
+    prepare_data(project, base_model)
+    checkpoints = project / "data/06_models/lora/checkpoints"
+
+    run = start_training(project, base_model, tmp_path / "first.log")
+    deadline = time.monotonic() + 300
+    while not list(checkpoints.glob("*/checkpoint-4/trainer_state.json")):
+        assert run.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
+        assert time.monotonic() < deadline, "no checkpoint-4 within 300 s"
+        time.sleep(0.1)
+    os.kill(run.pid, signal.SIGTERM)  # the kedro process alone, not its group
+    assert run.wait(timeout=120) != 0
+    output = (tmp_path / "first.log").read_text()
+    stopped = re.search(r"stopped on SIGTERM after optimizer step (\d+); its checkpoint is (\S+)\.", output)
+    assert stopped, output[-3000:]
+    step, checkpoint = int(stopped.group(1)), Path(stopped.group(2))
+    assert 4 <= step < STEPS and checkpoint.name == f"checkpoint-{step}" and is_complete(checkpoint)
+    assert not (project / "data/06_models/lora/trained").exists()
+    time.sleep(1)  # the group's last processes are reaped
+    assert not processes_running_in(project), processes_running_in(project)
+
+    rerun = start_training(project, base_model, tmp_path / "second.log")
+    assert rerun.wait(timeout=600) == 0, (tmp_path / "second.log").read_text()[-3000:]
+    output = (tmp_path / "second.log").read_text()
+    assert f"resuming from {checkpoint} " in output, output[-3000:]
+    assert output.count("{'loss':") == STEPS - step

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import collections
+import contextlib
+import os
+import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 from vlm_pipeline.config.run import RunConfig, RunContext, dataset_sha256, file_sha256
@@ -63,18 +67,46 @@ def launch_command(accelerate_config: str | Path, run_config_path: Path) -> list
 
 
 def launch(command: list[str], tail_lines: int = 40) -> None:
-    """Run ``command``, echoing its output live; on failure raise with the last ``tail_lines`` lines."""
+    """Run ``command``, echoing its output live; on failure raise with the last ``tail_lines`` lines.
+
+    The command runs in its own process group, and SIGTERM or SIGINT sent to this (Kedro) process is passed on to
+    the whole group: ``accelerate launch`` does not forward signals to the trainer it starts, so without this a
+    cluster's SIGTERM to ``kedro run`` would leave the trainer running as an orphan. The trainer then saves a
+    checkpoint and exits non-zero (``training/stopping.py``), and this raises with its message.
+    """
     tail: collections.deque[str] = collections.deque(maxlen=tail_lines)
-    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1) as proc:
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            sys.stdout.write(line)
-            tail.append(line)
+    with subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1, start_new_session=True
+    ) as proc:
+        with forward_signals_to_group(proc.pid, (signal.SIGTERM, signal.SIGINT)):
+            assert proc.stdout is not None
+            for line in proc.stdout:  # until every process of the group has closed its output
+                sys.stdout.write(line)
+                tail.append(line)
     if proc.returncode != 0:
         raise TrainingLaunchError(
             f"Training failed with exit code {proc.returncode}: {' '.join(command)}\n"
             f"Last output lines:\n{''.join(tail)}"
         )
+
+
+@contextlib.contextmanager
+def forward_signals_to_group(group: int, signals: tuple[signal.Signals, ...]):
+    """While inside, ``signals`` received by this process are sent to process group ``group`` instead."""
+    if threading.current_thread() is not threading.main_thread():  # handlers can only be set there
+        yield
+        return
+
+    def forward(signum, frame):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(group, signum)
+
+    previous = {sig: signal.signal(sig, forward) for sig in signals}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def write_run_config(config: RunConfig, path: Path) -> Path:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,7 @@ from vlm_pipeline.training.checkpoints import last_complete_checkpoint
 from vlm_pipeline.training.collator import SFTCollator
 from vlm_pipeline.training.quantization import bits_and_bytes_config
 from vlm_pipeline.training.sampler import ModalityGroupedSampler, is_mixed
+from vlm_pipeline.training.stopping import StopOnSignal, StopRequested
 from vlm_pipeline.training.trainable import freeze, lora_target_modules, parameter_table
 
 
@@ -102,7 +104,17 @@ class VLMSFTTrainer(SFTTrainer):
         if not is_mixed(has_images):
             return super()._get_train_sampler(train_dataset)
         lengths = dataset["length"] if self.args.train_sampling_strategy == "group_by_length" else None
-        return ModalityGroupedSampler(has_images, self.args.train_batch_size, self.args.seed, lengths)
+        # Every micro-step of all ranks together takes one modality (see sampler.py): accelerate deals the
+        # DataLoader's batches out to the ranks in turn, unless split_batches cuts each batch among them itself.
+        ranks = 1 if self.accelerator.split_batches else self.args.world_size
+        sampler = ModalityGroupedSampler(has_images, self._train_batch_size, self.args.seed, lengths, ranks)
+        if self.is_world_process_zero():
+            print(
+                f"vlm-pipeline: text-only and image rows mixed: each micro-step of all {ranks} rank(s) takes one "
+                f"modality; {sampler.repeated} row(s) an epoch repeated to fill the last batch of each modality",
+                flush=True,
+            )
+        return sampler
 
 
 def build_trainer(config: RunConfig) -> SFTTrainer:
@@ -196,6 +208,8 @@ def run(config: RunConfig) -> None:
         link_tree(finished, final_dir)
         return
     trainer = build_trainer(config)
+    stop = StopOnSignal(trainer.accelerator.device).install()
+    trainer.add_callback(stop)
     trainable = parameter_table(trainer.model, architecture_for_model(config.base_model))
     if trainer.is_world_process_zero():
         print(f"vlm-pipeline: trainable parameters\n{format_parameter_table(trainable)}", flush=True)
@@ -205,6 +219,11 @@ def run(config: RunConfig) -> None:
     if resume is not None and trainer.is_world_process_zero():
         print(f"vlm-pipeline: resuming from {resume} (the newest complete checkpoint)", flush=True)
     trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    if stop.stopped_at is not None:
+        raise StopRequested(
+            f"vlm-pipeline: stopped on SIGTERM after optimizer step {stop.stopped_at}; its checkpoint is "
+            f"{checkpoints / f'checkpoint-{stop.stopped_at}'}. Run the same command again to resume from it."
+        )
     # Every rank calls save_model: under FSDP and ZeRO-3 gathering the full weights is collective. Only the
     # main process writes (transformers checks should_save), and only it writes the files below.
     trainer.save_model(str(final_dir))
@@ -223,7 +242,12 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, type=Path, help="run config JSON written by the launcher")
     args = parser.parse_args(argv)
-    run(RunConfig.read(args.config))
+    try:
+        run(RunConfig.read(args.config))
+    except StopRequested as stopped:
+        if os.environ.get("RANK", "0") == "0":  # torchrun's global rank: say it once
+            print(stopped.message, flush=True)
+        raise
 
 
 if __name__ == "__main__":
