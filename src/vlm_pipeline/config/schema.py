@@ -291,6 +291,12 @@ class SFTParams(Section):
     ddp_find_unused_parameters: bool | None = Field(
         None, description="DDP: search for unused parameters each step (slow); false with FSDP/frozen towers."
     )
+    ddp_timeout: int = Field(
+        1800,
+        ge=1,
+        description="Seconds a rank waits in a collective for the others before it fails: how soon a lost node or "
+        "process stops the run instead of hanging it (transformers' default, 30 min, covers slow checkpoint saves).",
+    )
     dataloader_num_workers: int = Field(0, ge=0, le=64, description="DataLoader worker processes. 0 = main process.")
     dataloader_pin_memory: bool = Field(
         False, description="Pinned host memory for faster host-to-GPU copies; true on GPU hosts (CPU: warns only)."
