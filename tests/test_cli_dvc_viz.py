@@ -1,5 +1,5 @@
-"""The command lines a user types: `kedro run --params raw_data=DIR` (and with a typo), `dvc repro` (twice),
-`kedro viz build`, `vlm-pipeline recipe`,
+"""The command lines a user types: `kedro run --params raw_data=DIR` (and with a typo), `dvc repro` (twice, then
+`dvc push` to a remote and `dvc pull` in a fresh clone), `kedro viz build`, `vlm-pipeline recipe`,
 `vlm-pipeline validate`. Each runs as a real subprocess in a throw-away copy of the project."""
 
 from __future__ import annotations
@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -73,18 +74,48 @@ def test_kedro_run_on_another_raw_data_folder(tmp_path, tiny_models):
     assert len(predictions) == 8
 
 
-def test_dvc_repro_runs_the_chain_then_nothing(tmp_path):
-    project = copy_project(tmp_path / "project")
+# What `dvc repro` reads besides copy_project's files: its parameters, what it ignores, and the committed DVC config
+# (the linked cache) with its .gitignore; .gitignore keeps outputs and checkpoints out of the copy's git commits.
+DVC_FILES = ("params.yaml", ".dvcignore", ".gitignore", ".dvc/config", ".dvc/.gitignore")
+
+
+def dvc_project(dest: Path, max_steps: int = 6) -> Path:
+    """A project copy that is a git + DVC repository with the project's own DVC config (no `dvc init`), and
+    training shortened to ``max_steps``."""
+    project = copy_project(dest)
+    for name in DVC_FILES:
+        (project / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(PROJECT_ROOT / name, project / name)
     (project / ".venv").symlink_to(BIN.parent)
-    # The chain's wiring is the claim, not the model: fewer records keep each of the nine stages short.
+    params = project / "conf/base/parameters_training.yml"
+    params.write_text(params.read_text().replace("max_steps: -1", f"max_steps: {max_steps}"))
+    run(["git", "init", "-q"], project)
+    return project
+
+
+def commit_all(project: Path, message: str) -> None:
+    run(["git", "add", "-A"], project)
+    run(["git", "-c", "user.name=test", "-c", "user.email=test@example.com", "commit", "-qm", message], project)
+
+
+def unique_bytes(*roots: Path) -> int:
+    """Bytes of the regular files under ``roots``, a hard-linked file counted once (the disk they take)."""
+    sizes = {}
+    for root in roots:
+        for path in root.rglob("*"):
+            info = path.lstat()
+            if stat.S_ISREG(info.st_mode):
+                sizes[(info.st_dev, info.st_ino)] = info.st_size
+    return sum(sizes.values())
+
+
+def test_dvc_repro_runs_the_chain_then_nothing(tmp_path):
+    project = dvc_project(tmp_path / "project")
+    # The chain's wiring is the claim, not the model: fewer records keep each of the ten stages short.
     shapes = project / "data/01_raw/shapes_vqa"
     shutil.rmtree(shapes)
     subset(PROJECT_ROOT / "data/01_raw/shapes_vqa", shapes, train=48, test=16)
-    params = project / "conf/base/parameters_training.yml"
-    params.write_text(params.read_text().replace("max_steps: -1", "max_steps: 6"))
     env = {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
-    run(["git", "init", "-q"], project)
-    run([str(BIN / "dvc"), "init", "-q"], project)
 
     first = run([str(BIN / "dvc"), "repro"], project, **env)
     assert "Running stage 'evaluation@lora'" in first.stdout
@@ -92,9 +123,16 @@ def test_dvc_repro_runs_the_chain_then_nothing(tmp_path):
     assert metrics["merge_check"]["passed"]
     assert (project / "data/08_reporting/full_ft/metrics.json").is_file()
 
+    # The cache is linked, not copied (.dvc/config): outputs plus cache take about the outputs' own disk.
+    merged = project / "data/06_models/lora/merged/model.safetensors"
+    assert merged.is_symlink() or merged.stat().st_nlink > 1, "DVC copied the model into its cache"
+    outputs = [folder for folder in (project / "data").iterdir() if folder.name != "01_raw"]
+    own, used = unique_bytes(*outputs), unique_bytes(*outputs, project / ".dvc/cache")
+    assert used <= 1.2 * own, f"outputs {own} B, outputs + cache {used} B: {used / own:.2f}x"
+
     second = run([str(BIN / "dvc"), "repro"], project, **env)
     assert "Running stage" not in second.stdout, second.stdout
-    shown = run([str(BIN / "dvc"), "metrics", "show"], project, **env)
+    shown = run([str(BIN / "dvc"), "metrics", "show", "--json"], project, **env)
     assert "data/08_reporting/lora/metrics.json" in shown.stdout
     plots = run([str(BIN / "dvc"), "plots", "show", "--json"], project, **env)
     rendered = json.loads(plots.stdout)
@@ -102,6 +140,18 @@ def test_dvc_repro_runs_the_chain_then_nothing(tmp_path):
     assert {"data/08_reporting/lora/loss_curve.json", "data/08_reporting/lora/base_vs_tuned.png"} <= set(
         rendered["data"]
     )
+
+    # A remote (a folder here; S3, GCS or SSH the same way) carries every output to a fresh clone.
+    run([str(BIN / "dvc"), "remote", "add", "-d", "store", str(tmp_path / "remote")], project)
+    commit_all(project, "pipeline run")
+    run([str(BIN / "dvc"), "push"], project)
+    run(["git", "clone", "-q", str(project), str(tmp_path / "clone")], tmp_path)
+    clone = tmp_path / "clone"
+    run([str(BIN / "dvc"), "pull"], clone)
+    status = run([str(BIN / "dvc"), "status"], clone)
+    assert "Data and pipelines are up to date." in status.stdout, status.stdout
+    again = run([str(BIN / "dvc"), "metrics", "show", "--json"], clone)
+    assert json.loads(again.stdout)[""]["data"] == json.loads(shown.stdout)[""]["data"]
 
 
 def test_kedro_viz_build(tmp_path):

@@ -71,7 +71,7 @@ def start_nodes(commands: list[list[str]], logs: Path) -> list[subprocess.Popen]
     return [
         subprocess.Popen(
             command,
-            cwd=PROJECT_ROOT,
+            cwd=logs,  # accelerate's multi-node DeepSpeed launcher writes .deepspeed_env into the working folder
             stdout=(logs / f"node{rank}.log").open("w"),
             stderr=subprocess.STDOUT,
             start_new_session=True,  # its own process group, like a process on another machine

@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import json
 import math
+import re
+import shlex
+import subprocess
 
 import pytest
 import yaml
@@ -17,7 +20,7 @@ from test_config import load_params
 
 from vlm_pipeline.config import validate_parameters
 from vlm_pipeline.config.run import RunConfig
-from vlm_pipeline.recipes import CPU_SMOKE_STEPS, RECIPES, cpu_smoke_params
+from vlm_pipeline.recipes import CPU_SMOKE_STEPS, RECIPES, cpu_smoke_params, load_parameters
 
 # The issue's table of the seeds' values, per recipe: (parameter path, value).
 SEED_TABLE = {
@@ -175,3 +178,34 @@ def test_recipe_runs_end_to_end_on_cpu_with_a_tiny_model(name, project, tiny_mod
     if recipe.pipeline == "lora":  # ... and merged into the unquantized base, verified in float32
         check = metrics["merge_check"]
         assert check["passed"] and check["dtype"] == "float32" and check["max_abs_diff"] < 1e-4
+
+
+@pytest.mark.parametrize("name", sorted(RECIPES))
+def test_recipe_nodes_prints_a_slurm_script_bash_accepts_with_a_valid_per_node_command(name, capsys, tmp_path):
+    from accelerate.commands.launch import launch_command_parser
+
+    from vlm_pipeline.commands import main
+
+    with pytest.raises(SystemExit) as exit_code:
+        main(["recipe", name, "--nodes", "2"])
+    assert exit_code.value.code == 0
+    script = capsys.readouterr().out
+    (tmp_path / "job.sh").write_text(script)
+    subprocess.run(["bash", "-n", str(tmp_path / "job.sh")], check=True)
+    assert "#SBATCH --nodes=2" in script and "srun " in script
+    # What srun runs on node 1 of a job whose first node is gpu-a: accelerate's own parser takes it.
+    (per_node,) = [line for line in script.splitlines() if line.startswith("srun ")]
+    command = per_node.split("bash -c ", 1)[1].strip("'")
+    for variable, value in {
+        '"$SLURM_NNODES"': "2",
+        '"$((SLURM_NNODES * ': "",
+        '"$SLURM_NODEID"': "1",
+        '"$MAIN_ADDR"': "gpu-a",
+    }.items():
+        command = command.replace(variable, value)
+    command = re.sub(r"(\d+)\)\)\"", lambda m: str(2 * int(m.group(1))), command)
+    args = launch_command_parser().parse_args(shlex.split(command)[3:])
+    config = load_parameters(RECIPES[name].env)["sft"]["accelerate_config"]
+    assert (args.config_file, args.machine_rank, args.num_machines, args.main_process_ip) == (config, 1, 2, "gpu-a")
+    assert args.training_script == "vlm_pipeline.training.trainer" and args.module
+    assert args.training_script_args == ["--config", f"data/06_models/{RECIPES[name].pipeline}/run_config.json"]

@@ -5,7 +5,8 @@
     vlm-pipeline tiny-model --arch NAME --out DIR [--seed N]   (NAME: a family in vlm_pipeline.architectures)
     vlm-pipeline validate INPUT.jsonl --image-root DIR --output-dir OUT [--max-invalid-fraction F]
     vlm-pipeline metrics [data/08_reporting/lora/metrics.json]
-    vlm-pipeline recipe a|b|c|d|b-qlora [--cpu-smoke]
+    vlm-pipeline recipe a|b|c|d|b-qlora [--cpu-smoke | --nodes N]
+    vlm-pipeline parameters --env ENV --base-model DIR --raw-data DIR --out FILE
     vlm-pipeline predict --model DIR [--adapter DIR] [--image PATH] --prompt TEXT [--max-new-tokens N]
     vlm-pipeline inspect-labels --model DIR DATA.jsonl [-n 3] [--image-root DIR] [--chat-template FILE]
     vlm-pipeline plan [--recipe a|b|c|d|b-qlora | --env ENV --pipeline lora|full_ft] [--model-config DIR]
@@ -135,6 +136,11 @@ def _recipe(args: argparse.Namespace) -> int:
 
     recipe = RECIPES[args.name]
     command = ["kedro", "run", "--pipelines", recipe.pipeline, "--env", recipe.env]
+    if args.nodes:
+        from vlm_pipeline.recipes import slurm_script
+
+        print(slurm_script(args.name, args.nodes), end="")
+        return 0
     if not args.cpu_smoke:
         print(f"({args.name}) {recipe.summary}\n  {' '.join(command)} --params base_model=/path/to/checkpoint")
         return 0
@@ -147,22 +153,40 @@ def _recipe(args: argparse.Namespace) -> int:
     return subprocess.call(command)
 
 
+def _parameters(args: argparse.Namespace) -> int:
+    """The parameters a run of ``--env`` gets (conf/base, the environment, the two paths, schema defaults), validated,
+    written as YAML: what DVC tracks per stage (dvc.yaml's ``parameters`` stage)."""
+    import yaml
+
+    from vlm_pipeline.atomic import write_bytes_atomic
+    from vlm_pipeline.config import validate_parameters
+    from vlm_pipeline.recipes import load_parameters
+
+    paths = {"base_model": args.base_model, "raw_data": args.raw_data}
+    own = Path("conf") / args.env / "globals.yml"
+    own_globals = (yaml.safe_load(own.read_text()) if args.env != "base" and own.is_file() else None) or {}
+    for key, value in paths.items():
+        if key in own_globals and str(own_globals[key]) != value:
+            print(
+                f"warning: conf/{args.env}/globals.yml has {key}: {own_globals[key]}; this run uses {value}",
+                file=sys.stderr,
+            )
+    params = validate_parameters(load_parameters(args.env, paths)).model_dump(mode="json")
+    write_bytes_atomic(Path(args.out), yaml.safe_dump(params, sort_keys=False).encode())
+    return 0
+
+
 def _plan(args: argparse.Namespace) -> int:
     """The preflight plan of a run from conf/ (as `kedro run --env ENV` reads it), without loading any weights."""
-    from kedro.config import OmegaConfigLoader
-
-    from vlm_pipeline import settings
     from vlm_pipeline.config import validate_parameters
     from vlm_pipeline.planning.plan import build_plan, training_data
-    from vlm_pipeline.recipes import RECIPES
+    from vlm_pipeline.recipes import RECIPES, load_parameters
     from vlm_pipeline.reporting.tables import format_plan
 
     recipe = RECIPES[args.recipe] if args.recipe else None
     env = recipe.env if recipe else args.env
     variant = recipe.pipeline if recipe else args.pipeline
-    loader_args = {k: v for k, v in settings.CONFIG_LOADER_ARGS.items() if k not in ("base_env", "default_run_env")}
-    loader = OmegaConfigLoader("conf", base_env="base", default_run_env=env, runtime_params={}, **loader_args)
-    params = validate_parameters(loader["parameters"])
+    params = validate_parameters(load_parameters(env))
     model_config = Path(args.model_config or (recipe.model_config if recipe else params.base_model))
     train = Path("data/03_primary/train")
     if args.records is not None:
@@ -296,7 +320,17 @@ def build_parser() -> argparse.ArgumentParser:
     recipe = commands.add_parser("recipe", help="a seed recipe's kedro command; --cpu-smoke runs it on a tiny model")
     recipe.add_argument("name", choices=["a", "b", "c", "d", "b-qlora"])
     recipe.add_argument("--cpu-smoke", action="store_true", help="run it here: tiny model, one CPU process, 4 steps")
+    recipe.add_argument(
+        "--nodes", type=int, help="print a Slurm batch script running it on this many machines (docs/distributed.md)"
+    )
     recipe.set_defaults(func=_recipe)
+
+    parameters = commands.add_parser("parameters", help="write the validated parameters a run of --env gets (YAML)")
+    parameters.add_argument("--env", default="base", help="conf environment, as kedro run --env")
+    parameters.add_argument("--base-model", required=True)
+    parameters.add_argument("--raw-data", required=True)
+    parameters.add_argument("--out", required=True, help="YAML file to write (atomically)")
+    parameters.set_defaults(func=_parameters)
 
     plan = commands.add_parser("plan", help="steps, checkpoints and GPU memory of a run, before launching it")
     plan.add_argument("--recipe", choices=["a", "b", "c", "d", "b-qlora"], help="a seed recipe (its env and model)")

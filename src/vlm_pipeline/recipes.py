@@ -87,3 +87,76 @@ def as_cli_params(params: dict[str, Any], prefix: str = "") -> str:
         else:
             items.append(f"{prefix}{key}={str(value).lower() if isinstance(value, bool) else value}")
     return ",".join(items)
+
+
+def load_parameters(env: str, runtime_params: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The parameters as ``kedro run --env ENV --params ...`` merges them (conf/base, then the environment)."""
+    from kedro.config import OmegaConfigLoader
+
+    from vlm_pipeline import settings
+
+    args = {k: v for k, v in settings.CONFIG_LOADER_ARGS.items() if k not in ("base_env", "default_run_env")}
+    loader = OmegaConfigLoader(
+        "conf", base_env="base", default_run_env=env, runtime_params=runtime_params or {}, **args
+    )
+    return loader["parameters"]
+
+
+MAIN_PORT = 29500
+
+
+def node_command(recipe: Recipe, accelerate_config: str, gpus_per_node: int) -> str:
+    """What every node of a Slurm job runs: the trainer under ``accelerate launch``, its machine rank from
+    ``SLURM_NODEID`` and the first node of the job as the rendezvous address (``$MAIN_ADDR``)."""
+    import shlex
+
+    from vlm_pipeline.training.launcher import launch_command
+
+    command = launch_command(
+        accelerate_config,
+        f"data/06_models/{recipe.pipeline}/run_config.json",
+        num_machines="$SLURM_NNODES",
+        num_processes=f"$((SLURM_NNODES * {gpus_per_node}))",
+        machine_rank="$SLURM_NODEID",
+        main_process_ip="$MAIN_ADDR",
+        main_process_port=MAIN_PORT,
+    )
+    command[0] = "python"  # the job's environment (.venv activated), not this machine's interpreter path
+    return " ".join(f'"{part}"' if part.startswith("$") else shlex.quote(part) for part in command)
+
+
+def slurm_script(name: str, nodes: int) -> str:
+    """A Slurm batch script running recipe ``name`` on ``nodes`` machines: the data stages and the run config once,
+    the trainer on every node (``srun``), then the adapter and evaluation stages once."""
+    import yaml
+
+    recipe = RECIPES[name]
+    accelerate_config = load_parameters(recipe.env)["sft"]["accelerate_config"]
+    accelerate = yaml.safe_load(open(accelerate_config, encoding="utf-8"))
+    gpus_per_node = int(accelerate.get("num_processes", 1)) // max(int(accelerate.get("num_machines", 1)), 1)
+    kedro = f"kedro run --pipelines {recipe.pipeline} --env {recipe.env}"
+    return f"""#!/bin/bash
+# Recipe ({name}): {recipe.summary}, on {nodes} nodes. Written by `vlm-pipeline recipe {name} --nodes {nodes}`.
+# Submit from the project folder on storage every node sees (docs/distributed.md says which paths must be shared):
+#   BASE_MODEL=/models/checkpoint RAW_DATA=/data/set sbatch this_script.sh
+#SBATCH --job-name=vlm-pipeline-{name}
+#SBATCH --nodes={nodes}
+#SBATCH --ntasks-per-node=1
+#SBATCH --gpus-per-node={gpus_per_node}
+#SBATCH --exclusive
+set -euo pipefail
+source .venv/bin/activate
+: "${{BASE_MODEL:?set BASE_MODEL to the checkpoint folder}}" "${{RAW_DATA:?set RAW_DATA to the data folder}}"
+PARAMS="base_model=$BASE_MODEL,raw_data=$RAW_DATA"
+export MAIN_ADDR="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)"
+
+# 1. Once: validation, preprocessing, the plan and the trainer's run config.
+{kedro} --params "$PARAMS" --to-nodes {recipe.pipeline}.write_run_config
+
+# 2. Every node: the trainer, machine rank from SLURM_NODEID. Slurm's SIGTERM (scancel, time limit) reaches
+#    it through srun: each node saves a checkpoint of the same step and stops; resubmitting resumes.
+srun --kill-on-bad-exit=1 bash -c '{node_command(recipe, accelerate_config, gpus_per_node)}'
+
+# 3. Once: the finished training is picked up (not run again), then the adapter and evaluation stages.
+{kedro} --params "$PARAMS" --from-nodes {recipe.pipeline}.train_model
+"""

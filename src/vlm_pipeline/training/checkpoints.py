@@ -48,3 +48,9 @@ def last_complete_checkpoint(checkpoints: Path) -> Path | None:
         path.rename(aside)
         logger.warning("checkpoint-%d was not completely written (killed mid-save?); moved to %s", step, aside)
     return complete[-1] if complete else None
+
+
+def finished_run(checkpoint_dir: Path) -> Path | None:
+    """The kept result of a run that already finished with this exact run config (``<checkpoint_dir>/final``)."""
+    finished = checkpoint_dir / "final"
+    return finished if (finished / "training_history.json").is_file() else None

@@ -51,35 +51,19 @@ def resolve_run_config(
     )
 
 
-def launch_command(
-    accelerate_config: str | Path,
-    run_config_path: Path,
-    *,
-    machine_rank: int | str | None = None,
-    main_process_ip: str | None = None,
-    main_process_port: int | str | None = None,
-) -> list[str]:
+def launch_command(accelerate_config: str | Path, run_config_path: Path, **node: int | str) -> list[str]:
     """``accelerate launch`` of the trainer module with this interpreter (so the same venv is used).
 
-    On several machines each one runs this with its own ``machine_rank`` (and, where the file does not say it,
-    the address and port of machine 0): accelerate's own flags, overriding the file."""
-    node = [
-        flag
-        for name, value in (
-            ("--machine_rank", machine_rank),
-            ("--main_process_ip", main_process_ip),
-            ("--main_process_port", main_process_port),
-        )
-        if value is not None
-        for flag in (name, str(value))
-    ]
+    ``node``: accelerate's own flags overriding the file, for one machine of several (``machine_rank``,
+    ``num_machines``, ``num_processes``, ``main_process_ip``, ``main_process_port``)."""
+    flags = [part for name, value in node.items() for part in (f"--{name}", str(value))]
     return [
         sys.executable,
         "-m",
         "accelerate.commands.launch",
         "--config_file",
         str(accelerate_config),
-        *node,
+        *flags,
         "-m",
         "vlm_pipeline.training.trainer",
         "--config",

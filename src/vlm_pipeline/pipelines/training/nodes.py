@@ -8,10 +8,12 @@ from pathlib import Path
 
 from datasets import Dataset
 
+from vlm_pipeline.atomic import link_tree
 from vlm_pipeline.config.run import RunConfig, RunContext
 from vlm_pipeline.config.schema import MethodParams, PlanParams, PreprocessingParams, SFTParams
 from vlm_pipeline.planning.plan import build_plan, check_fits, training_data
 from vlm_pipeline.reporting.tables import format_plan
+from vlm_pipeline.training.checkpoints import finished_run
 from vlm_pipeline.training.launcher import launch, launch_command, resolve_run_config
 
 logger = logging.getLogger(__name__)
@@ -71,8 +73,13 @@ def train_model(run_config: Path, training_plan: dict) -> tuple[Path, list, dict
     """Launch the trainer on the saved run config; return the staged trained model (or adapter), its log history
     and the trainable-parameter table (per component). Warns if the run took other steps than the plan said."""
     config = RunConfig.read(run_config)
-    launch(launch_command(config.sft.accelerate_config, run_config))
     final_dir = config.final_dir
+    finished = finished_run(config.checkpoint_dir)
+    if finished is not None:  # e.g. trained by a multi-node job (docs/distributed.md): no launch, no rendezvous
+        logger.info("this run config already finished training; using %s", finished)
+        link_tree(finished, final_dir)
+    else:
+        launch(launch_command(config.sft.accelerate_config, run_config))
     history = json.loads((final_dir / "training_history.json").read_text())
     trainable = json.loads((final_dir / "trainable_parameters.json").read_text())
     ran = json.loads((final_dir / "run_info.json").read_text())["global_step"]
