@@ -95,6 +95,7 @@ def build_plan(
     method: MethodParams,
     images: dict[str, Any],
     records: int,
+    image_records: int | None = None,
     lengths: list[int] | None = None,
     max_length: int,
     images_per_row: float | None = None,
@@ -107,11 +108,12 @@ def build_plan(
     ``load_dtype`` is ``model.dtype``: the bytes of every weight the run does not train in float32.
 
     ``lengths`` are the preprocessed training records' token counts; without them (planning before any data),
-    every row is assumed ``max_length`` long.
+    every row is assumed ``max_length`` long. ``image_records`` (how many records have images) matters when the
+    set mixes image and text-only records: those are batched by modality, which can take more steps.
     """
     accelerate = yaml.safe_load(Path(sft.accelerate_config).read_text(encoding="utf-8"))
     shape = read_model_shape(model_dir, method, trust_remote_code)
-    steps = plan_steps(records, engine_settings(accelerate)["world_size"], sft)
+    steps = plan_steps(records, engine_settings(accelerate)["world_size"], sft, image_records)
     mean_length = sum(lengths) / len(lengths) if lengths else float(max_length)
     longest = max(lengths) if lengths else max_length
     vision = shape.vision is not None
@@ -154,9 +156,11 @@ def build_plan(
 
 
 def training_data(dataset: Any) -> dict[str, Any]:
-    """What the plan reads from the preprocessed training split: its size, token lengths and images per row."""
+    """What the plan reads from the preprocessed training split: its size, how many rows have images, token lengths
+    and images per row."""
     return {
         "records": len(dataset),
+        "image_records": sum(1 for paths in dataset["image_paths"] if paths),
         "lengths": list(dataset["length"]),
         "images_per_row": sum(len(paths) for paths in dataset["image_paths"]) / max(len(dataset), 1),
     }

@@ -7,16 +7,27 @@ import math
 from typing import Any
 
 
-def plan_steps(records: int, world_size: int, sft: Any) -> dict[str, Any]:
+def plan_steps(records: int, world_size: int, sft: Any, image_records: int | None = None) -> dict[str, Any]:
     """Steps, warm-up, evaluations and checkpoints for ``records`` training records on ``world_size`` processes.
 
     ``sft`` is the validated ``SFTParams``. Batches per epoch count the last, partial batch as the Trainer's
     dataloader does (``dataloader_drop_last`` false); an optimizer step takes ``gradient_accumulation_steps`` of
     them, the last one of an epoch possibly fewer.
+
+    ``image_records`` is how many of the records have images. A set that mixes image and text-only records is
+    batched by modality (the trainer's ``ModalityGroupedSampler``): each micro-step of all processes together,
+    ``per_device_train_batch_size × world_size`` rows, is one modality, and the last one of each modality is
+    filled with repeated rows of that modality (``repeated_rows``, every epoch).
     """
     per_device = sft.per_device_train_batch_size
     accumulation = sft.gradient_accumulation_steps
-    batches = math.ceil(records / (per_device * world_size))
+    global_batch = per_device * world_size
+    if image_records is not None and 0 < image_records < records:
+        batches = math.ceil(image_records / global_batch) + math.ceil((records - image_records) / global_batch)
+        repeated = batches * global_batch - records
+    else:
+        batches = math.ceil(records / global_batch)
+        repeated = 0
     steps_per_epoch = max(batches // accumulation + int(batches % accumulation > 0), 1)
     if sft.max_steps > 0:
         total = sft.max_steps
@@ -33,6 +44,7 @@ def plan_steps(records: int, world_size: int, sft: Any) -> dict[str, Any]:
         "world_size": world_size,
         "effective_batch": per_device * world_size * accumulation,
         "batches_per_epoch": batches,
+        "repeated_rows": repeated,
         "steps_per_epoch": steps_per_epoch,
         "epochs": epochs,
         "total_steps": total,

@@ -32,7 +32,7 @@ from vlm_pipeline.atomic import link_tree, replace_dir_atomic, staging_dir_for
 from vlm_pipeline.config.run import RunConfig
 from vlm_pipeline.reporting.tables import format_parameter_table
 from vlm_pipeline.training import cpu_distributed
-from vlm_pipeline.training.checkpoints import last_complete_checkpoint
+from vlm_pipeline.training.checkpoints import finished_run, last_complete_checkpoint
 from vlm_pipeline.training.collator import SFTCollator
 from vlm_pipeline.training.quantization import bits_and_bytes_config
 from vlm_pipeline.training.sampler import ModalityGroupedSampler, is_mixed
@@ -188,6 +188,8 @@ def engine_record(trainer: SFTTrainer) -> dict[str, Any]:
     accelerator = trainer.accelerator
     return {
         "world_size": accelerator.num_processes,
+        # torchrun's LOCAL_WORLD_SIZE: processes on this machine (absent when not launched by torchrun)
+        "nodes": accelerator.num_processes // int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes)),
         "distributed_type": accelerator.distributed_type.value,
         "engine": type(trainer.model_wrapped).__name__,
         "dtensor_parameters": any(type(p).__name__ == "DTensor" for p in trainer.model_wrapped.parameters()),
@@ -202,7 +204,7 @@ def run(config: RunConfig) -> None:
     checkpoints = config.checkpoint_dir
     finished = checkpoints / "final"
     final_dir = config.final_dir
-    if (finished / "training_history.json").is_file():
+    if finished_run(checkpoints) is not None:
         # This exact configuration already finished: hand out that result. Resuming a finished run would
         # train one step more (transformers) and so give a different model for the same config.
         link_tree(finished, final_dir)
