@@ -14,7 +14,7 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
-PROJECT_FILES = ("pyproject.toml", ".telemetry", "dvc.yaml", "README.md")
+PROJECT_FILES = ("pyproject.toml", ".telemetry", "dvc.yaml", "params.yaml", ".dvcignore", "README.md")
 PROJECT_DIRS = ("conf", "data/01_raw", "src")
 
 
