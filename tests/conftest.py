@@ -112,3 +112,33 @@ def trainer_run_config(
         checkpoint_root=Path(output_dir) / "checkpoints",
         final_dir=Path(final_dir),
     )
+
+
+def launched_run_config(
+    out: Path, base_model: Path, data: Path, image_root: Path, accelerate_config: str, per_device: int, **sft
+) -> Path:
+    """A short full fine-tuning run (lr 1e-3, 1 epoch, loss logged each step, no checkpoints unless ``sft`` asks), written
+    to ``out/run_config.json`` for ``accelerate launch`` or torchrun; the model goes to ``out/final``."""
+    from vlm_pipeline.training.launcher import write_run_config
+
+    final = out / "final"
+    final.mkdir(parents=True, exist_ok=True)
+    config = trainer_run_config(
+        base_model=base_model,
+        train_dataset=data,
+        image_root=image_root,
+        output_dir=out,
+        final_dir=final,
+        sft={
+            "seed": 0,
+            "num_train_epochs": 1,
+            "per_device_train_batch_size": per_device,
+            "logging_steps": 1,
+            "save_steps": 1000,
+            "dataloader_pin_memory": False,
+            "accelerate_config": accelerate_config,
+            **sft,
+        },
+        method={"learning_rate": 1e-3},
+    )
+    return write_run_config(config, out / "run_config.json")

@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 import torch
 from accelerate.commands.config.config_args import load_config_from_file
-from conftest import PROJECT_ROOT, copy_project, run_data_stages, trainer_run_config
+from conftest import PROJECT_ROOT, copy_project, launched_run_config, run_data_stages
 
 from vlm_pipeline.architectures import load_model
-from vlm_pipeline.training.launcher import launch_command, write_run_config
+from vlm_pipeline.training.launcher import launch_command
 
 pytestmark = pytest.mark.slow  # Kedro sessions, subprocesses or training runs: `make test` only
 
@@ -37,31 +37,13 @@ def text_data(tmp_path_factory, tiny_models) -> Path:
 
 
 def train(out: Path, accelerate_config: str, per_device: int, base_model: Path, data: Path) -> Path:
-    sft = {
-        "seed": 0,
-        "num_train_epochs": 1,
-        "per_device_train_batch_size": per_device,
-        "logging_steps": 1,
-        "save_steps": 1000,
-        "dataloader_pin_memory": False,
-        "accelerate_config": accelerate_config,
-    }
-    final = out / "final"
-    final.mkdir(parents=True)
-    config = trainer_run_config(
-        base_model=base_model,
-        train_dataset=data,
-        image_root=PROJECT_ROOT / "data/01_raw/alpaca_glossary",
-        output_dir=out,
-        final_dir=final,
-        sft=sft,
-        method={"learning_rate": 1e-3},
-    )
-    command = launch_command(str(PROJECT_ROOT / accelerate_config), write_run_config(config, out / "run.json"))
+    image_root = PROJECT_ROOT / "data/01_raw/alpaca_glossary"
+    config = launched_run_config(out, base_model, data, image_root, accelerate_config, per_device)
+    command = launch_command(str(PROJECT_ROOT / accelerate_config), config)
     result = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=PROJECT_ROOT)
     assert result.returncode == 0, result.stdout[-4000:]
     assert result.stdout.count("vlm-pipeline: trainable parameters") == 1  # printed by the main process only
-    return final
+    return out / "final"
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,7 @@ from pathlib import Path
 import psutil
 import pytest
 from accelerate.data_loader import BatchSamplerShard
-from conftest import PROJECT_ROOT, run_context, trainer_run_config
+from conftest import PROJECT_ROOT, launched_run_config, run_context
 from datasets import Dataset, load_from_disk
 from test_mixed_modality import RAW, mixed_records
 from torch.utils.data import BatchSampler
@@ -30,7 +30,7 @@ from vlm_pipeline.config.schema import ImageBounds, MethodParams, PreprocessingP
 from vlm_pipeline.pipelines.preprocessing.nodes import tokenize_split
 from vlm_pipeline.planning.plan import build_plan, training_data
 from vlm_pipeline.planning.steps import plan_steps
-from vlm_pipeline.training.launcher import launch_command, write_run_config
+from vlm_pipeline.training.launcher import launch_command
 from vlm_pipeline.training.sampler import ModalityGroupedSampler
 
 HAS_IMAGES = [i % 3 != 0 for i in range(50)]  # 33 image rows, 17 text rows
@@ -260,27 +260,11 @@ def train(
     timeout: float = 300,
     stall: float | None = None,
 ) -> tuple[Path, str]:
-    sft = {
-        "seed": SEED,
-        "num_train_epochs": EPOCHS,
-        "per_device_train_batch_size": per_device,
-        "logging_steps": 1,
-        "save_steps": 1000,
-        "dataloader_pin_memory": False,
-        "accelerate_config": accelerate_config,
-    }
-    final = out / "final"
-    final.mkdir(parents=True)
-    config = trainer_run_config(
-        base_model=model,
-        train_dataset=data,
-        image_root=RAW / "shapes_vqa",
-        output_dir=out,
-        final_dir=final,
-        sft=sft,
-        method={"learning_rate": 1e-3},
+    config = launched_run_config(
+        out, model, data, RAW / "shapes_vqa", accelerate_config, per_device, seed=SEED, num_train_epochs=EPOCHS
     )
-    command = launch_command(str(PROJECT_ROOT / accelerate_config), write_run_config(config, out / "run.json"))
+    final = out / "final"
+    command = launch_command(str(PROJECT_ROOT / accelerate_config), config)
     if script is not None:
         module = command.index("vlm_pipeline.training.trainer")
         command[module - 1 : module + 1] = [str(script)]
