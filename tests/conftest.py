@@ -117,8 +117,8 @@ def trainer_run_config(
 def launched_run_config(
     out: Path, base_model: Path, data: Path, image_root: Path, accelerate_config: str, per_device: int, **sft
 ) -> Path:
-    """A short full fine-tuning run (lr 1e-3, 1 epoch, loss logged each step, no checkpoints unless ``sft`` asks), written
-    to ``out/run_config.json`` for ``accelerate launch`` or torchrun; the model goes to ``out/final``."""
+    """A short full fine-tuning run (lr 1e-3, 1 epoch, loss logged each step, no checkpoints unless ``sft`` asks),
+    written to ``out/run_config.json`` for ``accelerate launch`` or torchrun; the model goes to ``out/final``."""
     from vlm_pipeline.training.launcher import write_run_config
 
     final = out / "final"
