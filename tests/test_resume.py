@@ -69,6 +69,15 @@ def adapter_weights(project: Path) -> dict[str, torch.Tensor]:
     return load_file(project / "data/06_models/lora/trained/adapter_model.safetensors")
 
 
+def wait_for_checkpoint(checkpoints: Path, step: int, run: subprocess.Popen, log: Path, limit: float = 300) -> None:
+    """Until the running training has completely written checkpoint-``step``; fails if it exits or stalls."""
+    deadline = time.monotonic() + limit
+    while not list(checkpoints.glob(f"*/checkpoint-{step}/trainer_state.json")):
+        assert run.poll() is None, log.read_text()[-3000:]
+        assert time.monotonic() < deadline, f"no checkpoint-{step} within {limit:g} s"
+        time.sleep(0.1)
+
+
 def test_killed_training_resumes_from_the_last_complete_checkpoint(tmp_path, tiny_models):
     base_model = tiny_models["qwen2_5_vl"]
     project = copy_project(tmp_path / "killed")
@@ -76,11 +85,7 @@ def test_killed_training_resumes_from_the_last_complete_checkpoint(tmp_path, tin
     checkpoints = project / "data/06_models/lora/checkpoints"
 
     run = start_training(project, base_model, tmp_path / "first.log")
-    deadline = time.monotonic() + 300
-    while not list(checkpoints.glob("*/checkpoint-8/trainer_state.json")):
-        assert run.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
-        assert time.monotonic() < deadline, "no checkpoint-8 within 300 s"
-        time.sleep(0.1)
+    wait_for_checkpoint(checkpoints, 8, run, tmp_path / "first.log")
     os.killpg(run.pid, signal.SIGKILL)
     run.wait()
     assert run.returncode == -signal.SIGKILL
@@ -137,11 +142,7 @@ def test_sigterm_to_kedro_saves_a_checkpoint_stops_everything_and_the_rerun_resu
     checkpoints = project / "data/06_models/lora/checkpoints"
 
     run = start_training(project, base_model, tmp_path / "first.log")
-    deadline = time.monotonic() + 300
-    while not list(checkpoints.glob("*/checkpoint-4/trainer_state.json")):
-        assert run.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
-        assert time.monotonic() < deadline, "no checkpoint-4 within 300 s"
-        time.sleep(0.1)
+    wait_for_checkpoint(checkpoints, 4, run, tmp_path / "first.log")
     os.kill(run.pid, signal.SIGTERM)  # the kedro process alone, not its group
     assert run.wait(timeout=120) != 0
     output = (tmp_path / "first.log").read_text()
