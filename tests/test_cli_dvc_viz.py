@@ -161,7 +161,7 @@ def test_kedro_viz_build(tmp_path):
     assert (built / "index.html").is_file()
     graph = json.loads((built / "api/main").read_text())
     names = {node["name"] for node in graph["nodes"]}
-    assert {"validate_train", "tokenize_train", "train_model", "merge_adapter", "compare_base_and_tuned"} <= names
+    assert {"validate_raw_data", "tokenize_train", "train_model", "merge_adapter", "compare_base_and_tuned"} <= names
 
 
 def test_validate_cli_measures_length_with_the_model(tmp_path, tiny_models):

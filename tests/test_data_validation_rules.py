@@ -3,6 +3,8 @@ and the committed sample data (deterministic, clean, balanced)."""
 
 from __future__ import annotations
 
+import base64
+import io
 import json
 import random
 import struct
@@ -53,6 +55,12 @@ def png_header_only(width: int, height: int) -> bytes:
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00")) + chunk(b"IEND", b"")
 
 
+def png_bytes(colour: str) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 8), colour).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
 @pytest.fixture
 def image_root(tmp_path) -> Path:
     """A data folder with good, broken, oversized and escaping images (and one image outside it)."""
@@ -84,7 +92,7 @@ def test_every_reason_code_on_its_own_line(image_root, tmp_path):
         b'{"instruction": "unterminated',  # 4
         b"[1, 2, 3]",  # 5
         line({"question": "q", "answer": "a"}),  # 6
-        line({"instruction": "Define.", "input": "", "output": None}),  # 7
+        line({"messages": [{"content": "hi"}, {"role": "assistant", "content": "yo"}]}),  # 7
         line({"messages": "hello"}),  # 8
         line({"messages": [{"role": "bot", "content": "hi"}, {"role": "assistant", "content": "yo"}]}),  # 9
         line({"messages": [{"role": "user", "content": "anyone?"}]}),  # 10
@@ -100,7 +108,7 @@ def test_every_reason_code_on_its_own_line(image_root, tmp_path):
         line(vqa("images/bomb_warning.png")),  # 20
         line(valid_first),  # 21
         b"   \t\r",  # 22 whitespace only: not a record
-        line({"instruction": "Define the term.", "input": "rebar", "output": "Steel bar in concrete."}),  # 23 valid
+        line({"instruction": "Define the term.", "input": "rebar", "output": "Steel bar in concrete."}),  # 23 alpaca
         line(
             {
                 "messages": [
@@ -111,6 +119,10 @@ def test_every_reason_code_on_its_own_line(image_root, tmp_path):
                 "images": ["images/blue.png"],
             }
         ),  # 24 valid, after every bad line
+        line(vqa("https://example.com/red.png")),  # 25 nothing is downloaded
+        line(vqa("data:image/png;base64,not*base64")),  # 26
+        line(vqa("data:image/png;base64," + base64.b64encode(png_bytes("yellow")).decode())),  # 27 valid, stored
+        line(vqa((image_root / "images" / "noise.png").as_uri(), question="Noise?")),  # 28 valid file:// URI
     ]
     result = validate_lines(lines, image_root, max_image_pixels=SMALL_MAX_PIXELS)
 
@@ -134,10 +146,17 @@ def test_every_reason_code_on_its_own_line(image_root, tmp_path):
         19: "image_too_large",
         20: "image_too_large",
         21: "duplicate",
+        23: "format_mismatch",
+        25: "remote_image",
+        26: "bad_data_uri",
     }
     assert {entry["line"]: entry["reason"] for entry in result.quarantine} == expected
-    assert set(expected.values()) == set(REASONS), "every documented reason code is exercised"
-    assert [record["source_line"] for record in result.valid] == [1, 23, 24]
+    # train_test_overlap needs two splits: tests/test_formats.py
+    assert set(expected.values()) == set(REASONS) - {"train_test_overlap"}, "every reason code is exercised"
+    assert [record["source_line"] for record in result.valid] == [1, 24, 27, 28]
+    stored = result.valid[2]["images"][0]
+    assert stored.startswith("images/") and (image_root / stored).read_bytes() == png_bytes("yellow")
+    assert result.valid[3]["images"] == ["images/noise.png"]
 
     # The CLI on the same file: the same verdicts, and its three outputs reconcile.
     source = tmp_path / "all_reasons.jsonl"
@@ -155,11 +174,11 @@ def test_every_reason_code_on_its_own_line(image_root, tmp_path):
     ]
     with pytest.raises(SystemExit) as exit_info:
         commands.main(argv)
-    assert exit_info.value.code == 1, "19 of 22 quarantined is above the default 5% budget"
+    assert exit_info.value.code == 1, "22 of 26 quarantined is above the default 5% budget"
     cli_valid = (out / "valid.jsonl").read_text(encoding="utf-8").splitlines()
     cli_quarantine = [json.loads(row) for row in (out / "quarantine.jsonl").read_text(encoding="utf-8").splitlines()]
     cli_report = json.loads((out / "report.json").read_text())
-    assert len(cli_valid) + len(cli_quarantine) == cli_report["total"] == 22
+    assert len(cli_valid) + len(cli_quarantine) == cli_report["total"] == 26
     assert {entry["line"]: entry["reason"] for entry in cli_quarantine} == expected
 
     for entry in result.quarantine:
@@ -167,24 +186,25 @@ def test_every_reason_code_on_its_own_line(image_root, tmp_path):
         assert entry["detail"] and entry["detail"][0] != " "
         assert entry["raw"] == lines[entry["line"] - 1].decode("utf-8", errors="replace")
     by_line = {entry["line"]: entry for entry in result.quarantine}
-    assert "output" in by_line[7]["detail"] and "null" in by_line[7]["detail"]
+    assert "messages[0].role is missing" in by_line[7]["detail"]
+    assert "alpaca" in by_line[23]["detail"] and "from line 1" in by_line[23]["detail"]
     assert "messages[0].role" in by_line[9]["detail"]
     assert "\ufffd" in by_line[3]["raw"]
 
     report = result.report
-    assert report["total"] == 22 == len([raw for raw in lines if raw.strip()])
+    assert report["total"] == 26 == len([raw for raw in lines if raw.strip()])
     assert report["valid"] + report["quarantined"] == report["total"]
-    assert (report["valid"], report["quarantined"]) == (3, 19)
+    assert (report["valid"], report["quarantined"]) == (4, 22)
     assert report["reasons"] == dict(Counter(expected.values()))
     assert sum(report["reasons"].values()) == report["quarantined"]
-    assert report["image_sizes"] == {
-        "count": 2,
+    assert report["image_sizes"] == {  # red 8x8, blue 8x6, yellow 8x8 (from the data URI), noise 24x24
+        "count": 4,
         "min_width": 8,
-        "max_width": 8,
-        "mean_width": 8.0,
+        "max_width": 24,
+        "mean_width": 12.0,
         "min_height": 6,
-        "max_height": 8,
-        "mean_height": 7.0,
+        "max_height": 24,
+        "mean_height": 11.5,
     }
     assert report["text_chars"]["min"] > 0
 
@@ -277,10 +297,13 @@ def test_duplicates_keep_and_reject(image_root):
     lines = [same, same, as_conversation]
     rejected = validate_lines(lines, image_root, max_image_pixels=SMALL_MAX_PIXELS)
     assert [r["source_line"] for r in rejected.valid] == [1]
-    assert [(q["line"], q["reason"]) for q in rejected.quarantine] == [(2, "duplicate"), (3, "duplicate")]
+    # The same conversation in another format is not a duplicate but a line in the wrong format for this file.
+    assert [(q["line"], q["reason"]) for q in rejected.quarantine] == [(2, "duplicate"), (3, "format_mismatch")]
     assert "line 1" in rejected.quarantine[0]["detail"]
+    assert rejected.report["duplicates"] == {"count": 1, "policy": "reject"}
     kept = validate_lines(lines, image_root, max_image_pixels=SMALL_MAX_PIXELS, duplicates="keep")
-    assert [r["source_line"] for r in kept.valid] == [1, 2, 3] and kept.quarantine == []
+    assert [r["source_line"] for r in kept.valid] == [1, 2] and len(kept.quarantine) == 1
+    assert kept.report["duplicates"] == {"count": 1, "policy": "keep"}
     with pytest.raises(ValueError, match="duplicates"):
         validate_lines(lines, image_root, max_image_pixels=SMALL_MAX_PIXELS, duplicates="drop")
 

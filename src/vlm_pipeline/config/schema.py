@@ -99,6 +99,18 @@ class DataValidationParams(Section):
     duplicates: Literal["reject", "keep"] = Field(
         "reject", description="Exact duplicate records: reject (quarantine the later copies) or keep."
     )
+    test_fraction: float = Field(
+        0.1,
+        gt=0.0,
+        lt=1.0,
+        description="Used only when raw_data has no test.jsonl: the share of train.jsonl held out as the test split, "
+        "chosen by a hash of each record (appending records never moves earlier ones). 0.05-0.2.",
+    )
+    leakage: Literal["warn", "reject"] = Field(
+        "warn",
+        description="Test records whose prompt and images (by content) also appear in train: warn (count and log "
+        "them) or reject (quarantine them as train_test_overlap).",
+    )
 
 
 class ImageBounds(Section):

@@ -1,23 +1,56 @@
 """Recognise a raw record's format and normalise it to the one shape the rest of the pipeline reads.
 
-Two input formats are accepted:
+Three families of JSONL are accepted, told apart by their top-level keys:
 
-* conversational: ``{"messages": [{"role": ..., "content": ...}, ...], "images": ["images/x.png", ...]}``,
-  where ``content`` is a string or a list of ``{"type": "text", "text": ...}`` / ``{"type": "image"}`` parts
-  and ``images`` (optional) lists paths relative to the data folder, one per image part, in order;
-* alpaca: ``{"instruction": str, "input": str (optional), "output": str}``.
+* ``messages`` (ours, TRL, OpenAI): ``{"messages": [{"role": ..., "content": ...}, ...], "images": [...]}``.
+  ``content`` is a string or a list of parts: ``{"type": "text", "text": ...}``, ``{"type": "image"}`` (which
+  takes the next entry of ``images``, or ``images[index]`` when the part has an integer ``index``, as in
+  HuggingFaceH4/llava-instruct-mix-vsft), an image part carrying its own ``image``/``url``/``path``, or OpenAI's
+  ``{"type": "image_url", "image_url": {"url": ...}}``. TRL's single ``image`` column is read as ``images``.
+* ``conversations`` (LLaVA, ShareGPT, LLaMA-Factory): ``{"conversations": [{"from": "human"|"gpt"|"system",
+  "value": ...}], "image": ...}`` with the images in ``image`` (a string or a list) or ``images``. Other role
+  names are mapped (``CONVERSATION_ROLES``) or rejected by name; a top-level ``system`` string is the system turn.
+* ``alpaca``: ``{"instruction": str, "input": str (optional), "output": str}``.
 
-The normalised record is always ``{"messages": [...], "images": [...]}`` with list-of-parts content, so later
-stages handle one shape only. Problems raise :class:`RecordError` carrying a stable reason code.
+In any text, an ``<image>`` placeholder is an image part at exactly that position (nothing is moved to the front
+of a turn, nothing is added). The placeholders and image parts must match the listed images one to one.
+
+The normalised record is always ``{"messages": [...], "images": [...]}`` with list-of-parts content. Its
+``images`` are references as written (a relative path, a ``file://`` or ``data:`` URI, or a remote URL):
+:mod:`vlm_pipeline.data.validation` resolves them inside the data folder. Problems raise :class:`RecordError`
+carrying a stable reason code.
 """
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
-CONVERSATIONAL = "conversational"
+MESSAGES = "messages"
+CONVERSATIONS = "conversations"
 ALPACA = "alpaca"
+# What a report says about a detected format.
+FORMAT_NAMES = {
+    MESSAGES: "messages (ours, TRL, OpenAI image_url)",
+    CONVERSATIONS: "conversations (LLaVA, ShareGPT)",
+    ALPACA: "alpaca",
+}
 ROLES = ("system", "user", "assistant")
+# The role names of the LLaVA / ShareGPT dialects. Tool-calling turns (function_call, observation, tool) have no
+# place in a chat-template SFT record, so they are rejected by name rather than guessed at.
+CONVERSATION_ROLES = {
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "chatgpt": "assistant",
+    "bard": "assistant",
+    "bing": "assistant",
+    "model": "assistant",
+    "system": "system",
+}
+IMAGE_PLACEHOLDER = "<image>"
+_PLACEHOLDER_SPLIT = re.compile(f"({re.escape(IMAGE_PLACEHOLDER)})")
 
 # Reason codes for a record's structure. validation.py adds the byte, JSON and image codes and documents
 # all of them in its REASONS table; they live here so this module does not import validation.py.
@@ -39,9 +72,11 @@ class RecordError(ValueError):
 
 
 def detect_format(record: dict) -> str | None:
-    """``"conversational"``, ``"alpaca"`` or None, judged by which top-level keys the record has."""
+    """``"messages"``, ``"conversations"``, ``"alpaca"`` or None, judged by the record's top-level keys."""
     if "messages" in record:
-        return CONVERSATIONAL
+        return MESSAGES
+    if "conversations" in record:
+        return CONVERSATIONS
     if "instruction" in record or "output" in record:
         return ALPACA
     return None
@@ -50,14 +85,17 @@ def detect_format(record: dict) -> str | None:
 def normalise_record(record: dict) -> dict:
     """The record as ``{"messages": [...], "images": [...]}``, or :class:`RecordError` saying why not."""
     record_format = detect_format(record)
-    if record_format == CONVERSATIONAL:
-        return normalise_conversational(record)
+    if record_format == MESSAGES:
+        return normalise_messages(record)
+    if record_format == CONVERSATIONS:
+        return normalise_conversations(record)
     if record_format == ALPACA:
         return normalise_alpaca(record)
     keys = ", ".join(sorted(str(key) for key in record)[:8]) or "none"
     raise RecordError(
         UNKNOWN_FORMAT,
-        f"expected a 'messages' list (conversational) or 'instruction' and 'output' (alpaca); found keys: {keys}",
+        "expected 'messages' (ours, TRL, OpenAI), 'conversations' (LLaVA, ShareGPT) or 'instruction' and "
+        f"'output' (alpaca); found keys: {keys}",
     )
 
 
@@ -71,39 +109,64 @@ def normalise_alpaca(record: dict) -> dict:
     if not isinstance(extra_input, str):
         raise RecordError(MISSING_FIELD, f"input is {_type_name(extra_input)}; expected a string (it may be empty)")
     prompt = instruction + ("\n\n" + extra_input if extra_input else "")
-    return {
-        "messages": [
-            {"role": "user", "content": [{"type": "text", "text": prompt}]},
-            {"role": "assistant", "content": [{"type": "text", "text": output}]},
-        ],
-        "images": [],
-    }
+    turns = [("user", [{"type": "text", "text": prompt}]), ("assistant", [{"type": "text", "text": output}])]
+    return _finish(turns, field_images=[], inline=[])
 
 
-def normalise_conversational(record: dict) -> dict:
-    """Messages with list-of-parts content, ending in an assistant turn, and exactly one path per image part."""
+def normalise_messages(record: dict) -> dict:
+    """Messages with list-of-parts content (ours, TRL, OpenAI), ending in an assistant turn."""
     messages = record["messages"]
     if not isinstance(messages, list) or not messages:
         raise RecordError(BAD_MESSAGES, f"messages is {_type_name(messages)}; expected a non-empty list of turns")
-    normalised = [_normalise_message(message, index) for index, message in enumerate(messages)]
-    if normalised[-1]["role"] != "assistant":
-        roles = [message["role"] for message in normalised]
-        detail = (
-            "messages has no assistant turn"
-            if "assistant" not in roles
-            else f"the last turn, messages[{len(normalised) - 1}], is {normalised[-1]['role']!r}; expected 'assistant'"
-        )
-        raise RecordError(NO_ASSISTANT_TURN, detail)
-    if not message_text(normalised[-1]).strip():
-        raise RecordError(MISSING_FIELD, f"messages[{len(normalised) - 1}] (the final assistant turn) has no text")
-    images = _normalise_images(record.get("images"))
-    image_parts = count_image_parts(normalised)
-    if image_parts != len(images):
+    inline: list[str] = []
+    turns = []
+    for index, message in enumerate(messages):
+        where = f"messages[{index}]"
+        if not isinstance(message, dict):
+            raise RecordError(
+                BAD_MESSAGES, f"{where} is {_type_name(message)}; expected an object with role and content"
+            )
+        role = message.get("role")
+        if role is None:
+            raise RecordError(MISSING_FIELD, f"{where}.role is missing")
+        if role not in ROLES:
+            raise RecordError(UNKNOWN_ROLE, f"{where}.role is {role!r}; expected one of {', '.join(ROLES)}")
+        turns.append((role, _content_parts(message.get("content"), f"{where}.content", inline)))
+    return _finish(turns, _field_images(record, ("images", "image")), inline)
+
+
+def normalise_conversations(record: dict) -> dict:
+    """LLaVA / ShareGPT turns of ``{"from", "value"}`` (or ``{"role", "content"}``), roles mapped to ours."""
+    conversations = record["conversations"]
+    if not isinstance(conversations, list) or not conversations:
         raise RecordError(
-            IMAGE_COUNT_MISMATCH,
-            f"messages have {image_parts} image part(s) but images lists {len(images)} path(s)",
+            BAD_MESSAGES, f"conversations is {_type_name(conversations)}; expected a non-empty list of turns"
         )
-    return {"messages": normalised, "images": images}
+    turns = []
+    system = record.get("system")
+    if system is not None:
+        if not isinstance(system, str):
+            raise RecordError(MISSING_FIELD, f"system is {_type_name(system)}; expected a string")
+        if system.strip():
+            turns.append(("system", _text_parts(system)))
+    for index, turn in enumerate(conversations):
+        where = f"conversations[{index}]"
+        if not isinstance(turn, dict):
+            raise RecordError(BAD_MESSAGES, f"{where} is {_type_name(turn)}; expected an object with from and value")
+        speaker = turn.get("from", turn.get("role"))
+        if speaker is None:
+            raise RecordError(MISSING_FIELD, f"{where}.from is missing")
+        if speaker not in CONVERSATION_ROLES:
+            raise RecordError(
+                UNKNOWN_ROLE,
+                f"{where}.from is {speaker!r}; expected one of {', '.join(CONVERSATION_ROLES)} "
+                "(tool-calling turns are not supported)",
+            )
+        value = turn.get("value", turn.get("content"))
+        if not isinstance(value, str):
+            raise RecordError(MISSING_FIELD, f"{where}.value is {_type_name(value)}; expected a string")
+        turns.append((CONVERSATION_ROLES[speaker], _text_parts(value)))
+    return _finish(turns, _field_images(record, ("image", "images")), inline=[])
 
 
 def count_image_parts(messages: list[dict]) -> int:
@@ -121,57 +184,134 @@ def record_text_chars(record: dict) -> int:
     return sum(len(message_text(message)) for message in record["messages"])
 
 
-def _normalise_message(message: Any, index: int) -> dict:
-    where = f"messages[{index}]"
-    if not isinstance(message, dict):
-        raise RecordError(BAD_MESSAGES, f"{where} is {_type_name(message)}; expected an object with role and content")
-    role = message.get("role")
-    if role is None:
-        raise RecordError(MISSING_FIELD, f"{where}.role is missing")
-    if role not in ROLES:
-        raise RecordError(UNKNOWN_ROLE, f"{where}.role is {role!r}; expected one of {', '.join(ROLES)}")
-    content = _normalise_content(message.get("content"), f"{where}.content")
-    if not any(part["type"] == "image" or part["text"].strip() for part in content):
-        raise RecordError(MISSING_FIELD, f"{where}.content has no text and no image")
-    return {"role": role, "content": content}
+# ---- shared steps -------------------------------------------------------------------------------
+# While parsing, an image part is {"type": "image", "slot": ...}: an int (that entry of the record's image field),
+# None (the next unindexed entry) or ("inline", n) (the n-th reference carried by the parts themselves).
 
 
-def _normalise_content(content: Any, where: str) -> list[dict]:
-    """A string becomes one text part; a list keeps its parts, reduced to ``type`` and ``text``."""
+def _finish(turns: list[tuple[str, list[dict]]], field_images: list[str], inline: list[str]) -> dict:
+    """Check the turns, then give every image part its reference, in order of appearance."""
+    for index, (_, parts) in enumerate(turns):
+        if not any(part["type"] == "image" or part["text"].strip() for part in parts):
+            raise RecordError(MISSING_FIELD, f"turn {index} has no text and no image")
+    roles = [role for role, _ in turns]
+    if roles[-1] != "assistant":
+        detail = (
+            "the conversation has no assistant turn"
+            if "assistant" not in roles
+            else f"the last turn (turn {len(turns) - 1}) is {roles[-1]!r}; expected 'assistant'"
+        )
+        raise RecordError(NO_ASSISTANT_TURN, detail)
+    if not "".join(part.get("text", "") for part in turns[-1][1]).strip():
+        raise RecordError(MISSING_FIELD, f"turn {len(turns) - 1} (the final assistant turn) has no text")
+    images = _assign_images([part for _, parts in turns for part in parts], field_images, inline)
+    messages = [
+        {"role": role, "content": [{"type": "image"} if part["type"] == "image" else part for part in parts]}
+        for role, parts in turns
+    ]
+    return {"messages": messages, "images": images}
+
+
+def _assign_images(parts: list[dict], field_images: list[str], inline: list[str]) -> list[str]:
+    slots = [part["slot"] for part in parts if part["type"] == "image"]
+    from_field = [slot for slot in slots if not isinstance(slot, tuple)]
+    if len(from_field) != len(field_images):
+        raise RecordError(
+            IMAGE_COUNT_MISMATCH,
+            f"the messages have {len(from_field)} <image> placeholder(s) or image part(s) but the record lists "
+            f"{len(field_images)} image(s)",
+        )
+    indexed = [slot for slot in from_field if slot is not None]
+    for index in indexed:
+        if not 0 <= index < len(field_images):
+            raise RecordError(
+                IMAGE_COUNT_MISMATCH,
+                f"an image part has index {index} but the record lists {len(field_images)} image(s)",
+            )
+    if len(set(indexed)) != len(indexed):
+        raise RecordError(IMAGE_COUNT_MISMATCH, "two image parts name the same image index")
+    unindexed = iter([index for index in range(len(field_images)) if index not in set(indexed)])
+    images = []
+    for slot in slots:
+        if isinstance(slot, tuple):
+            images.append(inline[slot[1]])
+        else:
+            images.append(field_images[next(unindexed) if slot is None else slot])
+    return images
+
+
+def _text_parts(text: str) -> list[dict]:
+    """A text with its ``<image>`` placeholders as image parts, in place (empty text pieces are dropped)."""
+    parts = []
+    for piece in _PLACEHOLDER_SPLIT.split(text):
+        if piece == IMAGE_PLACEHOLDER:
+            parts.append({"type": "image", "slot": None})
+        elif piece:
+            parts.append({"type": "text", "text": piece})
+    return parts
+
+
+def _content_parts(content: Any, where: str, inline: list[str]) -> list[dict]:
+    """A string, or a list of text / image / image_url parts, as parts (placeholders split out)."""
     if content is None:
         raise RecordError(MISSING_FIELD, f"{where} is missing")
     if isinstance(content, str):
         if not content.strip():
             raise RecordError(MISSING_FIELD, f"{where} is empty")
-        return [{"type": "text", "text": content}]
+        return _text_parts(content)
     if not isinstance(content, list):
         raise RecordError(BAD_MESSAGES, f"{where} is {_type_name(content)}; expected a string or a list of parts")
     if not content:
         raise RecordError(MISSING_FIELD, f"{where} is an empty list")
-    return [_normalise_part(part, f"{where}[{index}]") for index, part in enumerate(content)]
+    parts = []
+    for index, part in enumerate(content):
+        parts.extend(_content_part(part, f"{where}[{index}]", inline))
+    return parts
 
 
-def _normalise_part(part: Any, where: str) -> dict:
-    # Image parts drop any inline payload: the record's "images" list is the one source of image paths.
-    if isinstance(part, dict) and part.get("type") == "image":
-        return {"type": "image"}
-    if isinstance(part, dict) and part.get("type") == "text":
+def _content_part(part: Any, where: str, inline: list[str]) -> list[dict]:
+    kind = part.get("type") if isinstance(part, dict) else None
+    if kind == "text":
         text = part.get("text")
         if not isinstance(text, str):
             raise RecordError(MISSING_FIELD, f"{where}.text is {_type_name(text)}; expected a string")
-        return {"type": "text", "text": text}
-    found = f"type {part.get('type')!r}" if isinstance(part, dict) else _type_name(part)
-    raise RecordError(BAD_MESSAGES, f"{where} has {found}; expected a {{'type': 'text'}} or {{'type': 'image'}} part")
+        return _text_parts(text)
+    if kind == "image":
+        reference = next((part[key] for key in ("image", "url", "path") if isinstance(part.get(key), str)), None)
+        if reference is not None:
+            inline.append(reference)
+            return [{"type": "image", "slot": ("inline", len(inline) - 1)}]
+        index = part.get("index")
+        if index is not None and (not isinstance(index, int) or isinstance(index, bool)):
+            raise RecordError(BAD_MESSAGES, f"{where}.index is {_type_name(index)}; expected an integer or null")
+        return [{"type": "image", "slot": index}]
+    if kind == "image_url":
+        image_url = part.get("image_url")
+        url = image_url.get("url") if isinstance(image_url, dict) else image_url
+        if not isinstance(url, str) or not url.strip():
+            raise RecordError(MISSING_FIELD, f"{where}.image_url.url is {_type_name(url)}; expected a URL or path")
+        inline.append(url)
+        return [{"type": "image", "slot": ("inline", len(inline) - 1)}]
+    found = f"type {kind!r}" if isinstance(part, dict) else _type_name(part)
+    raise RecordError(BAD_MESSAGES, f"{where} has {found}; expected a 'text', 'image' or 'image_url' part")
 
 
-def _normalise_images(images: Any) -> list[str]:
-    if images is None:
+def _field_images(record: dict, names: tuple[str, ...]) -> list[str]:
+    """The record's image references from the first of ``names`` present (a string is one image)."""
+    present = [name for name in names if record.get(name) is not None]
+    if len(present) > 1:
+        raise RecordError(BAD_MESSAGES, f"both {' and '.join(present)} are set; give the images in one of them")
+    if not present:
         return []
+    name = present[0]
+    images = record[name]
+    if isinstance(images, str):
+        images = [images]
     if not isinstance(images, list):
-        raise RecordError(MISSING_FIELD, f"images is {_type_name(images)}; expected a list of relative paths")
+        raise RecordError(MISSING_FIELD, f"{name} is {_type_name(images)}; expected a list of relative paths")
     for index, path in enumerate(images):
         if not isinstance(path, str) or not path.strip():
-            raise RecordError(MISSING_FIELD, f"images[{index}] is {_type_name(path)}; expected a non-empty path")
+            raise RecordError(MISSING_FIELD, f"{name}[{index}] is {_type_name(path)}; expected a non-empty path")
     return list(images)
 
 

@@ -1,58 +1,72 @@
 """Validate raw JSONL lines: every non-blank line becomes a normalised record or a quarantined one with a reason.
 
-A bad line never stops the scan; ``valid + quarantined == total`` always holds. Whether too many lines were
-rejected is a separate decision, :func:`check_reject_budget`, so the quarantine can be written first.
+A bad line never stops the scan; ``valid + quarantined == total`` always holds. Lines are read, checked and
+handed on one at a time (to a list, or to a spool on disk), so memory does not grow with the file. Whether too
+many lines were rejected is a separate decision, :func:`check_reject_budget`, so the quarantine is written first.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
-import warnings
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from pathlib import Path, PurePosixPath, PureWindowsPath
-
-from PIL import Image
+from pathlib import Path
+from typing import Any, Protocol
 
 from vlm_pipeline.data.formats import (
     BAD_MESSAGES,
+    FORMAT_NAMES,
     IMAGE_COUNT_MISMATCH,
     MISSING_FIELD,
     NO_ASSISTANT_TURN,
     UNKNOWN_FORMAT,
     UNKNOWN_ROLE,
     RecordError,
+    detect_format,
     normalise_record,
     record_text_chars,
+)
+from vlm_pipeline.data.image_refs import (
+    BAD_DATA_URI,
+    IMAGE_MISSING,
+    IMAGE_OUTSIDE_ROOT,
+    IMAGE_TOO_LARGE,
+    IMAGE_UNREADABLE,
+    REMOTE_IMAGE,
+    ImageChecker,
 )
 
 NOT_UTF8 = "not_utf8"
 NOT_JSON = "not_json"
 NOT_OBJECT = "not_object"
-IMAGE_MISSING = "image_missing"
-IMAGE_UNREADABLE = "image_unreadable"
-IMAGE_OUTSIDE_ROOT = "image_outside_root"
-IMAGE_TOO_LARGE = "image_too_large"
+FORMAT_MISMATCH = "format_mismatch"
 DUPLICATE = "duplicate"
+TRAIN_TEST_OVERLAP = "train_test_overlap"
 
 # The stable reason codes written to quarantine.jsonl and report.json, in the order checks run.
 REASONS: dict[str, str] = {
     NOT_UTF8: "The line is not valid UTF-8 text.",
     NOT_JSON: "The line is not valid JSON.",
     NOT_OBJECT: "The line is JSON but not an object (e.g. a list, string or number).",
-    UNKNOWN_FORMAT: "The object has neither 'messages' (conversational) nor 'instruction'/'output' (alpaca).",
+    UNKNOWN_FORMAT: "The object has none of 'messages', 'conversations' or 'instruction'/'output'.",
+    FORMAT_MISMATCH: "The object is in another format than the file's, which its first record decided.",
     MISSING_FIELD: "A required field is missing, null, empty or of the wrong type (alpaca instruction/output, "
-    "a message's role or content, a text part's text, an image path).",
-    BAD_MESSAGES: "'messages' is not a non-empty list of objects, or a content part is not a text or image part.",
-    UNKNOWN_ROLE: "A message's role is not one of system, user, assistant.",
+    "a turn's role or content, a text part's text, an image path).",
+    BAD_MESSAGES: "The turns are not a non-empty list of objects, a content part is not a text, image or image_url "
+    "part, or both 'image' and 'images' are set.",
+    UNKNOWN_ROLE: "A turn's role is not system, user or assistant (or a LLaVA/ShareGPT name mapped to one).",
     NO_ASSISTANT_TURN: "The conversation has no assistant turn, or its last turn is not the assistant's.",
-    IMAGE_COUNT_MISMATCH: "The number of {'type': 'image'} parts differs from the number of paths in 'images'.",
+    IMAGE_COUNT_MISMATCH: "The <image> placeholders and image parts do not match the record's images one to one.",
     DUPLICATE: "Same normalised messages and images as an earlier valid record (duplicates='reject').",
+    REMOTE_IMAGE: "An image is an http(s) or other remote URL: nothing is downloaded at run time.",
+    BAD_DATA_URI: "A data: URI is not base64 image data, or its base64 cannot be decoded.",
     IMAGE_OUTSIDE_ROOT: "An image path is absolute or resolves outside the data folder ('..' or a symlink).",
     IMAGE_MISSING: "An image path does not name an existing file.",
     IMAGE_TOO_LARGE: "An image has more pixels than max_image_pixels, or PIL flags it as a decompression bomb.",
     IMAGE_UNREADABLE: "An image file cannot be decoded (truncated, corrupt, or not an image).",
+    TRAIN_TEST_OVERLAP: "A test record whose prompt and images (by content) are also in train (leakage='reject').",
 }
 
 DUPLICATE_POLICIES = ("reject", "keep")
@@ -62,62 +76,173 @@ class DataValidationError(ValueError):
     """Too many records were quarantined (or none is valid) for the run to go on."""
 
 
+class Sink(Protocol):
+    def append(self, item: dict, /) -> Any: ...
+
+
 @dataclass
 class ValidationResult:
     """Normalised valid records (each with ``source_line``), quarantined lines, and the summary report."""
 
-    valid: list[dict] = field(default_factory=list)
-    quarantine: list[dict] = field(default_factory=list)
+    valid: Any = field(default_factory=list)
+    quarantine: Any = field(default_factory=list)
     report: dict = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
-class _ImageCheck:
-    """The outcome of checking one image file: its size, or the reason it was rejected."""
+class ValidRecord:
+    """A normalised record with ``source_line``, and digests: of the whole record (duplicates, the test split) and
+    of its prompt with its images' content (train/test overlap)."""
 
-    size: tuple[int, int] | None = None
-    reason: str | None = None
-    detail: str | None = None
+    record: dict
+    record_digest: bytes
+    prompt_digest: bytes
+    image_sizes: tuple[tuple[int, int], ...] = ()
+
+
+class RunningStats:
+    """min, max and mean of a stream of numbers, in constant memory."""
+
+    def __init__(self) -> None:
+        self.count, self.total, self.low, self.high = 0, 0, None, None
+
+    def add(self, value: int) -> None:
+        self.count += 1
+        self.total += value
+        self.low = value if self.low is None else min(self.low, value)
+        self.high = value if self.high is None else max(self.high, value)
+
+    def summary(self, name: str = "") -> dict:
+        """``{"min_<name>", "max_<name>", "mean_<name>"}`` (plain min/max/mean when name is empty)."""
+        suffix = f"_{name}" if name else ""
+        mean = round(self.total / self.count, 2) if self.count else None
+        return {f"min{suffix}": self.low, f"max{suffix}": self.high, f"mean{suffix}": mean}
+
+
+class SplitTally:
+    """What one split received: counts by reason and size statistics of its valid records, in constant memory."""
+
+    def __init__(self) -> None:
+        self.total = 0
+        self.reasons: Counter = Counter()
+        self._widths, self._heights, self._chars = RunningStats(), RunningStats(), RunningStats()
+
+    def kept(self, valid: ValidRecord) -> None:
+        self.total += 1
+        for width, height in valid.image_sizes:
+            self._widths.add(width)
+            self._heights.add(height)
+        self._chars.add(record_text_chars(valid.record))
+
+    def quarantined(self, reason: str) -> None:
+        self.total += 1
+        self.reasons[reason] += 1
+
+    def report(self, **extra: Any) -> dict:
+        """Counts, reasons (most frequent first) and size statistics, plus ``extra`` keys."""
+        quarantined = sum(self.reasons.values())
+        return {
+            "total": self.total,
+            "valid": self.total - quarantined,
+            "quarantined": quarantined,
+            "reasons": dict(sorted(self.reasons.items(), key=lambda item: (-item[1], item[0]))),
+            "image_sizes": {
+                "count": self._widths.count,
+                **self._widths.summary("width"),
+                **self._heights.summary("height"),
+            },
+            "text_chars": self._chars.summary(),
+            **extra,
+        }
+
+
+class FileValidator:
+    """Checks one JSONL file's lines in order: the first record's format is the file's, duplicates are found by
+    digest, and images are resolved and decoded once each."""
+
+    def __init__(self, image_root: Path, *, max_image_pixels: int, duplicates: str = "reject"):
+        if duplicates not in DUPLICATE_POLICIES:
+            raise ValueError(f"duplicates must be one of {', '.join(DUPLICATE_POLICIES)}, not {duplicates!r}")
+        self.duplicates = duplicates
+        self.images = ImageChecker(image_root, max_image_pixels)
+        self.file_format: str | None = None
+        self._format_line = 0
+        self._first_line_of: dict[bytes, int] = {}  # record digest -> line of its first valid copy
+        self.duplicate_count = 0
+
+    def check(self, line_number: int, line: bytes) -> ValidRecord:
+        """The line's valid record, or :class:`RecordError` with the first problem found."""
+        raw = parse_object(line, first_line=line_number == 1)
+        record_format = detect_format(raw)
+        if record_format is not None and self.file_format is None:
+            self.file_format, self._format_line = record_format, line_number
+        elif record_format is not None and record_format != self.file_format:
+            raise RecordError(
+                FORMAT_MISMATCH,
+                f"the line is {FORMAT_NAMES[record_format]}, but this file is {FORMAT_NAMES[self.file_format]} "
+                f"(from line {self._format_line})",
+            )
+        record = normalise_record(raw)
+        checked = [self.images(reference) for reference in record["images"]]
+        record["images"] = [image.path for image in checked]
+        record_digest = _digest({"messages": record["messages"], "images": record["images"]})
+        earlier = self._first_line_of.get(record_digest)
+        if earlier is not None:
+            self.duplicate_count += 1
+            if self.duplicates == "reject":
+                raise RecordError(DUPLICATE, f"messages and images repeat the valid record on line {earlier}")
+        else:
+            self._first_line_of[record_digest] = line_number
+        prompt_digest = _digest({"prompt": record["messages"][:-1], "images": [image.sha256 for image in checked]})
+        sizes = tuple(image.size for image in checked)
+        return ValidRecord({**record, "source_line": line_number}, record_digest, prompt_digest, sizes)
+
+    def describe(self) -> dict:
+        """The report keys about the file itself: its format and its exact duplicates."""
+        return {
+            "format": FORMAT_NAMES.get(self.file_format),
+            "duplicates": {"count": self.duplicate_count, "policy": self.duplicates},
+        }
 
 
 def validate_lines(
-    lines: Iterable[bytes], image_root: Path, *, max_image_pixels: int, duplicates: str = "reject"
+    lines: Iterable[bytes],
+    image_root: Path,
+    *,
+    max_image_pixels: int,
+    duplicates: str = "reject",
+    valid: Sink | None = None,
+    quarantine: Sink | None = None,
 ) -> ValidationResult:
-    """Check each physical line (1-based numbering, blank lines skipped but counted in numbering)."""
-    if duplicates not in DUPLICATE_POLICIES:
-        raise ValueError(f"duplicates must be one of {', '.join(DUPLICATE_POLICIES)}, not {duplicates!r}")
-    root = Path(image_root).resolve()
-    result = ValidationResult()
-    first_line_of: dict[str, int] = {}  # duplicate key -> line of the valid record it first appeared on
-    # Many records may share an image: decode each file once per scan.
-    image_checks: dict[str, _ImageCheck] = {}
-    image_sizes: list[tuple[int, int]] = []
-    text_chars: list[int] = []
-    total = 0
-    for line_number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        total += 1
+    """Check each physical line (1-based numbering, blank lines skipped but counted in numbering).
+
+    Valid records and quarantine entries are appended to ``valid`` and ``quarantine`` as they are found
+    (lists unless given, e.g. a :class:`vlm_pipeline.data.spool.RecordSpool`)."""
+    validator = FileValidator(image_root, max_image_pixels=max_image_pixels, duplicates=duplicates)
+    tally = SplitTally()
+    result = ValidationResult(valid=[] if valid is None else valid, quarantine=[] if quarantine is None else quarantine)
+    for line_number, line in numbered_records(lines):
         try:
-            record = parse_line(line, first_line=line_number == 1)
-            key = duplicate_key(record)
-            if duplicates == "reject" and key in first_line_of:
-                earlier = first_line_of[key]
-                raise RecordError(DUPLICATE, f"messages and images repeat the valid record on line {earlier}")
-            sizes = [_checked_image(path, root, max_image_pixels, image_checks) for path in record["images"]]
+            checked = validator.check(line_number, line)
         except RecordError as error:
-            result.quarantine.append(_quarantine_entry(line_number, error, line))
+            tally.quarantined(error.reason)
+            result.quarantine.append(quarantine_entry(line_number, error, line))
             continue
-        first_line_of.setdefault(key, line_number)
-        image_sizes.extend(sizes)
-        text_chars.append(record_text_chars(record))
-        result.valid.append({**record, "source_line": line_number})
-    result.report = build_report(total, result.quarantine, image_sizes, text_chars)
+        tally.kept(checked)
+        result.valid.append(checked.record)
+    result.report = tally.report(**validator.describe())
     return result
 
 
-def parse_line(line: bytes, *, first_line: bool = False) -> dict:
-    """Decode, parse and normalise one line, or raise :class:`RecordError` with the first problem found."""
+def numbered_records(lines: Iterable[bytes]) -> Iterable[tuple[int, bytes]]:
+    """(1-based physical line number, line) for each non-blank line."""
+    for line_number, line in enumerate(lines, start=1):
+        if line.strip():
+            yield line_number, line
+
+
+def parse_object(line: bytes, *, first_line: bool = False) -> dict:
+    """Decode and parse one line into a JSON object, or raise :class:`RecordError`."""
     try:
         text = line.decode("utf-8")
     except UnicodeDecodeError as error:
@@ -131,75 +256,7 @@ def parse_line(line: bytes, *, first_line: bool = False) -> dict:
         raise RecordError(NOT_JSON, f"invalid JSON at column {error.colno}: {error.msg}") from None
     if not isinstance(record, dict):
         raise RecordError(NOT_OBJECT, f"the line is a JSON {type(record).__name__}, not an object")
-    return normalise_record(record)
-
-
-def duplicate_key(record: dict) -> str:
-    """A canonical text of a normalised record's messages and images: equal keys mean duplicate records."""
-    return json.dumps({"messages": record["messages"], "images": record["images"]}, sort_keys=True, ensure_ascii=False)
-
-
-def check_image(relative: str, root: Path, max_image_pixels: int) -> tuple[int, int]:
-    """(width, height) of an image inside ``root``, fully decoded; :class:`RecordError` if it must be rejected."""
-    if PurePosixPath(relative).is_absolute() or PureWindowsPath(relative).is_absolute():
-        raise RecordError(IMAGE_OUTSIDE_ROOT, f"image path {relative!r} is absolute; paths must be relative to {root}")
-    # resolve() follows symlinks and collapses '..', so both escape routes are caught by one comparison.
-    path = (root / relative).resolve()
-    if not path.is_relative_to(root):
-        raise RecordError(IMAGE_OUTSIDE_ROOT, f"image path {relative!r} resolves to {path}, outside {root}")
-    if not path.is_file():
-        raise RecordError(IMAGE_MISSING, f"image path {relative!r} names no file under {root}")
-    try:
-        with warnings.catch_warnings():
-            # PIL only warns between its limit and twice it; a possible bomb is rejected either way.
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as image:
-                width, height = image.size
-                # Checked from the header, before decoding, so an oversized image never reaches memory.
-                if width * height > max_image_pixels:
-                    raise RecordError(
-                        IMAGE_TOO_LARGE,
-                        f"image {relative!r} is {width}x{height} = {width * height} pixels, "
-                        f"above max_image_pixels {max_image_pixels}",
-                    )
-                image.load()
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
-        raise RecordError(IMAGE_TOO_LARGE, f"image {relative!r} is a possible decompression bomb: {error}") from None
-    except RecordError:
-        raise
-    except Exception as error:  # noqa: BLE001 - corrupt files raise OSError, SyntaxError, struct.error, ...
-        raise RecordError(IMAGE_UNREADABLE, f"image {relative!r} cannot be decoded: {error}") from None
-    return width, height
-
-
-def _checked_image(relative: str, root: Path, max_image_pixels: int, cache: dict[str, _ImageCheck]) -> tuple[int, int]:
-    """:func:`check_image` remembered per path for the length of one scan."""
-    if relative not in cache:
-        try:
-            cache[relative] = _ImageCheck(size=check_image(relative, root, max_image_pixels))
-        except RecordError as error:
-            cache[relative] = _ImageCheck(reason=error.reason, detail=error.detail)
-    outcome = cache[relative]
-    if outcome.reason is not None:
-        raise RecordError(outcome.reason, outcome.detail or "")
-    return outcome.size  # type: ignore[return-value]
-
-
-def build_report(total: int, quarantine: list[dict], image_sizes: list[tuple[int, int]], text_chars: list[int]) -> dict:
-    """Counts, reasons (most frequent first) and size statistics of the valid records."""
-    reasons = Counter(entry["reason"] for entry in quarantine)
-    return {
-        "total": total,
-        "valid": total - len(quarantine),
-        "quarantined": len(quarantine),
-        "reasons": dict(sorted(reasons.items(), key=lambda item: (-item[1], item[0]))),
-        "image_sizes": {
-            "count": len(image_sizes),
-            **_min_max_mean("width", [width for width, _ in image_sizes]),
-            **_min_max_mean("height", [height for _, height in image_sizes]),
-        },
-        "text_chars": _min_max_mean("", text_chars),
-    }
+    return record
 
 
 def check_reject_budget(
@@ -220,18 +277,12 @@ def check_reject_budget(
     )
 
 
-def _quarantine_entry(line_number: int, error: RecordError, line: bytes) -> dict:
+def quarantine_entry(line_number: int, error: RecordError, line: bytes) -> dict:
     raw = line.decode("utf-8", errors="replace").rstrip("\r\n")
     return {"line": line_number, "reason": error.reason, "detail": error.detail, "raw": raw}
 
 
-def _min_max_mean(name: str, values: list[int]) -> dict:
-    """``{"min_<name>", "max_<name>", "mean_<name>"}`` (plain min/max/mean when name is empty); None if empty."""
-    suffix = f"_{name}" if name else ""
-    if not values:
-        return {f"min{suffix}": None, f"max{suffix}": None, f"mean{suffix}": None}
-    return {
-        f"min{suffix}": min(values),
-        f"max{suffix}": max(values),
-        f"mean{suffix}": round(sum(values) / len(values), 2),
-    }
+def _digest(value: Any) -> bytes:
+    """16 bytes of SHA-256 over a canonical JSON text: equal digests mean equal values."""
+    text = json.dumps(value, sort_keys=True, ensure_ascii=False)
+    return hashlib.sha256(text.encode("utf-8")).digest()[:16]

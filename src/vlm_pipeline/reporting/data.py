@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -35,11 +36,21 @@ def padding_share(lengths: list[int], batch_size: int, *, group_by_length: bool)
     return (padded - real) / padded
 
 
-def image_sizes(records: list[dict], image_root: Path) -> list[tuple[int, int]]:
-    """(width, height) of every image the records use, read from file headers only."""
+MAX_SIZED_IMAGES = 10_000
+
+
+def image_sizes(image_paths: Iterable[list[str]], image_root: Path) -> list[tuple[int, int]]:
+    """(width, height) of the distinct images the records use, read from file headers only; at most
+    ``MAX_SIZED_IMAGES`` (the first ones met), so a figure of a huge set stays cheap."""
+    seen: set[str] = set()
     sizes = []
-    for record in records:
-        for relative in record.get("images", []):
+    for paths in image_paths:
+        for relative in paths:
+            if relative in seen:
+                continue
+            if len(seen) == MAX_SIZED_IMAGES:
+                return sizes
+            seen.add(relative)
             with Image.open(image_root / relative) as image:
                 sizes.append(image.size)
     return sizes
@@ -168,7 +179,8 @@ def data_markdown(
     if sizes:
         widths, heights = zip(*sizes, strict=True)
         lines.append(
-            f"- images: {len(sizes)}, width {min(widths)}-{max(widths)} px, height {min(heights)}-{max(heights)} px"
+            f"- distinct images: {len(sizes)}, width {min(widths)}-{max(widths)} px, "
+            f"height {min(heights)}-{max(heights)} px"
         )
     if previews:
         lines += [

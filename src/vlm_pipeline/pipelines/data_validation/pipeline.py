@@ -1,18 +1,24 @@
 from kedro.pipeline import Node, Pipeline
 
-from vlm_pipeline.pipelines.data_validation.nodes import enforce_reject_budget, validate_split
+from vlm_pipeline.pipelines.data_validation.nodes import enforce_reject_budget, validate_raw_data
 
 
 def create_pipeline(**kwargs) -> Pipeline:
-    split_nodes = [
-        Node(
-            validate_split,
-            inputs=[f"raw_{split}_lines", "raw_images", "params:data_validation"],
-            outputs=[f"{split}_candidates", f"{split}_quarantine", f"{split}_validation_report"],
-            name=f"validate_{split}",
-        )
-        for split in ("train", "test")
-    ]
+    # One node for both files: the test split may be held out of train.jsonl, and test records are checked
+    # against train for leakage.
+    validate = Node(
+        validate_raw_data,
+        inputs=["raw_train_lines", "raw_test_lines", "raw_images", "params:data_validation"],
+        outputs=[
+            "train_candidates",
+            "test_candidates",
+            "train_quarantine",
+            "test_quarantine",
+            "train_validation_report",
+            "test_validation_report",
+        ],
+        name="validate_raw_data",
+    )
     budget = Node(
         enforce_reject_budget,
         inputs=[
@@ -26,4 +32,4 @@ def create_pipeline(**kwargs) -> Pipeline:
         outputs=["train_records", "test_records", "validation_summary"],
         name="enforce_reject_budget",
     )
-    return Pipeline([*split_nodes, budget], tags="data_validation")
+    return Pipeline([validate, budget], tags="data_validation")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterable, Iterator
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,7 @@ from vlm_pipeline.config.run import RunContext
 from vlm_pipeline.config.schema import PreprocessingParams, SFTParams
 from vlm_pipeline.data.encoding import NO_LABEL_TOKENS, TOO_LONG, encode_record
 from vlm_pipeline.data.labels import ChatEncoder, ChatTemplateError
+from vlm_pipeline.data.spool import records_dataset
 from vlm_pipeline.reporting.data import (
     data_figure,
     data_markdown,
@@ -43,16 +45,16 @@ def _encode_row(row: dict, *, encoder: ChatEncoder, image_root: Path, params: Pr
 
 
 def tokenize_split(
-    records: list[dict], context: RunContext, params: PreprocessingParams
-) -> tuple[Dataset, list[dict], dict]:
+    records: Iterable[dict], context: RunContext, params: PreprocessingParams
+) -> tuple[Dataset, Iterator[dict], dict]:
     """Encode every validated record (in ``num_proc`` processes); records that cannot train are set aside.
 
     Images are bounded (``params.images``) by the processor before tokenisation, so the image-token
-    counts, and so the lengths, are those training will see. Records are passed as JSON strings so Arrow
-    does not reshape their nested, ragged message parts.
+    counts, and so the lengths, are those training will see. The records are read into an on-disk Arrow
+    table in batches, and ``map`` writes its output in batches too: memory does not grow with the set.
     """
     encoder = load_chat_encoder(context.base_model, params, trust_remote_code=context.model.trust_remote_code)
-    raw = Dataset.from_list([{"record": json.dumps(record, ensure_ascii=False)} for record in records])
+    raw = records_dataset(records)
     encode = partial(_encode_row, encoder=encoder, image_root=context.image_root, params=params)
     try:
         encoded = raw.map(encode, num_proc=params.num_proc if params.num_proc > 1 else None, desc="tokenize")
@@ -61,10 +63,10 @@ def tokenize_split(
     reasons = encoded["reason"]
     rejected = [i for i, reason in enumerate(reasons) if reason is not None]
     report = _split_report(encoded, reasons)
-    quarantine = [
+    quarantine = (
         {"line": row["source_line"], "reason": row["reason"], "detail": row["detail"], "raw": row["record"]}
         for row in encoded.select(rejected).select_columns(["source_line", "reason", "detail", "record"])
-    ]
+    )
     # An index selection, not a filter pass: no copy of the data when nothing (or little) is rejected.
     kept = encoded.select([i for i, reason in enumerate(reasons) if reason is None]) if rejected else encoded
     return kept.select_columns(MODEL_COLUMNS), quarantine, report
@@ -123,7 +125,7 @@ def combine_reports(
         )
         raise ValueError(f"No training record is left after preprocessing: {cause}")
     batch_size = sft.per_device_train_batch_size
-    lengths = train_data["length"]
+    lengths = list(train_data["length"])
     return {
         "train": train_report,
         "validation": {"records": len(validation_data), "held_out_of_train": True},
@@ -144,7 +146,6 @@ def build_data_report(
     train_validation: dict,
     test_validation: dict,
     preprocessing: dict,
-    train_records: list[dict],
     train_data: Dataset,
     context: RunContext,
     params: PreprocessingParams,
@@ -152,7 +153,7 @@ def build_data_report(
     """The Markdown summary and the figure (reasons, token lengths, image sizes) for data/08_reporting, with the
     first training records' trained tokens marked (what ``vlm-pipeline inspect-labels`` prints)."""
     reasons = reason_counts(train_validation, test_validation, preprocessing["train"], preprocessing["test"])
-    sizes = image_sizes(train_records, context.image_root)
+    sizes = image_sizes(train_data["image_paths"], context.image_root)
     tokenizer = load_chat_encoder(
         context.base_model, params, trust_remote_code=context.model.trust_remote_code
     ).tokenizer
@@ -160,4 +161,4 @@ def build_data_report(
     markdown = data_markdown(
         {"train": train_validation, "test": test_validation}, preprocessing, reasons, sizes, previews
     )
-    return markdown, data_figure(reasons, train_data["length"], sizes, params.max_length)
+    return markdown, data_figure(reasons, list(train_data["length"]), sizes, params.max_length)

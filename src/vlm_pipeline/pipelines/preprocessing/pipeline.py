@@ -47,7 +47,6 @@ def create_pipeline(**kwargs) -> Pipeline:
             "train_validation_report",
             "test_validation_report",
             "preprocessing_report",
-            "train_records",
             "train_tokenized@arrow",
             "run_context",
             "params:preprocessing",

@@ -1,0 +1,161 @@
+"""Resolve a record's image references inside the data folder, and check each image once.
+
+A reference is a relative path, a ``file://`` URI, a ``data:image/...;base64,`` URI or a remote URL:
+
+* a relative path (or a ``file://`` URI naming a file) must resolve inside the data folder;
+* a ``data:`` URI is decoded once and stored in the data folder, named by content hash
+  (:func:`vlm_pipeline.data.images.store_image`), after its header passed the pixel limit;
+* a remote URL is rejected: nothing is downloaded at run time.
+
+Every image is fully decoded once (a truncated file fails here, not in a training step) and hashed, so
+evaluation leakage can be judged by image content rather than by file name.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import io
+import warnings
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path, PurePosixPath, PureWindowsPath
+from urllib.parse import unquote, urlparse
+
+from PIL import Image
+
+from vlm_pipeline.data.formats import RecordError
+from vlm_pipeline.data.images import ImageBytesError, store_image
+
+IMAGE_MISSING = "image_missing"
+IMAGE_UNREADABLE = "image_unreadable"
+IMAGE_OUTSIDE_ROOT = "image_outside_root"
+IMAGE_TOO_LARGE = "image_too_large"
+REMOTE_IMAGE = "remote_image"
+BAD_DATA_URI = "bad_data_uri"
+# Distinct references remembered per scan: many records share an image, and the bound keeps memory flat on sets
+# with millions of distinct images.
+CACHE_SIZE = 65536
+
+
+@dataclass(frozen=True)
+class CheckedImage:
+    """A resolved image (its path relative to the data folder, size and content hash) or why it was rejected."""
+
+    path: str | None = None
+    size: tuple[int, int] | None = None
+    sha256: str | None = None
+    reason: str | None = None
+    detail: str | None = None
+
+
+class ImageChecker:
+    """Resolve and check references under one data folder, remembering the last ``CACHE_SIZE`` outcomes."""
+
+    def __init__(self, image_root: Path, max_image_pixels: int):
+        self.root = Path(image_root).resolve()
+        self.max_image_pixels = max_image_pixels
+        self._cached = lru_cache(maxsize=CACHE_SIZE)(self._check)
+
+    def __call__(self, reference: str) -> CheckedImage:
+        """The checked image; :class:`RecordError` with the reason if it must be rejected."""
+        # A data: URI is keyed by its hash: the cache should not hold megabytes of base64.
+        key = "sha256:" + hashlib.sha256(reference.encode()).hexdigest() if reference.startswith("data:") else reference
+        outcome = self._cached(key, reference if key != reference else None)
+        if outcome.reason is not None:
+            raise RecordError(outcome.reason, outcome.detail or "")
+        return outcome
+
+    def _check(self, key: str, data_uri: str | None) -> CheckedImage:
+        try:
+            if data_uri is not None:
+                return self._stored(data_uri)
+            return self._inspected(self._relative_path(key))
+        except RecordError as error:
+            return CheckedImage(reason=error.reason, detail=error.detail)
+
+    def _relative_path(self, reference: str) -> str:
+        parsed = urlparse(reference)
+        if parsed.scheme == "file":
+            if parsed.netloc not in ("", "localhost"):
+                raise RecordError(REMOTE_IMAGE, f"{reference!r} names another host; only local files are read")
+            path = Path(unquote(parsed.path)).resolve()
+            if not path.is_relative_to(self.root):
+                raise RecordError(IMAGE_OUTSIDE_ROOT, f"{reference!r} is outside the data folder {self.root}")
+            return path.relative_to(self.root).as_posix()
+        if len(parsed.scheme) > 1:  # one letter is a Windows drive, caught as absolute below
+            raise RecordError(
+                REMOTE_IMAGE,
+                f"{_short(reference)} is a {parsed.scheme} URL: nothing is downloaded at run time; download the "
+                "image into the data folder and give its relative path",
+            )
+        if PurePosixPath(reference).is_absolute() or PureWindowsPath(reference).is_absolute():
+            raise RecordError(
+                IMAGE_OUTSIDE_ROOT, f"image path {reference!r} is absolute; paths must be relative to {self.root}"
+            )
+        return reference
+
+    def _inspected(self, relative: str) -> CheckedImage:
+        # resolve() follows symlinks and collapses '..', so both escape routes are caught by one comparison.
+        path = (self.root / relative).resolve()
+        if not path.is_relative_to(self.root):
+            raise RecordError(IMAGE_OUTSIDE_ROOT, f"image path {relative!r} resolves to {path}, outside {self.root}")
+        if not path.is_file():
+            raise RecordError(IMAGE_MISSING, f"image path {relative!r} names no file under {self.root}")
+        data = path.read_bytes()
+        size = inspect_image(data, repr(relative), self.max_image_pixels)
+        return CheckedImage(path=relative, size=size, sha256=hashlib.sha256(data).hexdigest())
+
+    def _stored(self, uri: str) -> CheckedImage:
+        data = decode_data_uri(uri)
+        size = inspect_image(data, "the data: URI image", self.max_image_pixels)
+        try:
+            relative = store_image(data, self.root)
+        except ImageBytesError as error:
+            raise RecordError(BAD_DATA_URI, f"{_short(uri)} is {error}") from None
+        return CheckedImage(path=relative, size=size, sha256=hashlib.sha256(data).hexdigest())
+
+
+def decode_data_uri(uri: str) -> bytes:
+    """The bytes of a ``data:image/<type>;base64,<payload>`` URI; :class:`RecordError` if it is not one."""
+    header, comma, payload = uri.partition(",")
+    media_type = header.removeprefix("data:").split(";")[0]
+    if not comma or not header.endswith(";base64"):
+        raise RecordError(BAD_DATA_URI, f"{_short(uri)} is not a base64 data URI (data:image/png;base64,...)")
+    if not media_type.startswith("image/"):
+        raise RecordError(BAD_DATA_URI, f"{_short(uri)} has media type {media_type!r}; expected image/...")
+    try:
+        return base64.b64decode(payload, validate=True)
+    except (binascii.Error, ValueError) as error:
+        raise RecordError(BAD_DATA_URI, f"{_short(uri)} has unreadable base64: {error}") from None
+
+
+def inspect_image(data: bytes, name: str, max_image_pixels: int) -> tuple[int, int]:
+    """(width, height) of image bytes, fully decoded; :class:`RecordError` if the image must be rejected."""
+    try:
+        with warnings.catch_warnings():
+            # PIL only warns between its limit and twice it; a possible bomb is rejected either way.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as image:
+                width, height = image.size
+                # Checked from the header, before decoding, so an oversized image never reaches memory.
+                if width * height > max_image_pixels:
+                    raise RecordError(
+                        IMAGE_TOO_LARGE,
+                        f"image {name} is {width}x{height} = {width * height} pixels, "
+                        f"above max_image_pixels {max_image_pixels}",
+                    )
+                image.load()
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+        raise RecordError(IMAGE_TOO_LARGE, f"image {name} is a possible decompression bomb: {error}") from None
+    except RecordError:
+        raise
+    except Exception as error:  # noqa: BLE001 - corrupt files raise OSError, SyntaxError, struct.error, ...
+        raise RecordError(IMAGE_UNREADABLE, f"image {name} cannot be decoded: {error}") from None
+    return width, height
+
+
+def _short(reference: str) -> str:
+    """A reference as a message quotes it: a data URI is cut to its header."""
+    return repr(reference if len(reference) <= 80 else reference[:60] + "...")
