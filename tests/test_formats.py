@@ -1,0 +1,223 @@
+"""The dialects users bring (LLaVA, ShareGPT, OpenAI image_url, TRL, llava-instruct-mix rows) become exactly our
+records; bad lines in them are quarantined with their reason; one train.jsonl is split deterministically; and
+test records that leak from train are counted or rejected."""
+
+from __future__ import annotations
+
+import base64
+import json
+import shutil
+from functools import partial
+from pathlib import Path
+
+import pytest
+from conftest import copy_project, run_data_stages
+from PIL import Image
+
+from vlm_pipeline.data.dialects import JSONL_DIALECTS, to_llava_mix, write_dialect
+from vlm_pipeline.data.splits import validate_splits
+from vlm_pipeline.data.validation import FileValidator, validate_lines
+
+SHAPES = Path(__file__).resolve().parents[1] / "data/01_raw/shapes_vqa"
+MAX_PIXELS = 10**6
+
+
+def line(record) -> bytes:
+    return json.dumps(record).encode("utf-8")
+
+
+def validated(folder: Path, split: str = "train", limit: int = 40) -> list[dict]:
+    lines = (folder / f"{split}.jsonl").read_bytes().splitlines()[:limit]
+    result = validate_lines(lines, folder, max_image_pixels=MAX_PIXELS)
+    assert result.quarantine == []
+    return result.valid
+
+
+@pytest.mark.parametrize("dialect", sorted(JSONL_DIALECTS))
+def test_every_dialect_gives_our_records(dialect, tmp_path):
+    ours = validated(SHAPES)
+    theirs = validated(write_dialect(SHAPES, tmp_path / dialect, dialect, splits=("train",)))
+    assert [r["messages"] for r in theirs] == [r["messages"] for r in ours]
+    for mine, other in zip(ours, theirs, strict=True):
+        if dialect == "openai_base64":  # decoded once into the data folder, named by content hash
+            (stored,) = other["images"]
+            assert stored.startswith("images/") and stored.endswith(".png")
+            assert (tmp_path / dialect / stored).read_bytes() == (SHAPES / mine["images"][0]).read_bytes()
+        else:
+            assert other["images"] == mine["images"]
+
+
+def test_llava_instruct_mix_rows_follow_their_image_index(tmp_path):
+    """The image parts' ``index`` picks the image, whatever the order of the list."""
+    (tmp_path / "images").mkdir()
+    for name, colour in (("a.png", "red"), ("b.png", "blue")):
+        Image.new("RGB", (8, 8), colour).save(tmp_path / "images" / name)
+    row = {
+        "messages": [
+            {
+                "role": "user",
+                "content": [
+                    {"index": 1, "text": None, "type": "image"},
+                    {"index": None, "text": "versus", "type": "text"},
+                    {"index": 0, "text": None, "type": "image"},
+                ],
+            },
+            {"role": "assistant", "content": [{"index": None, "text": "blue, red", "type": "text"}]},
+        ],
+        "images": ["images/a.png", "images/b.png"],
+    }
+    (record,) = validate_lines([line(row)], tmp_path, max_image_pixels=MAX_PIXELS).valid
+    assert record["images"] == ["images/b.png", "images/a.png"]
+    assert record["messages"][0]["content"] == [
+        {"type": "image"},
+        {"type": "text", "text": "versus"},
+        {"type": "image"},
+    ]
+    mix = to_llava_mix(record, tmp_path)
+    assert mix["messages"][0]["content"][0] == {"index": 0, "text": None, "type": "image"}
+    assert mix["images"][0]["bytes"] == (tmp_path / "images/b.png").read_bytes()
+
+
+def test_placeholders_stay_where_they_are(tmp_path):
+    """An image in a later turn, mid-sentence, stays there (TRL would move it to the first user turn)."""
+    (tmp_path / "images").mkdir()
+    Image.new("RGB", (8, 8), "red").save(tmp_path / "images" / "a.png")
+    row = {
+        "system": "Answer briefly.",
+        "conversations": [
+            {"from": "human", "value": "Hello."},
+            {"from": "gpt", "value": "Hi."},
+            {"from": "human", "value": "Is this <image> red?"},
+            {"from": "gpt", "value": "Yes."},
+        ],
+        "image": "images/a.png",
+    }
+    (record,) = validate_lines([line(row)], tmp_path, max_image_pixels=MAX_PIXELS).valid
+    assert [m["role"] for m in record["messages"]] == ["system", "user", "assistant", "user", "assistant"]
+    assert record["messages"][3]["content"] == [
+        {"type": "text", "text": "Is this "},
+        {"type": "image"},
+        {"type": "text", "text": " red?"},
+    ]
+    assert record["images"] == ["images/a.png"]
+
+
+def test_a_mixed_bad_file_quarantines_each_line_with_its_reason(tmp_path):
+    root = tmp_path / "data"
+    (root / "images").mkdir(parents=True)
+    Image.new("RGB", (8, 8), "red").save(root / "images" / "a.png")
+    Image.new("RGB", (8, 8), "blue").save(tmp_path / "outside.png")
+
+    def turns(question: str, answer: str = "red") -> list[dict]:
+        return [{"from": "human", "value": question}, {"from": "gpt", "value": answer}]
+
+    not_an_image = base64.b64encode(b"plain text, not pixels").decode()
+    lines = [
+        line({"conversations": turns("<image> Colour?"), "image": "images/a.png"}),  # 1 valid
+        line({"conversations": turns("<image><image> Colours?"), "image": "images/a.png"}),  # 2: 2 vs 1
+        line({"conversations": turns("Colour?"), "image": "images/a.png"}),  # 3: 0 vs 1
+        line({"conversations": turns("<image> Colour?")}),  # 4: 1 vs 0
+        line({"conversations": [{"from": "function_call", "value": "{}"}, {"from": "gpt", "value": "x"}]}),  # 5
+        line({"conversations": [*turns("Hm?"), {"from": "observation", "value": "42"}]}),  # 6
+        line({"conversations": turns("<image> Colour?"), "image": "https://example.com/a.png"}),  # 7
+        line({"conversations": turns("<image> Colour?"), "images": ["data:image/png;base64,%%%"]}),  # 8
+        line({"conversations": turns("<image> Colour?"), "image": f"data:image/png;base64,{not_an_image}"}),  # 9
+        line({"conversations": turns("<image> Colour?"), "image": (tmp_path / "outside.png").as_uri()}),  # 10
+        line({"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]}),  # 11
+        line({"conversations": turns("<image> Which colour?", "red"), "images": ["images/a.png"]}),  # 12 valid
+    ]
+    result = validate_lines(lines, root, max_image_pixels=MAX_PIXELS)
+    reasons = {entry["line"]: entry["reason"] for entry in result.quarantine}
+    assert reasons == {
+        2: "image_count_mismatch",
+        3: "image_count_mismatch",
+        4: "image_count_mismatch",
+        5: "unknown_role",
+        6: "unknown_role",
+        7: "remote_image",
+        8: "bad_data_uri",
+        9: "image_unreadable",
+        10: "image_outside_root",
+        11: "format_mismatch",
+    }
+    details = {entry["line"]: entry["detail"] for entry in result.quarantine}
+    assert "2 <image> placeholder(s)" in details[2] and "lists 1 image(s)" in details[2]
+    assert "0 <image>" in details[3] and "function_call" in details[5] and "observation" in details[6]
+    assert "nothing is downloaded" in details[7]
+    assert [record["source_line"] for record in result.valid] == [1, 12]
+    report = result.report
+    assert report["total"] == 12 == report["valid"] + report["quarantined"] == len(result.valid) + len(reasons)
+    assert report["format"].startswith("conversations")
+    assert not list((root / "images").glob("*.txt")) and len(list((root / "images").iterdir())) == 1
+
+
+def shapes_lines(count: int, start: int = 0) -> list[bytes]:
+    lines = (SHAPES / "train.jsonl").read_bytes().splitlines()
+    return lines[start : start + count]
+
+
+def split(train: list[bytes], test: list[bytes] | None, root: Path = SHAPES, **options) -> dict:
+    validator = partial(FileValidator, root, max_image_pixels=MAX_PIXELS, duplicates="reject")
+    options = {"test_fraction": 0.2, "leakage": "warn", **options}
+    return validate_splits(train, test, validator, sink=list, **options)
+
+
+def test_one_file_is_split_by_record_hash_and_appending_keeps_the_split():
+    first = split(shapes_lines(200), None)
+    test_lines = [record["source_line"] for record in first["test"].valid]
+    assert 20 <= len(test_lines) <= 60, "about test_fraction of 200"
+    assert first["train"].report["held_out_to_test"] == len(test_lines)
+    assert first["test"].report["held_out_from"] == "train.jsonl"
+    assert first["train"].report["total"] == 200 == len(first["train"].valid) + len(test_lines)
+    assert split(shapes_lines(200), None)["test"].valid == first["test"].valid, "deterministic"
+
+    grown = split(shapes_lines(200) + shapes_lines(200, start=200), None)
+    grown_test = [record["source_line"] for record in grown["test"].valid]
+    assert grown_test[: len(test_lines)] == test_lines, "earlier test records stay in test"
+    assert len(grown_test) > len(test_lines)
+    earlier_train = {record["source_line"] for record in first["train"].valid}
+    assert earlier_train <= {record["source_line"] for record in grown["train"].valid}
+
+
+def test_leakage_by_prompt_and_image_content(tmp_path):
+    root = tmp_path / "data"
+    shutil.copytree(SHAPES / "images", root / "images")
+    train = shapes_lines(30)
+    leaked = json.loads(train[3])
+    shutil.copy(root / leaked["images"][0], root / "images" / "renamed.png")  # same pixels, another name
+    leaked["images"] = ["images/renamed.png"]
+    leaked["messages"][-1]["content"][0]["text"] = "another answer"  # the prompt is what leaks
+    fresh = json.loads(shapes_lines(1, start=100)[0])
+    test = [line(leaked), line(fresh)]
+
+    warned = split(train, test, root, leakage="warn")
+    assert [r["source_line"] for r in warned["test"].valid] == [1, 2]
+    assert warned["test"].report["overlap_with_train"] == {"count": 1, "policy": "warn"}
+
+    rejected = split(train, test, root, leakage="reject")
+    assert [r["source_line"] for r in rejected["test"].valid] == [2]
+    (entry,) = rejected["test"].quarantine
+    assert entry["line"] == 1 and entry["reason"] == "train_test_overlap" and "train line 4" in entry["detail"]
+    assert rejected["test"].report["total"] == 2 and rejected["test"].report["quarantined"] == 1
+
+
+@pytest.mark.slow
+def test_one_llava_file_through_the_kedro_data_stages(tmp_path, tiny_models):
+    """A LLaVA train.jsonl alone: the test split is held out of it, and every line is accounted for on disk."""
+    from datasets import load_from_disk
+
+    project = copy_project(tmp_path / "project")
+    raw = write_dialect(SHAPES, tmp_path / "llava", "llava", splits=("train",))
+    primary = run_data_stages(project, raw_data=str(raw), base_model=str(tiny_models["qwen2_5_vl"]))
+
+    out = project / "data/02_intermediate"
+    train_report = json.loads((out / "train/report.json").read_text())
+    test_report = json.loads((out / "test/report.json").read_text())
+    assert train_report["format"] == "conversations (LLaVA, ShareGPT)"
+    held = train_report["held_out_to_test"]
+    assert test_report["held_out_from"] == "train.jsonl" and test_report["valid"] == held > 0
+    valid = {split: (out / split / "valid.jsonl").read_text().splitlines() for split in ("train", "test")}
+    assert len(valid["train"]) + len(valid["test"]) == train_report["total"] == 480
+    assert len(load_from_disk(str(primary / "test"))) == held
+    summary = json.loads((out / "validation_summary.json").read_text())
+    assert summary["test_held_out_of_train"] is True and summary["test_overlap_with_train"] == 0
