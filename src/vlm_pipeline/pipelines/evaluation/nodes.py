@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +30,7 @@ logger = logging.getLogger(__name__)
 def evaluate_model(
     model_dir: Path,
     context: RunContext,
-    test_records: list[dict],
+    test_records: Iterable[dict],
     test_data: Dataset,
     preprocessing: PreprocessingParams,
     params: EvaluationParams,
@@ -41,6 +42,7 @@ def evaluate_model(
     model = load_model(model_dir, **context.model.loading_kwargs()).eval()
     collator = SFTCollator(encoder.processor, architecture, context.image_root)
     scores = teacher_forced_loss(model, collator, list(test_data), params.batch_size)
+    test_records = list(test_records)  # the evaluated set: its answers are held in memory anyway
     answers = generate_answers(
         model,
         encoder,
@@ -54,14 +56,15 @@ def evaluate_model(
     return {"scores": scores, "answers": answers}
 
 
-def majority_baseline(train_records: list[dict], test_records: list[dict]) -> dict:
+def majority_baseline(train_records: Iterable[dict], test_records: Iterable[dict]) -> dict:
     """Exact match of always giving the most common training answer: the bar a model must clear."""
     answer, _ = Counter(reference_answer(r) for r in train_records).most_common(1)[0]
+    test_records = list(test_records)
     return {"answer": answer, **text_scores([answer] * len(test_records), [reference_answer(r) for r in test_records])}
 
 
 def compare(
-    base: dict, tuned: dict, baseline: dict, merge_check: dict, test_records: list[dict]
+    base: dict, tuned: dict, baseline: dict, merge_check: dict, test_records: Iterable[dict]
 ) -> tuple[dict, list[dict], dict]:
     """metrics.json, predictions rows, and flat MLflow metrics; logs the base-vs-tuned table."""
     metrics = {
