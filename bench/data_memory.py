@@ -66,7 +66,8 @@ def measure(raw: Path, work: Path) -> dict:
     project.mkdir()
     for name in PROJECT_FILES:
         shutil.copy2(ROOT / name, project / name)
-    shutil.copytree(ROOT / "conf", project / "conf")
+    for folder in ("conf", "src"):  # kedro wants the source folder the project names
+        shutil.copytree(ROOT / folder, project / folder, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{work / 'mlflow.db'}", "OMP_NUM_THREADS": "1"}
     params = f"raw_data={raw},base_model={MODEL},preprocessing.num_proc=1"
     kedro = [str(Path(sys.executable).parent / "kedro"), "run", "--pipeline", "lora"]

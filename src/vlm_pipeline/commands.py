@@ -11,6 +11,7 @@
     vlm-pipeline inspect-labels --model DIR DATA.jsonl [-n 3] [--image-root DIR] [--chat-template FILE]
     vlm-pipeline plan [--recipe a|b|c|d|b-qlora | --env ENV --pipeline lora|full_ft] [--model-config DIR]
                       [--records N] [--gpu-memory-gb G]
+    vlm-pipeline import SRC OUT_DIR   (SRC: a .parquet file, a folder of Parquet shards, or a save_to_disk folder)
 """
 
 from __future__ import annotations
@@ -283,6 +284,19 @@ def _inspect_labels(args: argparse.Namespace) -> int:
     return 0
 
 
+def _import(args: argparse.Namespace) -> int:
+    """A downloaded Hugging Face dataset (Parquet or save_to_disk Arrow) as train/test JSONL + images, offline."""
+    from vlm_pipeline.data.importing import ImportSourceError, import_dataset, summary_lines
+
+    try:
+        report = import_dataset(Path(args.src), Path(args.out_dir))
+    except ImportSourceError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print("\n".join(summary_lines(report, Path(args.out_dir))))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="vlm-pipeline", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -363,6 +377,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--train-on", default="all_assistant_turns", choices=["all_assistant_turns", "last_assistant_turn"]
     )
     inspect.set_defaults(func=_inspect_labels)
+
+    importer = commands.add_parser(
+        "import", help="turn a downloaded HF dataset (Parquet, save_to_disk) into train/test JSONL + images"
+    )
+    importer.add_argument("src", help="a .parquet file, a folder of Parquet shards, or a save_to_disk folder")
+    importer.add_argument("out_dir", help="folder for train.jsonl, test.jsonl, images/ and the import report")
+    importer.set_defaults(func=_import)
     return parser
 
 
