@@ -25,9 +25,7 @@ def validate_raw_data(
     validator = partial(
         FileValidator, raw_images, max_image_pixels=params.max_image_pixels, duplicates=params.duplicates
     )
-    splits = validate_splits(
-        raw_train, raw_test, validator, test_fraction=params.test_fraction, leakage=params.leakage
-    )
+    splits = validate_splits(raw_train, raw_test, validator, test_fraction=params.test_fraction, leakage=params.leakage)
     train, test = splits["train"], splits["test"]
     for split, result in splits.items():
         report = result.report
