@@ -15,27 +15,13 @@ from pathlib import Path
 import mlflow
 import pytest
 import torch
-from kedro.framework.session import KedroSession
-from kedro.framework.startup import bootstrap_project
+from conftest import SHORT_TRAINING, run_kedro
 from safetensors import safe_open
 
 from vlm_pipeline.architectures import load_model
 from vlm_pipeline.config.run import RunConfig
 
 pytestmark = pytest.mark.slow  # Kedro sessions, subprocesses or training runs: `make test` only
-
-SHORT_TRAINING = {"sft": {"max_steps": 12, "logging_steps": 2, "save_steps": 6}}
-
-
-def run_kedro(project: Path, pipeline: str, env: str = "base", short: bool = True, **params) -> None:
-    bootstrap_project(project)
-    runtime = {**(SHORT_TRAINING if short else {}), **params}
-    with KedroSession.create(project_path=project, env=env, runtime_params=runtime) as session:
-        session.run(pipeline_names=[pipeline])
-    # kedro-mlflow ends the run from another thread; MLflow's active-run stack is thread-local, so this
-    # (test-only) process still points at the finished run. Drop it so the next session starts its own.
-    while mlflow.active_run():
-        mlflow.end_run()
 
 
 def read_jsonl(path: Path) -> list[dict]:

@@ -15,8 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import copy_project
-from test_chain import run_kedro
+from conftest import copy_project, run_kedro
 
 from vlm_pipeline.architectures import load_model
 

@@ -14,8 +14,8 @@ import subprocess
 
 import pytest
 import yaml
-from conftest import PROJECT_ROOT
-from test_chain import assert_clean_model_folder, run_kedro
+from conftest import PROJECT_ROOT, run_kedro
+from test_chain import assert_clean_model_folder
 from test_config import load_params
 
 from vlm_pipeline.config import validate_parameters

@@ -316,7 +316,7 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.set_defaults(func=_tiny_model)
 
     validate = commands.add_parser("validate", help="validate a JSONL file; write valid, quarantine and report")
-    validate.add_argument("input", help="JSONL file (conversational messages+images, or alpaca)")
+    validate.add_argument("input", help="JSONL file in any accepted format (README: Data)")
     validate.add_argument("--image-root", required=True, help="folder image paths are relative to")
     validate.add_argument("--output-dir", required=True)
     validate.add_argument("--max-invalid-fraction", type=float, default=DEFAULT_MAX_INVALID_FRACTION)

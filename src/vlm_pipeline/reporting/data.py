@@ -140,6 +140,32 @@ def label_preview(tokenizer: Any, rows: list[dict], marks: tuple[str, str] = BRA
     return blocks
 
 
+def data_source_lines(validation: dict[str, dict]) -> list[str]:
+    """What each file was read as, its exact duplicates, and the test records that leak from train."""
+    train, test = validation["train"], validation["test"]
+    lines = [f"- train.jsonl read as {train.get('format')}"]
+    if test.get("held_out_from"):
+        lines.append(
+            f"- no test.jsonl: {train['held_out_to_test']} records ({train['test_fraction']:.0%}, by record hash) "
+            "held out of train.jsonl as the test split"
+        )
+    else:
+        lines.append(f"- test.jsonl read as {test.get('format')}")
+    for split, report in (("train", train), ("test", test)):
+        duplicates = report.get("duplicates")
+        if duplicates:
+            action = "quarantined" if duplicates["policy"] == "reject" else "kept"
+            lines.append(f"- exact duplicates in {split}: {duplicates['count']} ({action})")
+    overlap = test.get("overlap_with_train")
+    if overlap:
+        action = "quarantined" if overlap["policy"] == "reject" else "kept: their scores measure recall"
+        lines.append(
+            f"- **test records whose prompt and images are also in train: {overlap['count']}**"
+            + (f" ({action})" if overlap["count"] else "")
+        )
+    return lines
+
+
 def data_markdown(
     validation: dict[str, dict],
     preprocessing: dict,
@@ -160,6 +186,7 @@ def data_markdown(
             f"| {split} | {v['total']} | {v['valid']} | {v['quarantined']} | {p['too_long']} | {p['kept']} "
             f"| {p['truncated']['records']} ({p['truncated']['tokens_cut']} tokens) |"
         )
+    lines += ["", *data_source_lines(validation)]
     held = preprocessing.get("validation", {}).get("records", 0)
     if held:
         lines += ["", f"Of the kept train records, {held} are held out as the validation split."]
