@@ -281,4 +281,5 @@ def test_each_dialect_learns_through_kedro_run(source, project, tiny_models, tmp
     assert report["quarantined"] == 0 and report["valid"] == 480
     metrics = json.loads((project / "data/08_reporting/lora/metrics.json").read_text())
     tuned, base = metrics["tuned"]["exact_match"], metrics["base"]["exact_match"]
+    print(f"{source}: exact match base {base:.3f}, tuned {tuned:.3f}")  # shown with -s; quoted in the closing note
     assert tuned >= base + 0.30, metrics
