@@ -38,8 +38,12 @@ def mixed_records() -> list[dict]:
     """Image questions and text-only glossary questions, as the validation stage emits them."""
     vqa = (RAW / "shapes_vqa/train.jsonl").read_bytes().splitlines()[:10]
     text = (RAW / "alpaca_glossary/train.jsonl").read_bytes().splitlines()[:6]
-    # Both folders' images are relative to shapes_vqa; the alpaca rows have none.
-    return validate_lines(vqa + text, RAW / "shapes_vqa", max_image_pixels=10**8).valid
+    # Two files (each file has one format); both relative to shapes_vqa, as the alpaca rows have no image.
+    return [
+        record
+        for lines in (vqa, text)
+        for record in validate_lines(lines, RAW / "shapes_vqa", max_image_pixels=10**8).valid
+    ]
 
 
 @pytest.mark.slow

@@ -49,7 +49,7 @@ def _validate(args: argparse.Namespace) -> int:
     from vlm_pipeline.data.validation import DataValidationError, check_reject_budget, validate_lines
     from vlm_pipeline.datasets import JSONDataset, JSONLinesDataset, RawLinesDataset
 
-    lines = RawLinesDataset(args.input).load()
+    lines = list(RawLinesDataset(args.input).load())  # the --model check quotes lines by number
     result = validate_lines(
         lines, Path(args.image_root), max_image_pixels=args.max_image_pixels, duplicates=args.duplicates
     )

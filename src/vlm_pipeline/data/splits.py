@@ -25,7 +25,7 @@ from vlm_pipeline.data.validation import (
     SplitTally,
     ValidationResult,
     ValidRecord,
-    numbered_records,
+    checked_lines,
     quarantine_entry,
 )
 
@@ -52,19 +52,13 @@ def validate_splits(
     held_out = RecordSpool()  # the held-out test records, with their prompt digests, until train is complete
     train_prompts: dict[bytes, int] = {}  # prompt digest -> first train line with it
     train_validator, train_tally = validator(), SplitTally()
-    for line_number, line in numbered_records(train_lines):
-        try:
-            checked = train_validator.check(line_number, line)
-        except RecordError as error:
-            train_tally.quarantined(error.reason)
-            train.quarantine.append(quarantine_entry(line_number, error, line))
-            continue
+    for checked, _ in checked_lines(train_lines, train_validator, train_tally, train.quarantine):
         if hold_out and unit_interval(checked.record_digest) < test_fraction:
             held_out.append(_spooled(checked))
             continue
         train_tally.kept(checked)
         train.valid.append(checked.record)
-        train_prompts.setdefault(checked.prompt_digest, line_number)
+        train_prompts.setdefault(checked.prompt_digest, checked.record["source_line"])
     held = len(held_out)
     train.report = train_tally.report(
         **train_validator.describe(), **({"held_out_to_test": held, "test_fraction": test_fraction} if hold_out else {})
@@ -84,7 +78,7 @@ def validate_splits(
         test_validator = train_validator
     else:
         test_validator = validator()
-        checked_test = _checked(test_lines, test_validator, test_tally, test.quarantine)
+        checked_test = checked_lines(test_lines, test_validator, test_tally, test.quarantine)
     for checked, line in checked_test:
         train_line = train_prompts.get(checked.prompt_digest)
         if train_line is not None:
@@ -104,16 +98,6 @@ def validate_splits(
 def unit_interval(digest: bytes) -> float:
     """A digest as a number in [0, 1): the same record always maps to the same number."""
     return int.from_bytes(hashlib.sha256(digest).digest()[:8], "big") / 2**64
-
-
-def _checked(lines: Iterable[bytes], validator: FileValidator, tally: SplitTally, quarantine) -> Iterable:
-    """(valid record, its line) for each valid line; the others go to ``quarantine`` as they are met."""
-    for line_number, line in numbered_records(lines):
-        try:
-            yield validator.check(line_number, line), line
-        except RecordError as error:
-            tally.quarantined(error.reason)
-            quarantine.append(quarantine_entry(line_number, error, line))
 
 
 def _spooled(checked: ValidRecord) -> dict:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -221,17 +221,25 @@ def validate_lines(
     validator = FileValidator(image_root, max_image_pixels=max_image_pixels, duplicates=duplicates)
     tally = SplitTally()
     result = ValidationResult(valid=[] if valid is None else valid, quarantine=[] if quarantine is None else quarantine)
+    for checked, _ in checked_lines(lines, validator, tally, result.quarantine):
+        tally.kept(checked)
+        result.valid.append(checked.record)
+    result.report = tally.report(**validator.describe())
+    return result
+
+
+def checked_lines(
+    lines: Iterable[bytes], validator: FileValidator, tally: SplitTally, quarantine: Sink
+) -> Iterator[tuple[ValidRecord, bytes]]:
+    """(valid record, its line) for each valid line; the others go to ``quarantine`` (and ``tally``) as met."""
     for line_number, line in numbered_records(lines):
         try:
             checked = validator.check(line_number, line)
         except RecordError as error:
             tally.quarantined(error.reason)
-            result.quarantine.append(quarantine_entry(line_number, error, line))
+            quarantine.append(quarantine_entry(line_number, error, line))
             continue
-        tally.kept(checked)
-        result.valid.append(checked.record)
-    result.report = tally.report(**validator.describe())
-    return result
+        yield checked, line
 
 
 def numbered_records(lines: Iterable[bytes]) -> Iterable[tuple[int, bytes]]:

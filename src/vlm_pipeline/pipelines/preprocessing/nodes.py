@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -16,7 +16,7 @@ from vlm_pipeline.config.run import RunContext
 from vlm_pipeline.config.schema import PreprocessingParams, SFTParams
 from vlm_pipeline.data.encoding import NO_LABEL_TOKENS, TOO_LONG, encode_record
 from vlm_pipeline.data.labels import ChatEncoder, ChatTemplateError
-from vlm_pipeline.data.spool import records_dataset
+from vlm_pipeline.data.spool import RecordSpool, records_dataset
 from vlm_pipeline.reporting.data import (
     data_figure,
     data_markdown,
@@ -46,7 +46,7 @@ def _encode_row(row: dict, *, encoder: ChatEncoder, image_root: Path, params: Pr
 
 def tokenize_split(
     records: Iterable[dict], context: RunContext, params: PreprocessingParams
-) -> tuple[Dataset, Iterator[dict], dict]:
+) -> tuple[Dataset, RecordSpool, dict]:
     """Encode every validated record (in ``num_proc`` processes); records that cannot train are set aside.
 
     Images are bounded (``params.images``) by the processor before tokenisation, so the image-token
@@ -63,10 +63,11 @@ def tokenize_split(
     reasons = encoded["reason"]
     rejected = [i for i, reason in enumerate(reasons) if reason is not None]
     report = _split_report(encoded, reasons)
-    quarantine = (
-        {"line": row["source_line"], "reason": row["reason"], "detail": row["detail"], "raw": row["record"]}
-        for row in encoded.select(rejected).select_columns(["source_line", "reason", "detail", "record"])
-    )
+    quarantine = RecordSpool()
+    for row in encoded.select(rejected).select_columns(["source_line", "reason", "detail", "record"]):
+        quarantine.append(
+            {"line": row["source_line"], "reason": row["reason"], "detail": row["detail"], "raw": row["record"]}
+        )
     # An index selection, not a filter pass: no copy of the data when nothing (or little) is rejected.
     kept = encoded.select([i for i, reason in enumerate(reasons) if reason is None]) if rejected else encoded
     return kept.select_columns(MODEL_COLUMNS), quarantine, report
