@@ -155,7 +155,8 @@ def data_source_lines(validation: dict[str, dict]) -> list[str]:
         duplicates = report.get("duplicates")
         if duplicates:
             action = "quarantined" if duplicates["policy"] == "reject" else "kept"
-            lines.append(f"- exact duplicates in {split}: {duplicates['count']} ({action})")
+            count = duplicates["count"]
+            lines.append(f"- exact duplicates in {split}: {count}" + (f" ({action})" if count else ""))
     overlap = test.get("overlap_with_train")
     if overlap:
         action = "quarantined" if overlap["policy"] == "reject" else "kept: their scores measure recall"
