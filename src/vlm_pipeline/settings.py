@@ -4,8 +4,10 @@ from kedro.config import OmegaConfigLoader
 from omegaconf.resolvers import oc
 
 from vlm_pipeline.hooks import ParameterChecks
+from vlm_pipeline.tracking import RunDetails
 
-HOOKS = (ParameterChecks(),)
+# ParameterChecks fails a bad run before anything starts; RunDetails names and tags the MLflow run kedro-mlflow starts.
+HOOKS = (ParameterChecks(), RunDetails())
 
 CONFIG_LOADER_CLASS = OmegaConfigLoader
 CONFIG_LOADER_ARGS = {

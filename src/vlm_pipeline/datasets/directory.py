@@ -41,6 +41,11 @@ class DirectoryDataset(AbstractDataset[Path, Path]):
         self._create = create
         self.metadata = metadata
 
+    @property
+    def path(self) -> Path:
+        """The folder (for hooks that record where a run's model came from, without loading anything)."""
+        return self._path
+
     def load(self) -> Path:
         if self._create:
             self._path.mkdir(parents=True, exist_ok=True)

@@ -82,6 +82,11 @@ class JSONLinesDataset(AbstractDataset[Iterable[dict], JSONLines]):
         self._filepath = Path(filepath)
         self.metadata = metadata
 
+    @property
+    def filepath(self) -> Path:
+        """The file (for hooks that log it as a run input with its digest)."""
+        return self._filepath
+
     def load(self) -> JSONLines:
         if not self._filepath.is_file():
             raise DatasetError(f"{self._filepath} does not exist")

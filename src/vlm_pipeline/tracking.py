@@ -1,0 +1,167 @@
+"""What a Kedro run's MLflow run records besides kedro-mlflow's parameters and metrics: enough to find it, trust it
+and reproduce it.
+
+kedro-mlflow starts the run (named after the pipeline) and logs the parameters; this hook then gives it
+
+* a name saying variant, model and time (``lora · tiny-qwen2_5_vl · 2026-11-29 21:40``), and tags for the git
+  commit (MLflow's own ``mlflow.source.git.commit``), the conf environment, the Kedro tags (the DVC stage) and the
+  DVC experiment (``DVC_EXP_NAME``, which ``dvc exp run`` sets for its stages);
+* the experiment tag that opens it in the MLflow UI's model-training view rather than the GenAI view;
+* at the end, the input datasets the run read or wrote (``valid.jsonl`` of each split, with their SHA-256 digests)
+  and the evaluation's predictions as an MLflow table.
+
+The run id is kept from the start: kedro-mlflow ends the run in its own ``after_pipeline_run``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import subprocess
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from kedro.framework.hooks import hook_impl
+
+# MLflow 3's UI picks the experiment's view from this tag; without it a new experiment opens in the GenAI view.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+TRAINING_KIND = "custom_model_development"
+# The datasets logged as run inputs, with the MLflow input context each is used in.
+INPUT_DATASETS = {"train_records": "training", "test_records": "evaluation"}
+
+
+class RunDetails:
+    def __init__(self) -> None:
+        self.project_path = Path.cwd()
+        self.env: str | None = None
+        self.run_id: str | None = None
+
+    @hook_impl
+    def after_context_created(self, context) -> None:
+        self.project_path = Path(context.project_path)
+        self.env = context.env
+
+    @hook_impl
+    def before_pipeline_run(self, run_params: dict[str, Any], pipeline, catalog) -> None:
+        import mlflow
+
+        run = mlflow.active_run()
+        if run is None:  # tracking disabled for this pipeline
+            return
+        self.run_id = run.info.run_id
+        variant = _pipeline_name(run_params)
+        model = _model_name(catalog)
+        tags = {
+            "mlflow.runName": f"{variant} · {model} · {datetime.now(UTC):%Y-%m-%d %H:%M} UTC",
+            "vlm_pipeline.variant": variant,
+            "vlm_pipeline.base_model": model,
+            "kedro.env": self.env or run_params.get("env") or "local",
+            "kedro.tags": ",".join(sorted(run_params.get("tags") or [])) or "all",
+            "runner": _runner_name(run_params.get("runner")),
+        }
+        commit = git_commit(self.project_path)
+        if commit:
+            tags["mlflow.source.git.commit"] = commit
+        if os.environ.get("DVC_EXP_NAME"):
+            tags["dvc.experiment"] = os.environ["DVC_EXP_NAME"]
+        mlflow.set_tags(tags)
+        mlflow.MlflowClient().set_experiment_tag(run.info.experiment_id, EXPERIMENT_KIND_TAG, TRAINING_KIND)
+
+    @hook_impl
+    def after_pipeline_run(self, run_params: dict[str, Any], pipeline, catalog) -> None:
+        if self.run_id is None:
+            return
+        names = pipeline.datasets()
+        log_inputs(self.run_id, {name: context for name, context in INPUT_DATASETS.items() if name in names}, catalog)
+        for name in sorted(names):
+            if name.endswith(".predictions") and catalog.exists(name):
+                log_predictions(self.run_id, catalog.load(name), name.split(".")[0])
+        self.run_id = None
+
+
+def git_commit(project_path: Path) -> str | None:
+    """The checked-out commit, with ``-dirty`` when tracked files differ from it; None outside a git clone."""
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=project_path, capture_output=True, text=True, check=True, timeout=10
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=project_path,
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=10,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return f"{commit}-dirty" if dirty else commit
+
+
+def file_digest(path: Path) -> str:
+    """SHA-256 of a file, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def log_inputs(run_id: str, datasets: dict[str, str], catalog) -> None:
+    """Each dataset file that exists as an MLflow run input (name, local source, digest, context)."""
+    from mlflow import MlflowClient
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
+    from mlflow.entities import DatasetInput, InputTag
+
+    inputs = []
+    for name, context in datasets.items():
+        path = catalog.get(name).filepath.resolve()
+        if not path.is_file():
+            continue
+        dataset = MetaDataset(resolve_dataset_source(str(path)), name=name, digest=file_digest(path)[:16])
+        inputs.append(DatasetInput(dataset._to_mlflow_entity(), [InputTag("mlflow.data.context", context)]))
+    if inputs:
+        MlflowClient().log_inputs(run_id, datasets=inputs)
+
+
+def log_predictions(run_id: str, predictions: Any, variant: str) -> None:
+    """The evaluation's predictions as an MLflow table (browsable and comparable in the UI's artifact view)."""
+    import mlflow
+
+    rows = list(predictions)
+    if not rows:
+        return
+    columns = {key: [_cell(row.get(key)) for row in rows] for key in rows[0]}
+    mlflow.log_table(columns, artifact_file=f"evaluation/{variant}_predictions.json", run_id=run_id)
+
+
+def _cell(value: Any) -> Any:
+    """Table cells are scalars: nested values (a prompt's content parts, image lists) as their JSON text."""
+    import json
+
+    return value if isinstance(value, str | int | float | bool | type(None)) else json.dumps(value)
+
+
+def _runner_name(runner: Any) -> str:
+    """kedro-mlflow tags the runner as Kedro passes it: an object's repr, or "None" for the default. Its class name
+    is what a person filters on."""
+    if runner is not None and not isinstance(runner, str):
+        return type(runner).__name__
+    found = re.search(r"(\w*Runner)\b", runner or "")
+    return found.group(1) if found else "SequentialRunner"
+
+
+def _pipeline_name(run_params: dict[str, Any]) -> str:
+    names = run_params.get("pipeline_names") or [run_params.get("pipeline_name")]
+    return ",".join(name or "__default__" for name in names)
+
+
+def _model_name(catalog) -> str:
+    """The base model folder's name, from the catalog's ``base_model`` entry (no weights are read)."""
+    try:
+        return catalog.get("base_model").path.name
+    except Exception:  # noqa: BLE001 - a run without a base model entry still gets a name
+        return "no-model"

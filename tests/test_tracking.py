@@ -1,0 +1,52 @@
+"""What a Kedro run leaves in MLflow, read back through MlflowClient from a temp sqlite store: the run's name and
+tags (git commit, environment, DVC stage), the experiment's UI kind, the input datasets with digests, and the
+predictions table."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import subprocess
+
+import mlflow
+import pytest
+from conftest import run_kedro
+
+pytestmark = pytest.mark.slow  # a Kedro session with a training run
+
+
+def git(project, *args: str) -> str:
+    return subprocess.run(["git", *args], cwd=project, capture_output=True, text=True, check=True).stdout.strip()
+
+
+def test_a_run_names_itself_and_records_commit_inputs_and_predictions(project, tiny_models):
+    shutil.copytree(tiny_models["llama"], project / "data/00_base_models/tiny-llama")
+    git(project, "init", "-q")
+    git(project, "add", "-A")
+    git(project, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "snapshot")
+    commit = git(project, "rev-parse", "HEAD")
+
+    run_kedro(project, "lora", env="tiny_llama")
+
+    mlflow.set_tracking_uri(f"sqlite:///{project / 'mlflow.db'}")
+    client = mlflow.MlflowClient()
+    experiment = client.get_experiment_by_name("vlm-pipeline")
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    (run,) = client.search_runs([experiment.experiment_id])
+    tags = run.data.tags
+    assert tags["mlflow.runName"].startswith("lora · tiny-llama · ") and tags["mlflow.runName"].endswith(" UTC")
+    assert tags["mlflow.source.git.commit"] in (commit, f"{commit}-dirty")
+    assert tags["kedro.env"] == "tiny_llama" and tags["runner"] == "SequentialRunner"
+
+    inputs = {item.dataset.name: item for item in run.inputs.dataset_inputs}
+    assert set(inputs) == {"train_records", "test_records"}
+    for name, split, context in (("train_records", "train", "training"), ("test_records", "test", "evaluation")):
+        data = (project / "data/02_intermediate" / split / "valid.jsonl").read_bytes()
+        assert inputs[name].dataset.digest == hashlib.sha256(data).hexdigest()[:16]
+        assert {tag.key: tag.value for tag in inputs[name].tags}["mlflow.data.context"] == context
+
+    table = json.loads(mlflow.artifacts.load_text(f"runs:/{run.info.run_id}/evaluation/lora_predictions.json"))
+    predictions = (project / "data/07_model_output/lora/predictions.jsonl").read_text().splitlines()
+    assert len(table["data"]) == len(predictions) > 0
+    assert {"reference", "base", "tuned"} <= set(table["columns"])
