@@ -1,9 +1,11 @@
 """Kedro hooks: parameter checks as soon as the context exists, before pipelines, datasets or models load.
 
 ``after_context_created`` runs before Kedro imports the pipeline registry (and with it torch and transformers),
-so a typo fails in about a second; ``before_pipeline_run`` checks again with the exact parameters the run got,
-and logs them to the run's MLflow run flattened (``sft.num_train_epochs``, ``lora.method.learning_rate``): the
-nodes receive typed sections, which kedro-mlflow would log only as one value per group.
+so a misspelt ``--env``, a typo or a missing model or data folder fails in about a second, and it runs first
+(``tryfirst``), before kedro-mlflow's hook opens the MLflow store; ``before_pipeline_run`` checks again with the
+exact parameters the run got, and logs them to the run's MLflow run flattened (``sft.num_train_epochs``,
+``lora.method.learning_rate``): the nodes receive typed sections, which kedro-mlflow would log only as one value
+per group.
 """
 
 from pathlib import Path
@@ -11,18 +13,22 @@ from typing import Any
 
 from kedro.framework.hooks import hook_impl
 
-from vlm_pipeline.config import check_parameters, validate_parameters
+from vlm_pipeline.config import check_environment, check_parameters, check_paths, validate_parameters
 
 
 class ParameterChecks:
+    """Stops a run that cannot succeed before anything starts: each problem is one ConfigError line (see cli.py)."""
+
     def __init__(self) -> None:
         self.project_path = Path.cwd()
 
-    @hook_impl
+    @hook_impl(tryfirst=True)  # before kedro-mlflow's, which reads the configuration and opens the MLflow store
     def after_context_created(self, context) -> None:
         self.project_path = Path(context.project_path)
+        loader = context.config_loader
+        check_environment(loader.conf_source, loader.env)
         # config_loader, not context.params: the latter imports every pipeline (and torch) to validate them
-        validate_parameters(context.config_loader["parameters"])
+        check_paths(validate_parameters(loader["parameters"]), self.project_path)
 
     @hook_impl
     def before_pipeline_run(self, run_params, pipeline, catalog) -> None:

@@ -1,7 +1,10 @@
-"""Checks before any node runs: the schema, then what it cannot see alone (this machine, the accelerate file).
+"""Checks before any node runs: the conf environment, the schema, the paths the parameters name, then what the
+schema cannot see alone (this machine, the accelerate file).
 
-Called by a Kedro hook (``vlm_pipeline.hooks``), so ``kedro run`` and ``dvc repro`` stop in seconds on a typo,
-a GPU recipe on a machine without GPUs, or an accelerate file that disagrees with the parameters.
+Called by a Kedro hook (``vlm_pipeline.hooks``), so ``kedro run`` and ``dvc repro`` stop in seconds on a misspelt
+``--env``, a typo, a model or data folder that is not there, a GPU recipe on a machine without GPUs, or an
+accelerate file that disagrees with the parameters. Each check raises :class:`ConfigError` with one line: the
+parameter, the value, and what to do.
 """
 
 from __future__ import annotations
@@ -39,15 +42,76 @@ def check_parameters(params: dict[str, Any], project_root: Path | None = None) -
     return parsed
 
 
+def check_environment(conf_source: str | Path, env: str | None) -> None:
+    """A named conf environment must be a folder of ``conf_source``. Kedro finds out only when a hook first reads
+    the configuration, and kedro-mlflow's hook does that first with its defaults, so a misspelt ``--env`` would
+    surface as an MLflow store error. A remote or packaged ``conf_source`` is left to Kedro."""
+    conf = Path(conf_source)
+    if env is None or not conf.is_dir() or (conf / env).is_dir():
+        return
+    available = ", ".join(sorted(folder.name for folder in conf.iterdir() if _is_environment(folder)))
+    raise ConfigError(f"conf environment {env!r} does not exist: {conf.name}/{env}; available: {available}")
+
+
+def _is_environment(folder: Path) -> bool:
+    """A conf folder holding Kedro configuration (conf/accelerate and conf/model_configs hold other files)."""
+    return folder.is_dir() and any(folder.glob("*.yml"))
+
+
+def check_paths(params: Parameters, project_root: Path) -> None:
+    """Every file or folder a parameter names must exist before the run starts, not when the node that reads it
+    runs (the model folder is read only after validation, several minutes in on real data)."""
+    raw_data = _resolved(params.raw_data, project_root)
+    if not raw_data.is_dir():
+        raise ConfigError(
+            f"raw_data: {params.raw_data} does not exist: give the folder holding train.jsonl and its images "
+            "(kedro run --params raw_data=DIR, or raw_data in conf/<env>/globals.yml)"
+        )
+    if not (raw_data / "train.jsonl").is_file():
+        raise ConfigError(f"raw_data: {params.raw_data} has no train.jsonl: give the folder that holds it")
+    base_model = _resolved(params.base_model, project_root)
+    if not base_model.is_dir():
+        raise ConfigError(
+            f"base_model: {params.base_model} does not exist: point it at a local checkpoint folder "
+            "(kedro run --params base_model=DIR), or build the tiny default with `make model`"
+        )
+    if not (base_model / "config.json").is_file():
+        raise ConfigError(
+            f"base_model: {params.base_model} has no config.json: point it at a Hugging Face checkpoint folder "
+            "(the one holding config.json and the safetensors)"
+        )
+    template = params.preprocessing.chat_template
+    if template is not None and not _resolved(template, project_root).is_file():
+        raise ConfigError(
+            f"preprocessing.chat_template: {template} does not exist: give a .jinja file "
+            "(conf/model_configs/*/chat_template.jinja), or null for the checkpoint's own"
+        )
+    accelerate_file(params, project_root)
+
+
+def accelerate_file(params: Parameters, project_root: Path) -> Path:
+    """The accelerate config file ``sft.accelerate_config`` names; ConfigError listing the shipped ones if absent."""
+    path = _resolved(params.sft.accelerate_config, project_root)
+    if not path.is_file():
+        shipped = sorted(file.name for file in (project_root / "conf/accelerate").glob("*.yaml"))
+        raise ConfigError(
+            f"sft.accelerate_config: {params.sft.accelerate_config} does not exist: use a file of conf/accelerate/"
+            + (f" ({', '.join(shipped)})" if shipped else "")
+        )
+    return path
+
+
+def _resolved(path: str, project_root: Path) -> Path:
+    """A parameter's path as the run reads it: relative paths are relative to the project folder."""
+    return project_root / Path(path).expanduser()
+
+
 def check_machine(params: Parameters, project_root: Path) -> None:
     """Settings this machine cannot run: they would otherwise fail only after the model has loaded."""
     import torch
 
     sft = params.sft
-    accelerate_file = project_root / sft.accelerate_config
-    if not accelerate_file.is_file():
-        raise ConfigError(f"sft.accelerate_config: {accelerate_file} does not exist (see conf/accelerate/)")
-    accelerate = yaml.safe_load(accelerate_file.read_text()) or {}
+    accelerate = yaml.safe_load(accelerate_file(params, project_root).read_text()) or {}
     on_cpu = bool(accelerate.get("use_cpu"))
     gpus = torch.cuda.device_count()
     if not on_cpu:

@@ -2,7 +2,9 @@
 
 A reference is a relative path, a ``file://`` URI, a ``data:image/...;base64,`` URI or a remote URL:
 
-* a relative path (or a ``file://`` URI naming a file) must resolve inside the data folder;
+* a relative path (or a ``file://`` URI naming a file) must stay inside the data folder *lexically*: no absolute
+  path, no ``..`` component. Symlinks are followed, not judged: on GPU hosts ``images/`` is often a link to a big
+  volume, and a link inside the data folder is the folder owner's choice, whereas ``..`` in a record is the record's;
 * a ``data:`` URI is decoded once and stored in the data folder, named by content hash
   (:func:`vlm_pipeline.data.images.store_image`), after its header passed the pixel limit;
 * a remote URL is rejected: nothing is downloaded at run time.
@@ -17,6 +19,7 @@ import base64
 import binascii
 import hashlib
 import io
+import os
 import warnings
 from dataclasses import dataclass
 from functools import lru_cache
@@ -54,7 +57,8 @@ class ImageChecker:
     """Resolve and check references under one data folder, remembering the last ``CACHE_SIZE`` outcomes."""
 
     def __init__(self, image_root: Path, max_image_pixels: int):
-        self.root = Path(image_root).resolve()
+        # Absolute but not resolved: a symlinked data folder keeps the name the records and the catalog use.
+        self.root = Path(os.path.abspath(image_root))
         self.max_image_pixels = max_image_pixels
         self._cached = lru_cache(maxsize=CACHE_SIZE)(self._check)
 
@@ -80,10 +84,7 @@ class ImageChecker:
         if parsed.scheme == "file":
             if parsed.netloc not in ("", "localhost"):
                 raise RecordError(REMOTE_IMAGE, f"{reference!r} names another host; only local files are read")
-            path = Path(unquote(parsed.path)).resolve()
-            if not path.is_relative_to(self.root):
-                raise RecordError(IMAGE_OUTSIDE_ROOT, f"{reference!r} is outside the data folder {self.root}")
-            return path.relative_to(self.root).as_posix()
+            return self._inside_root(reference, PurePosixPath(unquote(parsed.path)))
         if len(parsed.scheme) > 1:  # one letter is a Windows drive, caught as absolute below
             raise RecordError(
                 REMOTE_IMAGE,
@@ -94,13 +95,20 @@ class ImageChecker:
             raise RecordError(
                 IMAGE_OUTSIDE_ROOT, f"image path {reference!r} is absolute; paths must be relative to {self.root}"
             )
+        _refuse_parent_steps(reference, reference)
         return reference
 
+    def _inside_root(self, reference: str, path: PurePosixPath) -> str:
+        """A ``file://`` path as a path relative to the data folder, judged by its text, as a relative path is."""
+        _refuse_parent_steps(reference, str(path))
+        for root in (self.root, self.root.resolve()):  # the folder's own name, or where a symlinked folder points
+            if path.is_relative_to(root.as_posix()):
+                return path.relative_to(root.as_posix()).as_posix()
+        raise RecordError(IMAGE_OUTSIDE_ROOT, f"{reference!r} is outside the data folder {self.root}")
+
     def _inspected(self, relative: str) -> CheckedImage:
-        # resolve() follows symlinks and collapses '..', so both escape routes are caught by one comparison.
-        path = (self.root / relative).resolve()
-        if not path.is_relative_to(self.root):
-            raise RecordError(IMAGE_OUTSIDE_ROOT, f"image path {relative!r} resolves to {path}, outside {self.root}")
+        # Not resolved: the lexical checks above are the confinement, and a symlink inside the folder is followed.
+        path = self.root / relative
         if not path.is_file():
             raise RecordError(IMAGE_MISSING, f"image path {relative!r} names no file under {self.root}")
         data = path.read_bytes()
@@ -154,6 +162,16 @@ def inspect_image(data: bytes, name: str, max_image_pixels: int) -> tuple[int, i
     except Exception as error:  # noqa: BLE001 - corrupt files raise OSError, SyntaxError, struct.error, ...
         raise RecordError(IMAGE_UNREADABLE, f"image {name} cannot be decoded: {error}") from None
     return width, height
+
+
+def _refuse_parent_steps(reference: str, path: str) -> None:
+    """A ``..`` component is refused wherever it points: the text alone decides, never the filesystem, so a record
+    cannot reach outside the data folder however its symlinks are laid out."""
+    if ".." in PurePosixPath(path).parts or ".." in PureWindowsPath(path).parts:
+        raise RecordError(
+            IMAGE_OUTSIDE_ROOT,
+            f"image path {_short(reference)} has a '..' component; paths must stay inside the data folder",
+        )
 
 
 def _short(reference: str) -> str:

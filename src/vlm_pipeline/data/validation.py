@@ -62,7 +62,8 @@ REASONS: dict[str, str] = {
     DUPLICATE: "Same normalised messages and images as an earlier valid record (duplicates='reject').",
     REMOTE_IMAGE: "An image is an http(s) or other remote URL: nothing is downloaded at run time.",
     BAD_DATA_URI: "A data: URI is not base64 image data, or its base64 cannot be decoded.",
-    IMAGE_OUTSIDE_ROOT: "An image path is absolute or resolves outside the data folder ('..' or a symlink).",
+    IMAGE_OUTSIDE_ROOT: "An image path is absolute or has a '..' component (a symlink inside the data folder is "
+    "followed, so images/ may link to a larger volume).",
     IMAGE_MISSING: "An image path does not name an existing file.",
     IMAGE_TOO_LARGE: "An image has more pixels than max_image_pixels, or PIL flags it as a decompression bomb.",
     IMAGE_UNREADABLE: "An image file cannot be decoded (truncated, corrupt, or not an image).",

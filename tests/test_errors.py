@@ -1,0 +1,268 @@
+"""Errors first, and short: the mistakes a new user makes stop `kedro run` and `vlm-pipeline` before any node or
+model loads, in one or two lines naming the parameter or option, the value and the fix, with no traceback
+unless --verbose asks for one."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import PROJECT_ROOT, copy_project
+from PIL import Image
+
+from vlm_pipeline.cli import RunStopped
+from vlm_pipeline.commands import InputError, is_input_error, is_own_error, main
+from vlm_pipeline.config import ConfigError, check_environment, check_paths, validate_parameters
+from vlm_pipeline.data.validation import DataValidationError
+
+BIN = Path(sys.executable).parent
+SHAPES = PROJECT_ROOT / "data/01_raw/shapes_vqa"
+
+
+# --- the checks themselves (no Kedro session, no subprocess) --------------------------------------------------
+
+
+@pytest.fixture
+def paths(tmp_path) -> dict[str, str]:
+    """A project folder whose raw data, model and accelerate file exist, as the parameters name them."""
+    (tmp_path / "raw").mkdir()
+    (tmp_path / "raw/train.jsonl").write_text("")
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model/config.json").write_text("{}")
+    (tmp_path / "conf/accelerate").mkdir(parents=True)
+    (tmp_path / "conf/accelerate/cpu.yaml").write_text("use_cpu: true\n")
+    return {"raw_data": "raw", "base_model": "model", "sft": {"accelerate_config": "conf/accelerate/cpu.yaml"}}
+
+
+def check(params: dict, root: Path) -> None:
+    check_paths(validate_parameters(params), root)
+
+
+def test_existing_paths_pass_relative_to_the_project(paths, tmp_path):
+    check(paths, tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ({"raw_data": "nope"}, r"^raw_data: nope does not exist: give the folder holding train\.jsonl"),
+        ({"raw_data": "."}, r"^raw_data: \. has no train\.jsonl"),
+        ({"base_model": "nope"}, r"^base_model: nope does not exist: .*--params base_model=DIR.*make model"),
+        ({"base_model": "raw"}, r"^base_model: raw has no config\.json"),
+        (
+            {"sft": {"accelerate_config": "conf/accelerate/gpu.yaml"}},
+            r"^sft\.accelerate_config: conf/accelerate/gpu\.yaml does not exist: use a file of conf/accelerate/ "
+            r"\(cpu\.yaml\)",
+        ),
+    ],
+)
+def test_a_missing_path_is_one_line_naming_the_parameter_the_path_and_the_fix(paths, tmp_path, override, message):
+    with pytest.raises(ConfigError, match=message) as error:
+        check({**paths, **override}, tmp_path)
+    assert "\n" not in str(error.value)
+
+
+def test_a_missing_chat_template_is_named_with_the_fix(paths, tmp_path):
+    with pytest.raises(ConfigError, match=r"preprocessing\.chat_template: nope\.jinja does not exist: give a \.jinja"):
+        check({**paths, "preprocessing": {"chat_template": "nope.jinja"}}, tmp_path)
+
+
+def test_a_missing_environment_lists_the_ones_there_are(tmp_path):
+    for env in ("base", "gpu_recipe"):
+        (tmp_path / env).mkdir()
+        (tmp_path / env / "parameters.yml").write_text("{}")
+    (tmp_path / "accelerate").mkdir()  # configuration of another kind: not an environment
+    (tmp_path / "accelerate/cpu.yaml").write_text("use_cpu: true\n")
+    check_environment(tmp_path, "gpu_recipe")
+    check_environment(tmp_path, None)  # Kedro's default environment
+    with pytest.raises(ConfigError) as error:
+        check_environment(tmp_path, "gpu_recipie")
+    assert str(error.value) == (
+        f"conf environment 'gpu_recipie' does not exist: {tmp_path.name}/gpu_recipie; available: base, gpu_recipe"
+    )
+
+
+def test_trl_names_kept_elsewhere_say_where_and_are_not_called_old():
+    with pytest.raises(ConfigError) as error:
+        validate_parameters({"raw_data": "r", "base_model": "m", "sft": {"learning_rate": 1e-4}})
+    message = str(error.value)
+    assert message.startswith("sft.learning_rate is TRL's name, but here each method has its own")
+    assert "lora.method.learning_rate" in message and "full_ft.method.learning_rate" in message
+    assert "old" not in message
+    with pytest.raises(ConfigError, match=r"^sft: max_seq_length is an older name: use preprocessing\.max_length"):
+        validate_parameters({"raw_data": "r", "base_model": "m", "sft": {"max_seq_length": 512}})
+
+
+def test_our_errors_are_told_apart_from_bugs():
+    assert is_own_error(ConfigError("x")) and is_own_error(DataValidationError("x")) and is_own_error(InputError("x"))
+    assert not is_own_error(ValueError("x")) and not is_own_error(KeyError("x"))
+    assert is_input_error(ConfigError("x")) and is_input_error(InputError("x"))
+    assert not is_input_error(DataValidationError("x"))
+    assert RunStopped(ConfigError("x")).exit_code == 2 and RunStopped(DataValidationError("x")).exit_code == 1
+    assert RunStopped(ConfigError("bad key")).message == "ConfigError: bad key"
+
+
+# --- vlm-pipeline, in process --------------------------------------------------------------------------------
+
+
+def vlm_pipeline(capsys, *argv: str) -> tuple[int, str]:
+    with pytest.raises(SystemExit) as exit_info:
+        main(list(argv))
+    return exit_info.value.code, capsys.readouterr().err
+
+
+@pytest.fixture
+def model_dir(tmp_path) -> Path:
+    """A folder that looks like a saved model to the input checks; nothing is ever loaded from it."""
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"model_type": "qwen2_5_vl"}))
+    return folder
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        (["--image", "nowhere.png"], "error: --image nowhere.png does not exist (or is not a file)\n"),
+        (["--image", "{bad}"], "error: --image {bad} is not a readable image: cannot identify image file"),
+        (["--adapter", "{model}", "--image", "{good}"], "error: --adapter {model} has no adapter_config.json"),
+    ],
+)
+def test_predict_checks_its_inputs_in_one_line(capsys, tmp_path, model_dir, arguments, message):
+    (tmp_path / "bad.png").write_text("not an image")
+    Image.new("RGB", (8, 8), "red").save(tmp_path / "good.png")
+    names = {"bad": tmp_path / "bad.png", "good": tmp_path / "good.png", "model": model_dir}
+    arguments = [argument.format(**names) for argument in arguments]
+    code, err = vlm_pipeline(capsys, "predict", "--model", str(model_dir), *arguments, "--prompt", "Colour?")
+    assert code == 2 and err.startswith(message.format(**names)) and err.count("\n") == 1
+
+
+def test_predict_names_a_missing_model(capsys, tmp_path):
+    code, err = vlm_pipeline(capsys, "predict", "--model", str(tmp_path / "nowhere"), "--prompt", "Hi")
+    assert (code, err) == (2, f"error: --model {tmp_path / 'nowhere'} does not exist (or is not a folder)\n")
+
+
+def test_validate_and_plan_check_their_inputs(capsys, tmp_path, monkeypatch):
+    code, err = vlm_pipeline(
+        capsys, "validate", str(tmp_path / "x.jsonl"), "--image-root", str(tmp_path), "--output-dir", str(tmp_path)
+    )
+    assert (code, err) == (2, f"error: input {tmp_path / 'x.jsonl'} does not exist (or is not a file)\n")
+    monkeypatch.chdir(PROJECT_ROOT)
+    code, err = vlm_pipeline(capsys, "plan", "--env", "tiny_lama", "--records", "10")
+    assert code == 2 and err.startswith(
+        "error: conf environment 'tiny_lama' does not exist: conf/tiny_lama; available:"
+    )
+    assert "tiny_llama" in err and "accelerate" not in err
+
+
+def test_verbose_shows_the_traceback(tmp_path, model_dir):
+    argv = ["predict", "--model", str(model_dir), "--image", str(tmp_path / "no.png"), "--prompt", "Hi", "--verbose"]
+    with pytest.raises(InputError, match="--image .* does not exist"):
+        main(argv)
+
+
+# --- the real commands -----------------------------------------------------------------------------------------
+
+
+def run(command: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    """A command as a user types it, with its own MLflow store; stdout and stderr together."""
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{cwd / 'mlflow.db'}"}
+    return subprocess.run(
+        command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=300
+    )
+
+
+@pytest.fixture(scope="module")
+def kedro_project(tmp_path_factory) -> Path:
+    """One project copy for the mistakes below (each stops before anything is written), with a stand-in for the
+    default model folder: only its config.json is looked at before the run stops."""
+    project = copy_project(tmp_path_factory.mktemp("errors") / "project")
+    model = project / "data/00_base_models/tiny-qwen2_5_vl"
+    model.mkdir(parents=True)
+    (model / "config.json").write_text(json.dumps({"model_type": "qwen2_5_vl"}))
+    return project
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        (
+            ["--params", "base_model=/nowhere/model"],
+            "ConfigError: base_model: /nowhere/model does not exist: point it at a local checkpoint folder",
+        ),
+        (
+            ["--env", "nope"],
+            "ConfigError: conf environment 'nope' does not exist: conf/nope; available: base, llama_text_lora,",
+        ),
+        (
+            ["--params", "sft.learning_rate=1e-4"],
+            "ConfigError: sft.learning_rate is TRL's name, but here each method has its own: set "
+            "lora.method.learning_rate",
+        ),
+        (
+            ["--params", "raw_data=data/01_raw/nowhere"],
+            "ConfigError: raw_data: data/01_raw/nowhere does not exist: give the folder holding train.jsonl",
+        ),
+        (
+            ["--params", "sft.accelerate_config=conf/accelerate/gpus.yaml"],
+            "ConfigError: sft.accelerate_config: conf/accelerate/gpus.yaml does not exist: use a file of "
+            "conf/accelerate/",
+        ),
+        (
+            ["--params", "preprocessing.chat_template=conf/nowhere.jinja"],
+            "ConfigError: preprocessing.chat_template: conf/nowhere.jinja does not exist: give a .jinja file",
+        ),
+    ],
+    ids=["base_model", "env", "learning_rate", "raw_data", "accelerate_config", "chat_template"],
+)
+def test_kedro_run_stops_before_any_node_in_two_lines(kedro_project, arguments, message):
+    project = kedro_project
+    result = run([str(BIN / "kedro"), "run", *arguments], project)
+    assert result.returncode == 2, result.stdout[-3000:]
+    assert f"{message}" in result.stdout and "Traceback" not in result.stdout, result.stdout[-3000:]
+    error = result.stdout[result.stdout.index("ConfigError:") :].strip().splitlines()
+    assert error[1:] == ["Run with --verbose to see the full exception"]
+    assert not (project / "data/02_intermediate").exists(), "no node ran"
+    assert not (project / "mlflow.db").exists(), "MLflow was never opened"
+
+
+@pytest.mark.slow
+def test_kedro_run_verbose_keeps_the_traceback(kedro_project):
+    result = run([str(BIN / "kedro"), "run", "--env", "nope", "--verbose"], kedro_project)
+    assert result.returncode != 0 and "Traceback" in result.stdout
+    assert "conf environment 'nope' does not exist" in result.stdout
+
+
+@pytest.mark.slow
+def test_predict_checks_the_image_before_importing_torch(tmp_path, model_dir):
+    """The model (and torch with it) is loaded only once every input has passed: a typo costs a second."""
+    script = (
+        "import sys\nfrom vlm_pipeline.commands import main\ntry:\n    main(sys.argv[1:])\n"
+        "except SystemExit as exit:\n    print('torch' in sys.modules, exit.code)\n"
+    )
+    argv = ["predict", "--model", str(model_dir), "--image", str(tmp_path / "no.png"), "--prompt", "Hi"]
+    result = subprocess.run([sys.executable, "-c", script, *argv], capture_output=True, text=True, timeout=120)
+    assert result.stdout == "False 2\n" and "Traceback" not in result.stderr
+    assert result.stderr == f"error: --image {tmp_path / 'no.png'} does not exist (or is not a file)\n"
+
+
+@pytest.mark.slow
+def test_a_symlinked_images_folder_validates(tmp_path):
+    """GPU hosts keep images on a big volume: images/ linked from the data folder is read, not quarantined."""
+    volume = tmp_path / "volume"
+    volume.mkdir()
+    (volume / "images").symlink_to(SHAPES / "images", target_is_directory=True)
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "images").symlink_to(volume / "images", target_is_directory=True)  # a link to a link, as on some hosts
+    lines = (SHAPES / "test.jsonl").read_text().splitlines()[:10]
+    (data / "test.jsonl").write_text("\n".join(lines) + "\n")
+    command = [str(BIN / "vlm-pipeline"), "validate", str(data / "test.jsonl"), "--image-root", str(data)]
+    result = run([*command, "--output-dir", str(tmp_path / "out")], tmp_path)
+    assert result.returncode == 0, result.stdout
+    assert "10 valid, 0 quarantined of 10" in result.stdout
