@@ -56,7 +56,7 @@ def assert_mlflow_run(project: Path, pipeline: str, expect_adapter: bool) -> Non
     runs = mlflow.search_runs(experiment_names=["vlm-pipeline"], output_format="list")
     assert len(runs) == 1, "one MLflow run per kedro run"
     run = runs[0]
-    assert run.info.run_name == pipeline
+    assert run.info.run_name.startswith(f"{pipeline} · ")  # variant · model · time (vlm_pipeline.tracking)
     assert f"{pipeline}.method.learning_rate" in run.data.params
     assert "eval.tuned.exact_match" in run.data.metrics and "eval.base.loss" in run.data.metrics
     history = mlflow.tracking.MlflowClient().get_metric_history(run.info.run_id, "train.loss")
@@ -76,11 +76,22 @@ def assert_mlflow_run(project: Path, pipeline: str, expect_adapter: bool) -> Non
 
 def assert_evaluation(project: Path, variant: str, test_records: int) -> dict:
     metrics = json.loads((project / f"data/08_reporting/{variant}/metrics.json").read_text())
-    for model in ("base", "tuned"):
-        assert set(metrics[model]) >= {"loss", "perplexity", "exact_match", "rouge_l", "bleu", "token_accuracy"}
+    measures = {"loss", "perplexity", "token_accuracy", "exact_match", "vqa_accuracy", "rouge_l", "chrf"}
+    for model in ("base", "tuned", "tuned_minus_base"):
+        assert set(metrics[model]) == measures
+    tuned, base = metrics["tuned"]["exact_match"], metrics["base"]["exact_match"]
+    assert metrics["tuned_minus_base"]["exact_match"] == tuned - base
+    # A DVC metric file: numbers only. The strings beside them are in evaluation_details.json.
+    assert_numbers_only(metrics)
+    for model in ("base", "tuned", "tuned_minus_base"):
+        interval, estimate = metrics["exact_match_ci95"][model], metrics[model]["exact_match"]
+        assert interval["low"] <= estimate <= interval["high"], (model, interval, estimate)
+    assert metrics["test_records"] == test_records
     reporting = project / f"data/08_reporting/{variant}"
+    details = json.loads((reporting / "evaluation_details.json").read_text())
+    assert isinstance(details["majority_baseline"]["answer"], str) and details["exact_match_ci95"]["resamples"] > 0
     report = (reporting / "report.md").read_text()
-    assert "| exact_match |" in report and "answers tuning changed most" in report
+    assert "| exact_match |" in report and "answers tuning changed most" in report and "instead of BLEU" in report
     curve = json.loads((reporting / "loss_curve.json").read_text())
     assert curve and all("step" in point for point in curve) and any("train_loss" in point for point in curve)
     assert (reporting / "loss_curve.png").stat().st_size > 0 and (reporting / "base_vs_tuned.png").stat().st_size > 0
@@ -95,6 +106,14 @@ def assert_evaluation(project: Path, variant: str, test_records: int) -> dict:
     assert losses and all(math.isfinite(loss) and loss > 0 for loss in losses), losses
     assert all(math.isfinite(metrics[m]["loss"]) and metrics[m]["loss"] > 0 for m in ("base", "tuned"))
     return metrics
+
+
+def assert_numbers_only(values: dict) -> None:
+    for key, value in values.items():
+        if isinstance(value, dict):
+            assert_numbers_only(value)
+        else:
+            assert isinstance(value, (int, float)) and not isinstance(value, bool), (key, value)
 
 
 @torch.no_grad()
@@ -169,11 +188,14 @@ def test_lora_chain_on_qwen2_5_vl(project, tiny_models, monkeypatch):
     assert check["passed"] and check["max_abs_diff"] < 1e-4 and check["records"] > 0
     n_test = len(read_jsonl(project / "data/02_intermediate/test/valid.jsonl"))
     metrics = assert_evaluation(project, "lora", n_test)
-    assert metrics["merge_check"] == check
+    assert metrics["merge_check"]["passed"] == 1 and metrics["merge_check"]["max_abs_diff"] == check["max_abs_diff"]
+    details = json.loads((project / "data/08_reporting/lora/evaluation_details.json").read_text())
+    assert details["merge_check"] == check
     # The demo's promise: at least 30 points of exact match over the base, and above always answering
     # the most common training answer.
     tuned, base = metrics["tuned"]["exact_match"], metrics["base"]["exact_match"]
     assert tuned >= base + 0.30 and tuned > metrics["majority_baseline"]["exact_match"], metrics
+    assert metrics["exact_match_ci95"]["tuned_minus_base"]["low"] > 0, metrics  # and not by chance
     assert_merged_equals_base_plus_adapter(
         project / "data/00_base_models/tiny-qwen2_5_vl", adapter, merged, project / "data/03_primary/test", raw
     )

@@ -168,6 +168,33 @@ def test_the_weights_follow_the_load_dtype():
     assert weights["auto"] == weights["bfloat16"]
 
 
+@pytest.mark.parametrize(("warmup_steps", "warned"), [(1000, True), (75, True), (74, False), (0.1, False)])
+def test_a_warm_up_as_long_as_the_run_is_warned_about(warmup_steps, warned):
+    """Recipe (a) once planned 1,000 warm-up steps for a 57-step run without a word: the learning rate never peaks."""
+    from vlm_pipeline.reporting.tables import format_plan
+
+    plan = build_plan(
+        model_dir=LLAMA_8B,
+        sft=SFTParams(
+            accelerate_config=str(PROJECT_ROOT / "conf/accelerate/cpu_single_process.yaml"),
+            per_device_train_batch_size=8,
+            gradient_accumulation_steps=4,
+            num_train_epochs=1,
+            warmup_steps=warmup_steps,
+        ),
+        method=MethodParams(learning_rate=1e-4, lora={"r": 16, "target_modules": ["q_proj", "v_proj"]}),
+        images={},
+        records=2400,  # 75 steps
+        max_length=512,
+    )
+    assert plan["steps"]["total_steps"] == 75
+    assert bool(plan["warnings"]) == warned
+    printed = [line for line in format_plan(plan).splitlines() if line.startswith("WARNING")]
+    assert len(printed) == int(warned)
+    if warned:
+        assert f"warm-up ({warmup_steps:,} steps) is not shorter than the run (75 steps)" in printed[0]
+
+
 @pytest.mark.slow
 def test_training_stops_at_the_plan_before_any_model_loads(project, tiny_models):
     shutil.copytree(tiny_models["qwen2_5_vl"], project / "data/00_base_models/tiny-qwen2_5_vl")

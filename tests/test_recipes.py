@@ -176,7 +176,7 @@ def test_recipe_runs_end_to_end_on_cpu_with_a_tiny_model(name, project, tiny_mod
         assert set(run_info["quantized_layers"]) == {"Linear8bitLt" if quantization.load_in_8bit else "Linear4bit"}
     assert_clean_model_folder(project / "data/06_models" / recipe.pipeline / "merged")
     if recipe.pipeline == "lora":  # ... and merged into the unquantized base, verified in float32
-        check = metrics["merge_check"]
+        check = json.loads((project / "data/08_reporting/lora/merge_check.json").read_text())
         assert check["passed"] and check["dtype"] == "float32" and check["max_abs_diff"] < 1e-4
 
 

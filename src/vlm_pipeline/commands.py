@@ -12,6 +12,10 @@
     vlm-pipeline plan [--recipe a|b|c|d|b-qlora | --env ENV --pipeline lora|full_ft] [--model-config DIR]
                       [--records N] [--gpu-memory-gb G]
     vlm-pipeline import SRC OUT_DIR   (SRC: a .parquet file, a folder of Parquet shards, or a save_to_disk folder)
+
+Every command checks the files it is given before it loads a model. A mistake (a missing file, an unreadable image,
+a bad parameter) is one line, ``error: ...``, with exit status 2; any other error of vlm-pipeline's own (too many
+rejected records, a plan over budget) is one line with exit status 1. ``--verbose`` shows the traceback.
 """
 
 from __future__ import annotations
@@ -26,6 +30,66 @@ if TYPE_CHECKING:
 
 DEFAULT_MAX_INVALID_FRACTION = 0.05  # same default as conf/base/parameters_data_validation.yml
 DEFAULT_MAX_IMAGE_PIXELS = 12845056
+PACKAGE = __name__.partition(".")[0]
+
+
+class InputError(ValueError):
+    """A file or folder given on the command line is missing or unreadable: the user's to fix, so one line."""
+
+
+def is_own_error(error: BaseException) -> bool:
+    """Errors vlm-pipeline raises on purpose (ConfigError, DataValidationError, PlanError, TrainingLaunchError, ...)
+    carry a message written for the user; anything else is a bug, whose traceback is the useful part."""
+    return type(error).__module__.partition(".")[0] == PACKAGE
+
+
+def is_input_error(error: BaseException) -> bool:
+    """A mistake in what was given (a path, a parameter), as opposed to a run that failed: exit status 2."""
+    from vlm_pipeline.config.schema import ConfigError
+
+    return isinstance(error, InputError | ConfigError)
+
+
+def _file(path: str, option: str) -> Path:
+    """``path`` as an existing file; InputError naming the option otherwise."""
+    if not Path(path).is_file():
+        raise InputError(f"{option} {path} does not exist (or is not a file)")
+    return Path(path)
+
+
+def _folder(path: str, option: str) -> Path:
+    """``path`` as an existing folder; InputError naming the option otherwise."""
+    if not Path(path).is_dir():
+        raise InputError(f"{option} {path} does not exist (or is not a folder)")
+    return Path(path)
+
+
+def _checkpoint(path: str, option: str, marker: str = "config.json", kind: str = "model") -> Path:
+    """A saved model (or adapter) folder, judged by its ``marker`` file before anything heavy is imported."""
+    folder = _folder(path, option)
+    if not (folder / marker).is_file():
+        raise InputError(f"{option} {path} has no {marker}: is it a saved {kind} folder?")
+    return folder
+
+
+def _image(path: str, option: str = "--image") -> Path:
+    """An image file that decodes, checked before the model loads (a minute on a large checkpoint)."""
+    from PIL import Image
+
+    image = _file(path, option)
+    try:
+        with Image.open(image) as opened:
+            opened.load()
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
+        raise InputError(f"{option} {path} is not a readable image: {error}") from None
+    return image
+
+
+def _environment(env: str) -> None:
+    """``--env`` must be a folder of conf/, as ``kedro run --env`` requires."""
+    from vlm_pipeline.config import check_environment
+
+    check_environment(Path("conf"), env)
 
 
 def _architecture(name: str) -> Architecture:
@@ -46,6 +110,10 @@ def _tiny_model(args: argparse.Namespace) -> int:
 
 
 def _validate(args: argparse.Namespace) -> int:
+    _file(args.input, "input")
+    _folder(args.image_root, "--image-root")
+    if args.model:
+        _checkpoint(args.model, "--model")
     from vlm_pipeline.data.validation import DataValidationError, check_reject_budget, validate_lines
     from vlm_pipeline.datasets import JSONDataset, JSONLinesDataset, RawLinesDataset
 
@@ -115,10 +183,13 @@ def _metrics(args: argparse.Namespace) -> int:
     if not path.is_file():
         print(f"error: {path} does not exist: run the pipeline first (make run, kedro run, dvc repro)", file=sys.stderr)
         return 2
-    print(format_table(JSONDataset(str(path)).load()))
+    # The strings beside metrics.json's numbers (majority answer, merge check wording), where the run wrote them.
+    details = path.parent / "evaluation_details.json"
+    print(format_table(JSONDataset(str(path)).load(), JSONDataset(str(details)).load() if details.is_file() else None))
     # The other evaluation outputs of the same variant (conf/base/catalog.yml puts them there).
     variant = path.parent.name
     outputs = [
+        details,
         path.parent / "report.md",
         path.parent / "loss_curve.png",
         path.parent / "base_vs_tuned.png",
@@ -163,6 +234,7 @@ def _parameters(args: argparse.Namespace) -> int:
     from vlm_pipeline.config import validate_parameters
     from vlm_pipeline.recipes import load_parameters
 
+    _environment(args.env)
     paths = {"base_model": args.base_model, "raw_data": args.raw_data}
     own = Path("conf") / args.env / "globals.yml"
     own_globals = (yaml.safe_load(own.read_text()) if args.env != "base" and own.is_file() else None) or {}
@@ -180,15 +252,18 @@ def _parameters(args: argparse.Namespace) -> int:
 def _plan(args: argparse.Namespace) -> int:
     """The preflight plan of a run from conf/ (as `kedro run --env ENV` reads it), without loading any weights."""
     from vlm_pipeline.config import validate_parameters
-    from vlm_pipeline.planning.plan import build_plan, training_data
     from vlm_pipeline.recipes import RECIPES, load_parameters
-    from vlm_pipeline.reporting.tables import format_plan
 
     recipe = RECIPES[args.recipe] if args.recipe else None
     env = recipe.env if recipe else args.env
     variant = recipe.pipeline if recipe else args.pipeline
+    _environment(env)
     params = validate_parameters(load_parameters(env))
     model_config = Path(args.model_config or (recipe.model_config if recipe else params.base_model))
+    _checkpoint(str(model_config), "--model-config" if args.model_config or recipe else "base_model")
+    from vlm_pipeline.planning.plan import build_plan, training_data
+    from vlm_pipeline.reporting.tables import format_plan
+
     train = Path("data/03_primary/train")
     if args.records is not None:
         data = {"records": args.records}
@@ -220,17 +295,23 @@ def _plan(args: argparse.Namespace) -> int:
 
 def _predict(args: argparse.Namespace) -> int:
     """One greedy answer from a model (or base + LoRA adapter), through the evaluation stage's own generation."""
+    _checkpoint(args.model, "--model")
+    if args.adapter:
+        _checkpoint(args.adapter, "--adapter", marker="adapter_config.json", kind="LoRA adapter")
+    if args.image:
+        _image(args.image)
     from vlm_pipeline.architectures import architecture_for_model, load_chat_encoder, load_model
     from vlm_pipeline.config.schema import PreprocessingParams
     from vlm_pipeline.scoring import generate_answers
 
-    architecture = architecture_for_model(args.model)
+    try:
+        architecture = architecture_for_model(args.model)
+    except ValueError as error:  # a model_type vlm-pipeline has no family for
+        raise InputError(f"--model {error}") from None
     if args.image and not architecture.is_vision:
-        print(f"{args.model} is a text-only model: drop --image", file=sys.stderr)
-        return 2
+        raise InputError(f"{args.model} is a text-only model: drop --image")
     if architecture.is_vision and not args.image:
-        print(f"{args.model} is a vision model: give --image PATH", file=sys.stderr)
-        return 2
+        raise InputError(f"{args.model} is a vision model: give --image PATH")
     model = load_model(args.model)
     if args.adapter:
         from peft import PeftModel
@@ -257,14 +338,17 @@ def _predict(args: argparse.Namespace) -> int:
 
 def _inspect_labels(args: argparse.Namespace) -> int:
     """Each record rendered with the model's own chat template, the trained tokens marked, and their counts."""
+    data = _file(args.data, "data")
+    image_root = _folder(args.image_root, "--image-root") if args.image_root else data.parent
+    _checkpoint(args.model, "--model")
+    if args.chat_template:
+        _file(args.chat_template, "--chat-template")
     from vlm_pipeline.architectures import load_chat_encoder
     from vlm_pipeline.config.schema import PreprocessingParams
     from vlm_pipeline.data.encoding import encode_record
     from vlm_pipeline.data.validation import validate_lines
     from vlm_pipeline.reporting.data import BRACKETS, COLOUR, label_preview
 
-    data = Path(args.data)
-    image_root = Path(args.image_root) if args.image_root else data.parent
     lines = data.read_bytes().splitlines()
     result = validate_lines(lines, image_root, max_image_pixels=DEFAULT_MAX_IMAGE_PIXELS, duplicates="keep")
     preprocessing = PreprocessingParams(chat_template=args.chat_template, train_on=args.train_on)
@@ -384,9 +468,23 @@ def build_parser() -> argparse.ArgumentParser:
     importer.add_argument("src", help="a .parquet file, a folder of Parquet shards, or a save_to_disk folder")
     importer.add_argument("out_dir", help="folder for train.jsonl, test.jsonl, images/ and the import report")
     importer.set_defaults(func=_import)
+    for command in commands.choices.values():
+        command.add_argument("--verbose", "-v", action="store_true", help="show the traceback of an error")
     return parser
 
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    sys.exit(args.func(args))
+    sys.exit(_run_reporting_errors(args))
+
+
+def _run_reporting_errors(args: argparse.Namespace) -> int:
+    """The command's exit status; vlm-pipeline's own errors as one ``error:`` line (a traceback with --verbose),
+    any other exception with its traceback, since that is a bug."""
+    try:
+        return args.func(args)
+    except Exception as error:
+        if args.verbose or not is_own_error(error):
+            raise
+        print(f"error: {error}", file=sys.stderr)
+        return 2 if is_input_error(error) else 1

@@ -1,15 +1,21 @@
-"""Evaluation measures: teacher-forced loss/perplexity, batched greedy generation, text scores."""
+"""Evaluation measures: teacher-forced loss/perplexity, batched greedy generation, text scores and their
+bootstrap confidence intervals."""
 
 from __future__ import annotations
 
 import math
+import re
+import string
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import sacrebleu
 import torch
 from rouge_score import rouge_scorer
 from tqdm.auto import tqdm
+from transformers import ProcessorMixin
 
 from vlm_pipeline.architectures import Architecture
 from vlm_pipeline.data.encoding import IGNORE_INDEX, attach_images, load_images, prompt_messages
@@ -82,7 +88,7 @@ def generate_answers(
                 tokenize=True,
                 return_dict=True,
                 return_tensors="pt",
-                padding=True,
+                **padding_kwargs(processor),
                 **encoder.render_kwargs,
             )
             output = model.generate(
@@ -95,15 +101,85 @@ def generate_answers(
     return answers
 
 
+def padding_kwargs(processor: Any) -> dict[str, Any]:
+    """Batch padding for ``apply_chat_template``. A transformers 5 processor takes its own ``__call__`` arguments
+    in ``processor_kwargs`` (passed loose, they still reach the processor, with a warning on every call); a text
+    model's tokenizer takes ``padding`` directly."""
+    if isinstance(processor, ProcessorMixin):
+        return {"processor_kwargs": {"padding": True}}
+    return {"padding": True}
+
+
 def normalise(text: str) -> str:
     """Case- and whitespace-insensitive form used for exact match."""
     return " ".join(text.lower().split()).strip(" .")
 
 
+NUMBER_WORDS = "zero one two three four five six seven eight nine ten".split()
+DIGITS = {word: str(number) for number, word in enumerate(NUMBER_WORDS)}
+ARTICLES = frozenset({"a", "an", "the"})
+_PUNCTUATION = re.compile(f"[{re.escape(string.punctuation.replace(chr(39), ''))}]")
+
+
+def normalise_vqa(text: str) -> str:
+    """The VQA v2 answer normalisation, simplified: lowercase, apostrophes dropped and other punctuation turned
+    into spaces, articles (a, an, the) dropped, number words zero..ten written as digits, whitespace collapsed.
+
+    Simplified against the official VQA evaluation script: no contraction table (``dont`` stays ``dont``), no
+    special case for periods and commas inside numbers, and one reference answer per question instead of ten
+    annotators, so the accuracy is a plain match rate rather than ``min(matches / 3, 1)``. It forgives "A red
+    circle." against "red circle" and "two" against "2", which exact match does not."""
+    words = _PUNCTUATION.sub(" ", text.lower().replace("'", "")).split()
+    return " ".join(DIGITS.get(word, word) for word in words if word not in ARTICLES)
+
+
+def exact_matches(predictions: Sequence[str], references: Sequence[str]) -> list[float]:
+    """1.0 per record whose answer equals its reference after ``normalise``, else 0.0 (the bootstrap's input)."""
+    return [float(normalise(p) == normalise(r)) for p, r in zip(predictions, references, strict=True)]
+
+
 def text_scores(predictions: list[str], references: list[str]) -> dict[str, float]:
-    """Exact match (normalised), ROUGE-L F1 (Google's rouge_score) and corpus BLEU (sacrebleu), in [0, 1]."""
+    """Exact match, VQA accuracy (``normalise_vqa``), ROUGE-L F1 (Google's rouge_score) and corpus chrF
+    (sacrebleu), each in [0, 1].
+
+    chrF rather than BLEU: corpus BLEU multiplies 1- to 4-gram word precisions, so on one- or two-word answers
+    it has no 3- and 4-grams and scores 0 however many answers are right; chrF's character n-grams exist in any
+    non-empty string and still give partial credit for near misses ("triangles" for "triangle")."""
+    pairs = list(zip(predictions, references, strict=True))
     scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
-    exact = [normalise(p) == normalise(r) for p, r in zip(predictions, references, strict=True)]
-    rouge = [scorer.score(r, p)["rougeL"].fmeasure for p, r in zip(predictions, references, strict=True)]
-    bleu = sacrebleu.corpus_bleu(predictions, [references]).score / 100
-    return {"exact_match": sum(exact) / len(exact), "rouge_l": sum(rouge) / len(rouge), "bleu": bleu}
+    vqa = [normalise_vqa(p) == normalise_vqa(r) for p, r in pairs]
+    rouge = [scorer.score(r, p)["rougeL"].fmeasure for p, r in pairs]
+    return {
+        "exact_match": _mean(exact_matches(predictions, references)),
+        "vqa_accuracy": _mean(vqa),
+        "rouge_l": _mean(rouge),
+        "chrf": sacrebleu.CHRF().corpus_score(list(predictions), [list(references)]).score / 100,
+    }
+
+
+def _mean(values: Sequence[float]) -> float:
+    return sum(values) / len(values)
+
+
+def bootstrap_intervals(
+    base: Sequence[float], tuned: Sequence[float], *, resamples: int, seed: int, confidence: float = 0.95
+) -> dict[str, dict[str, float]]:
+    """Percentile bootstrap intervals of the mean of per-record scores for base, tuned and tuned − base.
+
+    Both models are resampled with the same record indices (a paired bootstrap), so the interval of the
+    difference reflects that they answered the same questions: it is narrower than the two intervals suggest
+    when the models get the same records right. The fixed ``seed`` makes a rerun give the same interval."""
+    base_scores, tuned_scores = np.asarray(base, dtype=float), np.asarray(tuned, dtype=float)
+    if base_scores.shape != tuned_scores.shape or not base_scores.size:
+        raise ValueError("bootstrap needs the same, non-empty set of records for both models")
+    indices = np.random.default_rng(seed).integers(0, base_scores.size, size=(resamples, base_scores.size))
+    means = {
+        "base": base_scores[indices].mean(axis=1),
+        "tuned": tuned_scores[indices].mean(axis=1),
+    }
+    means["tuned_minus_base"] = means["tuned"] - means["base"]
+    tail = (1 - confidence) / 2 * 100
+    return {
+        name: {"low": float(np.percentile(values, tail)), "high": float(np.percentile(values, 100 - tail))}
+        for name, values in means.items()
+    }

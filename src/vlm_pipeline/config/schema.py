@@ -22,6 +22,16 @@ class ConfigError(ValueError):
     """A parameter names an unknown key, a bad value or an impossible combination; the message says which."""
 
 
+class KeyMessage(ValueError):
+    """A sentence about one key of a group, reported under the key's full name (``sft.learning_rate is ...``)
+    rather than the group's (``sft: learning_rate is ...``), so the message names what the user typed."""
+
+    def __init__(self, key: str, sentence: str):
+        super().__init__(f"{key} {sentence}")
+        self.key = key
+        self.sentence = sentence
+
+
 # Keys in `sft` that our launcher consumes; everything else goes to TRL's SFTConfig. (TRL's own
 # padding_free refuses a custom collator, so our collator implements it under the same name.)
 LAUNCHER_KEYS = {"accelerate_config", "padding_free"}
@@ -31,15 +41,21 @@ RENAMED = {
     "warmup_ratio": "warmup_steps",  # transformers 5: a float in [0, 1) is a ratio
 }
 CATALOG_OWNS_PATHS = "the catalog (conf/base/catalog.yml) says where checkpoints and models go"
-# Meaning moved elsewhere: rejected, naming where it went.
+# Older names whose meaning moved elsewhere: rejected, naming where it went.
 MOVED = {
     "max_seq_length": "preprocessing.max_length (TRL renamed it max_length; vlm-pipeline checks lengths at "
     "preprocessing, with the real processor)",
     "fp16_opt_level": "nothing: it was apex's AMP level, removed from transformers; use sft.fp16 or sft.bf16",
     "group_by_length": "sft.train_sampling_strategy: group_by_length (transformers 5)",
-    "hub_token": "the HF_TOKEN environment variable (a token in a parameters file would be logged and committed)",
-    "learning_rate": "<variant>.method.learning_rate (each method has its own)",
-    "output_dir": f"nothing: {CATALOG_OWNS_PATHS}",
+}
+# TRL's current SFTConfig names that this project keeps elsewhere: rejected, saying why and what to set instead
+# (they are not old, so the message must not call them that).
+ELSEWHERE = {
+    "learning_rate": "each method has its own: set lora.method.learning_rate (the lora pipeline) or "
+    "full_ft.method.learning_rate (full_ft)",
+    "hub_token": "it comes from the HF_TOKEN environment variable (a token in a parameters file would be logged and "
+    "committed)",
+    "output_dir": f"{CATALOG_OWNS_PATHS}; drop it",
 }
 # Removed because the behaviour is now the only one: accepted with a warning if set to that behaviour.
 ALWAYS = {"save_safetensors": True}
@@ -168,7 +184,10 @@ class PreprocessingParams(Section):
     @classmethod
     def _template_file(cls, value: str | None) -> str | None:
         if value is not None and not Path(value).is_file():
-            raise ValueError(f"{value} is not a file (expected a .jinja chat template)")
+            raise ValueError(
+                f"{value} does not exist: give a .jinja file (conf/model_configs/*/chat_template.jinja), or null for "
+                "the checkpoint's own"
+            )
         return value
 
 
@@ -327,6 +346,8 @@ class SFTParams(Section):
         for key, value in data.items():
             if key in MOVED:
                 raise ValueError(f"{key} is an older name: use {MOVED[key]}")
+            if key in ELSEWHERE:
+                raise KeyMessage(key, f"is TRL's name, but here {ELSEWHERE[key]}")
             if key in ALWAYS:
                 if value != ALWAYS[key]:
                     raise ValueError(f"{key}: {value} is not supported: weights are always saved as safetensors")
@@ -499,6 +520,18 @@ class AdapterParams(Section):
 class EvaluationParams(Section):
     max_new_tokens: int = Field(16, ge=1, le=4096, description="Longest generated answer (greedy). Range 8-512.")
     batch_size: int = Field(16, ge=1, le=1024, description="Records per generation/loss batch. Range 1-64.")
+    bootstrap_resamples: int = Field(
+        1000,
+        ge=100,
+        le=100_000,
+        description="Bootstrap resamples of the test records for the 95% exact-match intervals. Range 1000-10000.",
+    )
+    bootstrap_seed: int = Field(
+        0,
+        ge=0,
+        le=2**32 - 1,
+        description="Seed of the bootstrap resampling: a rerun gives the same intervals. Range 0-2**32-1.",
+    )
 
 
 class PlanParams(Section):
@@ -573,6 +606,9 @@ def normalise_sft(sft: dict[str, Any], where: str = "sft") -> dict[str, Any]:
 def _describe(problem: dict[str, Any], root: type[BaseModel], prefix: tuple[str, ...]) -> str:
     loc = tuple(str(part) for part in problem["loc"])
     where = ".".join(prefix + loc)
+    error = problem.get("ctx", {}).get("error")
+    if isinstance(error, KeyMessage):
+        return f"{'.'.join(prefix + loc + (error.key,))} {error.sentence}"
     if problem["type"] == "extra_forbidden":
         close = difflib.get_close_matches(loc[-1], _field_names(root, loc[:-1]), n=1, cutoff=0.6)
         hint = f"; did you mean {'.'.join(prefix + loc[:-1] + (close[0],))}?" if close else ""

@@ -149,10 +149,23 @@ def build_plan(
         "memory_gib": {name: value / GIB for name, value in memory.items()},
         "gpu_memory_gb": gpu_memory_gb,
     }
+    plan["warnings"] = step_warnings(steps)
     plan["fits"] = None if gpu_memory_gb is None else memory["total"] <= gpu_memory_gb * 1e9
     if plan["fits"] is False:
         plan["alternatives"] = alternatives(model_dir, shape, settings, method, gpu_memory_gb, trust_remote_code)
     return plan
+
+
+def step_warnings(steps: dict[str, Any]) -> list[str]:
+    """Settings that run but are almost certainly not meant: a warm-up as long as the run never lets the learning
+    rate reach its peak (a seed recipe's 1,000 warm-up steps on a 57-step run)."""
+    warnings = []
+    if steps["total_steps"] and steps["warmup_steps"] >= steps["total_steps"]:
+        warnings.append(
+            f"warm-up ({steps['warmup_steps']:,} steps) is not shorter than the run ({steps['total_steps']:,} steps): "
+            "the learning rate never reaches its peak; lower sft.warmup_steps (below 1 it is a share of the steps)"
+        )
+    return warnings
 
 
 def training_data(dataset: Any) -> dict[str, Any]:

@@ -7,13 +7,10 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-import matplotlib
+import matplotlib.pyplot as plt
+from PIL import Image
 
-matplotlib.use("Agg")  # reports are written headless (CI, GPU hosts)
-import matplotlib.pyplot as plt  # noqa: E402
-from PIL import Image  # noqa: E402
-
-from vlm_pipeline.data.encoding import IGNORE_INDEX  # noqa: E402
+from vlm_pipeline.data.encoding import IGNORE_INDEX
 
 
 def padding_share(lengths: list[int], batch_size: int, *, group_by_length: bool) -> float:

@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
-import matplotlib
+import matplotlib.pyplot as plt
+from rouge_score import rouge_scorer
 
-matplotlib.use("Agg")  # reports are written headless (CI, GPU hosts)
-import matplotlib.pyplot as plt  # noqa: E402
-from rouge_score import rouge_scorer  # noqa: E402
-
-CHART_METRICS = ("exact_match", "rouge_l", "bleu", "token_accuracy")
+CHART_METRICS = ("exact_match", "vqa_accuracy", "rouge_l", "chrf", "token_accuracy")
+CHRF_NOTE = (
+    "chrf is sacrebleu's corpus chrF (character n-gram F-score), used instead of BLEU: corpus BLEU needs "
+    "3- and 4-word n-grams and scores 0 on one- and two-word answers however many are right."
+)
+SERIES = (("train_loss", "-", "training loss"), ("eval_loss", "o--", "validation loss"))
+INTERVAL_LABELS = (("base", "base"), ("tuned", "tuned"), ("tuned-base", "tuned_minus_base"))
+MEASURES = ("loss", "perplexity", "token_accuracy", "exact_match", "vqa_accuracy", "rouge_l", "chrf")
 
 
 def loss_curve(history: list[dict]) -> list[dict]:
-    """Training and validation loss per optimizer step from the trainer's log history (a DVC plot)."""
+    """Training loss, and validation loss where the trainer evaluated, per optimizer step from its log history
+    (a DVC plot)."""
     points: dict[int, dict] = {}
     for entry in history:
         for key, name in (("loss", "train_loss"), ("eval_loss", "eval_loss")):
@@ -22,29 +27,42 @@ def loss_curve(history: list[dict]) -> list[dict]:
 
 
 def loss_figure(points: list[dict]):
+    """The loss curve; its title names validation loss only when there is some, since a run without a validation
+    split (``preprocessing.validation_fraction: 0``) has none to show."""
     figure, axes = plt.subplots(figsize=(7, 4), constrained_layout=True)
-    for name, style in (("train_loss", "-"), ("eval_loss", "o--")):
+    for name, style, label in SERIES:
         steps = [p["step"] for p in points if name in p]
         if steps:
-            axes.plot(steps, [p[name] for p in points if name in p], style, label=name.replace("_", " "))
-    axes.set(xlabel="optimizer step", ylabel="loss", title="Training and validation loss")
-    axes.legend()
+            axes.plot(steps, [p[name] for p in points if name in p], style, label=label)
+    title = "Training and validation loss" if any("eval_loss" in p for p in points) else "Training loss"
+    axes.set(xlabel="optimizer step", ylabel="loss", title=title)
+    if points:
+        axes.legend()
     return figure
 
 
 def comparison_figure(metrics: dict):
+    """Base vs tuned bars, the exact-match bars with their 95% bootstrap interval, and the majority-answer line."""
     names = [name for name in CHART_METRICS if name in metrics["base"]]
-    figure, axes = plt.subplots(figsize=(7, 4), constrained_layout=True)
+    figure, axes = plt.subplots(figsize=(8, 4), constrained_layout=True)
     width = 0.38
+    intervals = metrics.get("exact_match_ci95", {})
     for offset, model in ((-width / 2, "base"), (width / 2, "tuned")):
         values = [metrics[model][name] for name in names]
         bars = axes.bar([i + offset for i in range(len(names))], values, width, label=model)
         axes.bar_label(bars, fmt="%.2f")
+        if model in intervals and "exact_match" in names:
+            _interval_bar(axes, names.index("exact_match") + offset, metrics[model]["exact_match"], intervals[model])
     axes.axhline(metrics["majority_baseline"]["exact_match"], color="grey", linestyle=":", label="majority EM")
     axes.set_xticks(range(len(names)), [name.replace("_", " ") for name in names])
-    axes.set(ylim=(0, 1.1), title="Base vs tuned on the test split")
+    axes.set(ylim=(0, 1.1), title="Base vs tuned on the test split (exact match: 95% bootstrap interval)")
     axes.legend()
     return figure
+
+
+def _interval_bar(axes, x: float, value: float, interval: dict) -> None:
+    below, above = max(value - interval["low"], 0.0), max(interval["high"] - value, 0.0)
+    axes.errorbar([x], [value], yerr=[[below], [above]], fmt="none", ecolor="black", capsize=4)
 
 
 def changed_most(predictions: list[dict], count: int = 10) -> list[dict]:
@@ -59,8 +77,11 @@ def changed_most(predictions: list[dict], count: int = 10) -> list[dict]:
     return [dict(row, rouge_l_gain=round(delta, 4)) for delta, row in sorted(changed, key=lambda x: -abs(x[0]))][:count]
 
 
-def report_markdown(metrics: dict, predictions: list[dict], count: int = 10) -> str:
-    names = list(metrics["base"])
+def report_markdown(metrics: dict, predictions: list[dict], details: dict | None = None, count: int = 10) -> str:
+    """The report: the base-vs-tuned table (exact match with its intervals), what the measures mean, the majority
+    baseline, the merge check, and the answers tuning changed most. ``details`` is evaluation_details.json."""
+    details = details or {}
+    intervals = metrics.get("exact_match_ci95", {})
     lines = [
         "# Evaluation report",
         "",
@@ -69,16 +90,24 @@ def report_markdown(metrics: dict, predictions: list[dict], count: int = 10) -> 
         "| metric | base | tuned | change |",
         "|---|---|---|---|",
     ]
-    for name in names:
+    for name in _measures(metrics):
         base, tuned = metrics["base"][name], metrics["tuned"][name]
-        lines.append(f"| {name} | {base:.4f} | {tuned:.4f} | {tuned - base:+.4f} |")
+        cells = [f"{base:.4f}", f"{tuned:.4f}", f"{tuned - base:+.4f}"]
+        if name == "exact_match" and intervals:
+            cells = [
+                f"{cell} {_interval_text(intervals[model])}"
+                for cell, model in zip(cells, ("base", "tuned", "tuned_minus_base"), strict=True)
+            ]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
     baseline = metrics["majority_baseline"]
-    lines += [
-        "",
-        f"Always answering the most common training answer ({baseline['answer']!r}) scores exact match "
-        f"{baseline['exact_match']:.4f}.",
-    ]
-    lines.append(f"Merge check: {describe_merge_check(metrics.get('merge_check', {}))}.")
+    answer = details.get("majority_baseline", {}).get("answer")
+    lines += ["", *_measure_notes(details), ""]
+    lines.append(
+        "Always answering the most common training answer"
+        + (f" ({answer!r})" if answer is not None else "")
+        + f" scores exact match {baseline['exact_match']:.4f}."
+    )
+    lines.append(f"Merge check: {describe_merge_check(_merge_check(metrics, details))}.")
     lines += [
         "",
         f"## The {count} answers tuning changed most (by ROUGE-L against the reference)",
@@ -93,6 +122,35 @@ def report_markdown(metrics: dict, predictions: list[dict], count: int = 10) -> 
     return "\n".join(lines) + "\n"
 
 
+def _measure_notes(details: dict) -> list[str]:
+    """What the table's less obvious rows and brackets mean, one line each."""
+    bootstrap = details.get("exact_match_ci95", {})
+    settings = f" ({bootstrap['resamples']} resamples, seed {bootstrap['seed']})" if "resamples" in bootstrap else ""
+    return [
+        "- exact_match compares answers lowercased, with spaces and a final period trimmed; vqa_accuracy compares "
+        "them after the VQA v2 answer normalisation, simplified (punctuation, articles, number words).",
+        f"- {CHRF_NOTE}",
+        "- Brackets: 95% percentile bootstrap interval over the test records"
+        f"{settings}; the change's interval resamples both models on the same records.",
+    ]
+
+
+def _measures(metrics: dict) -> list[str]:
+    """The table's rows in reading order (metrics.json stores its keys sorted): the loss measures, then the
+    answer measures, then any other a model has (an older metrics.json's bleu)."""
+    known = [name for name in MEASURES if name in metrics["base"]]
+    return known + sorted(set(metrics["base"]) - set(known))
+
+
+def _interval_text(interval: dict) -> str:
+    return f"[{interval['low']:.4f}, {interval['high']:.4f}]"
+
+
+def _merge_check(metrics: dict, details: dict) -> dict:
+    """The full merge check (with its dtype and criterion) from the details, else the numbers in metrics.json."""
+    return details.get("merge_check") or metrics.get("merge_check", {})
+
+
 def _as_text(content) -> str:
     """A chat message's content (a string, or a list of text and image parts) as one line of text."""
     if isinstance(content, str):
@@ -100,26 +158,45 @@ def _as_text(content) -> str:
     return " ".join(part.get("text", "[image]") if part.get("type") != "image" else "[image]" for part in content)
 
 
-def format_table(metrics: dict) -> str:
-    """The base-vs-tuned table the evaluation logs and ``vlm-pipeline metrics`` prints."""
-    names = list(metrics["base"])
-    lines = [f"{'metric':<14}{'base':>12}{'tuned':>12}", "-" * 38]
-    lines += [f"{name:<14}{metrics['base'][name]:>12.4f}{metrics['tuned'][name]:>12.4f}" for name in names]
-    lines.append(f"{'majority EM':<14}{metrics['majority_baseline']['exact_match']:>24.4f}")
-    lines.append(f"merge check: {describe_merge_check(metrics['merge_check'])}")
+def format_table(metrics: dict, details: dict | None = None) -> str:
+    """The base-vs-tuned table the evaluation logs and ``vlm-pipeline metrics`` prints (``details``:
+    evaluation_details.json, for the majority answer and the merge check's wording; optional)."""
+    details = details or {}
+    lines = [f"{'metric':<20}{'base':>12}{'tuned':>12}{'tuned-base':>12}", "-" * 56]
+    for name in _measures(metrics):
+        base, tuned = metrics["base"][name], metrics["tuned"][name]
+        lines.append(f"{name:<20}{base:>12.4f}{tuned:>12.4f}{tuned - base:>+12.4f}")
+    intervals = metrics.get("exact_match_ci95")
+    if intervals:
+        cells = [f"{label} {_short_interval(intervals[m])}" for label, m in INTERVAL_LABELS]
+        lines.append(f"{'exact_match 95% CI':<20}" + "  ".join(cells))
+    answer = details.get("majority_baseline", {}).get("answer")
+    lines.append(
+        f"{'majority EM':<20}{metrics['majority_baseline']['exact_match']:>12.4f}"
+        + (f"  (always {answer!r})" if answer is not None else "")
+    )
+    lines.append(f"merge check: {describe_merge_check(_merge_check(metrics, details))}")
+    if "chrf" in metrics["base"]:
+        lines.append(CHRF_NOTE)
     return "\n".join(lines)
+
+
+def _short_interval(interval: dict) -> str:
+    return f"[{interval['low']:.3f}, {interval['high']:.3f}]"
 
 
 def describe_merge_check(check: dict) -> str:
     """One line on the merge check. Only a passed check reaches a report: a failed one stops the adapter stage
-    (``MergeVerificationError``) before evaluation runs."""
+    (``MergeVerificationError``) before evaluation runs. metrics.json keeps its numbers only (``passed`` as 1), so
+    without evaluation_details.json the dtype and criterion are left out."""
     if "passed" not in check:  # full fine-tuning: nothing was merged
         return check.get("reason", "not run")
     saved = check.get("modules_to_save") or {}
+    dtype = f" in {check['dtype']}" if "dtype" in check else ""
     return (
-        f"passed in {check['dtype']} on {check['records']} test records: "
+        f"passed{dtype} on {check['records']} test records: "
         f"max |Δlogits| {check['max_abs_diff']:.3g} "
-        f"({check['criterion']} {check['measured']:.3g} ≤ {check['tolerance']:g}), "
+        f"({check.get('criterion', 'measured')} {check['measured']:.3g} ≤ {check['tolerance']:g}), "
         f"top-1 agreement {check['top1_agreement']:.3f}"
         + (f", {saved['tensors']} modules_to_save tensors reloaded identical" if saved.get("tensors") else "")
     )

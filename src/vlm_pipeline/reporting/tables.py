@@ -55,6 +55,7 @@ def format_plan(plan: dict[str, Any]) -> str:
             lines.append(f"    + {option['change']}: {option['total_gib']:.1f} GiB")
         if not steps:
             lines.append("  no combination of the usual knobs fits: add GPUs or shorten the rows")
+    lines += [f"WARNING          {warning}" for warning in plan.get("warnings", [])]
     return "\n".join(lines)
 
 

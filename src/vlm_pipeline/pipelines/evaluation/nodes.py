@@ -21,7 +21,13 @@ from vlm_pipeline.reporting.evaluation import (
     loss_figure,
     report_markdown,
 )
-from vlm_pipeline.scoring import generate_answers, teacher_forced_loss, text_scores
+from vlm_pipeline.scoring import (
+    bootstrap_intervals,
+    exact_matches,
+    generate_answers,
+    teacher_forced_loss,
+    text_scores,
+)
 from vlm_pipeline.training.collator import SFTCollator
 
 logger = logging.getLogger(__name__)
@@ -35,8 +41,8 @@ def evaluate_model(
     preprocessing: PreprocessingParams,
     params: EvaluationParams,
 ) -> dict:
-    """Loss, perplexity, exact match and ROUGE-L of one model, plus its answers (same image bounds, chat template
-    and template variables as training; loaded as the run context's ``model`` parameter group says)."""
+    """Loss, perplexity, token accuracy and the text scores of one model, plus its answers (same image bounds, chat
+    template and template variables as training; loaded as the run context's ``model`` parameter group says)."""
     architecture = architecture_for_model(model_dir)
     encoder = load_chat_encoder(model_dir, preprocessing, trust_remote_code=context.model.trust_remote_code)
     model = load_model(model_dir, **context.model.loading_kwargs()).eval()
@@ -64,36 +70,90 @@ def majority_baseline(train_records: Iterable[dict], test_records: Iterable[dict
 
 
 def compare(
-    base: dict, tuned: dict, baseline: dict, merge_check: dict, test_records: Iterable[dict]
-) -> tuple[dict, list[dict], dict]:
-    """metrics.json, predictions rows, and flat MLflow metrics; logs the base-vs-tuned table."""
+    base: dict,
+    tuned: dict,
+    baseline: dict,
+    merge_check: dict,
+    test_records: Iterable[dict],
+    params: EvaluationParams,
+) -> tuple[dict, dict, list[dict], dict]:
+    """metrics.json, evaluation_details.json, predictions rows, and flat MLflow metrics; logs the table.
+
+    metrics.json is a DVC metric file, which ``dvc metrics diff`` compares number by number: it holds numbers
+    only (booleans as 0/1). The strings beside them (the majority answer, the merge check's dtype and criterion,
+    how the intervals were drawn) go to evaluation_details.json."""
+    test_records = list(test_records)
+    references = [reference_answer(record) for record in test_records]
     metrics = {
+        "test_records": len(test_records),
         "base": base["scores"],
         "tuned": tuned["scores"],
-        "majority_baseline": baseline,
+        "tuned_minus_base": {name: tuned["scores"][name] - value for name, value in base["scores"].items()},
+        "exact_match_ci95": bootstrap_intervals(
+            exact_matches(base["answers"], references),
+            exact_matches(tuned["answers"], references),
+            resamples=params.bootstrap_resamples,
+            seed=params.bootstrap_seed,
+        ),
+        "majority_baseline": numbers_only(baseline),
+        "merge_check": numbers_only(merge_check),
+    }
+    details = {
+        "majority_baseline": {"answer": baseline["answer"]},
         "merge_check": merge_check,
+        "exact_match_ci95": {
+            "method": "percentile bootstrap over test records; tuned_minus_base resamples both models together",
+            "resamples": params.bootstrap_resamples,
+            "seed": params.bootstrap_seed,
+        },
     }
     predictions = [
         {
             "line": record["source_line"],
             "prompt": record["messages"][-2]["content"],
             "images": record["images"],
-            "reference": reference_answer(record),
+            "reference": reference,
             "base": base_answer,
             "tuned": tuned_answer,
         }
-        for record, base_answer, tuned_answer in zip(test_records, base["answers"], tuned["answers"], strict=True)
+        for record, reference, base_answer, tuned_answer in zip(
+            test_records, references, base["answers"], tuned["answers"], strict=True
+        )
     ]
-    flat = {
-        f"eval.{model}.{name}": {"step": 0, "value": float(value)}
-        for model in ("base", "tuned")
-        for name, value in metrics[model].items()
-    }
-    logger.info("\n%s", format_table(metrics))
-    return metrics, predictions, flat
+    flat = {f"eval.{name}": {"step": 0, "value": float(value)} for name, value in flatten(metrics).items()}
+    logger.info("\n%s", format_table(metrics, details))
+    return metrics, details, predictions, flat
 
 
-def build_report(metrics: dict, predictions: list[dict], history: list[dict]) -> tuple[str, list[dict], Any, Any]:
+def numbers_only(values: dict) -> dict:
+    """The numeric entries of a nested dict, booleans as 0/1; strings, lists and None are left out."""
+    kept: dict = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            value = numbers_only(value)
+            if value:
+                kept[key] = value
+        elif isinstance(value, bool):
+            kept[key] = int(value)
+        elif isinstance(value, (int, float)):
+            kept[key] = value
+    return kept
+
+
+def flatten(values: dict, prefix: str = "") -> dict[str, float]:
+    """A nested dict of numbers as dotted keys (``base.exact_match``), as ``dvc metrics show`` names them."""
+    flat: dict[str, float] = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def build_report(
+    metrics: dict, details: dict, predictions: list[dict], history: list[dict]
+) -> tuple[str, list[dict], Any, Any]:
     """The Markdown report, the loss curve (points and figure) and the base-vs-tuned chart."""
     points = loss_curve(history)
-    return report_markdown(metrics, predictions), points, loss_figure(points), comparison_figure(metrics)
+    return report_markdown(metrics, predictions, details), points, loss_figure(points), comparison_figure(metrics)

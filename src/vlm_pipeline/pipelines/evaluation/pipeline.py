@@ -16,13 +16,20 @@ def create_pipeline(variant: str) -> Pipeline:
         ),
         Node(
             compare,
-            inputs=["base_evaluation", "tuned_evaluation", "majority_baseline", "merge_check", "test_records"],
-            outputs=["metrics", "predictions", "metrics_for_mlflow"],
+            inputs=[
+                "base_evaluation",
+                "tuned_evaluation",
+                "majority_baseline",
+                "merge_check",
+                "test_records",
+                "params:evaluation",
+            ],
+            outputs=["metrics", "evaluation_details", "predictions", "metrics_for_mlflow"],
             name="compare_base_and_tuned",
         ),
         Node(
             build_report,
-            inputs=["metrics", "predictions", "training_history"],
+            inputs=["metrics", "evaluation_details", "predictions", "training_history"],
             outputs=["evaluation_report", "loss_curve", "loss_curve_figure", "comparison_figure"],
             name="build_evaluation_report",
         ),
