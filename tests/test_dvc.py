@@ -22,37 +22,61 @@ GIT_IDENTITY = {
 
 
 def test_dvc_exp_run_on_another_environment_model_and_data(tmp_path, tiny_models):
+    """main is reproduced and committed (its metrics and plots are in git); an experiment on other data then shows
+    numbers beside main's in `dvc exp show`, `dvc metrics diff` and `dvc plots diff`."""
     project = dvc_project(tmp_path / "project")
     glossary = project / "data/01_raw/alpaca_glossary"
     shutil.rmtree(glossary)
     subset(PROJECT_ROOT / "data/01_raw/alpaca_glossary", glossary, train=32, test=8)
-    commit_all(project, "project")  # an experiment is a commit on top of one
+    smaller = subset(
+        PROJECT_ROOT / "data/01_raw/alpaca_glossary", project / "data/01_raw/glossary_24", train=24, test=8
+    )
     model = tiny_models["llama"]  # outside the project, like /models/... on a GPU host
     env = {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}", **GIT_IDENTITY}
     dvc = str(BIN / "dvc")
-    settings = ["-S", "env=tiny_llama", "-S", f"base_model={model}", "-S", "raw_data=data/01_raw/alpaca_glossary"]
+    settings = {"env": "tiny_llama", "base_model": str(model), "raw_data": "data/01_raw/alpaca_glossary"}
+    (project / "params.yaml").write_text("".join(f"{key}: {value}\n" for key, value in settings.items()))
 
-    result = run([dvc, "exp", "run", *settings, "evaluation@lora"], project, **env)
+    result = run([dvc, "repro", "evaluation@lora"], project, **env)
     assert "Running stage 'tiny_model'" not in result.stdout  # another base_model: the tiny default is not built
     # conf/tiny_llama/globals.yml names data/00_base_models/tiny-llama; params.yaml's base_model wins, and says so.
     assert f"conf/tiny_llama/globals.yml has base_model: data/00_base_models/tiny-llama; this run uses {model}" in (
         result.stderr
     )
+    main_metrics = json.loads((project / "data/08_reporting/lora/metrics.json").read_text())
+    commit_all(project, "main, reproduced")  # metrics.json and the plots are committed with it, as DVC intends
+    tracked = run(["git", "ls-files", "data/08_reporting"], project).stdout.split()
+    assert {"data/08_reporting/lora/metrics.json", "data/08_reporting/lora/loss_curve.png"} <= set(tracked)
+
+    run([dvc, "exp", "run", "-S", f"raw_data={smaller.relative_to(project)}", "evaluation@lora"], project, **env)
     merged = json.loads((project / "data/06_models/lora/merged/config.json").read_text())
     assert merged["model_type"] == "llama"
-    references = {json.loads(line)["output"] for line in (glossary / "test.jsonl").read_text().splitlines()}
+    references = {json.loads(line)["output"] for line in (smaller / "test.jsonl").read_text().splitlines()}
     predictions = [json.loads(line) for line in (project / "data/07_model_output/lora/predictions.jsonl").open()]
     assert len(predictions) == 8 and {row["reference"] for row in predictions} == references
     metrics = json.loads((project / "data/08_reporting/lora/metrics.json").read_text())
-    assert {"base", "tuned"} <= set(metrics) and metrics["merge_check"]["passed"]
+    assert {"base", "tuned"} <= set(metrics) and metrics["merge_check"]["passed"] == 1
     # The environment's own override (conf/tiny_llama/parameters_training.yml) is what the stages ran with.
     resolved = (project / "data/08_reporting/parameters.yml").read_text()
     assert "padding_free: true" in resolved and f"base_model: {model}" in resolved
+
     shown = json.loads(run([dvc, "exp", "show", "--json"], project, **env).stdout)
-    experiment = next(exp for commit in shown for exp in commit.get("experiments") or [] if exp.get("revs"))
-    data = experiment["revs"][0]["data"]
-    assert data["params"]["params.yaml"]["data"]["env"] == "tiny_llama"
-    assert data["metrics"]["data/08_reporting/lora/metrics.json"]["data"]["tuned"] == metrics["tuned"]
+    (baseline,) = [commit for commit in shown if commit.get("experiments")]
+    metric_file = "data/08_reporting/lora/metrics.json"
+    main_shown = baseline["data"]["metrics"][metric_file]["data"]
+    assert main_shown["tuned"]["exact_match"] == main_metrics["tuned"]["exact_match"]
+    experiment = next(exp for exp in baseline["experiments"] if exp.get("revs"))["revs"][0]["data"]
+    assert experiment["params"]["params.yaml"]["data"]["raw_data"] == "data/01_raw/glossary_24"
+    assert experiment["metrics"][metric_file]["data"]["tuned"] == metrics["tuned"]
+    assert all(isinstance(value, int | float) for value in flat_values(experiment["metrics"][metric_file]["data"]))
+    # The workspace holds the experiment: both diffs against the main commit read its files from git.
+    diff = json.loads(run([dvc, "metrics", "diff", "HEAD", "--all", "--json"], project, **env).stdout)
+    assert diff[metric_file]["tuned.loss"] == {
+        "old": main_metrics["tuned"]["loss"],
+        "new": metrics["tuned"]["loss"],
+        "diff": pytest.approx(metrics["tuned"]["loss"] - main_metrics["tuned"]["loss"]),
+    }
+    run([dvc, "plots", "diff", "HEAD", "--json"], project, **env)
 
     # Editing one key of the environment's parameter files reruns exactly the stages that read it.
     overrides = project / "conf/tiny_llama/parameters_training.yml"
@@ -60,3 +84,12 @@ def test_dvc_exp_run_on_another_environment_model_and_data(tmp_path, tiny_models
     run([dvc, "repro", "parameters"], project, **env)
     status = run([dvc, "status", "--json", "evaluation@lora", "--with-deps"], project, **env)
     assert set(json.loads(status.stdout)) == {"training@lora"}, status.stdout
+
+
+def flat_values(tree):
+    """Every leaf of a nested metrics dict."""
+    if isinstance(tree, dict):
+        for value in tree.values():
+            yield from flat_values(value)
+    else:
+        yield tree

@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import codecs
 import collections
 import contextlib
+import errno
+import fcntl
 import os
+import shutil
 import signal
+import struct
 import subprocess
 import sys
+import termios
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 from vlm_pipeline.config.run import RunConfig, RunContext, dataset_sha256, file_sha256
@@ -72,27 +79,127 @@ def launch_command(accelerate_config: str | Path, run_config_path: Path, **node:
 
 
 def launch(command: list[str], tail_lines: int = 40) -> None:
-    """Run ``command``, echoing its output live; on failure raise with the last ``tail_lines`` lines.
+    """Run ``command``, relaying its output live; on failure raise with the last ``tail_lines`` lines.
+
+    On a terminal the command writes to a pseudo-terminal and its bytes pass through untouched, so progress bars
+    redraw in place (and the trainer knows to draw them: ``training/progress.py``). Elsewhere (a log file, CI) it
+    writes to a pipe and each line is relayed once finished, as a terminal would have left it: of a line redrawn
+    with carriage returns, only its last state, not one line per redraw.
 
     The command runs in its own process group, and SIGTERM or SIGINT sent to this (Kedro) process is passed on to
     the whole group: ``accelerate launch`` does not forward signals to the trainer it starts, so without this a
     cluster's SIGTERM to ``kedro run`` would leave the trainer running as an orphan. The trainer then saves a
     checkpoint and exits non-zero (``training/stopping.py``), and this raises with its message.
     """
-    tail: collections.deque[str] = collections.deque(maxlen=tail_lines)
-    with subprocess.Popen(
-        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1, start_new_session=True
-    ) as proc:
-        with forward_signals_to_group(proc.pid, (signal.SIGTERM, signal.SIGINT)):
-            assert proc.stdout is not None
-            for line in proc.stdout:  # until every process of the group has closed its output
-                sys.stdout.write(line)
-                tail.append(line)
+    live = sys.stdout.isatty()
+    reader, writer = pseudo_terminal() if live else os.pipe()
+    try:
+        try:
+            proc = subprocess.Popen(command, stdout=writer, stderr=subprocess.STDOUT, start_new_session=True)
+        finally:
+            os.close(writer)  # the group holds its own copies: the output ends when the last of them closes
+        with proc, forward_signals_to_group(proc.pid, (signal.SIGTERM, signal.SIGINT)):
+            tail = relay(reader, live, tail_lines)
+    finally:
+        os.close(reader)
     if proc.returncode != 0:
         raise TrainingLaunchError(
             f"Training failed with exit code {proc.returncode}: {' '.join(command)}\n"
             f"Last output lines:\n{''.join(tail)}"
         )
+
+
+def pseudo_terminal() -> tuple[int, int]:
+    """A pseudo-terminal (reading end, writing end) the size of ours, so that bars drawn on it fit our screen.
+
+    It passes bytes through as written (no ``\\n`` to ``\\r\\n``): our own terminal translates them once."""
+    reader, writer = os.openpty()
+    modes = termios.tcgetattr(writer)
+    modes[1] &= ~termios.ONLCR  # output flags
+    termios.tcsetattr(writer, termios.TCSANOW, modes)
+    size = shutil.get_terminal_size()  # 80x24 for a terminal that reports no size: tqdm draws nothing in 0 columns
+    fcntl.ioctl(writer, termios.TIOCSWINSZ, struct.pack("HHHH", size.lines, size.columns, 0, 0))
+    return reader, writer
+
+
+def relay(reader: int, live: bool, tail_lines: int) -> list[str]:
+    """Copy the output to our stdout until it ends (raw bytes when ``live``, finished lines otherwise); return
+    its last ``tail_lines`` lines for an error message."""
+    tail: collections.deque[str] = collections.deque(maxlen=tail_lines)
+    lines = FinishedLines()
+    for chunk in read_chunks(reader):
+        finished = lines.feed(chunk)
+        write_out(chunk if live else "".join(finished))
+        tail.extend(finished)
+    rest = lines.close()
+    if not live:
+        write_out("".join(rest))
+    tail.extend(rest)
+    return list(tail)
+
+
+def read_chunks(fd: int, size: int = 65536) -> Iterator[bytes]:
+    """The output as it comes, until every writer has closed it (a pseudo-terminal then fails with EIO)."""
+    while True:
+        try:
+            chunk = os.read(fd, size)
+        except OSError as error:
+            if error.errno != errno.EIO:
+                raise
+            return
+        if not chunk:
+            return
+        yield chunk
+
+
+def write_out(data: bytes | str) -> None:
+    """To our stdout at once: bytes as they are (a terminal's control characters included), text through its
+    encoding."""
+    if isinstance(data, bytes):
+        sys.stdout.flush()  # anything written as text before goes first
+        sys.stdout.buffer.write(data)
+    else:
+        sys.stdout.write(data)
+    sys.stdout.flush()
+
+
+class FinishedLines:
+    """Complete lines from a stream of output bytes, each as a terminal would leave it: a line redrawn in place
+    with carriage returns (a progress bar) counts once, in its last state."""
+
+    def __init__(self) -> None:
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")  # a character may span chunks
+        self._pending = ""
+
+    def feed(self, data: bytes) -> list[str]:
+        *finished, pending = (self._pending + self._decoder.decode(data)).split("\n")
+        self._pending = _compact(pending)
+        return [line for text in finished if (line := _finished(text)) is not None]
+
+    def close(self) -> list[str]:
+        """The unfinished last line, if any, once the output has ended."""
+        text, self._pending = self._pending + self._decoder.decode(b"", final=True), ""
+        line = _finished(text) if text else None
+        return [line] if line is not None else []
+
+
+def _finished(text: str) -> str | None:
+    """A line as left on screen; None for one whose last drawing was blank (a bar that erased itself)."""
+    shown = _last_drawn(text)
+    return None if "\r" in text and not shown.strip() else shown + "\n"
+
+
+def _last_drawn(text: str) -> str:
+    """What follows the last carriage return; one at the very end (``\\r\\n`` from a terminal) does not count."""
+    return text.rstrip("\r").rpartition("\r")[2]
+
+
+def _compact(text: str) -> str:
+    """An unfinished line keeps only its last drawing, with the carriage returns around it: a bar redrawn for
+    hours does not pile up, and still reads as redrawn."""
+    body = text.rstrip("\r")
+    _, redrawn, last = body.rpartition("\r")
+    return redrawn + last + text[len(body) :]
 
 
 @contextlib.contextmanager

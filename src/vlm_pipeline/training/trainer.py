@@ -34,6 +34,7 @@ from vlm_pipeline.reporting.tables import format_parameter_table
 from vlm_pipeline.training import cpu_distributed
 from vlm_pipeline.training.checkpoints import finished_run, last_complete_checkpoint
 from vlm_pipeline.training.collator import SFTCollator
+from vlm_pipeline.training.progress import ProgressLog, on_terminal
 from vlm_pipeline.training.quantization import bits_and_bytes_config
 from vlm_pipeline.training.sampler import ModalityGroupedSampler, is_mixed
 from vlm_pipeline.training.stopping import StopOnSignal, StopRequested
@@ -52,6 +53,8 @@ def build_sft_config(config: RunConfig) -> SFTConfig:
         "save_only_model": False,  # checkpoints keep optimizer and scheduler state, so a resume is exact
         # transformers refuses bf16/fp16 without a GPU unless told it runs on the CPU (where torch emulates them).
         "use_cpu": not torch.cuda.is_available(),
+        # tqdm's bar on a terminal only; in a log, ProgressLog prints a line per tenth of the run instead.
+        "disable_tqdm": not on_terminal(),
     }
     return SFTConfig(**{**config.sft.trainer_args(), **fixed})
 
@@ -163,6 +166,7 @@ def build_trainer(config: RunConfig) -> SFTTrainer:
         processing_class=processor,
         data_collator=SFTCollator(processor, architecture, config.image_root, config.sft.padding_free),
         peft_config=peft_config,
+        callbacks=[ProgressLog()],
     )
     if peft_config is not None:
         train_adapters_in_float32(trainer)

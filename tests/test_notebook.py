@@ -1,0 +1,36 @@
+"""The notebook runs: executed headless after a real run, its kernel started in notebooks/ as Jupyter starts it.
+
+This is what a new user does after `make run`, and what failed three ways: no Jupyter in the dependencies,
+`%reload_kedro .` looking for the project in notebooks/, and no plot because the project switched matplotlib to
+Agg when imported. The `notebook` extra (installed by `make install`) brings nbclient and the kernel.
+"""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+from conftest import PROJECT_ROOT, run_kedro
+
+nbformat = pytest.importorskip("nbformat", reason="the `notebook` extra is not installed: pip install -e '.[notebook]'")
+nbclient = pytest.importorskip("nbclient", reason="the `notebook` extra is not installed: pip install -e '.[notebook]'")
+pytest.importorskip("ipykernel", reason="the `notebook` extra is not installed: pip install -e '.[notebook]'")
+
+pytestmark = pytest.mark.slow  # a Kedro session and a training run, then a Jupyter kernel
+
+
+def test_explore_run_executes_from_the_notebooks_folder_and_shows_the_loss_plot(project, tiny_models):
+    shutil.copytree(tiny_models["qwen2_5_vl"], project / "data/00_base_models/tiny-qwen2_5_vl")  # the default path
+    run_kedro(project, "lora")
+    folder = project / "notebooks"
+    shutil.copytree(PROJECT_ROOT / "notebooks", folder, ignore=shutil.ignore_patterns(".ipynb_checkpoints"))
+    notebook = nbformat.read(folder / "explore_run.ipynb", as_version=4)
+
+    # Raises CellExecutionError, with the cell and its traceback, on the first cell that fails.
+    nbclient.NotebookClient(notebook, timeout=600, resources={"metadata": {"path": str(folder)}}).execute()
+
+    outputs = [output for cell in notebook.cells if cell.cell_type == "code" for output in cell.outputs]
+    assert not [output for output in outputs if output.output_type == "error"]
+    images = [output for output in outputs if "image/png" in output.get("data", {})]
+    assert len(images) == 1, [output.get("data", {}).keys() for output in outputs]
+    assert any("majority EM" in output.get("text", "") for output in outputs)  # the metrics table was printed
