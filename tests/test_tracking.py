@@ -39,6 +39,12 @@ def test_a_run_names_itself_and_records_commit_inputs_and_predictions(project, t
     assert tags["mlflow.source.git.commit"] in (commit, f"{commit}-dirty")
     assert tags["kedro.env"] == "tiny_llama" and tags["runner"] == "SequentialRunner"
 
+    # The curves arrived while training ran, not after: the first loss point predates the trained model's files.
+    losses = client.get_metric_history(run.info.run_id, "train.loss")
+    assert [point.step for point in losses] == sorted({point.step for point in losses}) and losses
+    finished_at = (project / "data/06_models/lora/trained/run_info.json").stat().st_mtime * 1000
+    assert losses[0].timestamp < finished_at
+
     inputs = {item.dataset.name: item for item in run.inputs.dataset_inputs}
     assert set(inputs) == {"train_records", "test_records"}
     for name, split, context in (("train_records", "train", "training"), ("test_records", "test", "evaluation")):

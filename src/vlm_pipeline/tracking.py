@@ -81,6 +81,14 @@ class RunDetails:
         self.run_id = None
 
 
+def active_run_target() -> tuple[str, str] | None:
+    """(tracking URI, run id) of the MLflow run kedro-mlflow started for this Kedro run, or None without one."""
+    import mlflow
+
+    run = mlflow.active_run()
+    return (mlflow.get_tracking_uri(), run.info.run_id) if run is not None else None
+
+
 def git_commit(project_path: Path) -> str | None:
     """The checked-out commit, with ``-dirty`` when tracked files differ from it; None outside a git clone."""
     try:

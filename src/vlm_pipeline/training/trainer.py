@@ -34,6 +34,7 @@ from vlm_pipeline.reporting.tables import format_parameter_table
 from vlm_pipeline.training import cpu_distributed
 from vlm_pipeline.training.checkpoints import finished_run, last_complete_checkpoint
 from vlm_pipeline.training.collator import SFTCollator
+from vlm_pipeline.training.live_metrics import LiveMetrics
 from vlm_pipeline.training.progress import ProgressLog, on_terminal
 from vlm_pipeline.training.quantization import bits_and_bytes_config
 from vlm_pipeline.training.sampler import ModalityGroupedSampler, is_mixed
@@ -120,7 +121,7 @@ class VLMSFTTrainer(SFTTrainer):
         return sampler
 
 
-def build_trainer(config: RunConfig) -> SFTTrainer:
+def build_trainer(config: RunConfig, tracking: tuple[str, str] | None = None) -> SFTTrainer:
     # Seed before anything random is created: SFTTrainer wraps the model with fresh LoRA weights before
     # the Trainer seeds itself, so without this two runs of one config start from different adapters.
     set_seed(config.sft.seed)
@@ -166,7 +167,8 @@ def build_trainer(config: RunConfig) -> SFTTrainer:
         processing_class=processor,
         data_collator=SFTCollator(processor, architecture, config.image_root, config.sft.padding_free),
         peft_config=peft_config,
-        callbacks=[ProgressLog()],
+        # tracking: (MLflow tracking URI, run id) of the Kedro run, to stream the curves to while training
+        callbacks=[ProgressLog(), *([LiveMetrics(*tracking)] if tracking else [])],
     )
     if peft_config is not None:
         train_adapters_in_float32(trainer)
@@ -204,7 +206,7 @@ def engine_record(trainer: SFTTrainer) -> dict[str, Any]:
     }
 
 
-def run(config: RunConfig) -> None:
+def run(config: RunConfig, tracking: tuple[str, str] | None = None) -> None:
     checkpoints = config.checkpoint_dir
     finished = checkpoints / "final"
     final_dir = config.final_dir
@@ -213,7 +215,7 @@ def run(config: RunConfig) -> None:
         # train one step more (transformers) and so give a different model for the same config.
         link_tree(finished, final_dir)
         return
-    trainer = build_trainer(config)
+    trainer = build_trainer(config, tracking)
     stop = StopOnSignal(trainer.accelerator.device).install()
     trainer.add_callback(stop)
     trainable = parameter_table(trainer.model, architecture_for_model(config.base_model))
@@ -247,9 +249,12 @@ def run(config: RunConfig) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, type=Path, help="run config JSON written by the launcher")
+    parser.add_argument("--mlflow-tracking-uri", help="stream the training metrics to this MLflow store ...")
+    parser.add_argument("--mlflow-run-id", help="... into this run (the Kedro run's)")
     args = parser.parse_args(argv)
+    tracking = (args.mlflow_tracking_uri, args.mlflow_run_id) if args.mlflow_run_id else None
     try:
-        run(RunConfig.read(args.config))
+        run(RunConfig.read(args.config), tracking)
     except StopRequested as stopped:
         if os.environ.get("RANK", "0") == "0":  # torchrun's global rank: say it once
             print(stopped.message, flush=True)

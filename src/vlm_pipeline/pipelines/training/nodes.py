@@ -13,8 +13,10 @@ from vlm_pipeline.config.run import RunConfig, RunContext
 from vlm_pipeline.config.schema import MethodParams, PlanParams, PreprocessingParams, SFTParams
 from vlm_pipeline.planning.plan import build_plan, check_fits, training_data
 from vlm_pipeline.reporting.tables import format_plan
+from vlm_pipeline.tracking import active_run_target
 from vlm_pipeline.training.checkpoints import finished_run
 from vlm_pipeline.training.launcher import launch, launch_command, resolve_run_config
+from vlm_pipeline.training.live_metrics import log_history
 
 logger = logging.getLogger(__name__)
 
@@ -75,25 +77,17 @@ def train_model(run_config: Path, training_plan: dict) -> tuple[Path, list, dict
     config = RunConfig.read(run_config)
     final_dir = config.final_dir
     finished = finished_run(config.checkpoint_dir)
+    tracking = active_run_target()
     if finished is not None:  # e.g. trained by a multi-node job (docs/distributed.md): no launch, no rendezvous
         logger.info("this run config already finished training; using %s", finished)
         link_tree(finished, final_dir)
-    else:
-        launch(launch_command(config.sft.accelerate_config, run_config))
+    else:  # the trainer streams its curves to this run's MLflow run as it trains
+        launch(launch_command(config.sft.accelerate_config, run_config, tracking))
     history = json.loads((final_dir / "training_history.json").read_text())
+    if finished is not None and tracking:  # nothing streamed: the saved curves, once
+        log_history(*tracking, history)
     trainable = json.loads((final_dir / "trainable_parameters.json").read_text())
     ran = json.loads((final_dir / "run_info.json").read_text())["global_step"]
     if ran != training_plan["steps"]["total_steps"]:
         logger.warning("training took %d optimizer steps; the plan said %d", ran, training_plan["steps"]["total_steps"])
     return final_dir, history, trainable
-
-
-def training_curves(history: list[dict]) -> dict[str, list[dict]]:
-    """The log history as MLflow metric series: {"train.loss": [{"step": s, "value": v}, ...], ...}."""
-    curves: dict[str, list[dict]] = {}
-    for entry in history:
-        step = entry.get("step", 0)
-        for key in ("loss", "learning_rate", "grad_norm", "train_loss", "mean_token_accuracy"):
-            if isinstance(entry.get(key), (int, float)):
-                curves.setdefault(f"train.{key}", []).append({"step": step, "value": float(entry[key])})
-    return curves

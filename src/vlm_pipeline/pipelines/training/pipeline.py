@@ -1,6 +1,6 @@
 from kedro.pipeline import Node, Pipeline
 
-from vlm_pipeline.pipelines.training.nodes import plan_training, train_model, training_curves, write_run_config
+from vlm_pipeline.pipelines.training.nodes import plan_training, train_model, write_run_config
 
 
 def create_pipeline(variant: str) -> Pipeline:
@@ -41,7 +41,6 @@ def create_pipeline(variant: str) -> Pipeline:
                 outputs=["trained_model", "training_history", "trainable_parameters"],
                 name="train_model",
             ),
-            Node(training_curves, inputs="training_history", outputs="training_curves", name="log_training_curves"),
         ],
         tags="training",
     )
