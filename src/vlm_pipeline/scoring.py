@@ -14,7 +14,7 @@ import numpy as np
 import sacrebleu
 import torch
 from rouge_score import rouge_scorer
-from tqdm.auto import tqdm
+from tqdm.auto import tqdm  # disable=None: the bars show on a terminal, not in a log
 from transformers import ProcessorMixin
 
 from vlm_pipeline.architectures import Architecture
@@ -33,7 +33,7 @@ def teacher_forced_loss(model: Any, collator: SFTCollator, rows: list[dict], bat
     """Mean token-level cross-entropy over the label tokens of ``rows``, its perplexity, and token accuracy
     (the share of label tokens that are the model's top prediction)."""
     total_loss, total_tokens, total_correct = 0.0, 0, 0
-    for chunk in tqdm(list(_batches(rows, batch_size)), desc="loss", unit="batch"):
+    for chunk in tqdm(list(_batches(rows, batch_size)), desc="loss", unit="batch", disable=None):
         batch = collator(chunk)
         labels = batch.pop("labels")
         logits = model(**batch).logits.float()
@@ -76,7 +76,7 @@ def generate_answers(
     previous_side, tokenizer.padding_side = tokenizer.padding_side, "left"
     answers: list[str] = []
     try:
-        for chunk in tqdm(list(_batches(records, batch_size)), desc="generate", unit="batch"):
+        for chunk in tqdm(list(_batches(records, batch_size)), desc="generate", unit="batch", disable=None):
             conversations = []
             for record in chunk:
                 images = load_images(record, image_root) if architecture.is_vision else []

@@ -19,6 +19,7 @@ import hashlib
 import os
 import re
 import subprocess
+import warnings
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -129,7 +130,11 @@ def log_inputs(run_id: str, datasets: dict[str, str], catalog) -> None:
         path = catalog.get(name).filepath.resolve()
         if not path.is_file():
             continue
-        dataset = MetaDataset(resolve_dataset_source(str(path)), name=name, digest=file_digest(path)[:16])
+        with warnings.catch_warnings():
+            # Two registered sources accept a local path and MLflow warns it picks the first; both are the file.
+            warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted")
+            source = resolve_dataset_source(str(path))
+        dataset = MetaDataset(source, name=name, digest=file_digest(path)[:16])
         inputs.append(DatasetInput(dataset._to_mlflow_entity(), [InputTag("mlflow.data.context", context)]))
     if inputs:
         MlflowClient().log_inputs(run_id, datasets=inputs)
