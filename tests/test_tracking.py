@@ -10,6 +10,7 @@ import shutil
 import subprocess
 
 import mlflow
+import mlflow.pyfunc
 import pytest
 from conftest import run_kedro
 
@@ -26,6 +27,12 @@ def test_a_run_names_itself_and_records_commit_inputs_and_predictions(project, t
     git(project, "add", "-A")
     git(project, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "snapshot")
     commit = git(project, "rev-parse", "HEAD")
+
+    mlflow_yml = project / "conf/base/mlflow.yml"  # a registry, so the merged model is registered too
+    registry = f"sqlite:///{project / 'mlflow.db'}"
+    mlflow_yml.write_text(
+        mlflow_yml.read_text().replace("mlflow_registry_uri: null", f"mlflow_registry_uri: {registry}")
+    )
 
     run_kedro(project, "lora", env="tiny_llama")
 
@@ -56,3 +63,11 @@ def test_a_run_names_itself_and_records_commit_inputs_and_predictions(project, t
     predictions = (project / "data/07_model_output/lora/predictions.jsonl").read_text().splitlines()
     assert len(table["data"]) == len(predictions) > 0
     assert {"reference", "base", "tuned"} <= set(table["columns"])
+
+    # The merged model, logged as an MLflow model, loads back and answers as the evaluation did.
+    version = client.get_latest_versions("vlm-pipeline-lora")[0]
+    assert version.run_id == run.info.run_id
+    model = mlflow.pyfunc.load_model(f"models:/vlm-pipeline-lora/{version.version}")
+    first = json.loads(predictions[0])
+    prompt = "".join(part["text"] for part in first["prompt"] if part["type"] == "text")
+    assert model.predict([{"prompt": prompt}]) == [first["tuned"]]

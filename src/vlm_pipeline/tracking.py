@@ -7,8 +7,9 @@ kedro-mlflow starts the run (named after the pipeline) and logs the parameters; 
   commit (MLflow's own ``mlflow.source.git.commit``), the conf environment, the Kedro tags (the DVC stage) and the
   DVC experiment (``DVC_EXP_NAME``, which ``dvc exp run`` sets for its stages);
 * the experiment tag that opens it in the MLflow UI's model-training view rather than the GenAI view;
-* at the end, the input datasets the run read or wrote (``valid.jsonl`` of each split, with their SHA-256 digests)
-  and the evaluation's predictions as an MLflow table.
+* at the end, the input datasets the run read or wrote (``valid.jsonl`` of each split, with their SHA-256 digests),
+  the evaluation's predictions as an MLflow table, and the merged model it made as an MLflow model
+  (:mod:`vlm_pipeline.mlflow_model`), registered when mlflow.yml names a registry URI.
 
 The run id is kept from the start: kedro-mlflow ends the run in its own ``after_pipeline_run``.
 """
@@ -38,11 +39,13 @@ class RunDetails:
         self.project_path = Path.cwd()
         self.env: str | None = None
         self.run_id: str | None = None
+        self.registry_uri: str | None = None
 
     @hook_impl
     def after_context_created(self, context) -> None:
         self.project_path = Path(context.project_path)
         self.env = context.env
+        self.registry_uri = context.config_loader["mlflow"].get("server", {}).get("mlflow_registry_uri")
 
     @hook_impl
     def before_pipeline_run(self, run_params: dict[str, Any], pipeline, catalog) -> None:
@@ -79,6 +82,15 @@ class RunDetails:
         for name in sorted(names):
             if name.endswith(".predictions") and catalog.exists(name):
                 log_predictions(self.run_id, catalog.load(name), name.split(".")[0])
+        from vlm_pipeline.mlflow_model import log_model  # mlflow.pyfunc: only when a run ends
+
+        adapter = catalog.load("params:adapter") if "params:adapter" in catalog.keys() else None
+        for name in sorted(pipeline.all_outputs()):  # the run that made the merged model logs it, once
+            if name.endswith(".merged_model") and adapter is not None and adapter.log_model:
+                default = f"vlm-pipeline-{name.split('.')[0]}"
+                registered = (adapter.registered_model_name or default) if self.registry_uri else None
+                answer_tokens = catalog.load("params:evaluation").max_new_tokens
+                log_model(self.run_id, catalog.get(name).path, registered, answer_tokens)
         self.run_id = None
 
 

@@ -515,6 +515,16 @@ class AdapterParams(Section):
         default_factory=MergeTolerance, description="The merge check's tolerance for each merge_dtype."
     )
     merge_check_records: int = Field(8, ge=1, le=1024, description="Test records the merge check runs on. 1-64.")
+    log_model: bool = Field(
+        True,
+        description="Log the merged model to the run's MLflow run as a pyfunc model (mlflow.pyfunc.load_model). "
+        "It copies the weights into the artifact store: off for an 11B model on a small store.",
+    )
+    registered_model_name: str | None = Field(
+        None,
+        description="With mlflow.yml's mlflow_registry_uri set, register the logged model under this name "
+        "(null: vlm-pipeline-<variant>). Without a registry URI nothing is registered.",
+    )
 
 
 class EvaluationParams(Section):
