@@ -59,7 +59,7 @@ viz: install
 # started in notebooks/ as Jupyter starts it; the executed copies (with their outputs) go to build/notebooks/, so
 # the committed notebooks stay without outputs. Fails on the first cell that raises.
 notebook: install
-	@test -f data/08_reporting/lora/metrics.json || { echo "no outputs of a run to explore: run 'make run' first"; exit 1; }
+	@test -f data/07_model_output/lora/predictions.jsonl || { echo "no outputs of a run to explore: run 'make run' first"; exit 1; }
 	$(BIN)/jupyter nbconvert --to notebook --execute --ExecutePreprocessor.timeout=600 --output-dir build/notebooks notebooks/*.ipynb
 
 clean:
