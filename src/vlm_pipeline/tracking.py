@@ -75,6 +75,9 @@ class RunDetails:
 
     @hook_impl
     def after_pipeline_run(self, run_params: dict[str, Any], pipeline, catalog) -> None:
+        from vlm_pipeline.config import validate_parameters
+        from vlm_pipeline.mlflow_model import log_model  # mlflow.pyfunc: imported only when a run ends
+
         if self.run_id is None:
             return
         names = pipeline.datasets()
@@ -82,15 +85,15 @@ class RunDetails:
         for name in sorted(names):
             if name.endswith(".predictions") and catalog.exists(name):
                 log_predictions(self.run_id, catalog.load(name), name.split(".")[0])
-        from vlm_pipeline.mlflow_model import log_model  # mlflow.pyfunc: only when a run ends
-
-        adapter = catalog.load("params:adapter") if "params:adapter" in catalog.keys() else None
         for name in sorted(pipeline.all_outputs()):  # the run that made the merged model logs it, once
-            if name.endswith(".merged_model") and adapter is not None and adapter.log_model:
+            if not name.endswith(".merged_model"):
+                continue
+            # Parameters arrive typed only where a node's annotation asks for them: validate here as well.
+            params = validate_parameters(catalog.load("parameters"))
+            if params.adapter.log_model:
                 default = f"vlm-pipeline-{name.split('.')[0]}"
-                registered = (adapter.registered_model_name or default) if self.registry_uri else None
-                answer_tokens = catalog.load("params:evaluation").max_new_tokens
-                log_model(self.run_id, catalog.get(name).path, registered, answer_tokens)
+                registered = (params.adapter.registered_model_name or default) if self.registry_uri else None
+                log_model(self.run_id, catalog.get(name).path, registered, params.evaluation.max_new_tokens)
         self.run_id = None
 
 
