@@ -17,6 +17,7 @@ The run id is kept from the start: kedro-mlflow ends the run in its own ``after_
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import re
 import subprocess
@@ -27,6 +28,7 @@ from typing import Any
 
 from kedro.framework.hooks import hook_impl
 
+logger = logging.getLogger(__name__)
 # MLflow 3's UI picks the experiment's view from this tag; without it a new experiment opens in the GenAI view.
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 TRAINING_KIND = "custom_model_development"
@@ -71,6 +73,7 @@ class RunDetails:
         if os.environ.get("DVC_EXP_NAME"):
             tags["dvc.experiment"] = os.environ["DVC_EXP_NAME"]
         mlflow.set_tags(tags)
+        logger.info("MLflow run '%s' (%s)", tags["mlflow.runName"], self.run_id)
         mlflow.MlflowClient().set_experiment_tag(run.info.experiment_id, EXPERIMENT_KIND_TAG, TRAINING_KIND)
 
     @hook_impl
