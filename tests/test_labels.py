@@ -341,3 +341,26 @@ def test_generation_stops_on_every_end_token_of_the_checkpoints_generation_confi
     assert generate_answers(
         model, encoder, get_architecture("llama"), [record], SHAPES, max_new_tokens=4, batch_size=1
     ) == [""]
+
+
+@pytest.mark.parametrize("arch", ["qwen2_5_vl", "mllama"])
+def test_llava_placeholders_train_exactly_the_assistant_turns_in_the_real_vocabularies(arch):
+    """A LLaVA record as users bring it: ``<image>\\n`` at the start of the first question, and (Qwen) another
+    image mid-sentence in a later turn. The text beside each placeholder stays in its user turn and is masked."""
+    architecture = get_architecture(arch)
+    encoder = ChatEncoder(real_processor(arch), architecture.end_of_turn_token, DATE)
+    later = "How many shapes are in <image> this one?" if arch == "qwen2_5_vl" else "How many shapes are there?"
+    turns = [
+        {"from": "human", "value": "<image>\nDescribe the picture."},
+        {"from": "gpt", "value": ANSWERS[0]},
+        {"from": "human", "value": later},
+        {"from": "gpt", "value": ANSWERS[1]},
+        {"from": "human", "value": "Are they small?"},
+        {"from": "gpt", "value": ANSWERS[2]},
+    ]
+    count = 2 if arch == "qwen2_5_vl" else 1
+    images = [f"images/train_{i:04d}.png" for i in range(count)]
+    record = {**normalise_record({"conversations": turns, "image": images}), "source_line": 1}
+    assert record["messages"][0]["content"][1] == {"type": "text", "text": "\nDescribe the picture."}
+    encoded = encode_messages(encoder, record["messages"], load(record))
+    assert decoded_label_spans(encoder, encoded) == expected(architecture.end_of_turn_token, "all_assistant_turns")
