@@ -137,9 +137,12 @@ def test_dvc_repro_runs_the_chain_then_nothing(tmp_path):
     plots = run([str(BIN / "dvc"), "plots", "show", "--json"], project, **env)
     rendered = json.loads(plots.stdout)
     assert not rendered.get("errors"), rendered["errors"]
-    assert {"data/08_reporting/lora/loss_curve.json", "data/08_reporting/lora/base_vs_tuned.png"} <= set(
+    assert {"data/08_reporting/lora/loss_curve.png", "data/08_reporting/lora/base_vs_tuned.png"} <= set(
         rendered["data"]
     )
+    # Every plot is an image, which the HTML embeds: none is a Vega spec that would need a CDN to render.
+    kinds = {entry["type"] for entries in rendered["data"].values() for entry in entries}
+    assert kinds == {"image"}, kinds
 
     # A remote (a folder here; S3, GCS or SSH the same way) carries every output to a fresh clone.
     run([str(BIN / "dvc"), "remote", "add", "-d", "store", str(tmp_path / "remote")], project)

@@ -228,7 +228,7 @@ def run_launched(command: list[str], timeout: float, stall: float | None = None)
                 break
             output.append(line)
             last = time.monotonic()
-            training = training or "'loss':" in line
+            training = training or "vlm-pipeline: trainable parameters" in line  # printed just before train()
             continue
         kill_tree(proc)
         raise TrainingHung(f"{hung}; killed. Last output:\n{''.join(output)[-3000:]}")

@@ -8,6 +8,8 @@ when the bar is off. The launcher's other duties (the tail in the error, signals
 from __future__ import annotations
 
 import errno
+import json
+import logging
 import os
 import re
 import signal
@@ -156,12 +158,19 @@ class Clock:
 def train(callback: ProgressLog, clock: Clock, steps: range, total: int, seconds_per_step: float, **state) -> None:
     """The callback's view of a run: train begins at ``steps.start``, then one optimizer step at a time."""
     args = SimpleNamespace(disable_tqdm=state.pop("disable_tqdm", True))
+    logging_steps = state.pop("logging_steps", None)
     run = SimpleNamespace(global_step=steps.start, max_steps=total, **{"is_world_process_zero": True, **state})
     callback.on_train_begin(args, run, None)
     for step in steps[1:]:
         clock.now += seconds_per_step
         run.global_step = step
-        callback.on_step_end(args, run, None)
+        # As transformers orders them: the flow callback sets should_log, on_step_end, then on_log when it logs.
+        control = SimpleNamespace(should_log=bool(logging_steps) and step % logging_steps == 0)
+        callback.on_step_end(args, run, control)
+        if control.should_log:
+            callback.on_log(args, run, control, logs={"loss": 10 / step, "learning_rate": 1e-4})
+    if logging_steps:
+        callback.on_log(args, run, None, logs={"train_runtime": 1.0, "train_loss": 0.5})
 
 
 def test_a_log_gets_a_line_per_tenth_of_the_run_with_rate_and_eta(capsys):
@@ -171,6 +180,26 @@ def test_a_log_gets_a_line_per_tenth_of_the_run_with_rate_and_eta(capsys):
     assert len(lines) == len(set(lines)) == 10
     assert lines[0] == "vlm-pipeline: training step 36/360 (10%), 1.50 s/step, elapsed 0:00:54, ETA 0:08:06"
     assert lines[-1] == "vlm-pipeline: training step 360/360 (100%), 1.50 s/step, elapsed 0:09:00, ETA 0:00:00"
+
+
+def test_each_line_carries_the_loss_logged_at_its_own_step_and_the_end_says_what_this_run_trained(capsys):
+    clock = Clock()
+    train(ProgressLog(clock=clock), clock, range(0, 101), 100, 2.0, logging_steps=5)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "vlm-pipeline: training step 10/100 (10%), loss 1, 2.00 s/step, elapsed 0:00:20, ETA 0:03:00"
+    assert lines[1].startswith("vlm-pipeline: training step 20/100 (20%), loss 0.5, ")
+    assert lines[-1] == "vlm-pipeline: trained steps 1-100 of 100 in 0:03:20 (2.00 s/step), mean training loss 0.5"
+    assert len(lines) == 11
+
+
+def test_a_line_between_logging_steps_shows_the_last_logged_loss_and_evaluations_get_their_own_line(capsys):
+    clock = Clock()
+    callback = ProgressLog(clock=clock)
+    train(callback, clock, range(0, 13), 100, 1.0, logging_steps=4)  # step 10 is due but does not log
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("vlm-pipeline: training step 10/100 (10%), loss 1.25, ")  # step 8's
+    callback.on_log(None, SimpleNamespace(global_step=12, max_steps=100), None, logs={"eval_loss": 0.123456})
+    assert capsys.readouterr().out == "vlm-pipeline: evaluation at step 12: eval_loss 0.1235\n"
 
 
 def test_fast_steps_read_as_steps_per_second_and_a_resumed_run_counts_only_its_own_steps(capsys):
@@ -223,5 +252,48 @@ def test_training_into_a_log_prints_progress_lines_and_no_bar(tiny_models, tmp_p
     progress = re.findall(r"vlm-pipeline: training step (\d+)/10 \(\d+%\), .* ETA \d+:\d\d:\d\d\n", output)
     assert progress == [str(step) for step in range(1, 11)], output[-3000:]
     assert "\r" not in output and not re.search(r"\|\s*\d+/10 \[", output), output[-3000:]  # no tqdm bar
-    assert output.count("{'loss':") == 2
-    assert (Path(tmp_path / "run/final") / "training_history.json").is_file()
+    assert "{'loss':" not in output  # no printer dicts: the lines carry the loss
+    losses = re.findall(r"training step (\d+)/10 \(\d+%\), loss ([\d.]+),", output)
+    history = json.loads((tmp_path / "run/final/training_history.json").read_text())
+    logged = {entry["step"]: entry["loss"] for entry in history if "loss" in entry}
+    assert [int(step) for step, _ in losses] == list(range(5, 11))  # from the first logged loss on
+    assert float(losses[0][1]) == pytest.approx(logged[5], rel=1e-3)  # step 5's own loss, not an older one
+    assert float(losses[-1][1]) == pytest.approx(logged[10], rel=1e-3)
+    summary = r"vlm-pipeline: trained steps 1-10 of 10 in \d+:\d\d:\d\d \(.*\), mean training loss [\d.]+\n"
+    assert re.search(summary, output), output[-3000:]
+
+
+# --- library warnings -----------------------------------------------------------------------------------------
+
+
+def test_understood_warnings_are_hidden_and_every_other_one_is_a_log_record(caplog):
+    import warnings
+
+    from vlm_pipeline.warning_filters import hide_understood_warnings
+
+    hide_understood_warnings()
+    hide_understood_warnings()  # Kedro may call init hooks again: still one filter
+    try:
+        with caplog.at_level(logging.WARNING, logger="py.warnings"), warnings.catch_warnings():
+            warnings.simplefilter("always")  # as MLflow raises it: inside its own catch_warnings
+            understood = "\x1b[33mAdd type hints to the `predict` method to enable data validation\x1b[0m"
+            warnings.warn(understood, UserWarning, stacklevel=1)
+            warnings.warn("a warning nobody looked at", UserWarning, stacklevel=1)
+        assert [record.getMessage().split("UserWarning: ")[1].splitlines()[0] for record in caplog.records] == [
+            "a warning nobody looked at"
+        ]
+        assert len(logging.getLogger("py.warnings").filters) == 1
+    finally:
+        logging.captureWarnings(False)
+        logging.getLogger("py.warnings").filters.clear()
+
+
+@pytest.mark.slow
+def test_kedro_starts_without_the_plugin_warning(tmp_path):
+    """kedro-mlflow's CLI plugin raises MLflow's type-hint warning at import: hidden by the kedro.init hook."""
+    result = subprocess.run(
+        [str(Path(sys.executable).parent / "kedro"), "info"], cwd=PROJECT_ROOT, capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr
+    assert "kedro_mlflow" in result.stdout  # the plugin was loaded
+    assert "type hints" not in result.stdout + result.stderr, result.stderr

@@ -8,8 +8,10 @@ import hashlib
 import json
 import shutil
 import subprocess
+from pathlib import Path
 
 import mlflow
+import mlflow.models
 import mlflow.pyfunc
 import pytest
 from conftest import run_kedro
@@ -67,6 +69,13 @@ def test_a_run_names_itself_and_records_commit_inputs_and_predictions(project, t
     # The merged model, logged as an MLflow model, loads back and answers as the evaluation did.
     version = client.get_latest_versions("vlm-pipeline-lora")[0]
     assert version.run_id == run.info.run_id
+    # Logged as models from code: the code file and a model config, no pickle (python_model.pkl).
+    logged = Path(mlflow.artifacts.download_artifacts(f"models:/vlm-pipeline-lora/{version.version}"))
+    files = {path.name for path in logged.iterdir()}
+    assert "mlflow_model_code.py" in files and not any(name.endswith((".pkl", ".pickle")) for name in files)
+    flavor = mlflow.models.Model.load(logged).flavors["python_function"]
+    assert flavor["model_code_path"].endswith("mlflow_model_code.py") and "python_model" not in flavor
+    assert flavor["config"] == {"max_new_tokens": int(run.data.params["evaluation.max_new_tokens"])}
     model = mlflow.pyfunc.load_model(f"models:/vlm-pipeline-lora/{version.version}")
     first = json.loads(predictions[0])
     prompt = "".join(part["text"] for part in first["prompt"] if part["type"] == "text")

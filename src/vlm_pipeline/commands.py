@@ -104,6 +104,9 @@ def _architecture(name: str) -> Architecture:
 
 
 def _tiny_model(args: argparse.Namespace) -> int:
+    from vlm_pipeline.training.progress import hide_library_bars_in_logs
+
+    hide_library_bars_in_logs()  # `dvc repro`'s first stage: the weights-writing bar
     out = args.arch.build_tiny(Path(args.out), args.seed)
     print(f"Built tiny {args.arch.name} model in {out}")
     return 0

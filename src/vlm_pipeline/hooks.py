@@ -48,3 +48,13 @@ def flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             flat[f"{prefix}{key}"] = value
     return flat
+
+
+class LibraryProgressBars:
+    """Library progress bars in the Kedro process only on a terminal (see ``hide_library_bars_in_logs``)."""
+
+    @hook_impl
+    def before_pipeline_run(self, run_params, pipeline, catalog) -> None:
+        from vlm_pipeline.training.progress import hide_library_bars_in_logs  # datasets, transformers: at run time
+
+        hide_library_bars_in_logs()

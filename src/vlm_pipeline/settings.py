@@ -3,11 +3,12 @@
 from kedro.config import OmegaConfigLoader
 from omegaconf.resolvers import oc
 
-from vlm_pipeline.hooks import ParameterChecks
+from vlm_pipeline.hooks import LibraryProgressBars, ParameterChecks
 from vlm_pipeline.tracking import RunDetails
 
-# ParameterChecks fails a bad run before anything starts; RunDetails names and tags the MLflow run kedro-mlflow starts.
-HOOKS = (ParameterChecks(), RunDetails())
+# ParameterChecks fails a bad run before anything starts; RunDetails names and tags the MLflow run kedro-mlflow starts;
+# LibraryProgressBars keeps datasets' and transformers' bars out of logs.
+HOOKS = (ParameterChecks(), RunDetails(), LibraryProgressBars())
 
 CONFIG_LOADER_CLASS = OmegaConfigLoader
 CONFIG_LOADER_ARGS = {

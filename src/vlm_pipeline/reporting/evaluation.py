@@ -181,6 +181,20 @@ def format_table(metrics: dict, details: dict | None = None) -> str:
     return "\n".join(lines)
 
 
+def format_summary(metrics: dict) -> str:
+    """The evaluation in one line, as the node logs it (the table is in report.md and ``vlm-pipeline metrics``)."""
+    base, tuned = metrics["base"], metrics["tuned"]
+    parts = [f"exact match {base['exact_match']:.3f} -> {tuned['exact_match']:.3f}"]
+    intervals = metrics.get("exact_match_ci95")
+    if intervals:
+        parts[0] += f" (tuned 95% CI {_short_interval(intervals['tuned'])})"
+    if "chrf" in base:
+        parts.append(f"chrF {base['chrf']:.3f} -> {tuned['chrf']:.3f}")
+    parts.append(f"majority baseline {metrics['majority_baseline']['exact_match']:.3f}")
+    parts.append(f"on {metrics['test_records']} test records")
+    return ", ".join(parts)
+
+
 def _short_interval(interval: dict) -> str:
     return f"[{interval['low']:.3f}, {interval['high']:.3f}]"
 

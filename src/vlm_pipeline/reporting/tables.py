@@ -6,9 +6,22 @@ from typing import Any
 
 from vlm_pipeline.planning.memory import GIB
 
+MEMORY_PARTS = (
+    "weights",
+    "gradients",
+    "optimizer_states",
+    "activations",
+    "logits_and_loss",
+    "optimizer_step_temporaries",
+    "peak_allocated",
+    "framework_overhead",
+    "total",
+)
 
-def format_plan(plan: dict[str, Any]) -> str:
-    """The plan as the table ``vlm-pipeline plan`` prints and the training node logs."""
+
+def format_plan(plan: dict[str, Any], breakdown: bool = True) -> str:
+    """The plan as the table ``vlm-pipeline plan`` prints; the training node logs it with the memory estimate on one
+    line (``breakdown=False``), as training_plan.json holds every figure."""
     steps, memory, model = plan["steps"], plan["memory_gib"], plan["model"]
     settings = plan["settings"]
     kept = steps["checkpoints_kept"]
@@ -27,20 +40,13 @@ def format_plan(plan: dict[str, Any]) -> str:
         f"checkpoints kept {', '.join(kept['names']) or 'none'}" + (" + the best one" if kept["plus_best"] else ""),
         f"tokens per step  {plan['tokens_per_step']['mean']:,} (mean; {plan['tokens_per_step']['source']}), "
         f"longest row {plan['tokens_per_step']['longest_row']:,}",
-        "memory per GPU (GiB, estimate)",
     ]
-    for name in (
-        "weights",
-        "gradients",
-        "optimizer_states",
-        "activations",
-        "logits_and_loss",
-        "optimizer_step_temporaries",
-        "peak_allocated",
-        "framework_overhead",
-        "total",
-    ):
-        lines.append(f"  {name.replace('_', ' '):<28}{memory[name]:>10.2f}")
+    if breakdown:
+        lines.append("memory per GPU (GiB, estimate)")
+        lines += [f"  {name.replace('_', ' '):<28}{memory[name]:>10.2f}" for name in MEMORY_PARTS]
+    else:
+        parts = ", ".join(f"{name.replace('_', ' ')} {memory[name]:.2f}" for name in MEMORY_PARTS[:-1])
+        lines.append(f"memory per GPU   {memory['total']:.2f} GiB (estimate): {parts}")
     budget = plan["gpu_memory_gb"]
     if budget is None:
         lines.append("verdict          no plan.gpu_memory_gb set: not checked")
@@ -60,12 +66,14 @@ def format_plan(plan: dict[str, Any]) -> str:
 
 
 def format_parameter_table(table: dict[str, dict[str, int]]) -> str:
-    """Trainable vs total parameters per component, as the trainer prints it."""
-    lines = [f"{'component':<16}{'trainable':>14}{'total':>14}{'share':>9}"]
-    for component, row in table.items():
-        share = row["trainable"] / row["total"] if row["total"] else 0.0
-        lines.append(f"{component:<16}{row['trainable']:>14,}{row['total']:>14,}{share:>9.2%}")
-    return "\n".join(lines)
+    """Trainable vs total parameters, as the trainer prints it: one line, the whole model first, then each
+    component (``all 108,544 of 418,016 (25.97%); vision_tower 0 of 58,816; ...``)."""
+    parts = [
+        f"{component} {row['trainable']:,} of {row['total']:,}"
+        + (f" ({row['trainable'] / row['total']:.2%})" if component == "all" and row["total"] else "")
+        for component, row in table.items()
+    ]
+    return "; ".join(sorted(parts, key=lambda part: not part.startswith("all ")))
 
 
 def _count(number: int) -> str:

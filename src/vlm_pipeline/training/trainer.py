@@ -24,7 +24,7 @@ import torch
 from accelerate.utils import broadcast_object_list
 from datasets import load_from_disk
 from peft import LoraConfig, prepare_model_for_kbit_training
-from transformers import set_seed
+from transformers import PrinterCallback, set_seed
 from trl import SFTConfig, SFTTrainer
 
 from vlm_pipeline.architectures import architecture_for_model, load_model, load_processor
@@ -35,7 +35,7 @@ from vlm_pipeline.training import cpu_distributed
 from vlm_pipeline.training.checkpoints import finished_run, last_complete_checkpoint
 from vlm_pipeline.training.collator import SFTCollator
 from vlm_pipeline.training.live_metrics import LiveMetrics
-from vlm_pipeline.training.progress import ProgressLog, on_terminal
+from vlm_pipeline.training.progress import ProgressLog, hide_library_bars_in_logs, on_terminal
 from vlm_pipeline.training.quantization import bits_and_bytes_config
 from vlm_pipeline.training.sampler import ModalityGroupedSampler, is_mixed
 from vlm_pipeline.training.stopping import StopOnSignal, StopRequested
@@ -170,6 +170,10 @@ def build_trainer(config: RunConfig, tracking: tuple[str, str] | None = None) ->
         # tracking: (MLflow tracking URI, run id) of the Kedro run, to stream the curves to while training
         callbacks=[ProgressLog(), *([LiveMetrics(*tracking)] if tracking else [])],
     )
+    if trainer.args.disable_tqdm:
+        # In a log, ProgressLog's lines carry the loss: the printer's dict every logging_steps would be hundreds
+        # more lines (training_history.json and MLflow keep every logged value).
+        trainer.remove_callback(PrinterCallback)
     if peft_config is not None:
         train_adapters_in_float32(trainer)
     return trainer
@@ -220,7 +224,7 @@ def run(config: RunConfig, tracking: tuple[str, str] | None = None) -> None:
     trainer.add_callback(stop)
     trainable = parameter_table(trainer.model, architecture_for_model(config.base_model))
     if trainer.is_world_process_zero():
-        print(f"vlm-pipeline: trainable parameters\n{format_parameter_table(trainable)}", flush=True)
+        print(f"vlm-pipeline: trainable parameters: {format_parameter_table(trainable)}", flush=True)
     # The main process tidies incomplete checkpoints away; every rank then resumes from the same folder.
     choice = [last_complete_checkpoint(checkpoints) if trainer.is_world_process_zero() else None]
     resume = broadcast_object_list(choice)[0]
@@ -253,6 +257,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--mlflow-run-id", help="... into this run (the Kedro run's)")
     args = parser.parse_args(argv)
     tracking = (args.mlflow_tracking_uri, args.mlflow_run_id) if args.mlflow_run_id else None
+    hide_library_bars_in_logs()
     try:
         run(RunConfig.read(args.config), tracking)
     except StopRequested as stopped:

@@ -16,7 +16,7 @@ from vlm_pipeline.config.schema import EvaluationParams, PreprocessingParams
 from vlm_pipeline.data.encoding import reference_answer
 from vlm_pipeline.reporting.evaluation import (
     comparison_figure,
-    format_table,
+    format_summary,
     loss_curve,
     loss_figure,
     report_markdown,
@@ -77,7 +77,7 @@ def compare(
     test_records: Iterable[dict],
     params: EvaluationParams,
 ) -> tuple[dict, dict, list[dict], dict]:
-    """metrics.json, evaluation_details.json, predictions rows, and flat MLflow metrics; logs the table.
+    """metrics.json, evaluation_details.json, predictions rows, and flat MLflow metrics; logs a summary line.
 
     metrics.json is a DVC metric file, which ``dvc metrics diff`` compares number by number: it holds numbers
     only (booleans as 0/1). The strings beside them (the majority answer, the merge check's dtype and criterion,
@@ -121,7 +121,7 @@ def compare(
         )
     ]
     flat = {f"eval.{name}": {"step": 0, "value": float(value)} for name, value in flatten(metrics).items()}
-    logger.info("\n%s", format_table(metrics, details))
+    logger.info("%s; the table: the report, or `vlm-pipeline metrics` on metrics.json", format_summary(metrics))
     return metrics, details, predictions, flat
 
 
