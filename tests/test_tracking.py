@@ -80,3 +80,50 @@ def test_a_run_names_itself_and_records_commit_inputs_and_predictions(project, t
     first = json.loads(predictions[0])
     prompt = "".join(part["text"] for part in first["prompt"] if part["type"] == "text")
     assert model.predict([{"prompt": prompt}]) == [first["tuned"]]
+
+
+def run_stage(project: Path, stage: str, **params) -> None:
+    """One DVC stage as dvc.yaml runs it: ``kedro run --pipelines lora --tags <stage> --env tiny_llama``."""
+    from kedro.framework.session import KedroSession
+    from kedro.framework.startup import bootstrap_project
+
+    bootstrap_project(project)
+    with KedroSession.create(project_path=project, env="tiny_llama", runtime_params=params) as session:
+        session.run(pipeline_names=["lora"], tags=[stage])
+    while mlflow.active_run():  # see conftest.run_kedro
+        mlflow.end_run()
+
+
+def test_the_stages_of_one_chain_share_a_parent_run(project, tiny_models, monkeypatch):
+    shutil.copytree(tiny_models["llama"], project / "data/00_base_models/tiny-llama")
+    git(project, "init", "-q")
+    git(project, "add", "-A")
+    git(project, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "snapshot")
+    commit = git(project, "rev-parse", "HEAD")
+
+    run_stage(project, "data_validation")
+    run_stage(project, "preprocessing")
+    run_stage(project, "data_validation", data_validation={"test_fraction": 0.2})  # another chain
+    monkeypatch.setenv("DVC_EXP_NAME", "tidy-wren")  # as `dvc exp run` sets it for its stages
+    run_stage(project, "data_validation")
+
+    mlflow.set_tracking_uri(f"sqlite:///{project / 'mlflow.db'}")
+    client = mlflow.MlflowClient()
+    experiment = client.get_experiment_by_name("vlm-pipeline")
+    runs = client.search_runs([experiment.experiment_id], order_by=["attributes.start_time ASC"])
+    stages = [run for run in runs if "mlflow.parentRunId" in run.data.tags]
+    parents = {run.info.run_id: run for run in runs if "mlflow.parentRunId" not in run.data.tags}
+    assert [run.data.tags["kedro.tags"] for run in stages] == [
+        "data_validation",
+        "preprocessing",
+        "data_validation",
+        "data_validation",
+    ]
+    assert stages[0].data.tags["mlflow.runName"].startswith("lora · data_validation · tiny-llama · ")
+    first, second, other, experiment_run = (run.data.tags["mlflow.parentRunId"] for run in stages)
+    assert first == second and len({first, other, experiment_run}) == 3
+    assert set(parents) == {first, other, experiment_run}  # nothing else is a top-level run
+    assert parents[first].data.tags["mlflow.runName"] == f"lora · tiny-llama · {commit[:8]} (DVC stages)"
+    assert parents[first].info.status == "FINISHED"
+    assert parents[experiment_run].data.tags["dvc.experiment"] == "tidy-wren"
+    assert parents[experiment_run].data.tags["mlflow.runName"] == "lora · tiny-llama · tidy-wren (DVC stages)"

@@ -6,6 +6,8 @@ kedro-mlflow starts the run (named after the pipeline) and logs the parameters; 
 * a name saying variant, model and time (``lora · tiny-qwen2_5_vl · 2026-11-29 21:40``), and tags for the git
   commit (MLflow's own ``mlflow.source.git.commit``), the conf environment, the Kedro tags (the DVC stage) and the
   DVC experiment (``DVC_EXP_NAME``, which ``dvc exp run`` sets for its stages);
+* when it is one stage of a chain (``--tags``, as each DVC stage runs), the stage in its name and a parent run
+  shared by the chain's stages (``chain_run``), so the UI shows one ``dvc repro`` as one run with its stages;
 * the experiment tag that opens it in the MLflow UI's model-training view rather than the GenAI view;
 * at the end, the input datasets the run read or wrote (``valid.jsonl`` of each split, with their SHA-256 digests),
   the evaluation's predictions as an MLflow table, and the merged model it made as an MLflow model
@@ -17,6 +19,7 @@ The run id is kept from the start: kedro-mlflow ends the run in its own ``after_
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import re
@@ -34,6 +37,8 @@ EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 TRAINING_KIND = "custom_model_development"
 # The datasets logged as run inputs, with the MLflow input context each is used in.
 INPUT_DATASETS = {"train_records": "training", "test_records": "evaluation"}
+# The tag naming a chain's parent run (``chain_run``): a digest of what makes two stages one chain.
+CHAIN_TAG = "vlm_pipeline.chain"
 
 
 class RunDetails:
@@ -72,6 +77,11 @@ class RunDetails:
             tags["mlflow.source.git.commit"] = commit
         if os.environ.get("DVC_EXP_NAME"):
             tags["dvc.experiment"] = os.environ["DVC_EXP_NAME"]
+        stage = tags["kedro.tags"]
+        if run_params.get("tags"):  # one stage of a chain (a DVC stage): nested under the chain's run
+            tags["mlflow.runName"] = f"{variant} · {stage} · {model} · {datetime.now(UTC):%Y-%m-%d %H:%M} UTC"
+            parameters = catalog.load("parameters")
+            tags["mlflow.parentRunId"] = chain_run(run.info.experiment_id, variant, model, commit, parameters)
         mlflow.set_tags(tags)
         logger.info("MLflow run '%s' (%s)", tags["mlflow.runName"], self.run_id)
         mlflow.MlflowClient().set_experiment_tag(run.info.experiment_id, EXPERIMENT_KIND_TAG, TRAINING_KIND)
@@ -98,6 +108,40 @@ class RunDetails:
                 registered = (params.adapter.registered_model_name or default) if self.registry_uri else None
                 log_model(self.run_id, catalog.get(name).path, registered, params.evaluation.max_new_tokens)
         self.run_id = None
+
+
+def chain_run(experiment_id: str, variant: str, model: str, commit: str | None, parameters: dict) -> str:
+    """The id of the parent run that the stages of one chain share, created by the first of them.
+
+    DVC runs each stage as its own ``kedro run --tags <stage>``, so each is its own MLflow run; this groups them.
+    A chain is one variant at one commit (``-dirty`` aside: dvc.lock changes between stages) with the same
+    parameters (environment, paths, every value) in the same DVC experiment: the stages of one ``dvc repro`` or
+    ``dvc exp run``. Running it again adds its stages to the same parent."""
+    from mlflow import MlflowClient
+
+    experiment = os.environ.get("DVC_EXP_NAME")
+    identity = json.dumps(
+        [variant, (commit or "").removesuffix("-dirty"), experiment, parameters], sort_keys=True, default=str
+    )
+    key = hashlib.sha256(identity.encode()).hexdigest()[:16]
+    client = MlflowClient()
+    found = client.search_runs([experiment_id], filter_string=f"tags.`{CHAIN_TAG}` = '{key}'", max_results=1)
+    if found:
+        return found[0].info.run_id
+    revision = experiment or (commit[:8] if commit else "no git")
+    parent = client.create_run(
+        experiment_id,
+        run_name=f"{variant} · {model} · {revision} (DVC stages)",
+        tags={
+            CHAIN_TAG: key,
+            "vlm_pipeline.variant": variant,
+            "vlm_pipeline.base_model": model,
+            **({"mlflow.source.git.commit": commit} if commit else {}),
+            **({"dvc.experiment": experiment} if experiment else {}),
+        },
+    )
+    client.set_terminated(parent.info.run_id)  # holds no work of its own; its stages report their own status
+    return parent.info.run_id
 
 
 def active_run_target() -> tuple[str, str] | None:
@@ -171,8 +215,6 @@ def log_predictions(run_id: str, predictions: Any, variant: str) -> None:
 
 def _cell(value: Any) -> Any:
     """Table cells are scalars: nested values (a prompt's content parts, image lists) as their JSON text."""
-    import json
-
     return value if isinstance(value, str | int | float | bool | type(None)) else json.dumps(value)
 
 

@@ -19,41 +19,53 @@ MEMORY_PARTS = (
 )
 
 
-def format_plan(plan: dict[str, Any], breakdown: bool = True) -> str:
-    """The plan as the table ``vlm-pipeline plan`` prints; the training node logs it with the memory estimate on one
-    line (``breakdown=False``), as training_plan.json holds every figure."""
+# Which of the plan's lines share one line in the log (``compact``): the model; the batch; the schedule; the data.
+COMPACT_GROUPS = (
+    ("model",),
+    ("records", "world size", "effective batch"),
+    ("steps", "warm-up", "evaluations at", "checkpoints at", "checkpoints kept"),
+    ("tokens per step", "memory per GPU"),
+)
+
+
+def format_plan(plan: dict[str, Any], compact: bool = False) -> str:
+    """The plan as the table ``vlm-pipeline plan`` prints; ``compact``: as the training node logs it, a few lines
+    of ``label value; label value`` with the memory estimate in one (training_plan.json holds every figure)."""
     steps, memory, model = plan["steps"], plan["memory_gib"], plan["model"]
     settings = plan["settings"]
     kept = steps["checkpoints_kept"]
-    lines = [
-        f"model            {model['architecture']} from {model['config']}: {_count(model['total_parameters'])} "
+    rows = {
+        "model": f"{model['architecture']} from {model['config']}: {_count(model['total_parameters'])} "
         f"parameters, {_count(model['trainable_parameters'])} trainable",
-        f"records          {steps['records']:,} (training split, after the validation hold-out)",
-        f"world size       {steps['world_size']} ({settings['engine']})",
-        f"effective batch  {steps['effective_batch']} = {settings['batch_size']} per device × {steps['world_size']} "
-        f"× {settings['gradient_accumulation_steps']} accumulation",
-        f"steps            {steps['steps_per_epoch']:,} per epoch × {steps['epochs']:g} epochs = "
-        f"{steps['total_steps']:,}",
-        f"warm-up          {steps['warmup_steps']:,} steps",
-        f"evaluations at   {_steps_text(steps['eval_steps'])}",
-        f"checkpoints at   {_steps_text(steps['save_steps'])}",
-        f"checkpoints kept {', '.join(kept['names']) or 'none'}" + (" + the best one" if kept["plus_best"] else ""),
-        f"tokens per step  {plan['tokens_per_step']['mean']:,} (mean; {plan['tokens_per_step']['source']}), "
+        "records": f"{steps['records']:,} (training split, after the validation hold-out)",
+        "world size": f"{steps['world_size']} ({settings['engine']})",
+        "effective batch": f"{steps['effective_batch']} = {settings['batch_size']} per device × "
+        f"{steps['world_size']} × {settings['gradient_accumulation_steps']} accumulation",
+        "steps": f"{steps['steps_per_epoch']:,} per epoch × {steps['epochs']:g} epochs = {steps['total_steps']:,}",
+        "warm-up": f"{steps['warmup_steps']:,} steps",
+        "evaluations at": _steps_text(steps["eval_steps"]),
+        "checkpoints at": _steps_text(steps["save_steps"]),
+        "checkpoints kept": (", ".join(kept["names"]) or "none") + (" + the best one" if kept["plus_best"] else ""),
+        "tokens per step": f"{plan['tokens_per_step']['mean']:,} (mean; {plan['tokens_per_step']['source']}), "
         f"longest row {plan['tokens_per_step']['longest_row']:,}",
-    ]
-    if breakdown:
+        "memory per GPU": f"{memory['total']:.2f} GiB (estimate: "
+        + ", ".join(f"{name.replace('_', ' ')} {memory[name]:.2f}" for name in MEMORY_PARTS[:-1])
+        + ")",
+    }
+    if compact:
+        lines = ["; ".join(f"{label} {rows[label]}" for label in group) for group in COMPACT_GROUPS]
+    else:
+        lines = [f"{label:<17}{value}" for label, value in rows.items() if label != "memory per GPU"]
         lines.append("memory per GPU (GiB, estimate)")
         lines += [f"  {name.replace('_', ' '):<28}{memory[name]:>10.2f}" for name in MEMORY_PARTS]
-    else:
-        parts = ", ".join(f"{name.replace('_', ' ')} {memory[name]:.2f}" for name in MEMORY_PARTS[:-1])
-        lines.append(f"memory per GPU   {memory['total']:.2f} GiB (estimate): {parts}")
     budget = plan["gpu_memory_gb"]
+    verdict, warning = ("verdict ", "WARNING ") if compact else ("verdict          ", "WARNING          ")
     if budget is None:
-        lines.append("verdict          no plan.gpu_memory_gb set: not checked")
+        lines.append(f"{verdict}no plan.gpu_memory_gb set: not checked")
     elif plan["fits"]:
-        lines.append(f"verdict          fits in {budget:g} GB ({memory['total'] * GIB / 1e9:.1f} GB estimated)")
+        lines.append(f"{verdict}fits in {budget:g} GB ({memory['total'] * GIB / 1e9:.1f} GB estimated)")
     else:
-        lines.append(f"verdict          DOES NOT FIT in {budget:g} GB ({memory['total'] * GIB / 1e9:.1f} GB estimated)")
+        lines.append(f"{verdict}DOES NOT FIT in {budget:g} GB ({memory['total'] * GIB / 1e9:.1f} GB estimated)")
         steps = plan.get("alternatives", [])
         if steps:
             lines.append("  would fit with these changes together (estimate after each):")
@@ -61,7 +73,7 @@ def format_plan(plan: dict[str, Any], breakdown: bool = True) -> str:
             lines.append(f"    + {option['change']}: {option['total_gib']:.1f} GiB")
         if not steps:
             lines.append("  no combination of the usual knobs fits: add GPUs or shorten the rows")
-    lines += [f"WARNING          {warning}" for warning in plan.get("warnings", [])]
+    lines += [f"{warning}{text}" for text in plan.get("warnings", [])]
     return "\n".join(lines)
 
 
