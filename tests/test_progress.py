@@ -253,6 +253,7 @@ def test_training_into_a_log_prints_progress_lines_and_no_bar(tiny_models, tmp_p
     assert progress == [str(step) for step in range(1, 11)], output[-3000:]
     assert "\r" not in output and not re.search(r"\|\s*\d+/10 \[", output), output[-3000:]  # no tqdm bar
     assert "{'loss':" not in output  # no printer dicts: the lines carry the loss
+    assert "had defaults used instead" not in output  # the CPU thread count was given (cpu_thread_flags)
     losses = re.findall(r"training step (\d+)/10 \(\d+%\), loss ([\d.]+),", output)
     history = json.loads((tmp_path / "run/final/training_history.json").read_text())
     logged = {entry["step"]: entry["loss"] for entry in history if "loss" in entry}
@@ -297,3 +298,28 @@ def test_kedro_starts_without_the_plugin_warning(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "kedro_mlflow" in result.stdout  # the plugin was loaded
     assert "type hints" not in result.stdout + result.stderr, result.stderr
+
+
+# --- the launch command ---------------------------------------------------------------------------------------
+
+
+def test_cpu_configs_get_accelerates_own_thread_count_explicitly(monkeypatch):
+    import psutil
+
+    from vlm_pipeline.training.launcher import cpu_thread_flags
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    physical = psutil.cpu_count(logical=False)
+    accelerate = PROJECT_ROOT / "conf/accelerate"
+    assert cpu_thread_flags(accelerate / "cpu_single_process.yaml", {}) == [
+        "--num_cpu_threads_per_process",
+        str(physical),
+    ]
+    assert cpu_thread_flags(accelerate / "cpu_ddp.yaml", {}) == [
+        "--num_cpu_threads_per_process",
+        str(max(1, physical // 2)),
+    ]
+    assert cpu_thread_flags(accelerate / "deepspeed_zero3.yaml", {}) == []  # GPUs: nothing to choose
+    assert cpu_thread_flags(accelerate / "cpu_ddp.yaml", {"num_processes": "$((SLURM_NNODES * 2))"}) == []
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")  # accelerate uses it as it is
+    assert cpu_thread_flags(accelerate / "cpu_single_process.yaml", {}) == []

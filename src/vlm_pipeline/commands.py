@@ -198,7 +198,7 @@ def _metrics(args: argparse.Namespace) -> int:
         path.parent / "base_vs_tuned.png",
         path.parents[2] / "07_model_output" / variant / "predictions.jsonl",
     ]
-    print("\n".join(f"  {output}" for output in outputs if output.is_file()))
+    print("also: " + ", ".join(str(output) for output in outputs if output.is_file()))
     return 0
 
 

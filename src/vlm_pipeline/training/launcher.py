@@ -75,12 +75,32 @@ def launch_command(
         "--config_file",
         str(accelerate_config),
         *flags,
+        *cpu_thread_flags(Path(accelerate_config), node),
         "-m",
         "vlm_pipeline.training.trainer",
         "--config",
         str(run_config_path),
         *(["--mlflow-tracking-uri", tracking[0], "--mlflow-run-id", tracking[1]] if tracking else []),
     ]
+
+
+def cpu_thread_flags(accelerate_config: Path, node: dict[str, int | str]) -> list[str]:
+    """For a CPU-only accelerate config (``use_cpu``), the threads per process accelerate would choose itself
+    (physical cores over this machine's processes), given explicitly: accelerate prints a three-line notice
+    whenever it chooses them. Nothing when OMP_NUM_THREADS is set, which accelerate then uses."""
+    import psutil
+    import yaml
+
+    config = yaml.safe_load(accelerate_config.read_text()) or {}
+    if not config.get("use_cpu") or "OMP_NUM_THREADS" in os.environ:
+        return []
+    try:
+        processes = int(node.get("num_processes", config.get("num_processes", 1)))
+        machines = int(node.get("num_machines", config.get("num_machines", 1)))
+    except ValueError:  # shell variables: a command for a job script, run on another machine that decides itself
+        return []
+    threads = (psutil.cpu_count(logical=False) or 1) // max(1, processes // machines)
+    return ["--num_cpu_threads_per_process", str(max(1, threads))]
 
 
 def launch(command: list[str], tail_lines: int = 40) -> None:

@@ -41,7 +41,7 @@ def plan_training(
         trust_remote_code=context.model.trust_remote_code,
         load_dtype=context.model.dtype,
     )
-    logger.info("Training plan\n%s", format_plan(result, compact=True))
+    logger.info("Training plan: %s", format_plan(result, compact=True))
     check_fits(result)
     return result
 
