@@ -119,6 +119,13 @@ def test_dvc_repro_runs_the_chain_then_nothing(tmp_path):
 
     first = run([str(BIN / "dvc"), "repro"], project, **env)
     assert "Running stage 'evaluation@lora'" in first.stdout
+    # The log a person reads (a pipe, as in CI): no progress-bar redraws, no printer dicts, no warning, short.
+    log = first.stdout + first.stderr
+    assert "\r" not in log and "%|" not in log and "{'loss':" not in log, log[-3000:]
+    assert "Warning" not in log and "Traceback" not in log, log[-3000:]
+    progress = [line for line in log.splitlines() if "vlm-pipeline: training step" in line]
+    assert len(progress) == len(set(progress)) == 12, progress  # 6 steps of each variant, each once
+    assert len(log.splitlines()) < 150, log
     metrics = json.loads((project / "data/08_reporting/lora/metrics.json").read_text())
     assert metrics["merge_check"]["passed"]
     assert (project / "data/08_reporting/full_ft/metrics.json").is_file()
