@@ -1,12 +1,17 @@
-"""The memory estimate against measured peak memory on CPU, for full FT, LoRA, checkpointing and optimizers.
+"""The memory estimate against measured peak memory, for full FT, LoRA, checkpointing and optimizers.
 
-    .venv/bin/python bench/memory_estimate.py [--steps 3]
+    .venv/bin/python bench/memory_estimate.py [--steps 3]                  # CPU: peak resident memory
+    python3 bench/memory_estimate.py --device cuda --measured-out m.json   # on a GPU machine: measure only
+    .venv/bin/python bench/memory_estimate.py --device cuda --measured m.json   # here: the table
 
-Each case trains a ~50M-parameter Llama (built from a config, random weights) for a few steps with a plain
-transformers Trainer in its own process, on fixed-length rows, and reads the process's peak resident memory
-(VmHWM, reset after imports through /proc/self/clear_refs), minus the resident memory before the model was
-built. The estimate is ``vlm_pipeline.planning.memory`` on the same config.json and settings, in float32 (no
-autocast on CPU), without the CUDA context term. Linux only. Results go in bench/RESULTS.md.
+Each case trains a Llama built from a config (random weights) for a few steps with a plain transformers Trainer
+in its own process, on fixed-length rows. On CPU: a ~50M model in float32, measured as the process's peak
+resident memory (VmHWM, reset after imports through /proc/self/clear_refs) minus the resident memory before the
+model was built, less what the training machinery alone costs. On CUDA: a ~1.2B model (Llama-3.2-1B's shape) in
+float32 under bf16 autocast, as our trainer runs on GPU, measured as ``torch.cuda.max_memory_allocated``. The
+estimate is ``vlm_pipeline.planning.memory`` on the same config.json and settings, without the CUDA context
+term. Measuring imports only torch, transformers and PEFT, so a GPU machine without this project can run it.
+Linux only. Results go in bench/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -34,7 +39,19 @@ CONFIG = {
     "tie_word_embeddings": False,
     "hidden_act": "silu",
 }
+# Llama-3.2-1B's shape (1.24B parameters): big enough that the model's own terms dwarf allocator rounding.
+CUDA_CONFIG = {
+    **CONFIG,
+    "hidden_size": 2048,
+    "intermediate_size": 8192,
+    "num_hidden_layers": 16,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "vocab_size": 128256,
+    "tie_word_embeddings": True,
+}
 BATCH, SEQ = 4, 512
+CUDA_SEQ = 1024
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 CASES = {
     "full FT, AdamW": {"optim": "adamw_torch"},
@@ -57,19 +74,26 @@ def rss_kib(field: str) -> int:
 BASELINE = {"optim": "adamw_torch", "tiny": True}
 
 
-def measure(case: dict, model_dir: Path, steps: int) -> int:
-    """Runs in a child process: bytes of peak resident memory attributable to training."""
+def measure(case: dict, model_dir: Path, steps: int, device: str) -> int:
+    """Runs in a child process: bytes of peak memory attributable to training."""
     import torch
-    from datasets import Dataset
     from peft import LoraConfig, get_peft_model
     from transformers import AutoConfig, LlamaForCausalLM, Trainer, TrainingArguments, default_data_collator
 
     torch.manual_seed(0)
-    vocab, seq = (256, 8) if case.get("tiny") else (CONFIG["vocab_size"], SEQ)
+    cuda = device == "cuda"
+    seq = CUDA_SEQ if cuda else SEQ
+    vocab, seq = (
+        (256, 8) if case.get("tiny") else (json.loads((model_dir / "config.json").read_text())["vocab_size"], seq)
+    )
     tokens = torch.randint(0, vocab, (64, seq)).tolist()
-    rows = Dataset.from_dict({"input_ids": tokens, "labels": tokens})
-    Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM: imports and data are not training memory
-    before = rss_kib("VmRSS")
+    rows = [{"input_ids": row, "labels": row} for row in tokens]
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+    else:
+        Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM: imports and data are not training memory
+        before = rss_kib("VmRSS") * 1024
     config = AutoConfig.from_pretrained(model_dir)
     if case.get("tiny"):
         config.update(
@@ -83,14 +107,15 @@ def measure(case: dict, model_dir: Path, steps: int) -> int:
                 "vocab_size": 256,
             }
         )
-    model = LlamaForCausalLM(config)
+    model = LlamaForCausalLM(config)  # float32 weights, as our trainer loads them
     if case.get("lora"):
         model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules=LORA_TARGETS))
     args = TrainingArguments(
         output_dir=str(model_dir / "out"),
         max_steps=steps,
         per_device_train_batch_size=BATCH,
-        use_cpu=True,
+        use_cpu=not cuda,
+        bf16=cuda,  # autocast on GPU, as our trainer; none on CPU
         optim=case["optim"],
         gradient_checkpointing=case.get("gradient_checkpointing", False),
         report_to="none",
@@ -100,21 +125,24 @@ def measure(case: dict, model_dir: Path, steps: int) -> int:
         gradient_checkpointing_kwargs={"use_reentrant": False},
     )
     Trainer(model=model, args=args, train_dataset=rows, data_collator=default_data_collator).train()
-    return (rss_kib("VmHWM") - before) * 1024
+    if cuda:
+        return torch.cuda.max_memory_allocated() - before
+    return rss_kib("VmHWM") * 1024 - before
 
 
-def estimate(case: dict, model_dir: Path) -> float:
+def estimate(case: dict, model_dir: Path, device: str) -> float:
     from vlm_pipeline.config.schema import MethodParams
     from vlm_pipeline.planning.memory import MemorySettings, estimate_memory
     from vlm_pipeline.planning.model_shape import read_model_shape
 
     lora = {"r": 16, "lora_alpha": 32, "target_modules": LORA_TARGETS} if case.get("lora") else None
-    shape = read_model_shape(model_dir, MethodParams(output_dir="unused", learning_rate=1e-4, lora=lora))
+    shape = read_model_shape(model_dir, MethodParams(learning_rate=1e-4, lora=lora))
     settings = MemorySettings(
         optimizer=case["optim"],
         batch_size=BATCH,
-        seq_len=SEQ,
-        device="cpu",
+        seq_len=CUDA_SEQ if device == "cuda" else SEQ,
+        device=device,
+        bf16_compute=device == "cuda",
         gradient_checkpointing=case.get("gradient_checkpointing", False),
     )
     return estimate_memory(shape, settings)["peak_allocated"]
@@ -123,35 +151,74 @@ def estimate(case: dict, model_dir: Path) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--measured-out", type=Path, help="measure only and write the figures here (GPU machine)")
+    parser.add_argument("--measured", type=Path, help="compare the estimate with figures measured elsewhere")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--model-dir", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         case = BASELINE if args.child == "baseline" else CASES[args.child]
-        print(json.dumps({"bytes": measure(case, Path(args.model_dir), args.steps)}))
+        print(json.dumps({"bytes": measure(case, Path(args.model_dir), args.steps, args.device)}))
         return
+    cuda = args.device == "cuda"
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = Path(tmp)
-        (model_dir / "config.json").write_text(json.dumps(CONFIG))
-        print(f"# {platform.machine()}, {platform.python_version()}; Llama 512×6, batch {BATCH} × {SEQ} tokens, fp32")
-        baseline = run_child("baseline", model_dir, args.steps)
-        print(f"training machinery alone (a {16}-wide 1-layer model): {baseline / 2**30:.3f} GiB")
-        print("| case | estimate GiB | measured GiB | measured − machinery GiB | estimate / (measured − machinery) |")
-        print("|---|---|---|---|---|")
-        for name, case in CASES.items():
-            measured = run_child(name, model_dir, args.steps)
-            estimated = estimate(case, model_dir)
-            net = measured - baseline
+        (model_dir / "config.json").write_text(json.dumps(CUDA_CONFIG if cuda else CONFIG))
+        measured = json.loads(args.measured.read_text()) if args.measured else measure_all(model_dir, args)
+        if args.measured_out:
+            args.measured_out.write_text(json.dumps(measured, indent=2))
+            return
+        print(f"# {measured['machine']}; batch {BATCH} × {CUDA_SEQ if cuda else SEQ} tokens")
+        baseline = measured.get("baseline", 0)
+        if cuda:  # max_memory_allocated holds no machinery: the CUDA context is not an allocation
+            print("| case | estimate GiB | measured GiB (max_memory_allocated) | estimate / measured |")
+            print("|---|---|---|---|")
+        else:
+            print(f"training machinery alone (a 16-wide 1-layer model): {baseline / 2**30:.3f} GiB")
             print(
-                f"| {name} | {estimated / 2**30:.3f} | {measured / 2**30:.3f} | {net / 2**30:.3f} "
-                f"| {estimated / net:.2f} |",
-                flush=True,
+                "| case | estimate GiB | measured GiB | measured − machinery GiB | estimate / (measured − machinery) |"
             )
+            print("|---|---|---|---|---|")
+        for name, case in CASES.items():
+            if name not in measured["cases"]:
+                print(f"| {name} | not run: {measured['skipped'].get(name, 'missing')} |")
+                continue
+            net = measured["cases"][name] - baseline
+            estimated = estimate(case, model_dir, args.device)
+            figures = [estimated / 2**30, measured["cases"][name] / 2**30] + ([] if cuda else [net / 2**30])
+            print(f"| {name} | " + " | ".join(f"{x:.3f}" for x in figures) + f" | {estimated / net:.2f} |")
 
 
-def run_child(name: str, model_dir: Path, steps: int) -> int:
-    command = [sys.executable, __file__, "--child", name, "--model-dir", str(model_dir), "--steps", str(steps)]
-    child = subprocess.run(command, capture_output=True, text=True, check=True)
+def measure_all(model_dir: Path, args: argparse.Namespace) -> dict:
+    """Each case in its own process (a fresh peak); on CPU also the machinery baseline."""
+    import importlib.util
+
+    import torch
+    import transformers
+
+    machine = f"{platform.machine()}, Python {platform.python_version()}, torch {torch.__version__}, "
+    machine += f"transformers {transformers.__version__}"
+    if args.device == "cuda":
+        machine += f", {torch.cuda.get_device_name()}"
+    measured = {"machine": machine, "cases": {}, "skipped": {}}
+    if args.device == "cpu":  # the CUDA context, its counterpart, is not in max_memory_allocated
+        measured["baseline"] = run_child("baseline", model_dir, args)
+    for name, case in CASES.items():
+        if "8bit" in case["optim"] and importlib.util.find_spec("bitsandbytes") is None:
+            measured["skipped"][name] = "bitsandbytes is not installed"
+            continue
+        measured["cases"][name] = run_child(name, model_dir, args)
+        print(f"{name}: {measured['cases'][name] / 2**30:.3f} GiB", file=sys.stderr, flush=True)
+    return measured
+
+
+def run_child(name: str, model_dir: Path, args: argparse.Namespace) -> int:
+    command = [sys.executable, __file__, "--child", name, "--model-dir", str(model_dir), "--steps", str(args.steps)]
+    command += ["--device", args.device]
+    child = subprocess.run(command, capture_output=True, text=True)
+    if child.returncode:
+        raise SystemExit(f"{name}: the measuring process failed\n{child.stderr[-3000:]}")
     return json.loads(child.stdout.strip().splitlines()[-1])["bytes"]
 
 
