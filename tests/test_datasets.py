@@ -172,3 +172,19 @@ def test_every_file_the_catalog_writes_goes_through_a_project_dataset():
             if not inner["type"].startswith("vlm_pipeline.datasets."):
                 offenders.append(f"{name}: {inner['type']}")
     assert not offenders, offenders
+
+
+def test_linking_a_model_folder_again_keeps_it_and_refreshes_a_changed_file(tmp_path):
+    """A relaunched finished run links the same files into a folder that already holds them."""
+    from vlm_pipeline.atomic import link_tree
+
+    source = tmp_path / "finished"
+    source.mkdir()
+    (source / "model.safetensors").write_text("weights")
+    (source / "config.json").write_text("{}")
+    target = link_tree(source, tmp_path / "final")
+    (target / "config.json").unlink()
+    (target / "config.json").write_text("stale")  # a different file under the same name
+    link_tree(source, target)
+    assert (target / "model.safetensors").samefile(source / "model.safetensors")
+    assert (target / "config.json").read_text() == "{}"

@@ -41,7 +41,7 @@ def train(out: Path, accelerate_config: str, per_device: int, base_model: Path, 
     config = launched_run_config(out, base_model, data, image_root, accelerate_config, per_device)
     command = launch_command(str(PROJECT_ROOT / accelerate_config), config)
     result = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=PROJECT_ROOT)
-    assert result.returncode == 0, result.stdout[-4000:]
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert result.stdout.count("vlm-pipeline: trainable parameters") == 1  # printed by the main process only
     return out / "final"
 

@@ -53,6 +53,9 @@ def _link_or_copy(src: str, dst: str) -> None:
     # Hard links make passing a multi-GB model through a stage free; copy across filesystems.
     try:
         os.link(src, dst)
+    except FileExistsError:
+        if not os.path.samefile(src, dst):  # the same file: linked by an earlier pass, already in place
+            shutil.copy2(src, dst)
     except OSError:
         shutil.copy2(src, dst)
 
