@@ -254,8 +254,9 @@ def run(config: RunConfig, tracking: tuple[str, str] | None = None) -> None:
     trainer.accelerator.end_training()  # accelerate's end of a script: the process group is destroyed
 
 
-def exit_finished_worker() -> NoReturn:
-    """End a worker whose results are on disk without tearing the interpreter down.
+def exit_worker(status: int) -> NoReturn:
+    """End a worker whose results (the model, or the checkpoint it stopped at) are on disk, without tearing the
+    interpreter down.
 
     A gloo worker thread drops its last reference to a finished collective (and the tensors it holds) a moment
     after the collective returns. When that lands while Python is finalizing, the process aborts with SIGABRT
@@ -266,7 +267,7 @@ def exit_finished_worker() -> NoReturn:
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()
-    os._exit(0)
+    os._exit(status)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -282,8 +283,8 @@ def main(argv: list[str] | None = None) -> None:
     except StopRequested as stopped:
         if os.environ.get("RANK", "0") == "0":  # torchrun's global rank: say it once
             print(stopped.message, flush=True)
-        raise
-    exit_finished_worker()
+        exit_worker(stopped.code)
+    exit_worker(0)
 
 
 if __name__ == "__main__":
