@@ -182,9 +182,12 @@ def test_linking_a_model_folder_again_keeps_it_and_refreshes_a_changed_file(tmp_
     source.mkdir()
     (source / "model.safetensors").write_text("weights")
     (source / "config.json").write_text("{}")
+    elsewhere = tmp_path / "cache_entry"
+    elsewhere.write_text("stale")
     target = link_tree(source, tmp_path / "final")
     (target / "config.json").unlink()
-    (target / "config.json").write_text("stale")  # a different file under the same name
+    os.link(elsewhere, target / "config.json")  # a different file under the same name, linked from elsewhere
     link_tree(source, target)
     assert (target / "model.safetensors").samefile(source / "model.safetensors")
     assert (target / "config.json").read_text() == "{}"
+    assert elsewhere.read_text() == "stale"  # replaced, not written through

@@ -51,11 +51,12 @@ def staging_dir_for(target: Path) -> Path:
 
 def _link_or_copy(src: str, dst: str) -> None:
     # Hard links make passing a multi-GB model through a stage free; copy across filesystems.
+    if os.path.exists(dst) and os.path.samefile(src, dst):  # linked by an earlier pass: already in place
+        return
+    if os.path.lexists(dst):
+        os.unlink(dst)  # replaced, never written into: it may be a link to a file elsewhere (a DVC cache entry)
     try:
         os.link(src, dst)
-    except FileExistsError:
-        if not os.path.samefile(src, dst):  # the same file: linked by an earlier pass, already in place
-            shutil.copy2(src, dst)
     except OSError:
         shutil.copy2(src, dst)
 
