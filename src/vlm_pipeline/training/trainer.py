@@ -41,6 +41,7 @@ from vlm_pipeline.training.progress import ProgressLog, hide_library_bars_in_log
 from vlm_pipeline.training.quantization import bits_and_bytes_config
 from vlm_pipeline.training.sampler import ModalityGroupedSampler, is_mixed
 from vlm_pipeline.training.stopping import StopOnSignal, StopRequested
+from vlm_pipeline.training.throughput import MeteredTraining
 from vlm_pipeline.training.trainable import freeze, lora_target_modules, parameter_table
 
 
@@ -66,13 +67,14 @@ class NonFiniteTrainingError(RuntimeError):
     """The loss or gradient norm became NaN or infinite; the message names the optimizer step."""
 
 
-class VLMSFTTrainer(SFTTrainer):
+class VLMSFTTrainer(MeteredTraining, SFTTrainer):
     """TRL's SFTTrainer, batching by modality when a vision dataset mixes text-only and image rows, and stopping
     on a non-finite loss or gradient norm before the optimizer applies it.
 
     transformers only logs such a loss (``logging_nan_inf_filter`` even hides it) and steps on, so a run would
     silently write NaN weights into every later checkpoint. Stopping here keeps the last complete checkpoint,
-    written before the bad step, as the newest one."""
+    written before the bad step, as the newest one. Seconds and tokens per optimizer step are measured
+    (``MeteredTraining``) and saved as ``throughput.json``."""
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         loss = super().training_step(model, inputs, num_items_in_batch)
@@ -249,6 +251,7 @@ def run(config: RunConfig, tracking: tuple[str, str] | None = None) -> None:
         trainer.processing_class.save_pretrained(str(final_dir))
         (final_dir / "training_history.json").write_text(json.dumps(trainer.state.log_history, indent=2))
         (final_dir / "trainable_parameters.json").write_text(json.dumps(trainable, indent=2))
+        (final_dir / "throughput.json").write_text(json.dumps(trainer.throughput.summary(), indent=2))
         replace_dir_atomic(link_tree(final_dir, staging_dir_for(finished)), finished)
     trainer.accelerator.wait_for_everyone()
     trainer.accelerator.end_training()  # accelerate's end of a script: the process group is destroyed
