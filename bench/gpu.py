@@ -33,6 +33,7 @@ import json
 import math
 import os
 import random
+import re
 import shutil
 import statistics
 import subprocess
@@ -74,8 +75,9 @@ class Case:
 
 
 QWEN_BOUNDS = {"max_pixels": 1280 * 28 * 28}  # Qwen's documented bound: at most 1,280 image tokens
-VISION_LORA = {"r": 8, "lora_alpha": 32, "lora_dropout": 0.05, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]}
-TEXT_LORA = {"r": 16, "lora_alpha": 32, "lora_dropout": 0.05, "target_modules": ["q_proj", "k_proj", "v_proj"]}
+ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
+VISION_LORA = {"r": 8, "lora_alpha": 32, "lora_dropout": 0.05, "target_modules": ATTENTION}
+TEXT_LORA = {"r": 16, "lora_alpha": 32, "lora_dropout": 0.05, "target_modules": ATTENTION[:3]}
 CASES = (
     Case("a", "Qwen2.5-VL-7B, LoRA r8 q/k/v/o", "qwen2.5-vl-7b-instruct", "qwen2_5_vl", 8, "vision", 8,
          {**VISION_LORA, "modules_to_save": []}, 1e-4, image_bounds=QWEN_BOUNDS, ours_workers=4),
@@ -116,12 +118,25 @@ def cut_config(case: Case, tiny: bool) -> dict:
         text.update(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2)
         vision = config.get("vision_config")
         if case.architecture == "qwen2_5_vl":
-            vision.update(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
-                          fullatt_block_indexes=[1])  # fmt: skip
+            vision.update(
+                depth=2,
+                hidden_size=32,
+                intermediate_size=64,
+                num_heads=2,
+                out_hidden_size=64,
+                fullatt_block_indexes=[1],
+            )
             text["rope_scaling"]["mrope_section"] = [2, 3, 3]  # head_dim 16: 8 rotary pairs
         elif case.architecture == "mllama":
-            vision.update(num_hidden_layers=2, num_global_layers=1, hidden_size=32, intermediate_size=64,
-                          attention_heads=2, intermediate_layers_indices=[0], vision_output_dim=64)  # fmt: skip
+            vision.update(
+                num_hidden_layers=2,
+                num_global_layers=1,
+                hidden_size=32,
+                intermediate_size=64,
+                attention_heads=2,
+                intermediate_layers_indices=[0],
+                vision_output_dim=64,
+            )
     return config
 
 
@@ -150,24 +165,30 @@ def model_facts(case: Case, model_dir: Path) -> dict:
     }
     if case.architecture == "qwen2_5_vl":
         vision = config.vision_config
-        facts.update(vision_hidden=vision.hidden_size, vision_layers=vision.depth,
-                     vision_full_attention_layers=len(vision.fullatt_block_indexes),
-                     vision_window_patches=(vision.window_size // vision.patch_size) ** 2)  # fmt: skip
+        facts.update(
+            vision_hidden=vision.hidden_size,
+            vision_layers=vision.depth,
+            vision_full_attention_layers=len(vision.fullatt_block_indexes),
+            vision_window_patches=(vision.window_size // vision.patch_size) ** 2,
+        )
     elif case.architecture == "mllama":
         vision = config.vision_config
-        facts.update(vision_hidden=vision.hidden_size,
-                     vision_layers=vision.num_hidden_layers + vision.num_global_layers,
-                     vision_full_attention_layers=vision.num_hidden_layers + vision.num_global_layers,
-                     vision_window_patches=0)  # fmt: skip
+        facts.update(
+            vision_hidden=vision.hidden_size,
+            vision_layers=vision.num_hidden_layers + vision.num_global_layers,
+            vision_full_attention_layers=vision.num_hidden_layers + vision.num_global_layers,
+            vision_window_patches=0,
+        )
     if case.lora is not None:
         targets = lora_target_modules(model, architecture, case.lora["target_modules"])
         facts["lora_targets"] = targets
+        selected = set(targets.split("|")) if isinstance(targets, str) else None  # escaped full names (a VLM)
         wanted = set(case.lora["target_modules"])
         lora = 0
         for name, module in model.named_modules():
-            if isinstance(module, torch.nn.Linear) and name.rsplit(".", 1)[-1] in wanted:
-                if isinstance(targets, str) and "|" in targets and name not in targets.split("|"):
-                    continue
+            if not isinstance(module, torch.nn.Linear) or name.rsplit(".", 1)[-1] not in wanted:
+                continue
+            if selected is None or re.escape(name) in selected:
                 lora += case.lora["r"] * (module.in_features + module.out_features)
         facts["parameters"]["lora"] = lora
     return facts
@@ -196,14 +217,19 @@ def write_model_dir(case: Case, out: Path, tiny: bool) -> None:
     template = real.chat_template()
     settings = real.image_processor_settings() if case.data != "text" else {}
     if case.architecture == "qwen2_5_vl":
-        processor = Qwen2_5_VLProcessor(image_processor=Qwen2VLImageProcessor(**settings), tokenizer=tokenizer,
-                                        video_processor=Qwen2VLVideoProcessor(**settings), chat_template=template)  # fmt: skip
+        processor = Qwen2_5_VLProcessor(
+            image_processor=Qwen2VLImageProcessor(**settings),
+            tokenizer=tokenizer,
+            video_processor=Qwen2VLVideoProcessor(**settings),
+            chat_template=template,
+        )
     elif case.architecture == "mllama":
         tokenizer.add_special_tokens({"additional_special_tokens": [real.special_tokens["image_token"]]})
         tokenizer.pad_token = real.special_tokens["pad_token"]  # 3.2-Vision sets one; 3.1 does not
         tokenizer.chat_template = template
-        processor = MllamaProcessor(image_processor=MllamaImageProcessor(**settings), tokenizer=tokenizer,
-                                    chat_template=template)  # fmt: skip
+        processor = MllamaProcessor(
+            image_processor=MllamaImageProcessor(**settings), tokenizer=tokenizer, chat_template=template
+        )
     else:
         processor = tokenizer
     processor.save_pretrained(out)
@@ -211,6 +237,10 @@ def write_model_dir(case: Case, out: Path, tiny: bool) -> None:
 
 
 # ---------------------------------------------------------------- records
+
+
+def batch_size(case: Case, smoke: bool) -> int:
+    return 2 if smoke else case.batch
 
 
 def words(rng: random.Random, n: int) -> str:
@@ -242,11 +272,11 @@ def write_records(data: Path, n_vision: int, n_text: int, smoke: bool, seed: int
             draw.ellipse((x - r, y - r, x + r, y + r), fill=tuple(rng.randrange(256) for _ in range(3)))
         names.append(f"images/img_{i:03d}_{width}x{height}.jpg")
         image.save(data / names[-1], quality=80)
-    one_tile = [name for name, (height, width) in zip(names, sizes * 4) if max(height, width) <= 560]
+    one_tile = [name for name, (height, width) in zip(names, sizes * 4, strict=False) if max(height, width) <= 560]
     for kind, images in (("vision", names), ("vision_one_tile", one_tile)):
         with (data / f"{kind}.jsonl").open("w") as out:
             for i in range(n_vision):
-                question = words(rng, rng.randint(8, 60)).capitalize() + "?"
+                question = words(rng, rng.randint(8, 16 if smoke else 60)).capitalize() + "?"
                 answer = words(rng, answer_words(rng, smoke)).capitalize() + "."
                 record = {
                     "messages": [
@@ -259,7 +289,7 @@ def write_records(data: Path, n_vision: int, n_text: int, smoke: bool, seed: int
     with (data / "text.jsonl").open("w") as out:
         for _ in range(n_text):
             record = {
-                "instruction": words(rng, rng.randint(8, 150)).capitalize() + ".",
+                "instruction": words(rng, rng.randint(8, 20 if smoke else 150)).capitalize() + ".",
                 "input": words(rng, rng.randint(0, 30)) if rng.random() < 0.3 else "",
                 "output": words(rng, answer_words(rng, smoke)).capitalize() + ".",
             }
@@ -276,8 +306,10 @@ def plain_records(valid: list[dict], vision: bool) -> list[dict]:
         prompt = []
         for message in messages[:-1]:
             if vision:
-                parts = [{"type": "image"} if p.get("type") == "image" else {"type": "text", "text": p["text"]}
-                         for p in message["content"]]  # fmt: skip
+                parts = [
+                    {"type": "image"} if p.get("type") == "image" else {"type": "text", "text": p["text"]}
+                    for p in message["content"]
+                ]
                 prompt.append({"role": message["role"], "content": parts})
             else:
                 prompt.append({"role": message["role"], "content": message_text(message)})
@@ -304,11 +336,16 @@ def prepare(work: Path, smoke: bool, device: str) -> None:
     if work.exists():
         shutil.rmtree(work)
     data = work / "data"
-    n_vision = max(c.batch for c in CASES if c.data != "text") * steps
-    n_text = max(c.batch for c in CASES if c.data == "text") * steps
+    n_vision = max(batch_size(c, smoke) for c in CASES if c.data != "text") * steps
+    n_text = max(batch_size(c, smoke) for c in CASES if c.data == "text") * steps
     write_records(data, n_vision, n_text, smoke)
-    manifest = {"device": device, "smoke": smoke, "warmup_steps": WARMUP_STEPS[device],
-                "timed_steps": TIMED_STEPS[device], "cases": {}}  # fmt: skip
+    manifest = {
+        "device": device,
+        "smoke": smoke,
+        "warmup_steps": WARMUP_STEPS[device],
+        "timed_steps": TIMED_STEPS[device],
+        "cases": {},
+    }
     accelerate = ROOT / "conf/accelerate" / ("single_gpu.yaml" if device == "cuda" else "cpu_single_process.yaml")
     for case in CASES:
         started = time.perf_counter()
@@ -317,8 +354,9 @@ def prepare(work: Path, smoke: bool, device: str) -> None:
             write_model_dir(case, model_dir, tiny=smoke)
         lines = (data / f"{case.data}.jsonl").read_bytes().splitlines()
         valid = validate_lines(lines, data, max_image_pixels=10**8).valid
-        context = RunContext(base_model=model_dir, image_root=data, model=ModelParams(dtype="bfloat16",
-                             attn_implementation="sdpa"))  # fmt: skip
+        context = RunContext(
+            base_model=model_dir, image_root=data, model=ModelParams(dtype="bfloat16", attn_implementation="sdpa")
+        )
         preprocessing = PreprocessingParams(max_length=4096, images=case.image_bounds)
         train, set_aside, _ = tokenize_split(valid, context, preprocessing)
         assert not set_aside, f"case {case.name}: records set aside: {list(set_aside)[:2]}"
@@ -327,7 +365,7 @@ def prepare(work: Path, smoke: bool, device: str) -> None:
         sft = SFTParams(
             accelerate_config=str(accelerate.relative_to(ROOT)),
             max_steps=steps,
-            per_device_train_batch_size=case.batch,
+            per_device_train_batch_size=batch_size(case, smoke),
             bf16=True,
             optim="adamw_torch_fused" if device == "cuda" else "adamw_torch",
             gradient_checkpointing=case.gradient_checkpointing,
@@ -344,25 +382,44 @@ def prepare(work: Path, smoke: bool, device: str) -> None:
             method=method, checkpoint_root=case_dir / "ours/checkpoints", final_dir=case_dir / "ours/final",
         )  # fmt: skip
         write_run_config(config, case_dir / "run_config.json")
-        plan = build_plan(model_dir=model_dir, sft=sft, method=method, images=preprocessing.images.model_dump(),
-                          records=len(train), lengths=list(train["length"]), max_length=preprocessing.max_length,
-                          load_dtype="bfloat16")  # fmt: skip
+        plan = build_plan(
+            model_dir=model_dir,
+            sft=sft,
+            method=method,
+            images=preprocessing.images.model_dump(),
+            records=len(train),
+            lengths=list(train["length"]),
+            max_length=preprocessing.max_length,
+            load_dtype="bfloat16",
+        )
         rows = plain_records(valid, case.data != "text")
         with (case_dir / "plain.jsonl").open("w") as out:
             out.writelines(json.dumps(row) + "\n" for row in rows)
         facts = model_facts(case, model_dir)
         plain = {
-            "model_dir": str(model_dir), "records": str(case_dir / "plain.jsonl"), "image_root": str(data),
+            "model_dir": str(model_dir),
+            "records": str(case_dir / "plain.jsonl"),
+            "image_root": str(data),
             "format": PLAIN_FORMAT.get(case.architecture, "prompt-completion"),
             "image_bounds": {k: v for k, v in case.image_bounds.items() if v is not None},
             "lora": None if case.lora is None else {**case.lora, "target_modules": facts.get("lora_targets")},
-            "args": {"max_steps": steps, "per_device_train_batch_size": case.batch, "learning_rate": case.learning_rate,
-                     "bf16": True, "optim": sft.optim, "gradient_checkpointing": case.gradient_checkpointing,
-                     "gradient_checkpointing_kwargs": sft.gradient_checkpointing_kwargs,
-                     "padding_free": case.padding_free, "save_strategy": "no", "report_to": "none", "seed": 42,
-                     "max_length": None, "use_cpu": device == "cpu",
-                     "model_init_kwargs": {"dtype": "bfloat16", "attn_implementation": "sdpa"}},
-        }  # fmt: skip
+            "args": {
+                "max_steps": steps,
+                "per_device_train_batch_size": batch_size(case, smoke),
+                "learning_rate": case.learning_rate,
+                "bf16": True,
+                "optim": sft.optim,
+                "gradient_checkpointing": case.gradient_checkpointing,
+                "gradient_checkpointing_kwargs": sft.gradient_checkpointing_kwargs,
+                "padding_free": case.padding_free,
+                "save_strategy": "no",
+                "report_to": "none",
+                "seed": 42,
+                "max_length": None,
+                "use_cpu": device == "cpu",
+                "model_init_kwargs": {"dtype": "bfloat16", "attn_implementation": "sdpa"},
+            },
+        }
         (case_dir / "plain.json").write_text(json.dumps(plain, indent=2))
         manifest["cases"][case.name] = {
             **asdict(case),
@@ -456,8 +513,13 @@ def side_result(summary: dict, manifest: dict, facts: dict, lora: bool, ceilings
     peak = summary.get("max_memory_allocated")
     return {
         "timed_steps": len(steps),
-        "seconds_per_step": {"median": statistics.median(seconds), "p25": quartiles[0], "p75": quartiles[2],
-                             "min": min(seconds), "max": max(seconds)},  # fmt: skip
+        "seconds_per_step": {
+            "median": statistics.median(seconds),
+            "p25": quartiles[0],
+            "p75": quartiles[2],
+            "min": min(seconds),
+            "max": max(seconds),
+        },
         "tokens_per_s": sums["tokens"] / total,
         "real_tokens_per_s": sums["real_tokens"] / total,
         "trained_tokens_per_s": sums["trained_tokens"] / total,
@@ -482,10 +544,19 @@ def run_side(command: list[str], env: dict, log: Path, timeout: float) -> float:
     return time.perf_counter() - started
 
 
-def run(work: Path, out: Path, only: list[str] | None, timeout: float) -> dict:
+def run(work: Path, out: Path, only: list[str] | None, timeout: float, deadline: float = math.inf) -> dict:
+    """Every case (or ``only`` these), each side within ``timeout`` s, all within ``deadline`` s of the start."""
     import torch
 
     from vlm_pipeline.training.launcher import launch_command
+
+    started = time.perf_counter()
+
+    def time_left() -> float:
+        left = min(timeout, deadline - (time.perf_counter() - started))
+        if left < 20:
+            raise RuntimeError(f"skipped: the {deadline:.0f} s deadline of the whole run is (nearly) reached")
+        return left
 
     manifest = json.loads((work / "manifest.json").read_text())
     device = manifest["device"]
@@ -504,27 +575,41 @@ def run(work: Path, out: Path, only: list[str] | None, timeout: float) -> dict:
             continue
         case_dir = work / name
         model_dir = Path(case["model_dir"])
-        entry = {"what": case["what"], "facts": case["facts"], "records": case["records"], "batch": case["batch"],
-                 "planned_peak_allocated_gib": case["planned_peak_allocated_gib"]}  # fmt: skip
+        entry = {
+            "what": case["what"],
+            "facts": case["facts"],
+            "records": case["records"],
+            "batch": case["batch"],
+            "planned_peak_allocated_gib": case["planned_peak_allocated_gib"],
+        }
         try:
             entry["weights_built_s"] = build_weights(case["architecture"], model_dir, device)
             lora = case["lora"] is not None
             accelerate = json.loads((case_dir / "run_config.json").read_text())["sft"]["accelerate_config"]
             shutil.rmtree(case_dir / "ours", ignore_errors=True)
-            wall = run_side(launch_command(ROOT / accelerate, case_dir / "run_config.json"), env,
-                            case_dir / "ours.log", timeout)  # fmt: skip
+            wall = run_side(
+                launch_command(ROOT / accelerate, case_dir / "run_config.json"), env, case_dir / "ours.log", time_left()
+            )
             summary = json.loads((case_dir / "ours/final/throughput.json").read_text())
             entry["ours"] = side_result(summary, manifest, case["facts"], lora, result["ceilings"], wall)
             plain_out = case_dir / "plain_throughput.json"
-            command = [sys.executable, str(Path(__file__).resolve()), "plain", str(case_dir / "plain.json"), str(plain_out)]
-            wall = run_side(command, env, case_dir / "plain.log", timeout)
+            command = [
+                sys.executable,
+                str(Path(__file__).resolve()),
+                "plain",
+                str(case_dir / "plain.json"),
+                str(plain_out),
+            ]
+            wall = run_side(command, env, case_dir / "plain.log", time_left())
             summary = json.loads(plain_out.read_text())
             entry["plain"] = side_result(summary, manifest, case["facts"], lora, result["ceilings"], wall)
             ours, plain = entry["ours"], entry["plain"]
             entry["ratio_real_tokens_per_s"] = ours["real_tokens_per_s"] / plain["real_tokens_per_s"]
             entry["ratio_tokens_per_s"] = ours["tokens_per_s"] / plain["tokens_per_s"]
             if ours["max_memory_allocated_gib"]:
-                entry["planned_over_measured_memory"] = case["planned_peak_allocated_gib"] / ours["max_memory_allocated_gib"]
+                entry["planned_over_measured_memory"] = (
+                    case["planned_peak_allocated_gib"] / ours["max_memory_allocated_gib"]
+                )
         except (RuntimeError, subprocess.TimeoutExpired) as error:
             entry["error"] = str(error)[-4000:]
             print(f"case {name} failed: {entry['error']}", flush=True)
@@ -541,8 +626,13 @@ def machine(device: str) -> dict:
     import torch
     import transformers
 
-    info = {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
-            "cpu_count": os.cpu_count(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}  # fmt: skip
+    info = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "cpu_count": os.cpu_count(),
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+    }
     for package in ("trl", "peft", "accelerate", "datasets"):
         try:
             info[package] = __import__(package).__version__
@@ -580,7 +670,10 @@ def plain(spec_path: Path, out: Path) -> None:
         processor = AutoProcessor.from_pretrained(spec["model_dir"])
         bounds = spec["image_bounds"]
         if "max_pixels" in bounds:
-            processor.image_processor.size = {**dict(processor.image_processor.size), "longest_edge": bounds["max_pixels"]}
+            processor.image_processor.size = {
+                **dict(processor.image_processor.size),
+                "longest_edge": bounds["max_pixels"],
+            }
         if "max_image_tiles" in bounds:
             processor.image_processor.max_image_tiles = bounds["max_image_tiles"]
     else:
@@ -660,6 +753,7 @@ def report(result: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true", help="prepare, run and report here: tiny widths, CPU")
+    parser.add_argument("--out", type=Path, help="with --smoke: keep the result JSON here")
     sub = parser.add_subparsers(dest="command")
     p = sub.add_parser("prepare", help="data, tokenised Arrow, run configs and plans (the project's venv)")
     p.add_argument("--work", type=Path, default=Path("bench/gpu_work"))
@@ -670,6 +764,7 @@ def main() -> None:
     r.add_argument("--out", type=Path, required=True)
     r.add_argument("--cases", nargs="*", help="only these cases (a b c d)")
     r.add_argument("--timeout", type=float, default=240, help="seconds for one side of one case")
+    r.add_argument("--deadline", type=float, default=math.inf, help="seconds for the whole run; later sides skip")
     q = sub.add_parser("plain", help="the plain TRL side of one case (run starts it)")
     q.add_argument("spec", type=Path)
     q.add_argument("out", type=Path)
@@ -681,7 +776,7 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             work = Path(tmp) / "work"
             prepare(work, smoke=True, device="cpu")
-            result = run(work, Path(tmp) / "result.json", None, timeout=600)
+            result = run(work, args.out or Path(tmp) / "result.json", None, timeout=600)
             print(report(result))
             failed = [name for name, entry in result["cases"].items() if "error" in entry]
             if failed:
@@ -689,7 +784,7 @@ def main() -> None:
     elif args.command == "prepare":
         prepare(args.work, smoke=args.tiny, device=args.device)
     elif args.command == "run":
-        print(report(run(args.work, args.out, args.cases, args.timeout)))
+        print(report(run(args.work, args.out, args.cases, args.timeout, args.deadline)))
     elif args.command == "plain":
         plain(args.spec, args.out)
     elif args.command == "report":
