@@ -56,21 +56,27 @@ class MemorySettings:
     loss_chunks: int = 1
     """The output projection and cross-entropy computed in chunks of the sequence (torchtune does; transformers
     does not): only one chunk's logits exist at a time."""
+    loss_chunk_tokens: int | None = None
+    """TRL's ``chunked_nll`` loss (SFTTrainer's default, so our trainer's): only trained positions reach the output
+    projection, this many at a time, each chunk recomputed in backward. None: the whole logits tensor."""
     fp32_norms: bool | None = None
     """Norms and residual stream in float32; default: beside a quantized base (PEFT's k-bit preparation)."""
     device: str = "cuda"
     """cuda, or cpu: measured on CPU, the loss's backward holds one more vocabulary-wide fp32 buffer."""
 
 
-def optimizer_state_bytes(optimizer: str, trainable: int, matrices: list[tuple[int, ...]]) -> float:
-    """Optimizer state bytes for ``trainable`` fp32 parameters whose tensors have the shapes ``matrices``."""
+def optimizer_state_bytes(
+    optimizer: str, trainable: int, matrices: list[tuple[int, ...]], parameter_bytes: int = 4
+) -> float:
+    """Optimizer state bytes for ``trainable`` parameters whose tensors have the shapes ``matrices``; torch's AdamW
+    keeps its moments in the parameters' dtype (``parameter_bytes``: 2 for a bf16 model trained in place)."""
     if optimizer.startswith("adafactor"):  # no first moment (beta1 None); row + column second moment per matrix
         return 4.0 * sum(shape[0] + shape[1] if len(shape) == 2 else math.prod(shape) for shape in matrices)
     if "8bit" in optimizer:
         return 2.0 * trainable  # two uint8 states; per-block fp32 absmax adds under 0.5%
     if optimizer.startswith("sgd"):
         return 0.0
-    return 8.0 * trainable  # AdamW: exp_avg and exp_avg_sq in fp32 (paged variants included)
+    return 2.0 * parameter_bytes * trainable  # AdamW: exp_avg and exp_avg_sq (paged variants included)
 
 
 def estimate_memory(shape: ModelShape, settings: MemorySettings) -> dict[str, float]:
@@ -89,7 +95,9 @@ def estimate_memory(shape: ModelShape, settings: MemorySettings) -> dict[str, fl
     elif settings.engine == "ddp" and world > 1:
         grads *= 2  # DDP's reduction buckets hold a second copy
 
-    states = optimizer_state_bytes(settings.optimizer, shape.trainable, shape.trainable_matrices)
+    # LoRA adapters train in fp32; DeepSpeed steps an fp32 master copy; otherwise the model's own dtype.
+    state_bytes = 4 if shape.lora or deepspeed else param_bytes
+    states = optimizer_state_bytes(settings.optimizer, shape.trainable, shape.trainable_matrices, state_bytes)
     if deepspeed and param_bytes < 4:
         states += 4.0 * shape.trainable  # fp32 master weights
     if settings.engine in ("zero2", "zero3", "fsdp"):
@@ -177,9 +185,15 @@ def _stack_activations(stack: Stack, tokens: int, settings: MemorySettings) -> f
 
 
 def _logits_bytes(shape: ModelShape, settings: MemorySettings) -> float:
-    """Logits (activation dtype), the loss's fp32 upcast and log-softmax, and the logits' gradient."""
+    """Logits (activation dtype), the loss's fp32 upcast and log-softmax, and the logits' gradient.
+
+    Chunked (TRL's ``chunked_nll``): one chunk's fp32 logits, log-probabilities, the two temporaries of TRL's
+    entropy metric and, in the recomputed backward, the logits' gradient (five chunk-wide fp32 buffers; four
+    measured on CPU for a single chunk), plus the trained positions' hidden states gathered and their gradient."""
     tokens = settings.batch_size * settings.seq_len
     activation = 2 if settings.bf16_compute else 4
+    if settings.loss_chunk_tokens:
+        return settings.loss_chunk_tokens * shape.vocab * 5 * 4 + 2 * tokens * shape.text.hidden * activation
     upcast = 4 if activation == 2 else 0
     cpu_buffer = 4 if settings.device == "cpu" else 0
     return tokens * shape.vocab * (activation + upcast + 4 + 4 + cpu_buffer) / settings.loss_chunks

@@ -22,6 +22,10 @@ from vlm_pipeline.planning.model_shape import ModelShape, read_model_shape
 from vlm_pipeline.planning.steps import plan_steps
 from vlm_pipeline.reporting.tables import format_plan
 
+# Trained positions per chunk of TRL's chunked_nll loss, SFTConfig's default loss_type, which our trainer keeps
+# (trl/trainer/sft_trainer.py: _CHUNKED_LM_HEAD_CHUNK_SIZE; a test checks it against the installed TRL).
+TRL_LOSS_CHUNK_TOKENS = 256
+
 
 class PlanError(RuntimeError):
     """The run as configured would not fit in ``plan.gpu_memory_gb``; the message names what would."""
@@ -85,6 +89,7 @@ def memory_settings(
         vision_tokens_per_image=vision_tokens_per_image,
         gradient_checkpointing=sft.gradient_checkpointing,
         gradient_accumulation_steps=sft.gradient_accumulation_steps,
+        loss_chunk_tokens=TRL_LOSS_CHUNK_TOKENS,
     )
 
 
