@@ -322,7 +322,7 @@ def plain_records(valid: list[dict], vision: bool) -> list[dict]:
 # ---------------------------------------------------------------- prepare (here)
 
 
-def prepare(work: Path, smoke: bool, device: str) -> None:
+def prepare(work: Path, smoke: bool, device: str, cases: tuple[str, ...] | None = None) -> None:
     from datasets import Dataset  # noqa: F401  (fail here, not halfway, without the venv)
 
     from vlm_pipeline.config.run import RunContext
@@ -348,6 +348,8 @@ def prepare(work: Path, smoke: bool, device: str) -> None:
     }
     accelerate = ROOT / "conf/accelerate" / ("single_gpu.yaml" if device == "cuda" else "cpu_single_process.yaml")
     for case in CASES:
+        if cases and case.name not in cases:
+            continue
         started = time.perf_counter()
         model_dir = work / "models" / f"{case.checkpoint}-{case.text_layers}"
         if not (model_dir / "config.json").exists():
@@ -647,16 +649,11 @@ def machine(device: str) -> dict:
 # ---------------------------------------------------------------- the plain TRL side (a subprocess of run)
 
 
-def plain(spec_path: Path, out: Path) -> None:
-    """A plain TRL script: SFTTrainer on prompt-completion records, with TRL's own collator and defaults."""
+def plain_inputs(spec: dict) -> tuple:
+    """The plain side's dataset, processor and collator (None: TRL builds its own), as a TRL script sets them up."""
     import datasets
-    from peft import LoraConfig
     from transformers import AutoProcessor, AutoTokenizer
-    from trl import SFTConfig, SFTTrainer
 
-    from vlm_pipeline.training.throughput import MeteredTraining
-
-    spec = json.loads(spec_path.read_text())
     rows = [json.loads(line) for line in Path(spec["records"]).read_text().splitlines()]
     if spec["format"] == "messages":
         rows = [{"messages": row["prompt"] + row["completion"], "images": row["images"]} for row in rows]
@@ -670,16 +667,13 @@ def plain(spec_path: Path, out: Path) -> None:
         processor = AutoProcessor.from_pretrained(spec["model_dir"])
         bounds = spec["image_bounds"]
         if "max_pixels" in bounds:
-            processor.image_processor.size = {
-                **dict(processor.image_processor.size),
-                "longest_edge": bounds["max_pixels"],
-            }
+            size = dict(processor.image_processor.size)
+            processor.image_processor.size = {**size, "longest_edge": bounds["max_pixels"]}
         if "max_image_tiles" in bounds:
             processor.image_processor.max_image_tiles = bounds["max_image_tiles"]
     else:
         dataset = dataset.remove_columns("images")
         processor = AutoTokenizer.from_pretrained(spec["model_dir"])
-
     collator = None
     if spec["format"] == "messages" and vision:
         from trl.trainer.sft_trainer import DataCollatorForVisionLanguageModeling
@@ -691,6 +685,19 @@ def plain(spec_path: Path, out: Path) -> None:
             batch = trl_collator(examples)
             batch["labels"][batch["labels"] == image_token_id] = -100
             return batch
+
+    return dataset, processor, collator
+
+
+def plain(spec_path: Path, out: Path) -> None:
+    """A plain TRL script: SFTTrainer on prompt-completion records, with TRL's own collator and defaults."""
+    from peft import LoraConfig
+    from trl import SFTConfig, SFTTrainer
+
+    from vlm_pipeline.training.throughput import MeteredTraining
+
+    spec = json.loads(spec_path.read_text())
+    dataset, processor, collator = plain_inputs(spec)
 
     class PlainSFTTrainer(MeteredTraining, SFTTrainer):
         """TRL's SFTTrainer with the step meter our trainer has, nothing else."""
