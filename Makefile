@@ -13,7 +13,7 @@ TINY_MODEL := data/00_base_models/tiny-qwen2_5_vl
 export DVC_NO_ANALYTICS := 1
 export PYTHONUNBUFFERED := 1
 
-.PHONY: install model run lint test test-fast viz notebook clean
+.PHONY: install model run lint test test-fast viz notebook clean gpu-bench-prepare
 
 $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -61,6 +61,17 @@ viz: install
 notebook: install
 	@test -f data/07_model_output/lora/predictions.jsonl || { echo "no outputs of a run to explore: run 'make run' first"; exit 1; }
 	$(BIN)/jupyter nbconvert --to notebook --execute --ExecutePreprocessor.timeout=600 --output-dir build/notebooks notebooks/*.ipynb
+
+# What bench/gpu.py's GPU run carries (bench/gpu_device.sh runs it there): the prepared work folder, packed, and
+# wheels of the venv's own versions of the packages the GPU machine lacks, for its Python 3.12.
+GPU_WHEELS := trl datasets pydantic pydantic.core annotated.types typing.inspection dill multiprocess
+gpu-bench-prepare: install
+	$(BIN)/python bench/gpu.py prepare --work bench/gpu_work
+	tar -cJf bench/gpu_work.tar.xz -C bench gpu_work
+	rm -rf .whl && $(BIN)/python -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 \
+	  --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
+	  --platform manylinux2014_x86_64 -d .whl \
+	  $$($(BIN)/python -m pip list --format=freeze | grep -iE '^($(shell echo $(GPU_WHEELS) | tr ' ' '|'))==')
 
 clean:
 	rm -rf data/00_base_models data/02_intermediate data/03_primary data/06_models data/07_model_output data/08_reporting mlflow.db

@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# bench/gpu.py's GPU run, on the lent machine, from the repository root. `make gpu-bench-prepare` (here) wrote what
+# it needs: .whl/ (trl, datasets, pydantic and their missing dependencies, for the machine's Python 3.12) and
+# bench/gpu_work.tar.xz (records, tokenised Arrow data, run configs, plans, model configs and tokenizers).
+# Usage there: bash bench/gpu_device.sh OUT_DIR   (the result JSON, the run's log and every side's log go there)
+set -uo pipefail
+out=${1:?usage: bench/gpu_device.sh OUT_DIR}
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl ||
+    exit 1
+export PYTHONPATH=/tmp/site:$PWD/src PYTHONUNBUFFERED=1
+python3 -c "import tarfile; tarfile.open('bench/gpu_work.tar.xz').extractall('bench', filter='data')" || exit 1
+nvidia-smi --query-gpu=name,memory.used,clocks.sm,clocks.max.sm --format=csv
+# 8 minutes of wall time at most, the machine's start included: each side of a case gets 150 s, the run 430 s.
+timeout 460 python3 bench/gpu.py run --work bench/gpu_work --out "$out/gpu_h200.json" --timeout 150 --deadline 430 \
+    2>&1 | grep -v 'it/s\]' | tee "$out/run.log" | tail -40
+tar -czf "$out/logs.tar.gz" bench/gpu_work/*/*.log
