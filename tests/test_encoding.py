@@ -121,10 +121,16 @@ def test_image_bounds_change_what_the_processor_produces(tiny_models):
 
     mllama = get_architecture("mllama")
     wide = [[load_images(record, SHAPES)[0].resize((112, 56))]]
-    for tiles in (1, 2):
-        processor = load_processor(tiny_models["mllama"], image_bounds={"max_image_tiles": tiles})
-        inputs = mllama.image_inputs(processor, wide, torch.tensor([[1, 2, 3]]))
-        assert inputs["pixel_values"].shape[2] == tiles
+    processor = load_processor(tiny_models["mllama"], image_bounds={"max_image_tiles": 4})
+    inputs = mllama.image_inputs(processor, wide, torch.tensor([[1, 2, 3]]))
+    assert inputs["pixel_values"].shape[2] == 4  # padded to the model's tile count: the tower encodes all four
+
+
+@pytest.mark.parametrize("tiles", [1, 2, 3])
+def test_a_tile_count_the_model_cannot_run_stops_at_the_processor(tiny_models, tiles):
+    """Mllama's tile embeddings are sized for the checkpoint's 4 tiles: another count failed the first forward."""
+    with pytest.raises(ValueError, match=f"preprocessing.images.max_image_tiles: {tiles}, but this checkpoint"):
+        load_processor(tiny_models["mllama"], image_bounds={"max_image_tiles": tiles})
 
 
 def test_parallel_preprocessing_gives_the_same_rows(tiny_models):

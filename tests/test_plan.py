@@ -227,7 +227,7 @@ TOWER_TOKENS = {
     ),
     "mllama": (
         _mllama_tower_tokens,
-        [({"max_image_tiles": 1}, (1120, 560)), ({"max_image_tiles": 3}, (1120, 560)), ({}, (560, 560))],
+        [({"max_image_tiles": 4}, (1120, 560)), ({}, (560, 560))],
     ),
 }
 

@@ -157,9 +157,17 @@ def image_inputs(processor: Any, images: list[list[Any]], input_ids: torch.Tenso
 
 
 def bound_images(processor: Any, bounds: dict) -> None:
-    """Cap the tiles per image (each tile is one vision-encoder pass); pixels per tile are fixed by the model."""
-    if bounds.get("max_image_tiles") is not None:
-        processor.image_processor.max_image_tiles = bounds["max_image_tiles"]
+    """Refuse a tile bound the model cannot run. The tower encodes every image as exactly the checkpoint's
+    ``max_num_tiles`` tiles (smaller images are padded; its tile embeddings are sized for that count), and a
+    processor set to any other count fails at the first forward pass, after preprocessing. Checked here, where
+    every stage loads its processor, so preprocessing stops on it before anything trains."""
+    tiles, own = bounds.get("max_image_tiles"), processor.image_processor.max_image_tiles
+    if tiles is not None and tiles != own:
+        raise ValueError(
+            f"preprocessing.images.max_image_tiles: {tiles}, but this checkpoint encodes every image as {own} "
+            f"tiles (its tile embeddings are sized for {own}), and a processor cutting images into {tiles} fails "
+            f"at the first training step. Leave it null; an image's vision cost is {own} tiles whatever its size"
+        )
 
 
 def vision_tokens_per_image(bounds: dict) -> int:

@@ -144,7 +144,10 @@ class ImageBounds(Section):
         description="Qwen2.5-VL (qwen2_5_vl): largest image area; bounds image tokens and memory.",
     )
     max_image_tiles: int | None = Field(
-        None, ge=1, le=4, description="Llama 3.2-Vision (mllama): most 560×560 tiles per image (1-4)."
+        None,
+        ge=1,
+        le=4,
+        description="Llama 3.2-Vision (mllama): 560×560 tiles per image; only the checkpoint's own count (4) runs.",
     )
 
     @model_validator(mode="after")
