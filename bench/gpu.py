@@ -95,6 +95,13 @@ CASES = (
 # format, TRL's collator, and the image token masked out of the labels. The loss covers every other token instead
 # of the answer's only: the same tokens, the same compute.
 PLAIN_FORMAT = {"mllama": "messages"}
+# --smoke's vision towers: two layers, 32 wide (the real patch, tile and window sizes kept).
+TINY_VISION = {
+    "qwen2_5_vl": {"depth": 2, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2, "out_hidden_size": 64,
+                   "fullatt_block_indexes": [1]},
+    "mllama": {"num_hidden_layers": 2, "num_global_layers": 1, "hidden_size": 32, "intermediate_size": 64,
+               "attention_heads": 2, "intermediate_layers_indices": [0], "vision_output_dim": 64},
+}  # fmt: skip
 TOKENIZER_FAMILY = {"qwen2_5_vl": "qwen2", "mllama": "llama3", "llama": "llama3"}
 
 
@@ -116,27 +123,10 @@ def cut_config(case: Case, tiny: bool) -> dict:
         text["max_window_layers"] = layers
     if tiny:
         text.update(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2)
-        vision = config.get("vision_config")
+        if case.architecture in TINY_VISION:
+            config["vision_config"].update(TINY_VISION[case.architecture])
         if case.architecture == "qwen2_5_vl":
-            vision.update(
-                depth=2,
-                hidden_size=32,
-                intermediate_size=64,
-                num_heads=2,
-                out_hidden_size=64,
-                fullatt_block_indexes=[1],
-            )
             text["rope_scaling"]["mrope_section"] = [2, 3, 3]  # head_dim 16: 8 rotary pairs
-        elif case.architecture == "mllama":
-            vision.update(
-                num_hidden_layers=2,
-                num_global_layers=1,
-                hidden_size=32,
-                intermediate_size=64,
-                attention_heads=2,
-                intermediate_layers_indices=[0],
-                vision_output_dim=64,
-            )
     return config
 
 
