@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -34,11 +35,17 @@ def seconds_per_batch(make_batch, batches: int) -> list[float]:
     return times
 
 
+def rows(index: int, size: int, total: int) -> list[int]:
+    """Batch ``index`` of ``size`` rows in file order, wrapping around."""
+    return [(index * size + i) % total for i in range(size)]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batches", type=int, default=10)
     parser.add_argument("--smoke", action="store_true", help="tiny images, 2 batches")
     args = parser.parse_args()
+    os.chdir(gpu.ROOT)  # the run configs name the accelerate file relative to the repository, as the trainer reads it
     from datasets import load_from_disk
     from trl.trainer.sft_trainer import DataCollatorForVisionLanguageModeling
 
@@ -65,11 +72,10 @@ def main() -> None:
             dataset, processor, collator = gpu.plain_inputs(spec)
             trl = collator or DataCollatorForVisionLanguageModeling(processor, completion_only_loss=True)
 
-            def rows(index: int, n: int = len(train)) -> list[int]:
-                return [(index * size + i) % n for i in range(size)]
-
-            mine = seconds_per_batch(lambda i: ours([train[j] for j in rows(i)]), batches)
-            theirs = seconds_per_batch(lambda i: trl([dataset[j] for j in rows(i)]), batches)
+            mine = seconds_per_batch(lambda i, c=ours, d=train, n=size: c([d[j] for j in rows(i, n, len(d))]), batches)
+            theirs = seconds_per_batch(
+                lambda i, c=trl, d=dataset, n=size: c([d[j] for j in rows(i, n, len(d))]), batches
+            )
             ratio = statistics.median(mine) / statistics.median(theirs)
             print(
                 f"| {name} {case['what']} | {size} | {statistics.median(mine):.3f} ({min(mine):.3f}-{max(mine):.3f}) "

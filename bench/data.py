@@ -1,11 +1,13 @@
 """Data-stage benchmark: validation throughput, and preprocessing overhead against a bare `datasets.map`.
 
     .venv/bin/python bench/data.py [--text-lines 100000] [--image-records 5000] [--preprocess-records 1000]
+    .venv/bin/python bench/data.py --smoke   # the same code on 200 lines, 20 records, 1 round (tests/test_bench.py)
 
 Prints rows/s for `validate_lines` on a generated text JSONL and image JSONL, then times our preprocessing
 node (`tokenize_split`: encode, label masks, length policy, quarantine, report) against a `datasets.map`
 that does only the processor call on the same records, in the same run, and prints the ratio.
-Needs the tiny Qwen2.5-VL (`make model`). Results go in bench/RESULTS.md.
+Needs the tiny Qwen2.5-VL (`make model`; with --smoke and no model there, one is built in a temporary folder).
+Results go in bench/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -22,8 +24,9 @@ from pathlib import Path
 
 from datasets import Dataset, disable_progress_bars
 
-from vlm_pipeline.architectures import load_processor
-from vlm_pipeline.config.schema import PreprocessingParams
+from vlm_pipeline.architectures import get_architecture, load_processor
+from vlm_pipeline.config.run import RunContext
+from vlm_pipeline.config.schema import ModelParams, PreprocessingParams
 from vlm_pipeline.data.encoding import attach_images, load_images
 from vlm_pipeline.data.validation import validate_lines
 from vlm_pipeline.pipelines.preprocessing.nodes import tokenize_split
@@ -92,13 +95,20 @@ def main() -> None:
     parser.add_argument("--preprocess-records", type=int, default=1_000)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--model", type=Path, default=ROOT / "data/00_base_models/tiny-qwen2_5_vl")
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes, one round: checks the code still runs")
     args = parser.parse_args()
+    if args.smoke:
+        args.text_lines, args.image_records, args.preprocess_records, args.rounds = 200, 20, 20, 1
     disable_progress_bars()
     rng = random.Random(0)
     print(f"machine: {platform.machine()}, {platform.processor() or 'cpu'}, python {platform.python_version()}")
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
+        if not (args.model / "config.json").is_file():
+            if not args.smoke:
+                raise SystemExit(f"{args.model} is missing: run `make model` first")
+            args.model = get_architecture("qwen2_5_vl").build_tiny(root / "model", 0)
         text = text_lines(args.text_lines, rng)
         result, seconds = timed(validate_lines, text, root, max_image_pixels=12_845_056)
         assert result.report["valid"] == args.text_lines
@@ -113,13 +123,14 @@ def main() -> None:
         )
 
         records = result.valid[: args.preprocess_records]
-        params = PreprocessingParams(max_length=512).model_dump()
+        params = PreprocessingParams(max_length=512)
+        context = RunContext(base_model=args.model, image_root=root, model=ModelParams())
         bare_map(records[:20], args.model, root)  # warm-up: first-call costs land in neither side
         # Alternate the two sides and take medians, so drift on a shared machine hits both alike.
         bare_times, our_times = [], []
         for _ in range(args.rounds):
             bare_times.append(timed(bare_map, records, args.model, root)[1])
-            (kept, _, _), seconds = timed(tokenize_split, records, args.model, str(root), params, {})
+            (kept, _, _), seconds = timed(tokenize_split, records, context, params)
             assert len(kept) == len(records)
             our_times.append(seconds)
         bare, ours = statistics.median(bare_times), statistics.median(our_times)

@@ -1,6 +1,7 @@
 """Peak memory and speed of `vlm-pipeline import` on Parquet files of different sizes: streaming means flat memory.
 
     .venv/bin/python bench/import_memory.py [--sizes 2000 20000] [--distinct 200] [--side 64]
+    .venv/bin/python bench/import_memory.py --smoke   # 20 and 200 rows, 10 distinct 16x16 PNGs (tests/test_bench.py)
 
 For each size it writes one Parquet file in HuggingFaceH4/llava-instruct-mix-vsft's layout (``messages`` + an
 ``images`` list of ``{bytes, path}`` structs) to a temporary folder: rows cycle through ``--distinct`` random-noise
@@ -84,7 +85,10 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[2000, 20000])
     parser.add_argument("--distinct", type=int, default=200, help="distinct images shared by the rows")
     parser.add_argument("--side", type=int, default=64, help="image width and height in pixels")
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes: checks the code still runs")
     args = parser.parse_args()
+    if args.smoke:
+        args.sizes, args.distinct, args.side = [20, 200], 10, 16
     rng = random.Random(0)
     images = [noise_png(rng, args.side) for _ in range(args.distinct)]
     print(

@@ -1,6 +1,11 @@
 """Peak memory of the same LoRA training run with the base loaded in float32 and in bfloat16, on CPU.
 
     .venv/bin/python bench/memory_dtype.py [--steps 3]
+    .venv/bin/python bench/memory_dtype.py --smoke   # memory_estimate's toy config, 32 tokens, 1 step
+
+``--smoke`` (tests/test_bench.py) runs the same code on memory_estimate's smoke config, with the machinery
+baseline and the bfloat16 run (the one with the dtype checks) each in its own process; float32 gets its
+estimate only.
 
 The method is bench/memory_estimate.py's, whose model, shapes and helpers it imports: a ~50M-parameter Llama
 (random weights, saved once as bf16 safetensors like a real checkpoint) is loaded through the project's
@@ -24,12 +29,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import memory_estimate  # noqa: E402
-from memory_estimate import BATCH, CONFIG, LORA_TARGETS, SEQ, rss_kib  # noqa: E402
+from memory_estimate import BATCH, CONFIG, LORA_TARGETS, SEQ, SMOKE_CONFIG, SMOKE_SEQ, rss_kib  # noqa: E402
 
 DTYPES = {"float32": {"weight_bytes": 4, "bf16": False}, "bfloat16": {"weight_bytes": 2, "bf16": True}}
 
 
-def measure(dtype_name: str, model_dir: Path, steps: int) -> int:
+def measure(dtype_name: str, model_dir: Path, steps: int, seq: int) -> int:
     """Runs in a child process: bytes of peak resident memory from loading the model to the end of training."""
     import torch
     from datasets import Dataset
@@ -41,7 +46,8 @@ def measure(dtype_name: str, model_dir: Path, steps: int) -> int:
 
     dtype, bf16 = getattr(torch, dtype_name), DTYPES[dtype_name]["bf16"]
     torch.manual_seed(0)
-    tokens = torch.randint(0, CONFIG["vocab_size"], (64, SEQ)).tolist()
+    vocab = json.loads((model_dir / "config.json").read_text())["vocab_size"]
+    tokens = torch.randint(0, vocab, (64, seq)).tolist()
     rows = Dataset.from_dict({"input_ids": tokens, "labels": tokens})
     Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM: imports and data are not training memory
     before = rss_kib("VmRSS")
@@ -70,7 +76,7 @@ def measure(dtype_name: str, model_dir: Path, steps: int) -> int:
     return (rss_kib("VmHWM") - before) * 1024
 
 
-def estimate(dtype_name: str, model_dir: Path) -> float:
+def estimate(dtype_name: str, model_dir: Path, seq: int) -> float:
     """The planner's peak for this load dtype, as plan.memory_settings builds it (weights at the load dtype,
     bf16 activations for a bf16 base), with memory_estimate's LoRA case."""
     from vlm_pipeline.config.schema import MethodParams
@@ -78,11 +84,11 @@ def estimate(dtype_name: str, model_dir: Path) -> float:
     from vlm_pipeline.planning.model_shape import read_model_shape
 
     lora = {"r": 16, "lora_alpha": 32, "target_modules": LORA_TARGETS}
-    shape = read_model_shape(model_dir, MethodParams(output_dir="unused", learning_rate=1e-4, lora=lora))
+    shape = read_model_shape(model_dir, MethodParams(learning_rate=1e-4, lora=lora))
     settings = MemorySettings(
         optimizer="adamw_torch",
         batch_size=BATCH,
-        seq_len=SEQ,
+        seq_len=seq,
         device="cpu",
         weight_bytes=DTYPES[dtype_name]["weight_bytes"],
         bf16_compute=DTYPES[dtype_name]["bf16"],
@@ -90,19 +96,20 @@ def estimate(dtype_name: str, model_dir: Path) -> float:
     return estimate_memory(shape, settings)["peak_allocated"]
 
 
-def save_model(model_dir: Path) -> None:
-    """The ~50M Llama, random weights, saved as bf16 safetensors: both runs load the same values."""
+def save_model(model_dir: Path, config: dict) -> None:
+    """The ~50M Llama (``config``), random weights, saved as bf16 safetensors: both runs load the same values."""
     import torch
     from transformers import AutoConfig, LlamaForCausalLM
 
-    (model_dir / "config.json").write_text(json.dumps(CONFIG))
+    (model_dir / "config.json").write_text(json.dumps(config))
     torch.manual_seed(0)
     model = LlamaForCausalLM(AutoConfig.from_pretrained(model_dir)).to(torch.bfloat16)
     model.save_pretrained(model_dir, safe_serialization=True)
 
 
-def run_child(dtype_name: str, model_dir: Path, steps: int) -> int:
-    command = [sys.executable, __file__, "--child", dtype_name, "--model-dir", str(model_dir), "--steps", str(steps)]
+def run_child(dtype_name: str, model_dir: Path, args: argparse.Namespace) -> int:
+    command = [sys.executable, __file__, "--child", dtype_name, "--model-dir", str(model_dir)]
+    command += ["--steps", str(args.steps), "--seq", str(args.seq)]
     child = subprocess.run(command, capture_output=True, text=True, check=True)
     return json.loads(child.stdout.strip().splitlines()[-1])["bytes"]
 
@@ -112,35 +119,47 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--child", choices=DTYPES, help=argparse.SUPPRESS)
     parser.add_argument("--model-dir", help=argparse.SUPPRESS)
+    parser.add_argument("--seq", type=int, default=SEQ, help=argparse.SUPPRESS)
+    parser.add_argument("--smoke", action="store_true", help="a toy model, one step: checks the code still runs")
     args = parser.parse_args()
+    if args.smoke:
+        args.steps, args.seq = 1, SMOKE_SEQ
     if args.child:
-        print(json.dumps({"bytes": measure(args.child, Path(args.model_dir), args.steps)}))
+        print(json.dumps({"bytes": measure(args.child, Path(args.model_dir), args.steps, args.seq)}))
         return
     mib = 2**20
+    config = SMOKE_CONFIG if args.smoke else CONFIG
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = Path(tmp)
-        save_model(model_dir)
+        save_model(model_dir, config)
         print(
-            f"# {platform.machine()}, {platform.python_version()}; Llama 512×6, LoRA r16 q/k/v/o, AdamW, "
-            f"batch {BATCH} × {SEQ} tokens, {args.steps} steps"
+            f"# {platform.machine()}, {platform.python_version()}; Llama {config['hidden_size']}×"
+            f"{config['num_hidden_layers']}, LoRA r16 q/k/v/o, AdamW, batch {BATCH} × {args.seq} tokens, "
+            f"{args.steps} steps"
         )
-        machinery = memory_estimate.run_child("baseline", model_dir, args.steps)  # fp32 tiny-model Trainer
+        # memory_estimate's fp32 tiny-model Trainer; its child reads steps, device and seq from the namespace.
+        baseline_args = argparse.Namespace(steps=args.steps, device="cpu", seq=args.seq)
+        machinery = memory_estimate.run_child("baseline", model_dir, baseline_args)
         print(f"training machinery alone (memory_estimate's baseline, fp32): {machinery / mib:.0f} MiB")
         print("| base dtype | measured MiB | measured − machinery MiB | estimate MiB |")
         print("|---|---|---|---|")
         measured, estimated = {}, {}
         for name in DTYPES:
-            measured[name], estimated[name] = run_child(name, model_dir, args.steps), estimate(name, model_dir)
+            estimated[name] = estimate(name, model_dir, args.seq)
+            if args.smoke and name == "float32":
+                print(f"| {name} | not run (--smoke) | | {estimated[name] / mib:.0f} |", flush=True)
+                continue
+            measured[name] = run_child(name, model_dir, args)
             net = measured[name] - machinery
             print(
                 f"| {name} | {measured[name] / mib:.0f} | {net / mib:.0f} | {estimated[name] / mib:.0f} |", flush=True
             )
-        ratio = measured["bfloat16"] / measured["float32"]
-        net_ratio = (measured["bfloat16"] - machinery) / (measured["float32"] - machinery)
-        print(
-            f"bf16 / fp32: measured {ratio:.3f}, measured − machinery {net_ratio:.3f}, "
-            f"estimate {estimated['bfloat16'] / estimated['float32']:.3f}"
-        )
+        ratios = [f"estimate {estimated['bfloat16'] / estimated['float32']:.3f}"]
+        if len(measured) == len(DTYPES):
+            net_ratio = (measured["bfloat16"] - machinery) / (measured["float32"] - machinery)
+            ratios[:0] = [f"measured {measured['bfloat16'] / measured['float32']:.3f}"]
+            ratios[1:1] = [f"measured − machinery {net_ratio:.3f}"]
+        print("bf16 / fp32: " + ", ".join(ratios))
 
 
 if __name__ == "__main__":

@@ -3,6 +3,11 @@
     .venv/bin/python bench/memory_estimate.py [--steps 3]                  # CPU: peak resident memory
     python3 bench/memory_estimate.py --device cuda --measured-out m.json   # on a GPU machine: measure only
     .venv/bin/python bench/memory_estimate.py --device cuda --measured m.json   # here: the table
+    .venv/bin/python bench/memory_estimate.py --smoke   # CPU, a 2-layer 64-wide model, 32 tokens, 1 step
+
+``--smoke`` (tests/test_bench.py) runs the same code on a toy config, but measures one case (LoRA, in its own
+process as always) and no machinery baseline (bench/memory_dtype.py --smoke measures that one); the other cases
+print their estimate beside "not run".
 
 Each case trains a Llama built from a config (random weights) for a few steps with a plain transformers Trainer
 in its own process, on fixed-length rows. On CPU: a ~50M model in float32, measured as the process's peak
@@ -52,6 +57,19 @@ CUDA_CONFIG = {
 }
 BATCH, SEQ = 4, 512
 CUDA_SEQ = 1024
+# --smoke: a toy Llama (the same class and code path), 32-token rows.
+SMOKE_CONFIG = {
+    **CONFIG,
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 16,
+    "vocab_size": 1024,
+}
+SMOKE_SEQ = 32
+SMOKE_CASES = ("LoRA r16 q/k/v/o, AdamW",)
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 CASES = {
     "full FT, AdamW": {"optim": "adamw_torch"},
@@ -74,15 +92,14 @@ def rss_kib(field: str) -> int:
 BASELINE = {"optim": "adamw_torch", "tiny": True}
 
 
-def measure(case: dict, model_dir: Path, steps: int, device: str) -> int:
-    """Runs in a child process: bytes of peak memory attributable to training."""
+def measure(case: dict, model_dir: Path, steps: int, device: str, seq: int) -> int:
+    """Runs in a child process: bytes of peak memory attributable to training (rows of ``seq`` tokens)."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoConfig, LlamaForCausalLM, Trainer, TrainingArguments, default_data_collator
 
     torch.manual_seed(0)
     cuda = device == "cuda"
-    seq = CUDA_SEQ if cuda else SEQ
     vocab, seq = (
         (256, 8) if case.get("tiny") else (json.loads((model_dir / "config.json").read_text())["vocab_size"], seq)
     )
@@ -130,7 +147,7 @@ def measure(case: dict, model_dir: Path, steps: int, device: str) -> int:
     return rss_kib("VmHWM") * 1024 - before
 
 
-def estimate(case: dict, model_dir: Path, device: str) -> float:
+def estimate(case: dict, model_dir: Path, device: str, seq: int) -> float:
     from vlm_pipeline.config.schema import MethodParams
     from vlm_pipeline.planning.memory import MemorySettings, estimate_memory
     from vlm_pipeline.planning.model_shape import read_model_shape
@@ -140,7 +157,7 @@ def estimate(case: dict, model_dir: Path, device: str) -> float:
     settings = MemorySettings(
         optimizer=case["optim"],
         batch_size=BATCH,
-        seq_len=CUDA_SEQ if device == "cuda" else SEQ,
+        seq_len=seq,
         device=device,
         bf16_compute=device == "cuda",
         gradient_checkpointing=case.get("gradient_checkpointing", False),
@@ -156,36 +173,46 @@ def main() -> None:
     parser.add_argument("--measured", type=Path, help="compare the estimate with figures measured elsewhere")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--model-dir", help=argparse.SUPPRESS)
+    parser.add_argument("--seq", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--smoke", action="store_true", help="a toy model, one step, one case: checks the code runs")
     args = parser.parse_args()
+    cuda = args.device == "cuda"
+    if args.smoke:
+        if cuda:
+            parser.error("--smoke is the CPU path")
+        args.steps, args.seq = 1, SMOKE_SEQ
+    args.seq = args.seq or (CUDA_SEQ if cuda else SEQ)
     if args.child:
         case = BASELINE if args.child == "baseline" else CASES[args.child]
-        print(json.dumps({"bytes": measure(case, Path(args.model_dir), args.steps, args.device)}))
+        print(json.dumps({"bytes": measure(case, Path(args.model_dir), args.steps, args.device, args.seq)}))
         return
-    cuda = args.device == "cuda"
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = Path(tmp)
-        (model_dir / "config.json").write_text(json.dumps(CUDA_CONFIG if cuda else CONFIG))
+        config = SMOKE_CONFIG if args.smoke else CUDA_CONFIG if cuda else CONFIG
+        (model_dir / "config.json").write_text(json.dumps(config))
         measured = json.loads(args.measured.read_text()) if args.measured else measure_all(model_dir, args)
         if args.measured_out:
             args.measured_out.write_text(json.dumps(measured, indent=2))
             return
-        print(f"# {measured['machine']}; batch {BATCH} × {CUDA_SEQ if cuda else SEQ} tokens")
+        steps = "" if args.measured else f", {args.steps} steps"  # figures measured elsewhere do not record theirs
+        print(f"# {measured['machine']}; batch {BATCH} × {args.seq} tokens{steps}")
         baseline = measured.get("baseline", 0)
         if cuda:  # max_memory_allocated holds no machinery: the CUDA context is not an allocation
             print("| case | estimate GiB | measured GiB (max_memory_allocated) | estimate / measured |")
             print("|---|---|---|---|")
         else:
-            print(f"training machinery alone (a 16-wide 1-layer model): {baseline / 2**30:.3f} GiB")
+            alone = f"{baseline / 2**30:.3f} GiB" if "baseline" in measured else "not measured (--smoke)"
+            print(f"training machinery alone (a 16-wide 1-layer model): {alone}")
             print(
                 "| case | estimate GiB | measured GiB | measured − machinery GiB | estimate / (measured − machinery) |"
             )
             print("|---|---|---|---|---|")
         for name, case in CASES.items():
+            estimated = estimate(case, model_dir, args.device, args.seq)
             if name not in measured["cases"]:
-                print(f"| {name} | not run: {measured['skipped'].get(name, 'missing')} |")
+                print(f"| {name} | {estimated / 2**30:.3f} | not run: {measured['skipped'].get(name, 'missing')} |")
                 continue
             net = measured["cases"][name] - baseline
-            estimated = estimate(case, model_dir, args.device)
             figures = [estimated / 2**30, measured["cases"][name] / 2**30] + ([] if cuda else [net / 2**30])
             print(f"| {name} | " + " | ".join(f"{x:.3f}" for x in figures) + f" | {estimated / net:.2f} |")
 
@@ -202,11 +229,14 @@ def measure_all(model_dir: Path, args: argparse.Namespace) -> dict:
     if args.device == "cuda":
         machine += f", {torch.cuda.get_device_name()}"
     measured = {"machine": machine, "cases": {}, "skipped": {}}
-    if args.device == "cpu":  # the CUDA context, its counterpart, is not in max_memory_allocated
+    if args.device == "cpu" and not args.smoke:  # the CUDA context, its counterpart, is not in max_memory_allocated
         measured["baseline"] = run_child("baseline", model_dir, args)
     for name, case in CASES.items():
         if "8bit" in case["optim"] and importlib.util.find_spec("bitsandbytes") is None:
             measured["skipped"][name] = "bitsandbytes is not installed"
+            continue
+        if args.smoke and name not in SMOKE_CASES:
+            measured["skipped"][name] = "--smoke measures one case"
             continue
         measured["cases"][name] = run_child(name, model_dir, args)
         print(f"{name}: {measured['cases'][name] / 2**30:.3f} GiB", file=sys.stderr, flush=True)
@@ -215,7 +245,7 @@ def measure_all(model_dir: Path, args: argparse.Namespace) -> dict:
 
 def run_child(name: str, model_dir: Path, args: argparse.Namespace) -> int:
     command = [sys.executable, __file__, "--child", name, "--model-dir", str(model_dir), "--steps", str(args.steps)]
-    command += ["--device", args.device]
+    command += ["--device", args.device, "--seq", str(args.seq)]
     child = subprocess.run(command, capture_output=True, text=True)
     if child.returncode:
         raise SystemExit(f"{name}: the measuring process failed\n{child.stderr[-3000:]}")

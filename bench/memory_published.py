@@ -1,7 +1,9 @@
 """The memory estimate against published peak memory: torchtune's Llama 3.1 8B table (README, "Memory and
 training speed": batch 2, packed to 2048 tokens, torch.compile on), with the same settings.
 
-    .venv/bin/python bench/memory_published.py
+    .venv/bin/python bench/memory_published.py [--smoke]
+
+Arithmetic only, so ``--smoke`` (tests/test_bench.py) runs exactly the full computation.
 
 Settings read from torchtune's single-device configs for those rows: a bf16 model, activation checkpointing,
 the cross-entropy in 8 chunks, LoRA rank 8 on q/v/output projections and the MLP; QLoRA the same over NF4
@@ -11,6 +13,7 @@ bench/RESULTS.md.
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 from vlm_pipeline.config.schema import MethodParams
@@ -41,12 +44,15 @@ ROWS = [
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--smoke", action="store_true", help="the same as without it (already instant)")
+    parser.parse_args()
     print(
         "| torchtune row (Llama 3.1 8B) | published GiB | estimate, allocated GiB | estimate + overhead GiB | "
         "allocated / published | without gradients and optimizer states GiB |\n|---|---|---|---|---|---|"
     )
     for row, published, lora, settings in ROWS:
-        method = MethodParams(output_dir="unused", learning_rate=1e-4, lora=TORCHTUNE_LORA if lora else None)
+        method = MethodParams(learning_rate=1e-4, lora=TORCHTUNE_LORA if lora else None)
         memory = estimate_memory(read_model_shape(LLAMA_8B, method), settings)
         allocated, total = memory["peak_allocated"] / GIB, memory["total"] / GIB
         # torchtune's full-FT row steps the optimizer inside backward (no full gradient set) and pages its 8-bit

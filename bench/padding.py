@@ -1,6 +1,7 @@
 """Share of pad tokens: our batching against TRL's default (random order, pad to the longest row in a batch).
 
     .venv/bin/python bench/padding.py [--records 512] [--batch-size 8]
+    .venv/bin/python bench/padding.py --smoke   # the same code on 32 records per set (tests/test_bench.py)
 
 Mixed-length sets are made from the shipped data: text from data/01_raw/alpaca_glossary with answers repeated
 1-6 times, vision from data/01_raw/shapes_vqa with 0-60 extra prompt words; each is encoded with the real tiny
@@ -48,7 +49,7 @@ def mixed_records(kind: str, count: int, rng: random.Random) -> list[dict]:
 
 
 def encode(kind: str, records: list[dict], model_dir: Path) -> list[dict]:
-    encoder = load_chat_encoder(model_dir, PreprocessingParams().model_dump())
+    encoder = load_chat_encoder(model_dir, PreprocessingParams())
     raw = ROOT / ("data/01_raw/alpaca_glossary" if kind == "text" else "data/01_raw/shapes_vqa")
     return [
         encode_record(
@@ -67,7 +68,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--records", type=int, default=512)
     parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--smoke", action="store_true", help="32 records per set: checks the code still runs")
     args = parser.parse_args()
+    if args.smoke:
+        args.records = 32
     rng = random.Random(0)
     with tempfile.TemporaryDirectory() as tmp:
         llama = get_architecture("llama").build_tiny(Path(tmp) / "llama", 0)
