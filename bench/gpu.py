@@ -494,8 +494,11 @@ def flops_per_step(facts: dict, counts: dict, lora: bool) -> float:
     return float(text + vision)
 
 
-def side_result(summary: dict, manifest: dict, facts: dict, lora: bool, ceilings: dict, wall: float) -> dict:
-    """Timed steps only (after the warm-up): seconds per step, tokens/s, pad share, MFU, peak memory."""
+def side_result(
+    summary: dict, history: list[dict], manifest: dict, facts: dict, lora: bool, ceilings: dict, wall: float
+) -> dict:
+    """Timed steps only (after the warm-up): seconds per step, tokens/s, pad share, MFU, peak memory; and the
+    losses the side logged (``history``: the Trainer's log history), so a run that learned nothing shows."""
     steps = summary["steps"][manifest["warmup_steps"] :]
     seconds = [s["seconds"] for s in steps]
     total = sum(seconds)
@@ -522,6 +525,8 @@ def side_result(summary: dict, manifest: dict, facts: dict, lora: bool, ceilings
         "mfu_measured_matmul": flops / total / ceilings["measured_matmul_flops"],
         "max_memory_allocated_gib": None if peak is None else peak / 2**30,
         "wall_s": wall,
+        "losses": [entry["loss"] for entry in history if "loss" in entry],
+        "train_loss": next(entry["train_loss"] for entry in history if "train_loss" in entry),
         "steps": summary["steps"],
     }
 
@@ -583,21 +588,22 @@ def run(work: Path, out: Path, only: list[str] | None, timeout: float, deadline:
                 launch_command(ROOT / accelerate, case_dir / "run_config.json"), env, case_dir / "ours.log", time_left()
             )
             summary = json.loads((case_dir / "ours/final/throughput.json").read_text())
-            entry["ours"] = side_result(summary, manifest, case["facts"], lora, result["ceilings"], wall)
+            history = json.loads((case_dir / "ours/final/training_history.json").read_text())
+            entry["ours"] = side_result(summary, history, manifest, case["facts"], lora, result["ceilings"], wall)
             plain_out = case_dir / "plain_throughput.json"
-            command = [
-                sys.executable,
-                str(Path(__file__).resolve()),
-                "plain",
-                str(case_dir / "plain.json"),
-                str(plain_out),
-            ]
-            wall = run_side(command, env, case_dir / "plain.log", time_left())
+            if device == "cuda":  # a process of its own: its own peak memory, as a user's script would have
+                command = [sys.executable, str(Path(__file__).resolve()), "plain", str(case_dir / "plain.json")]
+                wall = run_side([*command, str(plain_out)], env, case_dir / "plain.log", time_left())
+            else:  # on the CPU (the smoke run) nothing is isolated: this process, without another start-up
+                begun = time.perf_counter()
+                plain(case_dir / "plain.json", plain_out)
+                wall = time.perf_counter() - begun
             summary = json.loads(plain_out.read_text())
-            entry["plain"] = side_result(summary, manifest, case["facts"], lora, result["ceilings"], wall)
-            ours, plain = entry["ours"], entry["plain"]
-            entry["ratio_real_tokens_per_s"] = ours["real_tokens_per_s"] / plain["real_tokens_per_s"]
-            entry["ratio_tokens_per_s"] = ours["tokens_per_s"] / plain["tokens_per_s"]
+            history = summary.pop("log_history")
+            entry["plain"] = side_result(summary, history, manifest, case["facts"], lora, result["ceilings"], wall)
+            ours, theirs = entry["ours"], entry["plain"]
+            entry["ratio_real_tokens_per_s"] = ours["real_tokens_per_s"] / theirs["real_tokens_per_s"]
+            entry["ratio_tokens_per_s"] = ours["tokens_per_s"] / theirs["tokens_per_s"]
             if ours["max_memory_allocated_gib"]:
                 entry["planned_over_measured_memory"] = (
                     case["planned_peak_allocated_gib"] / ours["max_memory_allocated_gib"]
@@ -703,8 +709,8 @@ def plain(spec_path: Path, out: Path) -> None:
             peft_config=None if lora is None else LoraConfig(task_type="CAUSAL_LM", **lora),
         )
         trainer.train()
-        out.write_text(json.dumps(trainer.throughput.summary(), indent=2))
-    os._exit(0)  # as our trainer's workers leave (no teardown of worker threads)
+        summary = {**trainer.throughput.summary(), "log_history": trainer.state.log_history}
+        out.write_text(json.dumps(summary, indent=2))
 
 
 # ---------------------------------------------------------------- report
@@ -718,8 +724,8 @@ def report(result: dict) -> str:
         f"# bf16 matmul measured {c['measured_matmul_flops'] / 1e12:.0f} TFLOP/s; datasheet "
         f"{c['datasheet_bf16_flops'] / 1e12:.0f}; warm-up {result['warmup_steps']} steps, then the timed steps",
         "| case | side | s/step median (p25-p75) | real tokens/s | all tokens/s | pad share | MFU datasheet | "
-        "MFU measured matmul | peak allocated GiB | planned GiB (ratio) |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "MFU measured matmul | peak allocated GiB | planned GiB (ratio) | mean training loss |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, entry in result["cases"].items():
         if "error" in entry:
@@ -738,11 +744,11 @@ def report(result: dict) -> str:
                 f"| {name} {entry['what'] if side == 'ours' else ''} | {side} | {s['median']:.3f} "
                 f"({s['p25']:.3f}-{s['p75']:.3f}) | {r['real_tokens_per_s']:,.0f} | {r['tokens_per_s']:,.0f} | "
                 f"{r['pad_share']:.1%} | {r['mfu_datasheet']:.1%} | {r['mfu_measured_matmul']:.1%} | "
-                f"{'' if memory is None else f'{memory:.2f}'} | {planned} |"
+                f"{'' if memory is None else f'{memory:.2f}'} | {planned} | {r['train_loss']:.3f} |"
             )
         lines.append(
             f"| {name} | **ours / plain** | | **{entry['ratio_real_tokens_per_s']:.2f}** | "
-            f"{entry['ratio_tokens_per_s']:.2f} | | | | | |"
+            f"{entry['ratio_tokens_per_s']:.2f} | | | | | | |"
         )
     return "\n".join(lines)
 
@@ -784,6 +790,7 @@ def main() -> None:
         print(report(run(args.work, args.out, args.cases, args.timeout, args.deadline)))
     elif args.command == "plain":
         plain(args.spec, args.out)
+        os._exit(0)  # as our trainer's workers leave (no teardown of worker threads)
     elif args.command == "report":
         print(report(json.loads(args.result.read_text())))
     else:

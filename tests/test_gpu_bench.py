@@ -5,6 +5,7 @@ The GPU run (bench/RESULTS.md) is the same script; this keeps it from breaking w
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 
@@ -14,7 +15,7 @@ from conftest import PROJECT_ROOT
 SIDE_FIELDS = {
     "timed_steps", "seconds_per_step", "tokens_per_s", "real_tokens_per_s", "trained_tokens_per_s", "pad_share",
     "counts", "model_tflop_per_s", "mfu_datasheet", "mfu_measured_matmul", "max_memory_allocated_gib", "wall_s",
-    "steps",
+    "losses", "train_loss", "steps",
 }  # fmt: skip
 
 
@@ -41,6 +42,7 @@ def test_gpu_bench_smoke_runs_every_case_on_both_sides(tmp_path):
             assert 0 < counts["trained_tokens"] < counts["real_tokens"] <= counts["tokens"]
             assert (counts["vision_patches"] > 0) == (name != "c"), (name, side)
             assert measured["model_tflop_per_s"] > 0 and 0 <= measured["pad_share"] < 1
+            assert math.isfinite(measured["train_loss"]) and measured["train_loss"] > 0, (name, side)
     padding_free = data["cases"]["c"]["ours"]["counts"]
     assert padding_free["tokens"] == padding_free["real_tokens"]  # our padding-free batches hold no pad token
     table = result.stdout
