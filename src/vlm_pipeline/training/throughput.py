@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from transformers import TrainerCallback
 
+from vlm_pipeline.architectures.mllama import PATCH_SIZE as MLLAMA_PATCH_SIZE
 from vlm_pipeline.data.encoding import IGNORE_INDEX
 
 COUNTS = ("tokens", "real_tokens", "trained_tokens", "length_squares", "vision_patches", "vision_patch_squares")
@@ -45,10 +46,10 @@ def batch_counts(inputs: dict[str, Any]) -> dict[str, torch.Tensor]:
         counts["vision_patch_squares"] = (patches**2).sum()
     elif pixels is not None and pixels.dim() == 6:
         # Mllama: (rows, images, tiles, channels, height, width). The tower encodes every tile slot, padding
-        # included (the model needs all max_num_tiles), 14-px patches plus a class token each; an image's tiles
+        # included (the model needs all max_num_tiles), its patches plus a class token each; an image's tiles
         # attend to each other.
         rows, images, tiles = pixels.shape[:3]
-        per_image = tiles * ((pixels.shape[-1] // 14) ** 2 + 1)
+        per_image = tiles * ((pixels.shape[-1] // MLLAMA_PATCH_SIZE) ** 2 + 1)
         counts["vision_patches"] = torch.tensor(rows * images * per_image, device=pixels.device)
         counts["vision_patch_squares"] = torch.tensor(rows * images * per_image**2, device=pixels.device)
     return counts
