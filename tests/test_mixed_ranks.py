@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import queue
+import shutil
 import subprocess
 import threading
 import time
@@ -26,6 +27,7 @@ from datasets import Dataset, load_from_disk
 from test_mixed_modality import RAW, mixed_records
 from torch.utils.data import BatchSampler
 
+from vlm_pipeline.config.run import RunConfig
 from vlm_pipeline.config.schema import ImageBounds, MethodParams, PreprocessingParams, SFTParams
 from vlm_pipeline.pipelines.preprocessing.nodes import tokenize_split
 from vlm_pipeline.planning.plan import build_plan, training_data
@@ -259,9 +261,10 @@ def train(
     script: Path | None = None,
     timeout: float = 300,
     stall: float | None = None,
+    **sft,
 ) -> tuple[Path, str]:
     config = launched_run_config(
-        out, model, data, RAW / "shapes_vqa", accelerate_config, per_device, seed=SEED, num_train_epochs=EPOCHS
+        out, model, data, RAW / "shapes_vqa", accelerate_config, per_device, seed=SEED, num_train_epochs=EPOCHS, **sft
     )
     final = out / "final"
     command = launch_command(str(PROJECT_ROOT / accelerate_config), config)
@@ -290,15 +293,24 @@ def single_process(tmp_path_factory, tiny_models, mixed_data) -> tuple[int, list
     return info["global_step"], losses(final)
 
 
+# Under DDP with gradient checkpointing: the vision tower trains (full fine-tuning), and a text-only micro-step
+# leaves it without gradients, which DDP refuses unless it searches for unused parameters (transformers turns
+# that search off whenever checkpointing is on).
 @pytest.mark.parametrize(
-    ("engine", "wrapper"),
-    [("cpu_ddp", "DistributedDataParallel"), ("cpu_deepspeed_zero3", "DeepSpeedEngine")],
+    ("engine", "wrapper", "sft"),
+    [
+        ("cpu_ddp", "DistributedDataParallel", {"gradient_checkpointing": True}),
+        ("cpu_deepspeed_zero3", "DeepSpeedEngine", {}),
+    ],
+    ids=["cpu_ddp_checkpointing", "cpu_deepspeed_zero3"],
 )
 # The launched tests share the accelerate files' fixed ports with tests/test_distributed.py: one xdist worker.
 @pytest.mark.slow
 @pytest.mark.xdist_group("torch_distributed_ports")
-def test_two_ranks_train_a_mixed_set(engine, wrapper, tmp_path, tiny_models, mixed_data, single_process):
-    final, output = train(tmp_path, f"conf/accelerate/{engine}.yaml", PER_DEVICE, tiny_models["qwen2_5_vl"], mixed_data)
+def test_two_ranks_train_a_mixed_set(engine, wrapper, sft, tmp_path, tiny_models, mixed_data, single_process):
+    final, output = train(
+        tmp_path, f"conf/accelerate/{engine}.yaml", PER_DEVICE, tiny_models["qwen2_5_vl"], mixed_data, **sft
+    )
     assert f"each micro-step of all {WORLD_SIZE} rank(s) takes one modality" in output
     info = json.loads((final / "run_info.json").read_text())
     assert (info["world_size"], info["engine"]) == (WORLD_SIZE, wrapper)
@@ -313,6 +325,41 @@ def test_two_ranks_train_a_mixed_set(engine, wrapper, tmp_path, tiny_models, mix
     # The first step trains the same rows from the same weights as the single process: the same global batch.
     assert trained[0] == pytest.approx(single_losses[0], rel=1e-3)
     assert sum(trained[-3:]) / 3 < sum(trained[:3]) / 3  # the loss goes down
+
+
+RESUME_AT = 7  # the third of epoch 1's five optimizer steps
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("torch_distributed_ports")
+def test_a_mid_epoch_resume_on_two_ranks_continues_that_epochs_order(tmp_path, tiny_models, mixed_data):
+    """A run that stopped after step 7 (epoch 1 of 0-1) resumes into epoch 1's order, not a replay of epoch 0's:
+    each resumed step trains the same rows from the same weights as the uninterrupted run, so its loss is equal."""
+    data = load_from_disk(str(mixed_data))
+    has_images = [bool(paths) for paths in data["image_paths"]]
+    steps_per_epoch = 5
+    # The test can fail: epoch 0's order, replayed from the resume point, would train other rows.
+    replayed, resumed = (
+        rank_batches(has_images, PER_DEVICE, WORLD_SIZE, SEED, epoch=epoch)[0][RESUME_AT - steps_per_epoch :]
+        for epoch in (0, 1)
+    )
+    assert replayed != resumed
+    accelerate_config = "conf/accelerate/cpu_ddp.yaml"
+    final, _ = train(
+        tmp_path, accelerate_config, PER_DEVICE, tiny_models["qwen2_5_vl"], mixed_data, save_steps=RESUME_AT
+    )
+    uninterrupted = losses(final)
+    assert len(uninterrupted) == EPOCHS * steps_per_epoch
+    # As a kill after checkpoint-7 leaves it: no finished run, checkpoint-7 the newest complete checkpoint (the
+    # Trainer also saved the last step, checkpoint-10).
+    checkpoints = RunConfig.read(tmp_path / "run_config.json").checkpoint_dir
+    for later in [checkpoints / "final", *checkpoints.glob("checkpoint-1?"), final]:
+        shutil.rmtree(later)
+    final, output = train(
+        tmp_path, accelerate_config, PER_DEVICE, tiny_models["qwen2_5_vl"], mixed_data, save_steps=RESUME_AT
+    )
+    assert f"resuming from {checkpoints / f'checkpoint-{RESUME_AT}'}" in output
+    assert losses(final) == pytest.approx(uninterrupted, rel=1e-4)
 
 
 @pytest.mark.xfail(

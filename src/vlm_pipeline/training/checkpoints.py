@@ -13,6 +13,8 @@ import logging
 import re
 from pathlib import Path
 
+from transformers import PreTrainedModel
+
 logger = logging.getLogger(__name__)
 
 CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
@@ -54,3 +56,27 @@ def finished_run(checkpoint_dir: Path) -> Path | None:
     """The kept result of a run that already finished with this exact run config (``<checkpoint_dir>/final``)."""
     finished = checkpoint_dir / "final"
     return finished if (finished / "training_history.json").is_file() else None
+
+
+def holds_full_model(checkpoint: Path) -> bool:
+    """The checkpoint holds a whole model's weights (not a LoRA adapter's, nor an FSDP or DeepSpeed shard set)."""
+    return (checkpoint / "model.safetensors").is_file() or (checkpoint / "model.safetensors.index.json").is_file()
+
+
+def load_full_model_weights(model: PreTrainedModel, checkpoint: Path) -> None:
+    """Load the model weights of ``checkpoint`` into ``model`` in place, under the model's own parameter names.
+
+    transformers saves a checkpoint in the original checkpoint's key format (Qwen2.5-VL's ``visual.*`` and
+    ``model.*``, not the module's ``model.visual.*`` and ``model.language_model.*``), but the Trainer resumes, and
+    loads the best checkpoint, with a plain ``load_state_dict``: every renamed weight is "missing", one log line
+    says so, and training silently continues from the base weights. ``from_pretrained`` maps the names back;
+    anything still unmatched stops the run."""
+    dtype = next(model.parameters()).dtype
+    saved = type(model).from_pretrained(checkpoint, dtype=dtype, config=model.config).state_dict()
+    result = model.load_state_dict(saved, strict=False)
+    unmatched = [*result.missing_keys, *result.unexpected_keys]
+    if unmatched:
+        raise RuntimeError(
+            f"{checkpoint}: {len(unmatched)} weight(s) do not match the model, e.g. {unmatched[:3]}; the checkpoint "
+            "was written by another model or configuration"
+        )

@@ -35,12 +35,25 @@ import math
 from collections.abc import Iterator
 
 import torch
-from torch.utils.data import Sampler
+from torch.utils.data import BatchSampler, DataLoader, Sampler
 
 
 def is_mixed(has_images: list[bool]) -> bool:
     """True when some rows have images and some do not."""
     return any(has_images) and not all(has_images)
+
+
+def index_sampler(dataloader: DataLoader) -> Sampler:
+    """The sampler that orders a DataLoader's indices, under the batch samplers that wrap it: torch's
+    ``BatchSampler`` and accelerate's ``BatchSamplerShard`` (one per process) and ``SkipBatchSampler`` (resume)."""
+    node = dataloader.batch_sampler if dataloader.batch_sampler is not None else dataloader.sampler
+    while True:
+        if hasattr(node, "batch_sampler"):  # accelerate's wrappers
+            node = node.batch_sampler
+        elif isinstance(node, BatchSampler):
+            node = node.sampler
+        else:
+            return node
 
 
 class ModalityGroupedSampler(Sampler[int]):

@@ -26,7 +26,7 @@ import torch
 from accelerate.utils import broadcast_object_list
 from datasets import load_from_disk
 from peft import LoraConfig, prepare_model_for_kbit_training
-from transformers import PrinterCallback, set_seed
+from transformers import PreTrainedModel, PrinterCallback, set_seed
 from trl import SFTConfig, SFTTrainer
 
 from vlm_pipeline.architectures import architecture_for_model, load_model, load_processor
@@ -34,19 +34,26 @@ from vlm_pipeline.atomic import link_tree, replace_dir_atomic, staging_dir_for
 from vlm_pipeline.config.run import RunConfig
 from vlm_pipeline.reporting.tables import format_parameter_table
 from vlm_pipeline.training import cpu_distributed
-from vlm_pipeline.training.checkpoints import finished_run, last_complete_checkpoint
+from vlm_pipeline.training.checkpoints import (
+    finished_run,
+    holds_full_model,
+    last_complete_checkpoint,
+    load_full_model_weights,
+)
 from vlm_pipeline.training.collator import SFTCollator
 from vlm_pipeline.training.live_metrics import LiveMetrics
 from vlm_pipeline.training.progress import ProgressLog, hide_library_bars_in_logs, on_terminal
 from vlm_pipeline.training.quantization import bits_and_bytes_config
-from vlm_pipeline.training.sampler import ModalityGroupedSampler, is_mixed
+from vlm_pipeline.training.sampler import ModalityGroupedSampler, index_sampler, is_mixed
 from vlm_pipeline.training.stopping import StopOnSignal, StopRequested
 from vlm_pipeline.training.throughput import MeteredTraining
 from vlm_pipeline.training.trainable import freeze, lora_target_modules, parameter_table
 
 
-def build_sft_config(config: RunConfig) -> SFTConfig:
-    """TRL's SFTConfig from the run config; the data is already tokenised and collated by us."""
+def build_sft_config(config: RunConfig, mixed_modalities: bool = False) -> SFTConfig:
+    """TRL's SFTConfig from the run config; the data is already tokenised and collated by us.
+
+    ``mixed_modalities``: the training split holds image and text-only rows."""
     fixed = {
         "output_dir": str(config.checkpoint_dir),
         "learning_rate": config.method.learning_rate,
@@ -60,6 +67,11 @@ def build_sft_config(config: RunConfig) -> SFTConfig:
         # tqdm's bar on a terminal only; in a log, ProgressLog prints a line per tenth of the run instead.
         "disable_tqdm": not on_terminal(),
     }
+    if mixed_modalities and config.sft.ddp_find_unused_parameters is None:
+        # A text-only step leaves what only images reach (vision tower, projector, Mllama's cross-attention)
+        # without gradients, which DDP refuses unless it searches for unused parameters; transformers turns that
+        # search off under gradient checkpointing (our non-reentrant checkpointing supports it).
+        fixed["ddp_find_unused_parameters"] = True
     return SFTConfig(**{**config.sft.trainer_args(), **fixed})
 
 
@@ -105,6 +117,32 @@ class VLMSFTTrainer(MeteredTraining, SFTTrainer):
         super().create_accelerator_and_postprocess()
         if cpu_distributed.needs_adjustment(self.accelerator):  # CPU-only: FSDP/DeepSpeed on gloo
             cpu_distributed.adopt_requested_engine(self)
+
+    def _run_epoch(self, **kwargs):
+        # A mid-epoch resume wraps the batch sampler in accelerate's SkipBatchSampler, through which neither
+        # accelerate's nor transformers' set_epoch reaches the index sampler once a BatchSamplerShard (several
+        # processes) sits between them: the resumed epoch would replay epoch 0's order. Set it here, on the sampler
+        # object that every wrapper shares.
+        sampler = index_sampler(kwargs["train_dataloader"])
+        if hasattr(sampler, "set_epoch"):
+            sampler.set_epoch(kwargs["epoch"])
+        return super()._run_epoch(**kwargs)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        target = self.model if model is None else model
+        plain = isinstance(target, PreTrainedModel) and not self.is_fsdp_enabled  # FSDP loads its own shards
+        if plain and holds_full_model(Path(resume_from_checkpoint)):
+            load_full_model_weights(target, Path(resume_from_checkpoint))  # see there: the Trainer's own loses them
+        else:
+            super()._load_from_checkpoint(resume_from_checkpoint, model)
+
+    def _load_best_model(self):
+        best = Path(self.state.best_model_checkpoint)
+        plain = isinstance(self.model, PreTrainedModel) and not (self.is_deepspeed_enabled or self.is_fsdp_enabled)
+        if plain and holds_full_model(best):
+            load_full_model_weights(self.model, best)
+        else:
+            super()._load_best_model()
 
     def _get_train_sampler(self, train_dataset=None):
         dataset = train_dataset if train_dataset is not None else self.train_dataset
@@ -163,10 +201,11 @@ def build_trainer(config: RunConfig, tracking: tuple[str, str] | None = None) ->
         lora = config.method.lora.model_dump()
         targets = lora_target_modules(model, architecture, lora["target_modules"])
         peft_config = LoraConfig(task_type="CAUSAL_LM", **{**lora, "target_modules": targets})
+    train_dataset = load_from_disk(str(config.train_dataset))
     trainer = VLMSFTTrainer(
         model=model,
-        args=build_sft_config(config),
-        train_dataset=load_from_disk(str(config.train_dataset)),
+        args=build_sft_config(config, mixed_modalities=is_mixed([bool(p) for p in train_dataset["image_paths"]])),
+        train_dataset=train_dataset,
         eval_dataset=load_from_disk(str(config.eval_dataset)) if config.eval_dataset else None,
         processing_class=processor,
         data_collator=SFTCollator(processor, architecture, config.image_root, config.sft.padding_free),
