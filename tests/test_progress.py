@@ -192,6 +192,12 @@ def test_each_line_carries_the_loss_logged_at_its_own_step_and_the_end_says_what
     assert len(lines) == 11
 
 
+def test_a_run_resumed_at_its_last_step_says_it_trained_nothing(capsys):
+    clock = Clock()
+    train(ProgressLog(clock=clock), clock, range(10, 11), 10, 1.0, logging_steps=1)
+    assert capsys.readouterr().out.splitlines() == ["vlm-pipeline: no step left to train: resumed at step 10 of 10"]
+
+
 def test_a_line_between_logging_steps_shows_the_last_logged_loss_and_evaluations_get_their_own_line(capsys):
     clock = Clock()
     callback = ProgressLog(clock=clock)

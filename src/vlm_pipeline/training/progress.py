@@ -109,6 +109,8 @@ class ProgressLog(TrainerCallback):
         process trained (a resumed run starts after its checkpoint) and transformers' own mean loss."""
         elapsed = self.clock() - self.started
         trained = max(0, step - self.first_step)
+        if trained == 0:  # resumed from a checkpoint at the last step: transformers' "mean loss" is then 0
+            return f"no step left to train: resumed at step {step} of {total}"
         mean_loss = f", mean training loss {float(logs['train_loss']):.4g}" if "train_loss" in logs else ""
         return (
             f"trained steps {self.first_step + 1}-{step} of {total} in {_clock(elapsed)} "
