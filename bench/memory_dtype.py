@@ -1,6 +1,6 @@
 """Peak memory of the same LoRA training run with the base loaded in float32 and in bfloat16, on CPU.
 
-    .venv/bin/python bench/memory_dtype.py [--steps 3]
+    .venv/bin/python bench/memory_dtype.py [--steps 3] [--vocab 16000]
     .venv/bin/python bench/memory_dtype.py --smoke   # memory_estimate's toy config, 32 tokens, 1 step
 
 ``--smoke`` (tests/test_bench.py) runs the same code on memory_estimate's smoke config, with the machinery
@@ -25,6 +25,7 @@ import platform
 import subprocess
 import sys
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -77,23 +78,28 @@ def measure(dtype_name: str, model_dir: Path, steps: int, seq: int) -> int:
 
 
 def estimate(dtype_name: str, model_dir: Path, seq: int) -> float:
-    """The planner's peak for this load dtype, as plan.memory_settings builds it (weights at the load dtype,
-    bf16 activations for a bf16 base), with memory_estimate's LoRA case."""
-    from vlm_pipeline.config.schema import MethodParams
-    from vlm_pipeline.planning.memory import MemorySettings, estimate_memory
+    """The planner's peak for this run: ``plan.memory_settings`` for its parameters (one process, the base loaded at
+    this dtype, ``bf16`` for the bf16 run), with memory_estimate's LoRA case, and the two things this run does
+    differently from our trainer: transformers' own loss over the whole logits (a plain Trainer, not TRL's chunked
+    loss), on the CPU."""
+    from vlm_pipeline.config.schema import MethodParams, SFTParams
+    from vlm_pipeline.planning.memory import estimate_memory
     from vlm_pipeline.planning.model_shape import read_model_shape
+    from vlm_pipeline.planning.plan import memory_settings
 
-    lora = {"r": 16, "lora_alpha": 32, "target_modules": LORA_TARGETS}
-    shape = read_model_shape(model_dir, MethodParams(learning_rate=1e-4, lora=lora))
-    settings = MemorySettings(
-        optimizer="adamw_torch",
-        batch_size=BATCH,
+    method = MethodParams(learning_rate=1e-4, lora={"r": 16, "lora_alpha": 32, "target_modules": LORA_TARGETS})
+    sft = SFTParams(per_device_train_batch_size=BATCH, optim="adamw_torch", bf16=DTYPES[dtype_name]["bf16"])
+    settings = memory_settings(
+        sft,
+        method,
+        {},  # no accelerate file: one process
         seq_len=seq,
-        device="cpu",
-        weight_bytes=DTYPES[dtype_name]["weight_bytes"],
-        bf16_compute=DTYPES[dtype_name]["bf16"],
+        images_per_row=0.0,
+        vision_tokens_per_image=0,
+        load_bytes=DTYPES[dtype_name]["weight_bytes"],
     )
-    return estimate_memory(shape, settings)["peak_allocated"]
+    settings = replace(settings, loss_chunk_tokens=None, device="cpu")
+    return estimate_memory(read_model_shape(model_dir, method), settings)["peak_allocated"]
 
 
 def save_model(model_dir: Path, config: dict) -> None:
@@ -120,6 +126,11 @@ def main() -> None:
     parser.add_argument("--child", choices=DTYPES, help=argparse.SUPPRESS)
     parser.add_argument("--model-dir", help=argparse.SUPPRESS)
     parser.add_argument("--seq", type=int, default=SEQ, help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--vocab",
+        type=int,
+        help="vocabulary size instead of the model's (32,000): two runs give the bytes each logit costs",
+    )
     parser.add_argument("--smoke", action="store_true", help="a toy model, one step: checks the code still runs")
     args = parser.parse_args()
     if args.smoke:
@@ -129,13 +140,15 @@ def main() -> None:
         return
     mib = 2**20
     config = SMOKE_CONFIG if args.smoke else CONFIG
+    if args.vocab:
+        config = {**config, "vocab_size": args.vocab}
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = Path(tmp)
         save_model(model_dir, config)
         print(
             f"# {platform.machine()}, {platform.python_version()}; Llama {config['hidden_size']}×"
-            f"{config['num_hidden_layers']}, LoRA r16 q/k/v/o, AdamW, batch {BATCH} × {args.seq} tokens, "
-            f"{args.steps} steps"
+            f"{config['num_hidden_layers']}, vocabulary {config['vocab_size']}, LoRA r16 q/k/v/o, AdamW, "
+            f"batch {BATCH} × {args.seq} tokens, {args.steps} steps"
         )
         # memory_estimate's fp32 tiny-model Trainer; its child reads steps, device and seq from the namespace.
         baseline_args = argparse.Namespace(steps=args.steps, device="cpu", seq=args.seq)

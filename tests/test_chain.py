@@ -196,10 +196,16 @@ def test_lora_chain_on_qwen2_5_vl(project, tiny_models, monkeypatch):
     tuned, base = metrics["tuned"]["exact_match"], metrics["base"]["exact_match"]
     assert tuned >= base + 0.30 and tuned > metrics["majority_baseline"]["exact_match"], metrics
     assert metrics["exact_match_ci95"]["tuned_minus_base"]["low"] > 0, metrics  # and not by chance
+    # So the demo is not flagged as not better (issue 22): not in metrics.json, the report, nor the MLflow run.
+    assert metrics["verdict"]["not_better"] == 0 and details["verdict"]["status"] == "ok", details["verdict"]
+    report = (project / "data/08_reporting/lora/report.md").read_text(encoding="utf-8")
+    assert report.splitlines()[2].startswith("**Verdict: ok.")
     assert_merged_equals_base_plus_adapter(
         project / "data/00_base_models/tiny-qwen2_5_vl", adapter, merged, project / "data/03_primary/test", raw
     )
     assert_mlflow_run(project, "lora", expect_adapter=True)
+    (run,) = mlflow.search_runs(experiment_names=["vlm-pipeline"], output_format="list")
+    assert run.data.tags["vlm_pipeline.verdict"] == "ok" and "vlm_pipeline.verdict.reasons" not in run.data.tags
     assert not list((project / "data/06_models/lora").glob(".*staging*")), "no staging directory left behind"
     assert_token_never_written(project)
 

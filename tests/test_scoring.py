@@ -3,11 +3,20 @@ answers, the bootstrap intervals, numbers-only metrics, the loss-curve title, an
 
 from __future__ import annotations
 
+import logging
+import math
+
 import matplotlib.pyplot as plt
 import pytest
 
 from vlm_pipeline.config.schema import EvaluationParams
-from vlm_pipeline.pipelines.evaluation.nodes import compare, flatten, numbers_only
+from vlm_pipeline.pipelines.evaluation.nodes import (
+    TunedModelNotBetterError,
+    check_tuned_model,
+    compare,
+    flatten,
+    numbers_only,
+)
 from vlm_pipeline.reporting.evaluation import format_table, loss_figure, report_markdown
 from vlm_pipeline.scoring import bootstrap_intervals, normalise_vqa, text_scores
 
@@ -97,36 +106,50 @@ def test_numbers_only_and_flatten():
     assert flatten({"base": {"exact_match": 0.5}, "test_records": 4}) == {"base.exact_match": 0.5, "test_records": 4}
 
 
-def evaluation(answers: list[str]) -> dict:
-    scores = {"loss": 1.0, "perplexity": 2.7, "token_accuracy": 0.5, **text_scores(answers, SHAPES)}
-    return {"scores": scores, "answers": answers}
+def evaluation(answers: list[str], loss: float = 1.0, references: list[str] = SHAPES) -> dict:
+    scores = {"loss": loss, "perplexity": math.exp(min(loss, 50)), "token_accuracy": 0.5}
+    return {"scores": {**scores, **text_scores(answers, references)}, "answers": answers}
 
 
-def compared() -> tuple[dict, dict, list[dict], dict]:
-    records = [
+def shape_records(references: list[str]) -> list[dict]:
+    """Test records as validation writes them, one per reference answer."""
+    return [
         {
             "source_line": i,
             "images": [],
             "messages": [
                 {"role": "user", "content": [{"type": "text", "text": "Which shape?"}]},
-                {"role": "assistant", "content": [{"type": "text", "text": shape}]},
+                {"role": "assistant", "content": [{"type": "text", "text": reference}]},
             ],
         }
-        for i, shape in enumerate(SHAPES, 1)
+        for i, reference in enumerate(references, 1)
     ]
-    baseline = {"answer": "circle", **text_scores(["circle"] * 5, SHAPES)}
-    merge_check = {
-        "passed": True,
-        "dtype": "float32",
-        "criterion": "absolute",
-        "records": 8,
-        "max_abs_diff": 1e-6,
-        "measured": 1e-6,
-        "tolerance": 1e-4,
-        "top1_agreement": 1.0,
-    }
-    base, tuned = evaluation(["blue"] * 5), evaluation([*SHAPES[:4], "blue"])
-    return compare(base, tuned, baseline, merge_check, records, EvaluationParams(bootstrap_resamples=200))
+
+
+MERGE_CHECK = {
+    "passed": True,
+    "dtype": "float32",
+    "criterion": "absolute",
+    "records": 8,
+    "max_abs_diff": 1e-6,
+    "measured": 1e-6,
+    "tolerance": 1e-4,
+    "top1_agreement": 1.0,
+}
+
+
+def compared(
+    base: dict | None = None,
+    tuned: dict | None = None,
+    references: list[str] = SHAPES,
+    params: EvaluationParams | None = None,
+) -> tuple[dict, dict, list[dict], dict]:
+    """The compare node on constructed evaluations; by default five shapes, the tuned model right on four."""
+    base = base or evaluation(["blue"] * 5)
+    tuned = tuned or evaluation([*SHAPES[:4], "blue"])
+    baseline = {"answer": "circle", **text_scores(["circle"] * len(references), references)}
+    params = params or EvaluationParams(bootstrap_resamples=200)
+    return compare(base, tuned, baseline, MERGE_CHECK, shape_records(references), params)
 
 
 def test_metrics_hold_numbers_and_the_strings_go_to_the_details():
@@ -202,3 +225,94 @@ def test_batched_chat_rendering_pads_without_the_processor_kwargs_warning(tmp_pa
         )
     assert "processor_kwargs" not in captured.out
     assert inputs["input_ids"].shape[0] == 2 and (inputs["attention_mask"][0] == 0).any()  # padded to one length
+
+
+# The verdict on the tuned model (issue 22), on constructed answers with the demo's shape: 96 test records over six
+# answers, the majority answer ("circle") right on 16 of them (16.7%).
+DEMO_ANSWERS = [*SHAPES, "cross"] * 16
+VERDICT_PARAMS = EvaluationParams(bootstrap_resamples=1000)
+
+
+def demo(answers: list[str], loss: float) -> dict:
+    return evaluation(answers, loss, DEMO_ANSWERS)
+
+
+def run_compare(base: dict, tuned: dict, references: list[str] = DEMO_ANSWERS) -> tuple[dict, dict, list[dict]]:
+    metrics, details, predictions, _ = compared(base, tuned, references, VERDICT_PARAMS)
+    return metrics, details, predictions
+
+
+def right_on(count: int, references: list[str] = DEMO_ANSWERS) -> list[str]:
+    """Answers right on the first ``count`` records and wrong ("blue") on the rest."""
+    return [*references[:count], *["blue"] * (len(references) - count)]
+
+
+def test_the_diverged_demo_run_is_flagged_in_every_place_and_fails_when_asked(caplog):
+    """The demo with lora.method.learning_rate=0.99, as measured on 2026-12-04 (unshortened, 360 steps): its test
+    loss fell from the random base's 7.09 to 2.58, but it answered every record with an empty string, while always
+    giving the most common training answer is right on 16 of 96."""
+    base, tuned = demo(["blue"] * 96, loss=7.09), demo([""] * 96, loss=2.58)
+    with caplog.at_level(logging.WARNING, logger="vlm_pipeline.pipelines.evaluation.nodes"):
+        metrics, details, predictions = run_compare(base, tuned)
+
+    assert metrics["majority_baseline"]["exact_match"] == pytest.approx(1 / 6)
+    assert metrics["exact_match_ci95"]["tuned_minus_majority"]["high"] < 0
+    assert metrics["verdict"] == {
+        "not_better": 1,
+        "loss_not_lower": 0,
+        "exact_match_below_base": 0,
+        "exact_match_below_majority": 1,
+    }
+    verdict = details["verdict"]
+    assert verdict["status"] == "not better" and "majority answer (0.167" in verdict["reasons"][0]
+    assert "wholly below zero" in verdict["rule"]
+    (warning,) = [record for record in caplog.records if record.levelno == logging.WARNING]
+    assert "NOT BETTER" in warning.getMessage() and "majority answer" in warning.getMessage()
+
+    report = report_markdown(metrics, predictions, details).splitlines()
+    assert report[2].startswith("**Verdict: the tuned model is NOT BETTER: exact match 0.000 is below always")
+    assert "NOT BETTER" in format_table(metrics, details)
+    assert "NOT BETTER: see metrics.json" in format_table(metrics)  # from the numbers alone
+
+    check_tuned_model(details, EvaluationParams())  # the default: flagged, not failed
+    failure = r"NOT BETTER: exact match 0\.000 .* The stage fails: evaluation\.fail_if_worse is on\.$"
+    with pytest.raises(TunedModelNotBetterError, match=failure):
+        check_tuned_model(details, EvaluationParams(fail_if_worse=True))
+
+
+def test_the_demo_run_is_not_flagged():
+    """The demo's own numbers (data/08_reporting/lora/metrics.json): 71 of 96 right, loss 7.09 -> 0.35."""
+    metrics, details, predictions = run_compare(demo(["blue"] * 96, 7.09), demo(right_on(71), 0.35))
+    assert metrics["verdict"]["not_better"] == 0 and details["verdict"]["status"] == "ok"
+    assert report_markdown(metrics, predictions, details).splitlines()[2].startswith("**Verdict: ok.")
+    check_tuned_model(details, EvaluationParams(fail_if_worse=True))
+
+
+@pytest.mark.parametrize("tuned_loss", [0.9, 1.0, 1.3, float("nan")])
+def test_a_test_loss_not_below_the_base_flags_even_with_better_answers(tuned_loss):
+    base, tuned = demo(right_on(20), loss=1.0), demo(right_on(60), loss=tuned_loss)
+    metrics, details, _ = run_compare(base, tuned)
+    flagged = not tuned_loss < 1.0
+    assert metrics["verdict"]["loss_not_lower"] == metrics["verdict"]["not_better"] == int(flagged)
+    assert ("test loss" in " ".join(details["verdict"]["reasons"])) == flagged
+
+
+def test_exact_match_significantly_below_the_base_flags_a_small_drop_does_not():
+    base = demo(right_on(80), loss=1.0)
+    metrics, details, _ = run_compare(base, demo(right_on(40), loss=0.9))
+    assert metrics["verdict"]["exact_match_below_base"] == 1 and metrics["verdict"]["exact_match_below_majority"] == 0
+    assert "below the base model's 0.833" in details["verdict"]["reasons"][0]
+    metrics, _, _ = run_compare(base, demo(right_on(77), loss=0.9))  # 3 points down: within chance
+    assert metrics["verdict"]["not_better"] == 0
+
+
+def test_on_six_records_nothing_right_against_one_is_not_significant():
+    """The rule is "significantly worse": 0 of 6 against the majority's 1 of 6 is within chance (a resample
+    leaves out the one record about a third of the time), so only the much larger demo set flags it."""
+    references = DEMO_ANSWERS[:6]
+    metrics, _, _ = run_compare(
+        evaluation(["blue"] * 6, 7.0, references), evaluation(["red"] * 6, 2.0, references), references
+    )
+    assert metrics["majority_baseline"]["exact_match"] == pytest.approx(1 / 6)
+    assert metrics["exact_match_ci95"]["tuned_minus_majority"]["high"] == 0
+    assert metrics["verdict"]["not_better"] == 0

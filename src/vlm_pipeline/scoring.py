@@ -162,24 +162,73 @@ def _mean(values: Sequence[float]) -> float:
 
 
 def bootstrap_intervals(
-    base: Sequence[float], tuned: Sequence[float], *, resamples: int, seed: int, confidence: float = 0.95
+    base: Sequence[float],
+    tuned: Sequence[float],
+    *,
+    resamples: int,
+    seed: int,
+    majority: Sequence[float] | None = None,
+    confidence: float = 0.95,
 ) -> dict[str, dict[str, float]]:
-    """Percentile bootstrap intervals of the mean of per-record scores for base, tuned and tuned − base.
+    """Percentile bootstrap intervals of the mean of per-record scores for base, tuned and tuned − base, and
+    tuned − majority when the majority answer's per-record scores are given.
 
-    Both models are resampled with the same record indices (a paired bootstrap), so the interval of the
-    difference reflects that they answered the same questions: it is narrower than the two intervals suggest
-    when the models get the same records right. The fixed ``seed`` makes a rerun give the same interval."""
-    base_scores, tuned_scores = np.asarray(base, dtype=float), np.asarray(tuned, dtype=float)
-    if base_scores.shape != tuned_scores.shape or not base_scores.size:
-        raise ValueError("bootstrap needs the same, non-empty set of records for both models")
-    indices = np.random.default_rng(seed).integers(0, base_scores.size, size=(resamples, base_scores.size))
-    means = {
-        "base": base_scores[indices].mean(axis=1),
-        "tuned": tuned_scores[indices].mean(axis=1),
-    }
+    Every model is resampled with the same record indices (a paired bootstrap), so the interval of a difference
+    reflects that both answered the same questions: it is narrower than the two intervals suggest when they get
+    the same records right. The fixed ``seed`` makes a rerun give the same interval."""
+    scores = {"base": np.asarray(base, dtype=float), "tuned": np.asarray(tuned, dtype=float)}
+    if majority is not None:
+        scores["majority"] = np.asarray(majority, dtype=float)
+    if len({values.shape for values in scores.values()}) != 1 or not scores["base"].size:
+        raise ValueError("bootstrap needs the same, non-empty set of records for every model")
+    size = scores["base"].size
+    indices = np.random.default_rng(seed).integers(0, size, size=(resamples, size))
+    means = {name: values[indices].mean(axis=1) for name, values in scores.items()}
     means["tuned_minus_base"] = means["tuned"] - means["base"]
+    if majority is not None:
+        means["tuned_minus_majority"] = means["tuned"] - means.pop("majority")
     tail = (1 - confidence) / 2 * 100
     return {
         name: {"low": float(np.percentile(values, tail)), "high": float(np.percentile(values, 100 - tail))}
         for name, values in means.items()
     }
+
+
+# The rule that flags a tuned model as not better, in words (report, evaluation_details.json, docs).
+VERDICT_RULE = (
+    "flagged when the tuned model's teacher-forced loss on the test set is not below the base model's, or when "
+    "the 95% paired-bootstrap interval of its exact-match change against the base model or against always "
+    "giving the majority answer lies wholly below zero (significantly worse on these test records)"
+)
+
+
+def tuned_verdict(metrics: dict) -> dict:
+    """Whether the tuned model is not better than the base model or the majority-answer baseline (``VERDICT_RULE``),
+    from metrics.json's numbers: ``status`` ("ok" or "not better"), each check (True: failed) and the reasons.
+
+    Loss is compared as measured: teacher-forced loss averages thousands of label tokens, so its noise is far below
+    what divergence or overfitting does to it, and a NaN counts as not lower. Exact match is compared by its paired
+    interval, since on a few hundred records a few points either way are chance; a diverged model that answers
+    nothing right against a majority answer right on 1 in 6 is well outside it at the demo's 96 records."""
+    base, tuned = metrics["base"], metrics["tuned"]
+    intervals = metrics["exact_match_ci95"]
+    majority = metrics["majority_baseline"]["exact_match"]
+    checks = {
+        "loss_not_lower": not tuned["loss"] < base["loss"],
+        "exact_match_below_base": intervals["tuned_minus_base"]["high"] < 0,
+        "exact_match_below_majority": intervals["tuned_minus_majority"]["high"] < 0,
+    }
+    em = f"exact match {tuned['exact_match']:.3f}"
+    reasons = {
+        "loss_not_lower": f"test loss {tuned['loss']:.4g} is not below the base model's {base['loss']:.4g}",
+        "exact_match_below_base": f"{em} is below the base model's {base['exact_match']:.3f} "
+        f"(change 95% CI {_interval(intervals['tuned_minus_base'])})",
+        "exact_match_below_majority": f"{em} is below always answering the majority answer ({majority:.3f}; "
+        f"change 95% CI {_interval(intervals['tuned_minus_majority'])})",
+    }
+    flagged = [reasons[name] for name, failed in checks.items() if failed]
+    return {"status": "not better" if flagged else "ok", "not_better": bool(flagged), **checks, "reasons": flagged}
+
+
+def _interval(interval: dict) -> str:
+    return f"[{interval['low']:+.3f}, {interval['high']:+.3f}]"

@@ -9,6 +9,9 @@ kedro-mlflow starts the run (named after the pipeline) and logs the parameters; 
 * when it is one stage of a chain (``--tags``, as each DVC stage runs), the stage in its name and a parent run
   shared by the chain's stages (``chain_run``), so the UI shows one ``dvc repro`` as one run with its stages;
 * the experiment tag that opens it in the MLflow UI's model-training view rather than the GenAI view;
+* the evaluation's verdict as soon as evaluation_details.json is saved (``vlm_pipeline.verdict``: ``ok`` or
+  ``not better``, and the reasons in ``vlm_pipeline.verdict.reasons``), so a run that failed on
+  ``evaluation.fail_if_worse`` carries it too;
 * at the end, the input datasets the run read or wrote (``valid.jsonl`` of each split, with their SHA-256 digests),
   the evaluation's predictions as an MLflow table, and the merged model it made as an MLflow model
   (:mod:`vlm_pipeline.mlflow_model`), registered when mlflow.yml names a registry URI.
@@ -39,6 +42,8 @@ TRAINING_KIND = "custom_model_development"
 INPUT_DATASETS = {"train_records": "training", "test_records": "evaluation"}
 # The tag naming a chain's parent run (``chain_run``): a digest of what makes two stages one chain.
 CHAIN_TAG = "vlm_pipeline.chain"
+# The evaluation's verdict on the tuned model (scoring.tuned_verdict): "ok" or "not better", and why.
+VERDICT_TAG = "vlm_pipeline.verdict"
 
 
 class RunDetails:
@@ -85,6 +90,19 @@ class RunDetails:
         mlflow.set_tags(tags)
         logger.info("MLflow run '%s' (%s)", tags["mlflow.runName"], self.run_id)
         mlflow.MlflowClient().set_experiment_tag(run.info.experiment_id, EXPERIMENT_KIND_TAG, TRAINING_KIND)
+
+    @hook_impl
+    def after_dataset_saved(self, dataset_name: str, data: Any, node) -> None:
+        if self.run_id is None or not dataset_name.endswith(".evaluation_details"):
+            return
+        import mlflow
+
+        verdict = data["verdict"]
+        tags = {VERDICT_TAG: verdict["status"]}
+        if verdict["reasons"]:
+            tags[f"{VERDICT_TAG}.reasons"] = "; ".join(verdict["reasons"])
+        for key, value in tags.items():
+            mlflow.MlflowClient().set_tag(self.run_id, key, value)
 
     @hook_impl
     def after_pipeline_run(self, run_params: dict[str, Any], pipeline, catalog) -> None:

@@ -545,6 +545,14 @@ class EvaluationParams(Section):
         le=2**32 - 1,
         description="Seed of the bootstrap resampling: a rerun gives the same intervals. Range 0-2**32-1.",
     )
+    fail_if_worse: bool = Field(
+        False,
+        description="Fail the evaluation stage when the tuned model is flagged as not better: test loss not below "
+        "the base model's, or exact match significantly below the base model's or the majority answer's (95% paired "
+        "bootstrap). False: the flag is a warning, a line in report.md and the MLflow tag vlm_pipeline.verdict. "
+        "true or false.",
+    )
+
 
 
 class PlanParams(Section):

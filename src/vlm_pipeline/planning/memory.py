@@ -62,7 +62,9 @@ class MemorySettings:
     fp32_norms: bool | None = None
     """Norms and residual stream in float32; default: beside a quantized base (PEFT's k-bit preparation)."""
     device: str = "cuda"
-    """cuda, or cpu: measured on CPU, the loss's backward holds one more vocabulary-wide fp32 buffer."""
+    """cuda, or cpu: CPU runs of bench/memory_estimate.py hold about one more logits-sized fp32 buffer than the
+    terms count, which is added (4 bytes per logit). It is not in the loss itself, which grows by 12 bytes per logit
+    on CPU as on GPU (bench/RESULTS.md, memory_dtype); where it is was not found."""
 
 
 def optimizer_state_bytes(
@@ -185,15 +187,24 @@ def _stack_activations(stack: Stack, tokens: int, settings: MemorySettings) -> f
 
 
 def _logits_bytes(shape: ModelShape, settings: MemorySettings) -> float:
-    """Logits (activation dtype), the loss's fp32 upcast and log-softmax, and the logits' gradient.
+    """The output projection and the loss: chunked (TRL) or whole (transformers' own loss, a plain Trainer's).
 
     Chunked (TRL's ``chunked_nll``): one chunk's fp32 logits, log-probabilities, the two temporaries of TRL's
     entropy metric and, in the recomputed backward, the logits' gradient (five chunk-wide fp32 buffers; four
-    measured on CPU for a single chunk), plus the trained positions' hidden states gathered and their gradient."""
+    measured on CPU for a single chunk), plus the trained positions' hidden states gathered and their gradient.
+
+    Whole (``ForCausalLMLoss``): in the forward, the logits in the compute dtype, their fp32 upcast
+    (``logits.float()``; the same tensor when they are fp32) and log-softmax's fp32 output; at the start of the
+    backward, the log-softmax output (saved: its backward reads its output, not its input), the gradient nll_loss
+    hands it and the logits' fp32 gradient. By then the logits and their upcast are gone (Trainer.compute_loss keeps
+    only the loss), so the backward's 12 bytes per logit are the peak in both dtypes: bf16 logits cost what fp32
+    ones do (10 bytes in the forward against 8). Measured on CPU, bench/memory_dtype.py's run grows by 12.1 (fp32)
+    and 12.9 (bf16) bytes per logit when its vocabulary doubles (bench/RESULTS.md)."""
     tokens = settings.batch_size * settings.seq_len
     activation = 2 if settings.bf16_compute else 4
     if settings.loss_chunk_tokens:
         return settings.loss_chunk_tokens * shape.vocab * 5 * 4 + 2 * tokens * shape.text.hidden * activation
     upcast = 4 if activation == 2 else 0
+    forward, backward = activation + upcast + 4, 4 + 4 + 4
     cpu_buffer = 4 if settings.device == "cpu" else 0
-    return tokens * shape.vocab * (activation + upcast + 4 + 4 + cpu_buffer) / settings.loss_chunks
+    return tokens * shape.vocab * (max(forward, backward) + cpu_buffer) / settings.loss_chunks

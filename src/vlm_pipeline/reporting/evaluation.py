@@ -11,7 +11,12 @@ CHRF_NOTE = (
     "3- and 4-word n-grams and scores 0 on one- and two-word answers however many are right."
 )
 SERIES = (("train_loss", "-", "training loss"), ("eval_loss", "o--", "validation loss"))
-INTERVAL_LABELS = (("base", "base"), ("tuned", "tuned"), ("tuned-base", "tuned_minus_base"))
+INTERVAL_LABELS = (
+    ("base", "base"),
+    ("tuned", "tuned"),
+    ("tuned-base", "tuned_minus_base"),
+    ("tuned-majority", "tuned_minus_majority"),
+)
 MEASURES = ("loss", "perplexity", "token_accuracy", "exact_match", "vqa_accuracy", "rouge_l", "chrf")
 
 
@@ -78,13 +83,16 @@ def changed_most(predictions: list[dict], count: int = 10) -> list[dict]:
 
 
 def report_markdown(metrics: dict, predictions: list[dict], details: dict | None = None, count: int = 10) -> str:
-    """The report: the base-vs-tuned table (exact match with its intervals), what the measures mean, the majority
-    baseline, the merge check, and the answers tuning changed most. ``details`` is evaluation_details.json."""
+    """The report: the verdict (is the tuned model not better?), the base-vs-tuned table (exact match with its
+    intervals), what the measures mean, the majority baseline, the merge check, the verdict's rule, and the answers
+    tuning changed most. ``details`` is evaluation_details.json."""
     details = details or {}
     intervals = metrics.get("exact_match_ci95", {})
+    verdict = _verdict(metrics, details)
     lines = [
         "# Evaluation report",
         "",
+        *([f"**{format_verdict(verdict)}**", ""] if verdict else []),
         f"{len(predictions)} test records, same records and settings for both models.",
         "",
         "| metric | base | tuned | change |",
@@ -105,9 +113,16 @@ def report_markdown(metrics: dict, predictions: list[dict], details: dict | None
     lines.append(
         "Always answering the most common training answer"
         + (f" ({answer!r})" if answer is not None else "")
-        + f" scores exact match {baseline['exact_match']:.4f}."
+        + f" scores exact match {baseline['exact_match']:.4f}"
+        + (
+            f"; tuned minus it: {_interval_text(intervals['tuned_minus_majority'])}."
+            if "tuned_minus_majority" in intervals
+            else "."
+        )
     )
     lines.append(f"Merge check: {describe_merge_check(_merge_check(metrics, details))}.")
+    if "rule" in verdict:
+        lines.append(f"Verdict rule: {verdict['rule']}.")
     lines += [
         "",
         f"## The {count} answers tuning changed most (by ROUGE-L against the reference)",
@@ -168,7 +183,7 @@ def format_table(metrics: dict, details: dict | None = None) -> str:
         lines.append(f"{name:<20}{base:>12.4f}{tuned:>12.4f}{tuned - base:>+12.4f}")
     intervals = metrics.get("exact_match_ci95")
     if intervals:
-        cells = [f"{label} {_short_interval(intervals[m])}" for label, m in INTERVAL_LABELS]
+        cells = [f"{label} {_short_interval(intervals[m])}" for label, m in INTERVAL_LABELS if m in intervals]
         lines.append(f"{'exact_match 95% CI':<20}" + "  ".join(cells))
     answer = details.get("majority_baseline", {}).get("answer")
     lines.append(
@@ -176,6 +191,9 @@ def format_table(metrics: dict, details: dict | None = None) -> str:
         + (f"  (always {answer!r})" if answer is not None else "")
     )
     lines.append(f"merge check: {describe_merge_check(_merge_check(metrics, details))}")
+    verdict = _verdict(metrics, details)
+    if verdict:
+        lines.append(format_verdict(verdict))
     if "chrf" in metrics["base"]:
         lines.append(CHRF_NOTE)
     return "\n".join(lines)
@@ -193,6 +211,23 @@ def format_summary(metrics: dict) -> str:
     parts.append(f"majority baseline {metrics['majority_baseline']['exact_match']:.3f}")
     parts.append(f"on {metrics['test_records']} test records")
     return ", ".join(parts)
+
+
+def format_verdict(verdict: dict) -> str:
+    """The verdict in one line: the report's first line, the logged warning and the fail_if_worse message."""
+    if not verdict["not_better"]:
+        return (
+            "Verdict: ok. The tuned model's test loss is below the base model's, and its exact match is not "
+            "significantly below the base model's or the majority answer's."
+        )
+    reasons = "; ".join(verdict.get("reasons", [])) or "see metrics.json's verdict"
+    return f"Verdict: the tuned model is NOT BETTER: {reasons}."
+
+
+def _verdict(metrics: dict, details: dict) -> dict:
+    """The verdict with its reasons from the details, else its numbers from metrics.json; empty for a
+    metrics.json written before there was one."""
+    return details.get("verdict") or metrics.get("verdict", {})
 
 
 def _short_interval(interval: dict) -> str:

@@ -17,16 +17,19 @@ from vlm_pipeline.data.encoding import reference_answer
 from vlm_pipeline.reporting.evaluation import (
     comparison_figure,
     format_summary,
+    format_verdict,
     loss_curve,
     loss_figure,
     report_markdown,
 )
 from vlm_pipeline.scoring import (
+    VERDICT_RULE,
     bootstrap_intervals,
     exact_matches,
     generate_answers,
     teacher_forced_loss,
     text_scores,
+    tuned_verdict,
 )
 from vlm_pipeline.training.collator import SFTCollator
 
@@ -92,17 +95,22 @@ def compare(
         "exact_match_ci95": bootstrap_intervals(
             exact_matches(base["answers"], references),
             exact_matches(tuned["answers"], references),
+            majority=exact_matches([baseline["answer"]] * len(references), references),
             resamples=params.bootstrap_resamples,
             seed=params.bootstrap_seed,
         ),
         "majority_baseline": numbers_only(baseline),
         "merge_check": numbers_only(merge_check),
     }
+    verdict = tuned_verdict(metrics)
+    metrics["verdict"] = numbers_only(verdict)
     details = {
+        "verdict": {**verdict, "rule": VERDICT_RULE},
         "majority_baseline": {"answer": baseline["answer"]},
         "merge_check": merge_check,
         "exact_match_ci95": {
-            "method": "percentile bootstrap over test records; tuned_minus_base resamples both models together",
+            "method": "percentile bootstrap over test records; the changes (tuned_minus_base, tuned_minus_majority) "
+            "resample both sides together",
             "resamples": params.bootstrap_resamples,
             "seed": params.bootstrap_seed,
         },
@@ -122,7 +130,21 @@ def compare(
     ]
     flat = {f"eval.{name}": {"step": 0, "value": float(value)} for name, value in flatten(metrics).items()}
     logger.info("%s; the table: the report, or `vlm-pipeline metrics` on metrics.json", format_summary(metrics))
+    if verdict["not_better"]:
+        logger.warning("%s", format_verdict(verdict))
     return metrics, details, predictions, flat
+
+
+def check_tuned_model(details: dict, params: EvaluationParams) -> None:
+    """Fails the stage when the tuned model is flagged as not better and ``evaluation.fail_if_worse`` is on.
+    metrics.json and evaluation_details.json, its input's siblings, are already written for the post-mortem."""
+    verdict = details["verdict"]
+    if params.fail_if_worse and verdict["not_better"]:
+        raise TunedModelNotBetterError(f"{format_verdict(verdict)} The stage fails: evaluation.fail_if_worse is on.")
+
+
+class TunedModelNotBetterError(RuntimeError):
+    """The tuned model is not better than the base model or the majority answer, and the run asked to fail."""
 
 
 def numbers_only(values: dict) -> dict:

@@ -1,6 +1,12 @@
 from kedro.pipeline import Node, Pipeline
 
-from vlm_pipeline.pipelines.evaluation.nodes import build_report, compare, evaluate_model, majority_baseline
+from vlm_pipeline.pipelines.evaluation.nodes import (
+    build_report,
+    check_tuned_model,
+    compare,
+    evaluate_model,
+    majority_baseline,
+)
 
 
 def create_pipeline(variant: str) -> Pipeline:
@@ -32,6 +38,12 @@ def create_pipeline(variant: str) -> Pipeline:
             inputs=["metrics", "evaluation_details", "predictions", "training_history"],
             outputs=["evaluation_report", "loss_curve", "loss_curve_figure", "comparison_figure"],
             name="build_evaluation_report",
+        ),
+        Node(
+            check_tuned_model,
+            inputs=["evaluation_details", "params:evaluation"],
+            outputs=None,
+            name="check_tuned_model",
         ),
     ]
     return Pipeline(
