@@ -17,7 +17,8 @@ instruction data: images at 11 resolutions (Qwen2.5-VL: 100-1,300 image tokens),
 5-400 tokens (log-uniform).
 
 Each case runs our trainer the way the training stage does (`accelerate launch -m vlm_pipeline.training.trainer
---config run_config.json` over the Arrow data our preprocessing wrote) and then a plain TRL script on the same model
+--config run_config.json` over the Arrow data our preprocessing wrote; the CPU smoke run calls the same module's
+`run` in its own process) and then a plain TRL script on the same model
 directory and records, given as TRL's conversational prompt-completion format (TRL's assistant-only loss refuses
 the real Llama-3.1 template, so completion-only loss on prompt-completion records is TRL's supported way). Both sides
 share batch size, precision (bf16 autocast over a bf16 base), attention (sdpa), optimizer, LoRA modules (scoped to
@@ -541,11 +542,19 @@ def run_side(command: list[str], env: dict, log: Path, timeout: float) -> float:
     return time.perf_counter() - started
 
 
+def timed(function, *args) -> float:
+    started = time.perf_counter()
+    function(*args)
+    return time.perf_counter() - started
+
+
 def run(work: Path, out: Path, only: list[str] | None, timeout: float, deadline: float = math.inf) -> dict:
     """Every case (or ``only`` these), each side within ``timeout`` s, all within ``deadline`` s of the start."""
     import torch
 
+    from vlm_pipeline.config.run import RunConfig
     from vlm_pipeline.training.launcher import launch_command
+    from vlm_pipeline.training.trainer import run as train_ours
 
     started = time.perf_counter()
 
@@ -584,20 +593,20 @@ def run(work: Path, out: Path, only: list[str] | None, timeout: float, deadline:
             lora = case["lora"] is not None
             accelerate = json.loads((case_dir / "run_config.json").read_text())["sft"]["accelerate_config"]
             shutil.rmtree(case_dir / "ours", ignore_errors=True)
-            wall = run_side(
-                launch_command(ROOT / accelerate, case_dir / "run_config.json"), env, case_dir / "ours.log", time_left()
-            )
+            if device == "cuda":  # each side a process of its own: its own peak memory, as a user's run would have
+                command = launch_command(ROOT / accelerate, case_dir / "run_config.json")
+                wall = run_side(command, env, case_dir / "ours.log", time_left())
+            else:  # the smoke run on the CPU isolates nothing: this process, without two more start-ups a case
+                wall = timed(train_ours, RunConfig.read(case_dir / "run_config.json"))
             summary = json.loads((case_dir / "ours/final/throughput.json").read_text())
             history = json.loads((case_dir / "ours/final/training_history.json").read_text())
             entry["ours"] = side_result(summary, history, manifest, case["facts"], lora, result["ceilings"], wall)
             plain_out = case_dir / "plain_throughput.json"
-            if device == "cuda":  # a process of its own: its own peak memory, as a user's script would have
+            if device == "cuda":
                 command = [sys.executable, str(Path(__file__).resolve()), "plain", str(case_dir / "plain.json")]
                 wall = run_side([*command, str(plain_out)], env, case_dir / "plain.log", time_left())
-            else:  # on the CPU (the smoke run) nothing is isolated: this process, without another start-up
-                begun = time.perf_counter()
-                plain(case_dir / "plain.json", plain_out)
-                wall = time.perf_counter() - begun
+            else:
+                wall = timed(plain, case_dir / "plain.json", plain_out)
             summary = json.loads(plain_out.read_text())
             history = summary.pop("log_history")
             entry["plain"] = side_result(summary, history, manifest, case["facts"], lora, result["ceilings"], wall)
