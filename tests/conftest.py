@@ -135,10 +135,18 @@ def trainer_run_config(
 
 
 def launched_run_config(
-    out: Path, base_model: Path, data: Path, image_root: Path, accelerate_config: str, per_device: int, **sft
+    out: Path,
+    base_model: Path,
+    data: Path,
+    image_root: Path,
+    accelerate_config: str,
+    per_device: int,
+    method: dict | None = None,
+    **sft,
 ) -> Path:
-    """A short full fine-tuning run (lr 1e-3, 1 epoch, loss logged each step, no checkpoints unless ``sft`` asks),
-    written to ``out/run_config.json`` for ``accelerate launch`` or torchrun; the model goes to ``out/final``."""
+    """A short full fine-tuning run (lr 1e-3 unless ``method`` says otherwise, 1 epoch, loss logged each step, no
+    checkpoints unless ``sft`` asks), written to ``out/run_config.json`` for ``accelerate launch`` or torchrun; the
+    model goes to ``out/final``."""
     from vlm_pipeline.training.launcher import write_run_config
 
     final = out / "final"
@@ -159,6 +167,6 @@ def launched_run_config(
             "accelerate_config": accelerate_config,
             **sft,
         },
-        method={"learning_rate": 1e-3},
+        method=method or {"learning_rate": 1e-3},
     )
     return write_run_config(config, out / "run_config.json")

@@ -16,7 +16,7 @@ from pydantic import BaseModel
 
 from vlm_pipeline import settings
 from vlm_pipeline.config import ConfigError, Parameters, SFTParams, check_parameters, normalise_sft, validate_parameters
-from vlm_pipeline.config.schema import OPTIMIZERS, SCHEDULERS, _model_in
+from vlm_pipeline.config.schema import LAUNCHER_KEYS, OPTIMIZERS, SCHEDULERS, _model_in
 
 
 def load_params(env: str = "base") -> dict:
@@ -70,7 +70,7 @@ def test_every_schema_field_has_help_text_and_sft_fields_are_trl_fields():
         for name, field in model.model_fields.items():
             assert field.description or _model_in(field.annotation), f"{model.__name__}.{name} has no help text"
     trl_fields = {field.name for field in dataclasses.fields(SFTConfig)}
-    assert set(SFTParams.model_fields) - {"accelerate_config", "padding_free"} <= trl_fields
+    assert set(SFTParams.model_fields) - LAUNCHER_KEYS <= trl_fields
     assert set(OPTIMIZERS) <= {o.value for o in OptimizerNames}
     assert set(SCHEDULERS) <= {s.value for s in SchedulerType}
 

@@ -36,9 +36,11 @@ def text_data(tmp_path_factory, tiny_models) -> Path:
     return run_data_stages(project, "tiny_llama", base_model=str(tiny_models["llama"])) / "train"
 
 
-def train(out: Path, accelerate_config: str, per_device: int, base_model: Path, data: Path) -> Path:
+def train(
+    out: Path, accelerate_config: str, per_device: int, base_model: Path, data: Path, method: dict | None = None
+) -> Path:
     image_root = PROJECT_ROOT / "data/01_raw/alpaca_glossary"
-    config = launched_run_config(out, base_model, data, image_root, accelerate_config, per_device)
+    config = launched_run_config(out, base_model, data, image_root, accelerate_config, per_device, method)
     command = launch_command(str(PROJECT_ROOT / accelerate_config), config)
     result = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=PROJECT_ROOT)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -65,14 +67,29 @@ def single_process_steps(tmp_path_factory, tiny_models, text_data) -> int:
 @pytest.mark.xdist_group("torch_distributed_ports")
 @pytest.mark.parametrize("engine", sorted(ENGINES))
 def test_two_process_engine_on_cpu(engine, tmp_path, tiny_models, text_data, single_process_steps):
-    final = train(tmp_path, f"conf/accelerate/{engine}.yaml", GLOBAL_BATCH // 2, tiny_models["llama"], text_data)
+    # The language model's own rate over the method's: the engine's optimizer must train with it.
+    method = {"learning_rate": 1e-3, "learning_rates": {"language_model": 5e-4}}
+    config = f"conf/accelerate/{engine}.yaml"
+    final = train(tmp_path, config, GLOBAL_BATCH // 2, tiny_models["llama"], text_data, method)
     info = json.loads((final / "run_info.json").read_text())
     assert info["world_size"] == 2
     assert {key: info[key] for key in ENGINES[engine]} == ENGINES[engine]
     assert info["global_step"] == single_process_steps > 1
-    losses = [entry["loss"] for entry in json.loads((final / "training_history.json").read_text()) if "loss" in entry]
+    history = [entry for entry in json.loads((final / "training_history.json").read_text()) if "loss" in entry]
+    losses = [entry["loss"] for entry in history]
     assert len(losses) == single_process_steps
     assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5  # the loss goes down
+    # The optimizer's groups, read back from the engine: every one the language model's, at its configured rate.
+    assert {(group["component"], group["initial_lr"]) for group in info["optimizer_groups"]} == {
+        ("language_model", 5e-4)
+    }
+    rates = [entry["learning_rate/language_model"] for entry in history]
+    assert rates == [entry["learning_rate"] for entry in history] and max(rates) == pytest.approx(5e-4)
+    if engine == "cpu_deepspeed_zero3":  # its engine steps inside backward: no gradient left to measure
+        assert not any("grad_norm/language_model" in entry for entry in history)
+    else:  # the language model holds every trainable parameter: its norm is the whole (pre-clip) norm
+        norms = [(entry["grad_norm/language_model"], entry["grad_norm"]) for entry in history]
+        assert all(norm == pytest.approx(total, rel=1e-4) for norm, total in norms)
     # A complete model (ZeRO-3 and FSDP gather their shards), different from the base, loadable on its own.
     trained, base = load_model(final), load_model(tiny_models["llama"])
     for (name, weight), (_, original) in zip(trained.state_dict().items(), base.state_dict().items(), strict=True):

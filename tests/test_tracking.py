@@ -53,6 +53,8 @@ def test_a_run_names_itself_and_records_commit_inputs_and_predictions(project, t
     assert [point.step for point in losses] == sorted({point.step for point in losses}) and losses
     finished_at = (project / "data/06_models/lora/trained/run_info.json").stat().st_mtime * 1000
     assert losses[0].timestamp < finished_at
+    # The per-component curves too: the adapters' gradient norm and the language model's learning rate.
+    assert {"train.grad_norm/language_model.lora", "train.learning_rate/language_model"} <= set(run.data.metrics)
 
     inputs = {item.dataset.name: item for item in run.inputs.dataset_inputs}
     assert set(inputs) == {"train_records", "test_records"}

@@ -11,7 +11,7 @@ from __future__ import annotations
 import difflib
 import logging
 from pathlib import Path
-from typing import Any, Literal, TypeVar, get_args, get_origin
+from typing import Annotated, Any, Literal, TypeVar, get_args, get_origin
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -32,9 +32,9 @@ class KeyMessage(ValueError):
         self.sentence = sentence
 
 
-# Keys in `sft` that our launcher consumes; everything else goes to TRL's SFTConfig. (TRL's own
+# Keys in `sft` that our launcher and trainer consume; everything else goes to TRL's SFTConfig. (TRL's own
 # padding_free refuses a custom collator, so our collator implements it under the same name.)
-LAUNCHER_KEYS = {"accelerate_config", "padding_free"}
+LAUNCHER_KEYS = {"accelerate_config", "padding_free", "divergence_check"}
 # The seeds' older names. RENAMED: same value, new name (accepted with a warning).
 RENAMED = {
     "evaluation_strategy": "eval_strategy",  # transformers 4.46
@@ -267,6 +267,13 @@ class SFTParams(Section):
     padding_free: bool = Field(
         False, description="Text-only models: one row per batch with no pad tokens (position_ids mark boundaries)."
     )
+    divergence_check: bool = Field(
+        True,
+        description="Stop the run when the training loss diverges: at an optimizer step where the mean loss of the "
+        "last 10 steps is above 3 times the mean of the first 3 steps (each step's loss as transformers logs it, "
+        "averaged over all processes). The message names the step, the newest checkpoint and the learning rate. "
+        "false: train on whatever the loss does.",
+    )
     seed: int = Field(42, ge=0, description="Seed for new weights (LoRA), data order and dropout.")
     num_train_epochs: float = Field(
         12, gt=0, description="Passes over the training set. Range 1-10 on real data; the tiny demo needs 12."
@@ -461,6 +468,15 @@ class QuantizationParams(Section):
 
 class MethodParams(Section):
     learning_rate: float = Field(gt=0.0, lt=1.0, description="Peak learning rate. LoRA 1e-5-5e-4; full FT 1e-5-5e-5.")
+    learning_rates: dict[
+        Literal["vision_tower", "projector", "language_model"], Annotated[float, Field(gt=0.0, lt=1.0)]
+    ] = Field(
+        default_factory=dict,
+        description="Peak learning rate per component, over learning_rate for the components named, e.g. "
+        "{vision_tower: 2e-6, projector: 1e-5}; each is its own optimizer parameter group (LoRA adapters take "
+        "their module's component) and follows the same schedule. Each value in (0, 1); a component named must "
+        "have trainable parameters.",
+    )
     lora: LoraParams | None = Field(None, description="LoRA settings; absent for full fine-tuning.")
     freeze: FreezeParams = Field(default_factory=FreezeParams, description="Components kept frozen.")
     quantization: QuantizationParams | None = Field(None, description="Quantized base (LoRA only).")
@@ -479,6 +495,13 @@ class MethodParams(Section):
                 "freeze applies to full fine-tuning; LoRA already freezes the base (choose where adapters go "
                 "with lora.target_modules)"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _rates_for_trained_components(self) -> MethodParams:
+        frozen = [name for name in self.learning_rates if getattr(self.freeze, name)]
+        if frozen:
+            raise ValueError(f"learning_rates names {', '.join(frozen)}, which freeze keeps frozen: drop one of them")
         return self
 
     @model_validator(mode="after")
@@ -552,7 +575,6 @@ class EvaluationParams(Section):
         "bootstrap). False: the flag is a warning, a line in report.md and the MLflow tag vlm_pipeline.verdict. "
         "true or false.",
     )
-
 
 
 class PlanParams(Section):

@@ -15,6 +15,17 @@ from transformers import TrainerCallback
 
 # The Trainer's log keys that are curves (others, such as epoch or total_flos, are not plotted).
 CURVES = ("loss", "learning_rate", "grad_norm", "train_loss", "mean_token_accuracy", "eval_loss")
+# Per-component curves: grad_norm/<group> (training/component_gradients.py), learning_rate/<component>
+# (training/param_groups.py).
+CURVE_PREFIXES = ("grad_norm/", "learning_rate/")
+
+
+def is_curve(key: str, value: Any) -> bool:
+    return (
+        (key in CURVES or key.startswith(CURVE_PREFIXES))
+        and isinstance(value, int | float)
+        and not isinstance(value, bool)
+    )
 
 
 def curve_metrics(entry: dict[str, Any], step: int) -> list:
@@ -22,11 +33,7 @@ def curve_metrics(entry: dict[str, Any], step: int) -> list:
     from mlflow.entities import Metric
 
     now = int(time.time() * 1000)
-    return [
-        Metric(f"train.{key}", float(entry[key]), now, step)
-        for key in CURVES
-        if isinstance(entry.get(key), int | float) and not isinstance(entry.get(key), bool)
-    ]
+    return [Metric(f"train.{key}", float(value), now, step) for key, value in entry.items() if is_curve(key, value)]
 
 
 def log_history(tracking_uri: str, run_id: str, history: list[dict]) -> None:

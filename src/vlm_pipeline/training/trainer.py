@@ -29,7 +29,7 @@ from peft import LoraConfig, prepare_model_for_kbit_training
 from transformers import PreTrainedModel, PrinterCallback, set_seed
 from trl import SFTConfig, SFTTrainer
 
-from vlm_pipeline.architectures import architecture_for_model, load_model, load_processor
+from vlm_pipeline.architectures import Architecture, architecture_for_model, load_model, load_processor
 from vlm_pipeline.atomic import link_tree, replace_dir_atomic, staging_dir_for
 from vlm_pipeline.config.run import RunConfig
 from vlm_pipeline.reporting.tables import format_parameter_table
@@ -41,7 +41,9 @@ from vlm_pipeline.training.checkpoints import (
     load_full_model_weights,
 )
 from vlm_pipeline.training.collator import SFTCollator
+from vlm_pipeline.training.guards import GuardedTraining, newest_checkpoint_note
 from vlm_pipeline.training.live_metrics import LiveMetrics
+from vlm_pipeline.training.param_groups import ComponentLearningRates, optimizer_groups
 from vlm_pipeline.training.progress import ProgressLog, hide_library_bars_in_logs, on_terminal
 from vlm_pipeline.training.quantization import bits_and_bytes_config
 from vlm_pipeline.training.sampler import ModalityGroupedSampler, index_sampler, is_mixed
@@ -79,14 +81,20 @@ class NonFiniteTrainingError(RuntimeError):
     """The loss or gradient norm became NaN or infinite; the message names the optimizer step."""
 
 
-class VLMSFTTrainer(MeteredTraining, SFTTrainer):
+class VLMSFTTrainer(MeteredTraining, GuardedTraining, ComponentLearningRates, SFTTrainer):
     """TRL's SFTTrainer, batching by modality when a vision dataset mixes text-only and image rows, and stopping
-    on a non-finite loss or gradient norm before the optimizer applies it.
+    on a non-finite loss or gradient norm before the optimizer applies it. It also stops a diverged run and one
+    whose trainable component gets no gradient (``GuardedTraining``), and gives each component its own optimizer
+    groups and learning rate (``ComponentLearningRates``).
 
     transformers only logs such a loss (``logging_nan_inf_filter`` even hides it) and steps on, so a run would
     silently write NaN weights into every later checkpoint. Stopping here keeps the last complete checkpoint,
     written before the bad step, as the newest one. Seconds and tokens per optimizer step are measured
     (``MeteredTraining``) and saved as ``throughput.json``."""
+
+    def __init__(self, *args, architecture: Architecture, **kwargs):
+        self.architecture = architecture  # its components name the optimizer's and the gradient norms' groups
+        super().__init__(*args, **kwargs)
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         loss = super().training_step(model, inputs, num_items_in_batch)
@@ -102,12 +110,7 @@ class VLMSFTTrainer(MeteredTraining, SFTTrainer):
 
     def _stop_non_finite(self, what: str, value: float) -> None:
         step = self.state.global_step + 1
-        checkpoints = sorted(Path(self.args.output_dir).glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
-        kept = (
-            f"the newest checkpoint, {checkpoints[-1]}, was written before it"
-            if checkpoints
-            else "no checkpoint was written yet"
-        )
+        kept = newest_checkpoint_note(self.args.output_dir)
         raise NonFiniteTrainingError(
             f"training stopped at optimizer step {step}: the {what} is {value}; {kept}. Lower the learning "
             "rate, check the data of this step, or use bf16 instead of fp16"
@@ -210,6 +213,9 @@ def build_trainer(config: RunConfig, tracking: tuple[str, str] | None = None) ->
         processing_class=processor,
         data_collator=SFTCollator(processor, architecture, config.image_root, config.sft.padding_free),
         peft_config=peft_config,
+        architecture=architecture,
+        divergence_check=config.sft.divergence_check,
+        learning_rates=config.method.learning_rates,
         # tracking: (MLflow tracking URI, run id) of the Kedro run, to stream the curves to while training
         callbacks=[ProgressLog(), *([LiveMetrics(*tracking)] if tracking else [])],
     )
@@ -247,6 +253,7 @@ def engine_record(trainer: SFTTrainer) -> dict[str, Any]:
         "engine": type(trainer.model_wrapped).__name__,
         "dtensor_parameters": any(type(p).__name__ == "DTensor" for p in trainer.model_wrapped.parameters()),
         "global_step": trainer.state.global_step,
+        "optimizer_groups": optimizer_groups(trainer.optimizer),  # what each component's group really trained with
         "quantized_layers": dict(
             Counter(type(m).__name__ for m in trainer.model.modules() if type(m).__module__.startswith("bitsandbytes"))
         ),
