@@ -201,7 +201,7 @@ def test_lora_chain_on_qwen2_5_vl(project, tiny_models, monkeypatch):
     report = (project / "data/08_reporting/lora/report.md").read_text(encoding="utf-8")
     assert report.splitlines()[2].startswith("**Verdict: ok.")
     assert_merged_equals_base_plus_adapter(
-        project / "data/00_base_models/tiny-qwen2_5_vl", adapter, merged, project / "data/03_primary/test", raw
+        project / "data/00_base_models/tiny-qwen2_5_vl", adapter, merged, project / "data/03_primary/test", project
     )
     assert_mlflow_run(project, "lora", expect_adapter=True)
     (run,) = mlflow.search_runs(experiment_names=["vlm-pipeline"], output_format="list")

@@ -14,6 +14,9 @@ from pathlib import Path
 
 import pytest
 from conftest import PROJECT_ROOT, copy_project
+from PIL import Image, ImageOps
+
+from vlm_pipeline.config.run import dataset_sha256
 
 pytestmark = pytest.mark.slow  # Kedro sessions, subprocesses or training runs: `make test` only
 
@@ -115,6 +118,13 @@ def test_dvc_repro_runs_the_chain_then_nothing(tmp_path):
     shapes = project / "data/01_raw/shapes_vqa"
     shutil.rmtree(shapes)
     subset(PROJECT_ROOT / "data/01_raw/shapes_vqa", shapes, train=48, test=16)
+    # A chat template file of our own (the twin's template, so the tokens are the checkpoint's): edited at the end.
+    template = project / "conf/base/chat_template.jinja"
+    shutil.copyfile(PROJECT_ROOT / "conf/model_configs/qwen2.5-vl-7b-instruct/chat_template.jinja", template)
+    preprocessing = project / "conf/base/parameters_preprocessing.yml"
+    preprocessing.write_text(
+        preprocessing.read_text().replace("chat_template: null", "chat_template: conf/base/chat_template.jinja")
+    )
     env = {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
 
     first = run([str(BIN / "dvc"), "repro"], project, **env)
@@ -162,6 +172,29 @@ def test_dvc_repro_runs_the_chain_then_nothing(tmp_path):
     assert "Data and pipelines are up to date." in status.stdout, status.stdout
     again = run([str(BIN / "dvc"), "metrics", "show", "--json"], clone)
     assert json.loads(again.stdout)[""]["data"] == json.loads(shown.stdout)[""]["data"]
+
+    # An image edited in place (same name) reruns exactly the stages that read images. The validated records and
+    # the Arrow rows carry its content hash, so the training split changes, and with it the trainer's run identity.
+    dvc = str(BIN / "dvc")
+    train_digest = dataset_sha256(project / "data/03_primary/train")
+    image = shapes / "images/train_0000.png"
+    ImageOps.invert(Image.open(image).convert("RGB")).save(image)
+    assert set(json.loads(run([dvc, "status", "--json"], project, **env).stdout)) == {"data_validation"}
+    run([dvc, "repro", "preprocessing"], project, **env)
+    stale = json.loads(run([dvc, "status", "--json"], project, **env).stdout)
+    # The test split was preprocessed again from the same records: byte-identical (no random fingerprint in
+    # state.json), so the merge, which reads only it and the trained model, is not stale.
+    assert set(stale) == {"training@lora", "training@full_ft", "evaluation@lora", "evaluation@full_ft"}, stale
+    assert dataset_sha256(project / "data/03_primary/train") != train_digest
+
+    # One line of the chat template file edited: the parameters stage records its new digest, and every stage that
+    # renders the template goes stale, preprocessing first.
+    template.write_text(template.read_text().replace("You are a helpful assistant.", "You are a careful assistant."))
+    run([dvc, "repro", "parameters"], project, **env)
+    stale = json.loads(run([dvc, "status", "--json"], project, **env).stdout)
+    assert {"changed deps": {"data/08_reporting/parameters.yml": {"preprocessing": "modified"}}} in stale.get(
+        "preprocessing", []
+    ), stale
 
 
 def test_kedro_viz_build(tmp_path):

@@ -4,6 +4,7 @@ and the committed sample data (deterministic, clean, balanced)."""
 from __future__ import annotations
 
 import base64
+import hashlib
 import io
 import json
 import random
@@ -124,7 +125,8 @@ def test_every_reason_code_on_its_own_line(image_root, tmp_path):
         line(vqa("data:image/png;base64," + base64.b64encode(png_bytes("yellow")).decode())),  # 27 valid, stored
         line(vqa((image_root / "images" / "noise.png").as_uri(), question="Noise?")),  # 28 valid file:// URI
     ]
-    result = validate_lines(lines, image_root, max_image_pixels=SMALL_MAX_PIXELS)
+    store = tmp_path / "decoded"
+    result = validate_lines(lines, image_root, max_image_pixels=SMALL_MAX_PIXELS, image_store=store)
 
     expected = {
         3: "not_utf8",
@@ -153,9 +155,14 @@ def test_every_reason_code_on_its_own_line(image_root, tmp_path):
     # train_test_overlap needs two splits: tests/test_formats.py
     assert set(expected.values()) == set(REASONS) - {"train_test_overlap"}, "every reason code is exercised"
     assert [record["source_line"] for record in result.valid] == [1, 17, 24, 27, 28]
-    stored = result.valid[3]["images"][0]
-    assert stored.startswith("images/") and (image_root / stored).read_bytes() == png_bytes("yellow")
+    # The data URI's image is stored by content hash in the store, named from the data folder (absolute: outside it).
+    yellow = png_bytes("yellow")
+    assert result.valid[3]["images"] == [str(store / f"images/{hashlib.sha256(yellow).hexdigest()}.png")]
+    assert (image_root / result.valid[3]["images"][0]).read_bytes() == yellow
     assert result.valid[4]["images"] == ["images/noise.png"]
+    assert result.valid[4]["image_sha256"] == [
+        hashlib.sha256((image_root / "images/noise.png").read_bytes()).hexdigest()
+    ]
 
     # The CLI on the same file: the same verdicts, and its three outputs reconcile.
     source = tmp_path / "all_reasons.jsonl"
@@ -179,6 +186,7 @@ def test_every_reason_code_on_its_own_line(image_root, tmp_path):
     cli_report = json.loads((out / "report.json").read_text())
     assert len(cli_valid) + len(cli_quarantine) == cli_report["total"] == 26
     assert {entry["line"]: entry["reason"] for entry in cli_quarantine} == expected
+    assert [path.name for path in (out / "images").iterdir()] == [f"{hashlib.sha256(yellow).hexdigest()}.png"]
 
     for entry in result.quarantine:
         assert set(entry) == {"line", "reason", "detail", "raw"}
@@ -252,6 +260,7 @@ def test_valid_records_are_normalised_to_list_content_and_images(image_root):
             {"role": "assistant", "content": [{"type": "text", "text": "Hello"}]},
         ],
         "images": [],
+        "image_sha256": [],
         "source_line": 1,
     }
 

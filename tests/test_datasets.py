@@ -191,3 +191,24 @@ def test_linking_a_model_folder_again_keeps_it_and_refreshes_a_changed_file(tmp_
     assert (target / "model.safetensors").samefile(source / "model.safetensors")
     assert (target / "config.json").read_text() == "{}"
     assert elsewhere.read_text() == "stale"  # replaced, not written through
+
+
+def test_an_arrow_dataset_saves_the_same_bytes_for_the_same_data(tmp_path):
+    """A ``map`` whose function datasets cannot hash gives a random fingerprint, which ``save_to_disk`` writes to
+    state.json: DVC then saw a changed preprocessing output after every rerun, and reran training for nothing."""
+    from datasets import Dataset
+
+    from vlm_pipeline.datasets import ArrowDataset
+
+    unhashable = iter(range(10**6))  # a generator in the closure: datasets falls back to a random fingerprint
+
+    def saved(name: str, values: list[int]) -> dict[str, bytes]:
+        mapped = Dataset.from_dict({"x": values}).map(lambda row: {"y": row["x"] + 0 * next(unhashable)})
+        ArrowDataset(str(tmp_path / name)).save(mapped)
+        return {path.name: path.read_bytes() for path in sorted((tmp_path / name).iterdir())}
+
+    first, second, other = saved("first", [1, 2, 3]), saved("second", [1, 2, 3]), saved("other", [1, 2, 4])
+    assert set(first) == {"data-00000-of-00001.arrow", "dataset_info.json", "state.json"}
+    assert first == second
+    assert json.loads(other["state.json"])["_fingerprint"] != json.loads(first["state.json"])["_fingerprint"]
+    assert ArrowDataset(str(tmp_path / "second")).load()["y"] == [1, 2, 3]

@@ -4,8 +4,10 @@ unless --verbose asks for one."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -16,7 +18,7 @@ from PIL import Image
 
 from vlm_pipeline.cli import RunStopped
 from vlm_pipeline.commands import InputError, is_input_error, is_own_error, main
-from vlm_pipeline.config import ConfigError, check_environment, check_paths, validate_parameters
+from vlm_pipeline.config import ConfigError, check_base_model, check_environment, check_paths, validate_parameters
 from vlm_pipeline.data.validation import DataValidationError
 
 BIN = Path(sys.executable).parent
@@ -39,7 +41,10 @@ def paths(tmp_path) -> dict[str, str]:
 
 
 def check(params: dict, root: Path) -> None:
-    check_paths(validate_parameters(params), root)
+    """The checks of a run that reads the model (a data-validation-only run skips check_base_model)."""
+    parsed = validate_parameters(params)
+    check_paths(parsed, root)
+    check_base_model(parsed.base_model, root)
 
 
 def test_existing_paths_pass_relative_to_the_project(paths, tmp_path):
@@ -192,10 +197,6 @@ def kedro_project(tmp_path_factory) -> Path:
     ("arguments", "message"),
     [
         (
-            ["--params", "base_model=/nowhere/model"],
-            "ConfigError: base_model: /nowhere/model does not exist: point it at a local checkpoint folder",
-        ),
-        (
             ["--env", "nope"],
             "ConfigError: conf environment 'nope' does not exist: conf/nope; available: base, llama_text_lora,",
         ),
@@ -218,7 +219,7 @@ def kedro_project(tmp_path_factory) -> Path:
             "ConfigError: preprocessing.chat_template: conf/nowhere.jinja does not exist: give a .jinja file",
         ),
     ],
-    ids=["base_model", "env", "learning_rate", "raw_data", "accelerate_config", "chat_template"],
+    ids=["env", "learning_rate", "raw_data", "accelerate_config", "chat_template"],
 )
 def test_kedro_run_stops_before_any_node_in_two_lines(kedro_project, arguments, message):
     project = kedro_project
@@ -229,6 +230,73 @@ def test_kedro_run_stops_before_any_node_in_two_lines(kedro_project, arguments, 
     assert result.stdout.strip().splitlines()[1:] == ["Run with --verbose to see the full exception"], result.stdout
     assert not (project / "data/02_intermediate").exists(), "no node ran"
     assert not (project / "mlflow.db").exists(), "MLflow was never opened"
+
+
+@pytest.fixture
+def read_only_data(tmp_path):
+    """Twelve shapes records whose images are data: URIs (every other one) or files, in a folder nobody may write,
+    as a dataset mount on a GPU host often is. Made writable again at teardown, so pytest can remove it."""
+    from vlm_pipeline.data.dialects import to_openai_base64, to_openai_path
+
+    data = tmp_path / "mount"
+    (data / "images").mkdir(parents=True)
+    for split, count in (("train", 12), ("test", 4)):
+        records = [json.loads(raw) for raw in (SHAPES / f"{split}.jsonl").read_text().splitlines()[:count]]
+        rows = [(to_openai_base64 if i % 2 else to_openai_path)(record, SHAPES) for i, record in enumerate(records)]
+        for record in records:
+            (data / record["images"][0]).write_bytes((SHAPES / record["images"][0]).read_bytes())
+        (data / f"{split}.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    folders = [data, data / "images"]
+    for path in [*data.rglob("*"), data]:
+        path.chmod(path.stat().st_mode & ~0o222)
+    yield data
+    for folder in folders:
+        folder.chmod(folder.stat().st_mode | 0o200)
+
+
+@pytest.mark.slow
+def test_a_data_validation_run_needs_no_model_and_only_reads_the_data_folder(tmp_path, read_only_data):
+    """`kedro run --tags data_validation` on a read-only folder of data: URIs, with no model: the decoded images go to
+    the pipeline's own data area, by content hash. A stage that reads the model still stops before anything runs."""
+    project = copy_project(tmp_path / "project")
+    before = sorted((path.relative_to(read_only_data), path.stat().st_mtime_ns) for path in read_only_data.rglob("*"))
+    params = f"raw_data={read_only_data},base_model=/nowhere/model"
+    validated = run([str(BIN / "kedro"), "run", "--tags", "data_validation", "--params", params], project)
+    assert validated.returncode == 0, validated.stdout[-3000:]
+    assert sorted((p.relative_to(read_only_data), p.stat().st_mtime_ns) for p in read_only_data.rglob("*")) == before
+    # (As root the folder's mode stops nothing: its unchanged listing is the proof that nothing was written.)
+    decoded = 0
+    for split in ("train", "test"):
+        sources = (SHAPES / f"{split}.jsonl").read_text().splitlines()
+        for row in (project / f"data/02_intermediate/{split}/valid.jsonl").read_text().splitlines():
+            record = json.loads(row)
+            (path,) = record["images"]  # from the project folder, the run context's image root
+            original = (SHAPES / json.loads(sources[record["source_line"] - 1])["images"][0]).read_bytes()
+            assert (project / path).read_bytes() == original
+            assert record["image_sha256"] == [hashlib.sha256(original).hexdigest()]
+            if record["source_line"] % 2 == 0:  # a data: URI, stored by content hash in the pipeline's area
+                assert path == f"data/02_intermediate/images/{record['image_sha256'][0]}.png"
+                decoded += 1
+            else:
+                assert path == f"{read_only_data}/{json.loads(sources[record['source_line'] - 1])['images'][0]}"
+    assert decoded == 8
+
+    # Preprocessing reads the model: the missing folder stops it in one line, before the MLflow run starts.
+    runs_before = mlflow_runs(project)
+    stopped = run([str(BIN / "kedro"), "run", "--tags", "preprocessing", "--params", params], project)
+    assert stopped.returncode == 2, stopped.stdout[-3000:]
+    assert "ConfigError: base_model: /nowhere/model does not exist: point it at a local checkpoint folder" in (
+        stopped.stdout
+    )
+    assert stopped.stdout.strip().splitlines()[1:] == ["Run with --verbose to see the full exception"], stopped.stdout
+    assert not (project / "data/03_primary").exists(), "no node ran"
+    assert mlflow_runs(project) == runs_before, "no MLflow run was started"
+
+
+def mlflow_runs(project: Path) -> int:
+    with sqlite3.connect(project / "mlflow.db") as store:
+        (count,) = store.execute("SELECT count(*) FROM runs").fetchone()
+    return count
 
 
 @pytest.mark.slow

@@ -33,9 +33,9 @@ def line(record) -> bytes:
     return json.dumps(record).encode("utf-8")
 
 
-def validated(folder: Path, split: str = "train", limit: int = 40) -> list[dict]:
+def validated(folder: Path, split: str = "train", limit: int = 40, image_store: Path | None = None) -> list[dict]:
     lines = (folder / f"{split}.jsonl").read_bytes().splitlines()[:limit]
-    result = validate_lines(lines, folder, max_image_pixels=MAX_PIXELS)
+    result = validate_lines(lines, folder, max_image_pixels=MAX_PIXELS, image_store=image_store)
     assert result.quarantine == []
     return result.valid
 
@@ -43,13 +43,15 @@ def validated(folder: Path, split: str = "train", limit: int = 40) -> list[dict]
 @pytest.mark.parametrize("dialect", sorted(JSONL_DIALECTS))
 def test_every_dialect_gives_our_records(dialect, tmp_path):
     ours = validated(SHAPES)
-    theirs = validated(write_dialect(SHAPES, tmp_path / dialect, dialect, splits=("train",)))
+    store = tmp_path / "decoded"
+    theirs = validated(write_dialect(SHAPES, tmp_path / dialect, dialect, splits=("train",)), image_store=store)
     assert [r["messages"] for r in theirs] == [r["messages"] for r in ours]
     for mine, other in zip(ours, theirs, strict=True):
-        if dialect == "openai_base64":  # decoded once into the data folder, named by content hash
+        assert other["image_sha256"] == mine["image_sha256"]  # the same pixels, however the record names them
+        if dialect == "openai_base64":  # decoded once into the image store, named by content hash
             (stored,) = other["images"]
-            assert stored.startswith("images/") and stored.endswith(".png")
-            assert (tmp_path / dialect / stored).read_bytes() == (SHAPES / mine["images"][0]).read_bytes()
+            assert stored == str(store / "images" / f"{mine['image_sha256'][0]}.png")
+            assert Path(stored).read_bytes() == (SHAPES / mine["images"][0]).read_bytes()
         else:
             assert other["images"] == mine["images"]
 

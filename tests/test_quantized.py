@@ -12,7 +12,7 @@ from pathlib import Path
 import bitsandbytes as bnb
 import pytest
 import torch
-from conftest import PROJECT_ROOT, copy_project, run_data_stages, trainer_run_config
+from conftest import copy_project, run_data_stages, trainer_run_config
 from safetensors.torch import load_file
 
 from vlm_pipeline.training.trainer import build_trainer, run
@@ -38,7 +38,7 @@ def tokenized(tmp_path_factory, tiny_models) -> dict[str, Path]:
     return splits
 
 
-def run_config(tmp_path, base_model, data: Path, raw: str, quantization: dict, **sft) -> dict:
+def run_config(tmp_path, base_model, data: Path, quantization: dict, **sft) -> dict:
     sft = {
         "seed": 0,
         "max_steps": 8,
@@ -61,7 +61,7 @@ def run_config(tmp_path, base_model, data: Path, raw: str, quantization: dict, *
         base_model=base_model,
         train_dataset=data / "train",
         eval_dataset=data / "validation",
-        image_root=PROJECT_ROOT / raw,
+        image_root=data.parents[1],  # the project copy: validated image paths are relative to it
         output_dir=tmp_path,
         final_dir=final,
         sft=sft,
@@ -76,7 +76,6 @@ def test_qlora_gradients_reach_the_adapters_and_the_loss_falls(tmp_path, tiny_mo
         tmp_path,
         tiny_models["llama"],
         tokenized["llama"],
-        "data/01_raw/alpaca_glossary",
         QLORA,
         eval_strategy="steps",
         eval_steps=2,
@@ -111,7 +110,6 @@ def test_8bit_lora_trains(tmp_path, tiny_models, tokenized):
         tmp_path,
         tiny_models["llama"],
         tokenized["llama"],
-        "data/01_raw/alpaca_glossary",
         {"load_in_8bit": True},
         padding_free=True,
     )
@@ -122,9 +120,7 @@ def test_8bit_lora_trains(tmp_path, tiny_models, tokenized):
 
 
 def test_qlora_on_a_vlm_keeps_the_vision_tower_unquantized(tmp_path, tiny_models, tokenized):
-    config = run_config(
-        tmp_path, tiny_models["qwen2_5_vl"], tokenized["qwen2_5_vl"], "data/01_raw/shapes_vqa", QLORA, max_steps=3
-    )
+    config = run_config(tmp_path, tiny_models["qwen2_5_vl"], tokenized["qwen2_5_vl"], QLORA, max_steps=3)
     trainer = build_trainer(config)
     modules = dict(trainer.model.named_modules())
     vision = [m for n, m in modules.items() if ".visual." in n and isinstance(m, torch.nn.Linear)]

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -121,12 +122,16 @@ def _validate(args: argparse.Namespace) -> int:
     from vlm_pipeline.datasets import JSONDataset, JSONLinesDataset, RawLinesDataset
 
     lines = list(RawLinesDataset(args.input).load())  # the --model check quotes lines by number
-    result = validate_lines(
-        lines, Path(args.image_root), max_image_pixels=args.max_image_pixels, duplicates=args.duplicates
+    out = Path(args.output_dir)
+    result = validate_lines(  # decoded data: URI images go to OUT/images: the image folder is only read
+        lines,
+        Path(args.image_root),
+        max_image_pixels=args.max_image_pixels,
+        duplicates=args.duplicates,
+        image_store=out,
     )
     if args.model:
         _quarantine_too_long(result, lines, args)
-    out = Path(args.output_dir)
     JSONLinesDataset(str(out / "valid.jsonl")).save(result.valid)
     JSONLinesDataset(str(out / "quarantine.jsonl")).save(result.quarantine)
     JSONDataset(str(out / "report.json")).save(result.report)
@@ -235,6 +240,7 @@ def _parameters(args: argparse.Namespace) -> int:
 
     from vlm_pipeline.atomic import write_bytes_atomic
     from vlm_pipeline.config import validate_parameters
+    from vlm_pipeline.config.run import file_sha256
     from vlm_pipeline.recipes import load_parameters
 
     _environment(args.env)
@@ -248,6 +254,16 @@ def _parameters(args: argparse.Namespace) -> int:
                 file=sys.stderr,
             )
     params = validate_parameters(load_parameters(args.env, paths)).model_dump(mode="json")
+    # DVC tracks this file's keys, not the files they name: the template's digest turns an edit to the file into a
+    # changed `preprocessing` key, which every stage that renders the template tracks.
+    template = params["preprocessing"]["chat_template"]
+    params["preprocessing"]["chat_template_sha256"] = file_sha256(Path(template)) if template else None
+    if template and not Path(template).resolve().is_relative_to(Path("conf").resolve()):
+        print(
+            f"warning: preprocessing.chat_template {template} is outside conf/: this stage depends on conf/ "
+            "(dvc.yaml), so `dvc repro` does not see an edit to the file; keep templates under conf/",
+            file=sys.stderr,
+        )
     write_bytes_atomic(Path(args.out), yaml.safe_dump(params, sort_keys=False).encode())
     return 0
 
@@ -353,7 +369,10 @@ def _inspect_labels(args: argparse.Namespace) -> int:
     from vlm_pipeline.reporting.data import BRACKETS, COLOUR, label_preview
 
     lines = data.read_bytes().splitlines()
-    result = validate_lines(lines, image_root, max_image_pixels=DEFAULT_MAX_IMAGE_PIXELS, duplicates="keep")
+    decoded = tempfile.TemporaryDirectory(prefix="vlm-inspect-")  # data: URI images, only for this printout
+    result = validate_lines(
+        lines, image_root, max_image_pixels=DEFAULT_MAX_IMAGE_PIXELS, duplicates="keep", image_store=Path(decoded.name)
+    )
     preprocessing = PreprocessingParams(chat_template=args.chat_template, train_on=args.train_on)
     encoder = load_chat_encoder(args.model, preprocessing)
     marks = COLOUR if sys.stdout.isatty() else BRACKETS
@@ -405,7 +424,7 @@ def build_parser() -> argparse.ArgumentParser:
     validate = commands.add_parser("validate", help="validate a JSONL file; write valid, quarantine and report")
     validate.add_argument("input", help="JSONL file in any accepted format (README: Data)")
     validate.add_argument("--image-root", required=True, help="folder image paths are relative to")
-    validate.add_argument("--output-dir", required=True)
+    validate.add_argument("--output-dir", required=True, help="valid.jsonl, quarantine.jsonl, report.json, images/")
     validate.add_argument("--max-invalid-fraction", type=float, default=DEFAULT_MAX_INVALID_FRACTION)
     validate.add_argument("--max-image-pixels", type=int, default=DEFAULT_MAX_IMAGE_PIXELS)
     validate.add_argument("--duplicates", choices=["reject", "keep"], default="reject")

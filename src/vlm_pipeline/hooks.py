@@ -1,11 +1,12 @@
 """Kedro hooks: parameter checks as soon as the context exists, before pipelines, datasets or models load.
 
 ``after_context_created`` runs before Kedro imports the pipeline registry (and with it torch and transformers),
-so a misspelt ``--env``, a typo or a missing model or data folder fails in about a second, and it runs first
+so a misspelt ``--env``, a typo or a missing data folder fails in about a second, and it runs first
 (``tryfirst``), before kedro-mlflow's hook opens the MLflow store; ``before_pipeline_run`` checks again with the
 exact parameters the run got, and logs them to the run's MLflow run flattened (``sft.num_train_epochs``,
 ``lora.method.learning_rate``): the nodes receive typed sections, which kedro-mlflow would log only as one value
-per group.
+per group. The model folder is checked there too, before the MLflow run starts, and only when the run's nodes read
+it: which nodes run is known only then.
 """
 
 from pathlib import Path
@@ -13,7 +14,16 @@ from typing import Any
 
 from kedro.framework.hooks import hook_impl
 
-from vlm_pipeline.config import check_environment, check_parameters, check_paths, validate_parameters
+from vlm_pipeline.config import (
+    check_base_model,
+    check_environment,
+    check_parameters,
+    check_paths,
+    validate_parameters,
+)
+
+# The catalog entry of the model folder: a run whose nodes read it must find a checkpoint there.
+BASE_MODEL = "base_model"
 
 
 class ParameterChecks:
@@ -37,6 +47,16 @@ class ParameterChecks:
 
         if mlflow.active_run() is not None:  # kedro-mlflow's hook (a plugin, so called first) started it
             mlflow.log_params(flatten(parameters.model_dump(mode="json")))
+
+
+class BaseModelCheck:
+    """``base_model`` is checked only by a run that reads it (preprocessing, training, adapter, evaluation): a
+    data-validation-only run needs no model. The run's nodes are known only here, after the context exists."""
+
+    @hook_impl(tryfirst=True)  # before kedro-mlflow's starts the MLflow run
+    def before_pipeline_run(self, run_params, pipeline, catalog) -> None:
+        if BASE_MODEL in pipeline.inputs():
+            check_base_model(catalog.load(f"params:{BASE_MODEL}"), Path(run_params["project_path"]))
 
 
 def flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -3,12 +3,13 @@
 from kedro.config import OmegaConfigLoader
 from omegaconf.resolvers import oc
 
-from vlm_pipeline.hooks import LibraryProgressBars, ParameterChecks
+from vlm_pipeline.hooks import BaseModelCheck, LibraryProgressBars, ParameterChecks
 from vlm_pipeline.tracking import RunDetails
 
-# ParameterChecks fails a bad run before anything starts; RunDetails names and tags the MLflow run kedro-mlflow starts;
-# LibraryProgressBars keeps datasets' and transformers' bars out of logs.
-HOOKS = (ParameterChecks(), RunDetails(), LibraryProgressBars())
+# ParameterChecks fails a bad run before anything starts, BaseModelCheck a run of a model stage without a model;
+# RunDetails names and tags the MLflow run kedro-mlflow starts; LibraryProgressBars keeps datasets' and
+# transformers' bars out of logs.
+HOOKS = (ParameterChecks(), BaseModelCheck(), RunDetails(), LibraryProgressBars())
 
 CONFIG_LOADER_CLASS = OmegaConfigLoader
 CONFIG_LOADER_ARGS = {

@@ -7,7 +7,13 @@
   the machine (GPUs, bf16, bitsandbytes) and the accelerate config file against the parameters.
 """
 
-from vlm_pipeline.config.checks import check_environment, check_machine, check_parameters, check_paths
+from vlm_pipeline.config.checks import (
+    check_base_model,
+    check_environment,
+    check_machine,
+    check_parameters,
+    check_paths,
+)
 from vlm_pipeline.config.schema import (
     LAUNCHER_KEYS,
     ConfigError,
@@ -26,6 +32,7 @@ __all__ = [
     "ModelParams",
     "Parameters",
     "SFTParams",
+    "check_base_model",
     "check_environment",
     "check_machine",
     "check_parameters",

@@ -60,7 +60,7 @@ def _is_environment(folder: Path) -> bool:
 
 def check_paths(params: Parameters, project_root: Path) -> None:
     """Every file or folder a parameter names must exist before the run starts, not when the node that reads it
-    runs (the model folder is read only after validation, several minutes in on real data)."""
+    runs. The model folder is the exception: only the stages that read it need it (:func:`check_base_model`)."""
     raw_data = _resolved(params.raw_data, project_root)
     if not raw_data.is_dir():
         raise ConfigError(
@@ -69,17 +69,6 @@ def check_paths(params: Parameters, project_root: Path) -> None:
         )
     if not (raw_data / "train.jsonl").is_file():
         raise ConfigError(f"raw_data: {params.raw_data} has no train.jsonl: give the folder that holds it")
-    base_model = _resolved(params.base_model, project_root)
-    if not base_model.is_dir():
-        raise ConfigError(
-            f"base_model: {params.base_model} does not exist: point it at a local checkpoint folder "
-            "(kedro run --params base_model=DIR), or build the tiny default with `make model`"
-        )
-    if not (base_model / "config.json").is_file():
-        raise ConfigError(
-            f"base_model: {params.base_model} has no config.json: point it at a Hugging Face checkpoint folder "
-            "(the one holding config.json and the safetensors)"
-        )
     template = params.preprocessing.chat_template
     if template is not None and not _resolved(template, project_root).is_file():
         raise ConfigError(
@@ -87,6 +76,22 @@ def check_paths(params: Parameters, project_root: Path) -> None:
             "(conf/model_configs/*/chat_template.jinja), or null for the checkpoint's own"
         )
     accelerate_file(params, project_root)
+
+
+def check_base_model(base_model: str, project_root: Path) -> None:
+    """The model folder must be a checkpoint before a run that reads it starts (it is read only after validation,
+    several minutes in on real data); a data-validation-only run never needs one."""
+    folder = _resolved(base_model, project_root)
+    if not folder.is_dir():
+        raise ConfigError(
+            f"base_model: {base_model} does not exist: point it at a local checkpoint folder "
+            "(kedro run --params base_model=DIR), or build the tiny default with `make model`"
+        )
+    if not (folder / "config.json").is_file():
+        raise ConfigError(
+            f"base_model: {base_model} has no config.json: point it at a Hugging Face checkpoint folder "
+            "(the one holding config.json and the safetensors)"
+        )
 
 
 def accelerate_file(params: Parameters, project_root: Path) -> Path:

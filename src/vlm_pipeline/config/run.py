@@ -23,7 +23,9 @@ class RunContext(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     base_model: Path = Field(description="The base model directory (the catalog's base_model).")
-    image_root: Path = Field(description="The raw data folder; record image paths resolve inside it.")
+    image_root: Path = Field(
+        description="The folder validated image paths are relative to: the project folder (see data/image_refs.py)."
+    )
     model: ModelParams = Field(description="How every stage loads a model: dtype, attention, trust_remote_code.")
 
 

@@ -83,6 +83,7 @@ def encode_record(
     row = {
         **encoded,
         "image_paths": record["images"],
+        "image_sha256": _image_hashes(record),
         "source_line": record["source_line"],
         "length": length,
         "cut": 0,
@@ -117,6 +118,7 @@ def _set_aside(record: dict, reason: str, detail: str) -> dict[str, Any]:
         "input_ids": [],
         "labels": [],
         "image_paths": record["images"],
+        "image_sha256": _image_hashes(record),
         "source_line": record["source_line"],
         "length": 0,
         "cut": 0,
@@ -124,6 +126,13 @@ def _set_aside(record: dict, reason: str, detail: str) -> dict[str, Any]:
         "detail": detail,
         "label_tokens": 0,
     }
+
+
+def _image_hashes(record: dict) -> list[str]:
+    """The images' content hashes, kept in the Arrow row beside their paths: the rows then change when an image is
+    edited in place, and with them DVC's hash of the split and the trainer's run identity. Validated records carry
+    them; a record built in code (a test, a benchmark) may not."""
+    return record.get("image_sha256", [])
 
 
 def prompt_messages(record: dict) -> list[dict]:

@@ -5,12 +5,20 @@ A reference is a relative path, a ``file://`` URI, a ``data:image/...;base64,`` 
 * a relative path (or a ``file://`` URI naming a file) must stay inside the data folder *lexically*: no absolute
   path, no ``..`` component. Symlinks are followed, not judged: on GPU hosts ``images/`` is often a link to a big
   volume, and a link inside the data folder is the folder owner's choice, whereas ``..`` in a record is the record's;
-* a ``data:`` URI is decoded once and stored in the data folder, named by content hash
+* a ``data:`` URI is decoded once and stored in the image store, a folder of the pipeline's own (the data folder
+  is only ever read: on GPU hosts it is often a read-only mount), named by content hash
   (:func:`vlm_pipeline.data.images.store_image`), after its header passed the pixel limit;
 * a remote URL is rejected: nothing is downloaded at run time.
 
 Every image is fully decoded once (a truncated file fails here, not in a training step) and hashed, so
-evaluation leakage can be judged by image content rather than by file name.
+evaluation leakage can be judged by image content rather than by file name, and an image edited in place changes
+the validated records (they carry the hashes) and so everything DVC runs after them.
+
+A checked image has two names: ``name``, its path inside its own folder (the record's relative path, or
+``images/<sha256>.<ext>`` in the store, as ``vlm-pipeline import`` names it), which identifies records (duplicates,
+the held-out test split) wherever the folders lie; and ``path``, where the pipeline opens it: relative to the
+``paths_from`` folder when it lies inside it (the pipeline gives the project folder, so outputs stay portable),
+absolute otherwise. Every later stage opens ``<that folder> / path``.
 """
 
 from __future__ import annotations
@@ -44,9 +52,11 @@ CACHE_SIZE = 65536
 
 @dataclass(frozen=True)
 class CheckedImage:
-    """A resolved image (its path relative to the data folder, size and content hash) or why it was rejected."""
+    """A resolved image (where the pipeline opens it, its name in its folder, size and content hash) or why it was
+    rejected."""
 
     path: str | None = None
+    name: str | None = None
     size: tuple[int, int] | None = None
     sha256: str | None = None
     reason: str | None = None
@@ -54,11 +64,18 @@ class CheckedImage:
 
 
 class ImageChecker:
-    """Resolve and check references under one data folder, remembering the last ``CACHE_SIZE`` outcomes."""
+    """Resolve and check references under one data folder, remembering the last ``CACHE_SIZE`` outcomes.
 
-    def __init__(self, image_root: Path, max_image_pixels: int):
+    ``image_store`` is where decoded ``data:`` URI images are written (a data URI without one is a caller's bug);
+    ``paths_from`` is the folder checked paths are given relative to (default: the data folder itself)."""
+
+    def __init__(
+        self, image_root: Path, max_image_pixels: int, image_store: Path | None = None, paths_from: Path | None = None
+    ):
         # Absolute but not resolved: a symlinked data folder keeps the name the records and the catalog use.
         self.root = Path(os.path.abspath(image_root))
+        self.store = Path(os.path.abspath(image_store)) if image_store is not None else None
+        self.paths_from = Path(os.path.abspath(paths_from)) if paths_from is not None else self.root
         self.max_image_pixels = max_image_pixels
         self._cached = lru_cache(maxsize=CACHE_SIZE)(self._check)
 
@@ -113,16 +130,30 @@ class ImageChecker:
             raise RecordError(IMAGE_MISSING, f"image path {relative!r} names no file under {self.root}")
         data = path.read_bytes()
         size = inspect_image(data, repr(relative), self.max_image_pixels)
-        return CheckedImage(path=relative, size=size, sha256=hashlib.sha256(data).hexdigest())
+        return self._checked(self.root, relative, size, data)
 
     def _stored(self, uri: str) -> CheckedImage:
         data = decode_data_uri(uri)
         size = inspect_image(data, "the data: URI image", self.max_image_pixels)
+        if self.store is None:
+            raise ValueError("a data: URI image needs an image_store: the folder decoded images are written to")
         try:
-            relative = store_image(data, self.root)
+            relative = store_image(data, self.store)
         except ImageBytesError as error:
             raise RecordError(BAD_DATA_URI, f"{_short(uri)} is {error}") from None
-        return CheckedImage(path=relative, size=size, sha256=hashlib.sha256(data).hexdigest())
+        return self._checked(self.store, relative, size, data)
+
+    def _checked(self, folder: Path, relative: str, size: tuple[int, int], data: bytes) -> CheckedImage:
+        """The image ``relative`` in ``folder``, named as records name it (see the module's docstring)."""
+        path = path_from(self.paths_from, folder / relative)
+        return CheckedImage(path=path, name=relative, size=size, sha256=hashlib.sha256(data).hexdigest())
+
+
+def path_from(folder: Path, path: Path) -> str:
+    """``path`` relative to ``folder`` when it lies inside it (judged lexically, as links are kept), else absolute:
+    what outputs record, so they hold the same bytes wherever the project folder is."""
+    folder, path = Path(os.path.abspath(folder)), Path(os.path.abspath(path))
+    return path.relative_to(folder).as_posix() if path.is_relative_to(folder) else str(path)
 
 
 def decode_data_uri(uri: str) -> bytes:

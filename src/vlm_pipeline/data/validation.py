@@ -159,13 +159,25 @@ class SplitTally:
 
 class FileValidator:
     """Checks one JSONL file's lines in order: the first record's format is the file's, duplicates are found by
-    digest, and images are resolved and decoded once each."""
+    digest, and images are resolved and decoded once each.
 
-    def __init__(self, image_root: Path, *, max_image_pixels: int, duplicates: str = "reject"):
+    A valid record names its images as :class:`vlm_pipeline.data.image_refs.ImageChecker` gives them (``image_store``
+    and ``paths_from`` are passed to it) and carries their content hashes, ``image_sha256``: an image edited in
+    place changes the record, so DVC reruns what reads it and the trainer's run identity changes."""
+
+    def __init__(
+        self,
+        image_root: Path,
+        *,
+        max_image_pixels: int,
+        duplicates: str = "reject",
+        image_store: Path | None = None,
+        paths_from: Path | None = None,
+    ):
         if duplicates not in DUPLICATE_POLICIES:
             raise ValueError(f"duplicates must be one of {', '.join(DUPLICATE_POLICIES)}, not {duplicates!r}")
         self.duplicates = duplicates
-        self.images = ImageChecker(image_root, max_image_pixels)
+        self.images = ImageChecker(image_root, max_image_pixels, image_store, paths_from)
         self.file_format: str | None = None
         self._format_line = 0
         self._first_line_of: dict[bytes, int] = {}  # record digest -> line of its first valid copy
@@ -186,7 +198,9 @@ class FileValidator:
         record = normalise_record(raw)
         checked = [self.images(reference) for reference in record["images"]]
         record["images"] = [image.path for image in checked]
-        record_digest = _digest({"messages": record["messages"], "images": record["images"]})
+        record["image_sha256"] = [image.sha256 for image in checked]
+        # By the images' names in their folders, not where the folders lie: moving the data keeps the test split.
+        record_digest = _digest({"messages": record["messages"], "images": [image.name for image in checked]})
         earlier = self._first_line_of.get(record_digest)
         if earlier is not None:
             self.duplicate_count += 1
@@ -214,12 +228,16 @@ def validate_lines(
     duplicates: str = "reject",
     valid: Sink | None = None,
     quarantine: Sink | None = None,
+    image_store: Path | None = None,
 ) -> ValidationResult:
     """Check each physical line (1-based numbering, blank lines skipped but counted in numbering).
 
     Valid records and quarantine entries are appended to ``valid`` and ``quarantine`` as they are found
-    (lists unless given, e.g. a :class:`vlm_pipeline.data.spool.RecordSpool`)."""
-    validator = FileValidator(image_root, max_image_pixels=max_image_pixels, duplicates=duplicates)
+    (lists unless given, e.g. a :class:`vlm_pipeline.data.spool.RecordSpool`); decoded ``data:`` URI images go to
+    ``image_store``, and image paths are relative to ``image_root`` (absolute for a store outside it)."""
+    validator = FileValidator(
+        image_root, max_image_pixels=max_image_pixels, duplicates=duplicates, image_store=image_store
+    )
     tally = SplitTally()
     result = ValidationResult(valid=[] if valid is None else valid, quarantine=[] if quarantine is None else quarantine)
     for checked, _ in checked_lines(lines, validator, tally, result.quarantine):

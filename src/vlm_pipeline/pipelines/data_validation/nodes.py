@@ -9,6 +9,7 @@ from functools import partial
 from pathlib import Path
 
 from vlm_pipeline.config.schema import DataValidationParams
+from vlm_pipeline.data.image_refs import path_from
 from vlm_pipeline.data.splits import validate_splits
 from vlm_pipeline.data.validation import FileValidator, check_reject_budget
 
@@ -16,14 +17,26 @@ logger = logging.getLogger(__name__)
 
 
 def validate_raw_data(
-    raw_train: Iterable[bytes], raw_test: Iterable[bytes] | None, raw_images: Path, params: DataValidationParams
+    raw_train: Iterable[bytes],
+    raw_test: Iterable[bytes] | None,
+    raw_images: Path,
+    decoded_images: Path,
+    project_folder: Path,
+    params: DataValidationParams,
 ) -> tuple:
     """Both files' lines as (train candidates, test candidates, train quarantine, test quarantine, train report,
     test report). Without a test file (``raw_test`` None), ``test_fraction`` of train is held out as test.
 
-    Records stream through on-disk spools, so memory does not grow with the files."""
+    The raw folder is only read: ``data:`` URI images are decoded into ``decoded_images``, and every image path in a
+    valid record is relative to ``project_folder`` (the run context's image root). Records stream through on-disk
+    spools, so memory does not grow with the files."""
     validator = partial(
-        FileValidator, raw_images, max_image_pixels=params.max_image_pixels, duplicates=params.duplicates
+        FileValidator,
+        raw_images,
+        max_image_pixels=params.max_image_pixels,
+        duplicates=params.duplicates,
+        image_store=decoded_images,
+        paths_from=project_folder,
     )
     splits = validate_splits(raw_train, raw_test, validator, test_fraction=params.test_fraction, leakage=params.leakage)
     train, test = splits["train"], splits["test"]
@@ -54,6 +67,7 @@ def enforce_reject_budget(
     train_report: dict,
     test_report: dict,
     raw_images: Path,
+    project_folder: Path,
     params: DataValidationParams,
 ) -> tuple[Iterable[dict], Iterable[dict], dict]:
     """The valid records of both splits, released only if neither split rejected too much (the quarantine
@@ -62,7 +76,7 @@ def enforce_reject_budget(
         source = raw_images / ("train.jsonl" if report.get("held_out_from") else f"{split}.jsonl")
         check_reject_budget(report, params.max_invalid_fraction, source=str(source))
     summary = {
-        "raw_data": str(raw_images),
+        "raw_data": path_from(project_folder, raw_images),  # as the parameter names it: the same bytes anywhere
         "train": {key: train_report[key] for key in ("total", "valid", "quarantined")},
         "test": {key: test_report[key] for key in ("total", "valid", "quarantined")},
         "test_held_out_of_train": bool(test_report.get("held_out_from")),

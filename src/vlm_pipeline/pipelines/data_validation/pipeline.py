@@ -8,7 +8,14 @@ def create_pipeline(**kwargs) -> Pipeline:
     # against train for leakage.
     validate = Node(
         validate_raw_data,
-        inputs=["raw_train_lines", "raw_test_lines", "raw_images", "params:data_validation"],
+        inputs=[
+            "raw_train_lines",
+            "raw_test_lines",
+            "raw_images",
+            "decoded_images",
+            "project_folder",
+            "params:data_validation",
+        ],
         outputs=[
             "train_candidates",
             "test_candidates",
@@ -27,6 +34,7 @@ def create_pipeline(**kwargs) -> Pipeline:
             "train_validation_report",
             "test_validation_report",
             "raw_images",
+            "project_folder",
             "params:data_validation",
         ],
         outputs=["train_records", "test_records", "validation_summary"],

@@ -26,7 +26,8 @@ from vlm_pipeline.reporting.data import (
     reason_counts,
 )
 
-MODEL_COLUMNS = ["input_ids", "labels", "image_paths", "source_line", "length"]
+# image_sha256 is read by no model code: it makes the rows, and so the run identity, change with the pixels.
+MODEL_COLUMNS = ["input_ids", "labels", "image_paths", "image_sha256", "source_line", "length"]
 
 
 def _encode_row(row: dict, *, encoder: ChatEncoder, image_root: Path, params: PreprocessingParams) -> dict:

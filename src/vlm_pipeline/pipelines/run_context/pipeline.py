@@ -9,7 +9,7 @@ MODEL_STAGES = ("preprocessing", "training", "adapter", "evaluation")
 def create_pipeline(**kwargs) -> Pipeline:
     node = Node(
         build_run_context,
-        inputs=["base_model", "raw_images", "params:model"],
+        inputs=["base_model", "project_folder", "params:model"],
         outputs="run_context",
         name="build_run_context",
         tags=MODEL_STAGES,
