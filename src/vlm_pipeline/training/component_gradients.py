@@ -107,14 +107,12 @@ class ComponentGradients:
         groups = self._grouped(trainer.model)
         sums = torch.zeros(len(groups), 2, dtype=torch.float64, device=trainer.accelerator.device)
         for row, parameters in enumerate(groups.values()):
-            for parameter in parameters:
-                grad = parameter.grad
-                if grad is None:
-                    continue
-                if hasattr(grad, "to_local"):  # a DTensor: this process's shard
-                    grad = grad.to_local()
-                sums[row, 0] += grad.detach().double().pow(2).sum()
-                sums[row, 1] += 1
+            # A DTensor's local shard; one fused norm over the group, as clipping computes it (no full-size copy
+            # in another dtype: a 7B model's embedding gradient alone is gigabytes).
+            grads = [g.to_local() if hasattr(g, "to_local") else g for p in parameters if (g := p.grad) is not None]
+            if grads:
+                sums[row, 0] = torch.nn.utils.get_total_norm(grads, norm_type=2.0).double() ** 2
+                sums[row, 1] = len(grads)
         if trainer.accelerator.distributed_type == DistributedType.FSDP:
             sums = trainer.accelerator.reduce(sums, reduction="sum")
         sums = sums.tolist()
