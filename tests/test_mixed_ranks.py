@@ -293,24 +293,9 @@ def single_process(tmp_path_factory, tiny_models, mixed_data) -> tuple[int, list
     return info["global_step"], losses(final)
 
 
-# Under DDP with gradient checkpointing: the vision tower trains (full fine-tuning), and a text-only micro-step
-# leaves it without gradients, which DDP refuses unless it searches for unused parameters (transformers turns
-# that search off whenever checkpointing is on).
-@pytest.mark.parametrize(
-    ("engine", "wrapper", "sft"),
-    [
-        ("cpu_ddp", "DistributedDataParallel", {"gradient_checkpointing": True}),
-        ("cpu_deepspeed_zero3", "DeepSpeedEngine", {}),
-    ],
-    ids=["cpu_ddp_checkpointing", "cpu_deepspeed_zero3"],
-)
-# The launched tests share the accelerate files' fixed ports with tests/test_distributed.py: one xdist worker.
-@pytest.mark.slow
-@pytest.mark.xdist_group("torch_distributed_ports")
-def test_two_ranks_train_a_mixed_set(engine, wrapper, sft, tmp_path, tiny_models, mixed_data, single_process):
-    final, output = train(
-        tmp_path, f"conf/accelerate/{engine}.yaml", PER_DEVICE, tiny_models["qwen2_5_vl"], mixed_data, **sft
-    )
+def assert_one_run_of_two_ranks(final: Path, output: str, wrapper: str, mixed_data: Path, single_process) -> list:
+    """Two ranks trained the planned steps under ``wrapper``, the first like one process with the same global
+    batch, and the loss went down; the losses."""
     assert f"each micro-step of all {WORLD_SIZE} rank(s) takes one modality" in output
     info = json.loads((final / "run_info.json").read_text())
     assert (info["world_size"], info["engine"]) == (WORLD_SIZE, wrapper)
@@ -325,6 +310,16 @@ def test_two_ranks_train_a_mixed_set(engine, wrapper, sft, tmp_path, tiny_models
     # The first step trains the same rows from the same weights as the single process: the same global batch.
     assert trained[0] == pytest.approx(single_losses[0], rel=1e-3)
     assert sum(trained[-3:]) / 3 < sum(trained[:3]) / 3  # the loss goes down
+    return trained
+
+
+# The launched tests share the accelerate files' fixed ports with tests/test_distributed.py: one xdist worker.
+@pytest.mark.slow
+@pytest.mark.xdist_group("torch_distributed_ports")
+def test_two_ranks_train_a_mixed_set_under_zero3(tmp_path, tiny_models, mixed_data, single_process):
+    accelerate_config = "conf/accelerate/cpu_deepspeed_zero3.yaml"
+    final, output = train(tmp_path, accelerate_config, PER_DEVICE, tiny_models["qwen2_5_vl"], mixed_data)
+    assert_one_run_of_two_ranks(final, output, "DeepSpeedEngine", mixed_data, single_process)
 
 
 RESUME_AT = 7  # the third of epoch 1's five optimizer steps
@@ -332,9 +327,16 @@ RESUME_AT = 7  # the third of epoch 1's five optimizer steps
 
 @pytest.mark.slow
 @pytest.mark.xdist_group("torch_distributed_ports")
-def test_a_mid_epoch_resume_on_two_ranks_continues_that_epochs_order(tmp_path, tiny_models, mixed_data):
-    """A run that stopped after step 7 (epoch 1 of 0-1) resumes into epoch 1's order, not a replay of epoch 0's:
-    each resumed step trains the same rows from the same weights as the uninterrupted run, so its loss is equal."""
+def test_ddp_with_checkpointing_trains_a_mixed_set_and_resumes_mid_epoch_in_its_order(
+    tmp_path, tiny_models, mixed_data, single_process
+):
+    """DDP with gradient checkpointing: the vision tower trains (full fine-tuning), and a text-only micro-step leaves
+    it without gradients, which DDP refuses unless it searches for unused parameters (transformers turns that search
+    off whenever checkpointing is on).
+
+    Then the run as a kill after step 7 (epoch 1 of 0-1) leaves it resumes into epoch 1's order, not a replay of
+    epoch 0's: each resumed step trains the same rows from the same weights as the uninterrupted run, so its loss is
+    equal."""
     data = load_from_disk(str(mixed_data))
     has_images = [bool(paths) for paths in data["image_paths"]]
     steps_per_epoch = 5
@@ -345,19 +347,15 @@ def test_a_mid_epoch_resume_on_two_ranks_continues_that_epochs_order(tmp_path, t
     )
     assert replayed != resumed
     accelerate_config = "conf/accelerate/cpu_ddp.yaml"
-    final, _ = train(
-        tmp_path, accelerate_config, PER_DEVICE, tiny_models["qwen2_5_vl"], mixed_data, save_steps=RESUME_AT
-    )
-    uninterrupted = losses(final)
-    assert len(uninterrupted) == EPOCHS * steps_per_epoch
+    sft = {"gradient_checkpointing": True, "save_steps": RESUME_AT}
+    final, output = train(tmp_path, accelerate_config, PER_DEVICE, tiny_models["qwen2_5_vl"], mixed_data, **sft)
+    uninterrupted = assert_one_run_of_two_ranks(final, output, "DistributedDataParallel", mixed_data, single_process)
     # As a kill after checkpoint-7 leaves it: no finished run, checkpoint-7 the newest complete checkpoint (the
     # Trainer also saved the last step, checkpoint-10).
     checkpoints = RunConfig.read(tmp_path / "run_config.json").checkpoint_dir
     for later in [checkpoints / "final", *checkpoints.glob("checkpoint-1?"), final]:
         shutil.rmtree(later)
-    final, output = train(
-        tmp_path, accelerate_config, PER_DEVICE, tiny_models["qwen2_5_vl"], mixed_data, save_steps=RESUME_AT
-    )
+    final, output = train(tmp_path, accelerate_config, PER_DEVICE, tiny_models["qwen2_5_vl"], mixed_data, **sft)
     assert f"resuming from {checkpoints / f'checkpoint-{RESUME_AT}'}" in output
     assert losses(final) == pytest.approx(uninterrupted, rel=1e-4)
 
@@ -385,5 +383,5 @@ def test_unaligned_ranks_hang_under_zero3(tmp_path, tiny_models, mixed_data):
         tiny_models["qwen2_5_vl"],
         mixed_data,
         script=script,
-        stall=20,
+        stall=10,
     )
