@@ -84,6 +84,17 @@ def test_a_failure_raises_with_the_last_lines_as_left_on_screen(capsys):
 
 
 @pytest.mark.slow
+def test_a_stop_by_our_checks_raises_with_its_one_line_first_and_no_traceback(capsys):
+    stop = "vlm-pipeline: training stopped at optimizer step 3: the loss is nan; lower the learning rate"
+    code = f"import sys; print({stop!r}); sys.stderr.write('Traceback (most recent call last):\\n'); sys.exit(1)"
+    with pytest.raises(TrainingLaunchError) as failure:
+        launch(python(code))
+    message = failure.value.args[0].splitlines()
+    assert message[0] == stop.removeprefix("vlm-pipeline: ")
+    assert message[1].startswith("(exit code 1: ") and len(message) == 2
+
+
+@pytest.mark.slow
 def test_sigterm_to_the_launching_process_reaches_the_command_and_its_last_words_are_in_the_error():
     """As a cluster stops a job: SIGTERM to kedro's process only; the trainer's group gets it."""
     child = python(

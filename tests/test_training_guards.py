@@ -5,6 +5,7 @@ norm and learning rate are logged; ``method.learning_rates`` become the optimize
 from __future__ import annotations
 
 import math
+import re
 import shutil
 from pathlib import Path
 
@@ -89,36 +90,54 @@ def demo_data(tmp_path_factory, tiny_models) -> Path:
     return path
 
 
-def demo_trainer(tmp_path: Path, base_model: Path, data: Path, sft: dict, method: dict):
-    from vlm_pipeline.training.trainer import build_trainer
+SINGLE_PROCESS = "conf/accelerate/cpu_single_process.yaml"
 
+
+def demo_config(tmp_path: Path, base_model: Path, data: Path, sft: dict, method: dict):
     (tmp_path / "final").mkdir(parents=True)
-    config = trainer_run_config(
+    return trainer_run_config(
         base_model=base_model,
         train_dataset=data,
         image_root=SHAPES,
         output_dir=tmp_path / "out",
         final_dir=tmp_path / "final",
-        sft={"seed": 0, "per_device_train_batch_size": 4, "logging_steps": 1, "dataloader_pin_memory": False, **sft},
+        sft={
+            "seed": 0,
+            "per_device_train_batch_size": 4,
+            "logging_steps": 1,
+            "dataloader_pin_memory": False,
+            "accelerate_config": SINGLE_PROCESS,
+            **sft,
+        },
         method=method,
     )
-    return build_trainer(config)
+
+
+def demo_trainer(tmp_path: Path, base_model: Path, data: Path, sft: dict, method: dict):
+    from vlm_pipeline.training.trainer import build_trainer
+
+    return build_trainer(demo_config(tmp_path, base_model, data, sft, method))
 
 
 @pytest.mark.slow
 def test_the_demo_at_learning_rate_0_99_stops_as_diverged_and_trains_on_without_the_check(
     tmp_path, tiny_models, demo_data
 ):
+    from vlm_pipeline.training.launcher import TrainingLaunchError, launch, launch_command, write_run_config
+
     method = {**DEMO_METHOD, "learning_rate": 0.99}
     sft = {"max_steps": 10, "save_steps": 5}
-    trainer = demo_trainer(tmp_path / "checked", tiny_models["qwen2_5_vl"], demo_data, sft, method)
-    with pytest.raises(
-        guards.DivergedTrainingError,
-        match=r"optimizer step 10: the loss diverged: the mean training loss of the last 10 optimizer steps is "
-        r"[\d.]+, above 3 times the mean of the first 3 \([\d.]+\), at a learning rate of [\d.]+ at this step "
-        r"\(peak 0.99\); the newest checkpoint, \S+/checkpoint-5, was written before it",
-    ):
-        trainer.train()
+    # Launched as the training stage launches it: the error the stage raises says why, first, in one line.
+    config = demo_config(tmp_path / "checked", tiny_models["qwen2_5_vl"], demo_data, sft, method)
+    with pytest.raises(TrainingLaunchError) as stopped:
+        launch(launch_command(PROJECT_ROOT / SINGLE_PROCESS, write_run_config(config, tmp_path / "run_config.json")))
+    assert re.fullmatch(
+        r"training stopped at optimizer step 10: the loss diverged: the mean training loss of the last 10 optimizer "
+        r"steps is [\d.]+, above 3 times the mean of the first 3 \([\d.]+\), at a learning rate of [\d.]+ at this "
+        r"step \(peak 0.99\); the newest checkpoint, \S+/checkpoint-5, was written before it\. .*",
+        str(stopped.value).splitlines()[0],
+    )
+    assert str(stopped.value).splitlines()[1].startswith("(exit code 1: ")
 
     unchecked = {**sft, "divergence_check": False}
     trainer = demo_trainer(tmp_path / "unchecked", tiny_models["qwen2_5_vl"], demo_data, unchecked, method)

@@ -26,13 +26,14 @@ import torch
 from accelerate.utils import DistributedType
 
 from vlm_pipeline.architectures import Architecture
+from vlm_pipeline.training.stopping import TrainingStopped
 from vlm_pipeline.training.trainable import component_of
 
 # The components whose only input is the batch's images.
 IMAGE_FED = {"vision_tower", "projector"}
 
 
-class UntrainedComponentError(RuntimeError):
+class UntrainedComponentError(TrainingStopped):
     """A trainable component got no gradient at a step that gave it input; the message names it and the cause."""
 
 

@@ -24,13 +24,14 @@ from typing import Any
 import torch
 
 from vlm_pipeline.training.component_gradients import ComponentGradients
+from vlm_pipeline.training.stopping import TrainingStopped
 
 START_STEPS = 3
 RECENT_STEPS = 10
 DIVERGENCE_FACTOR = 3.0
 
 
-class DivergedTrainingError(RuntimeError):
+class DivergedTrainingError(TrainingStopped):
     """The training loss stayed far above its start (the rule in this module); the message names the step."""
 
 

@@ -21,6 +21,9 @@ from pathlib import Path
 from vlm_pipeline.config.run import RunConfig, RunContext, dataset_sha256, file_sha256
 from vlm_pipeline.config.schema import ImageBounds, MethodParams, SFTParams
 
+# The line with which the trainer reports a stop by one of its checks (``training.stopping.TrainingStopped``).
+STOPPED_PREFIX = "vlm-pipeline: training stopped"
+
 
 class TrainingLaunchError(RuntimeError):
     """The training subprocess failed; the message carries its command, exit code and last output lines."""
@@ -128,6 +131,11 @@ def launch(command: list[str], tail_lines: int = 40) -> None:
     finally:
         os.close(reader)
     if proc.returncode != 0:
+        stopped = [line.strip() for line in tail if line.startswith(STOPPED_PREFIX)]
+        if stopped:  # one of our checks, which says what happened and what to do: that first, once
+            raise TrainingLaunchError(
+                f"{stopped[0].removeprefix('vlm-pipeline: ')}\n(exit code {proc.returncode}: {' '.join(command)})"
+            )
         raise TrainingLaunchError(
             f"Training failed with exit code {proc.returncode}: {' '.join(command)}\n"
             f"Last output lines:\n{''.join(tail)}"

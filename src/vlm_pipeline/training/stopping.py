@@ -17,6 +17,12 @@ import torch.distributed as dist
 from transformers import TrainerCallback
 
 
+class TrainingStopped(RuntimeError):
+    """One of our checks stopped training (a non-finite or diverged loss, a component without gradient). Its
+    message starts "training stopped at optimizer step N" and says what to do; the trainer's entry point prints it
+    as one line and exits 1, and the launcher raises with that line first."""
+
+
 class StopRequested(SystemExit):
     """Training stopped on SIGTERM after saving a checkpoint; exits with status 143 (128 + SIGTERM)."""
 

@@ -42,12 +42,13 @@ from vlm_pipeline.training.checkpoints import (
 )
 from vlm_pipeline.training.collator import SFTCollator
 from vlm_pipeline.training.guards import GuardedTraining, newest_checkpoint_note
+from vlm_pipeline.training.launcher import STOPPED_PREFIX
 from vlm_pipeline.training.live_metrics import LiveMetrics
 from vlm_pipeline.training.param_groups import ComponentLearningRates, optimizer_groups
 from vlm_pipeline.training.progress import ProgressLog, hide_library_bars_in_logs, on_terminal
 from vlm_pipeline.training.quantization import bits_and_bytes_config
 from vlm_pipeline.training.sampler import ModalityGroupedSampler, index_sampler, is_mixed
-from vlm_pipeline.training.stopping import StopOnSignal, StopRequested
+from vlm_pipeline.training.stopping import StopOnSignal, StopRequested, TrainingStopped
 from vlm_pipeline.training.throughput import MeteredTraining
 from vlm_pipeline.training.trainable import freeze, lora_target_modules, parameter_table
 
@@ -77,7 +78,7 @@ def build_sft_config(config: RunConfig, mixed_modalities: bool = False) -> SFTCo
     return SFTConfig(**{**config.sft.trainer_args(), **fixed})
 
 
-class NonFiniteTrainingError(RuntimeError):
+class NonFiniteTrainingError(TrainingStopped):
     """The loss or gradient norm became NaN or infinite; the message names the optimizer step."""
 
 
@@ -333,6 +334,11 @@ def main(argv: list[str] | None = None) -> None:
         if os.environ.get("RANK", "0") == "0":  # torchrun's global rank: say it once
             print(stopped.message, flush=True)
         exit_worker(stopped.code)
+    except TrainingStopped as stopped:
+        # The cause in one line, not a traceback (every rank that stops says it: a NaN may be one rank's alone).
+        message = str(stopped)
+        print(f"vlm-pipeline: {message}", flush=True)
+        exit_worker(1)
     exit_worker(0)
 
 
