@@ -13,6 +13,13 @@ import pytest
 if os.environ.get("PYTEST_XDIST_WORKER"):
     os.environ.setdefault("OMP_NUM_THREADS", "1")
 
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The slow tests first (a stable sort: each keeps its order among them). pytest-xdist deals tests out in this
+    order, so the quick ones fill the workers' last minutes instead of one worker ending on a long test alone."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 PROJECT_FILES = ("pyproject.toml", ".telemetry", "dvc.yaml", "params.yaml", ".dvcignore", "README.md")
 PROJECT_DIRS = ("conf", "data/01_raw", "src")
