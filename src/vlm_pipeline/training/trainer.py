@@ -42,7 +42,6 @@ from vlm_pipeline.training.checkpoints import (
 )
 from vlm_pipeline.training.collator import SFTCollator
 from vlm_pipeline.training.guards import GuardedTraining, newest_checkpoint_note
-from vlm_pipeline.training.launcher import STOPPED_PREFIX
 from vlm_pipeline.training.live_metrics import LiveMetrics
 from vlm_pipeline.training.param_groups import ComponentLearningRates, optimizer_groups
 from vlm_pipeline.training.progress import ProgressLog, hide_library_bars_in_logs, on_terminal
