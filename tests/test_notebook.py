@@ -7,8 +7,11 @@ Agg when imported. The `notebook` extra (installed by `make install`) brings nbc
 
 from __future__ import annotations
 
+import json
+import re
 import shutil
 
+import mlflow
 import pytest
 from conftest import PROJECT_ROOT, run_kedro
 
@@ -32,5 +35,15 @@ def test_explore_run_executes_from_the_notebooks_folder_and_shows_the_loss_plot(
     outputs = [output for cell in notebook.cells if cell.cell_type == "code" for output in cell.outputs]
     assert not [output for output in outputs if output.output_type == "error"]
     images = [output for output in outputs if "image/png" in output.get("data", {})]
-    assert len(images) == 1, [output.get("data", {}).keys() for output in outputs]
+    assert len(images) == 2, [output.get("data", {}).keys() for output in outputs]  # the answer grid, the loss plot
     assert any("majority EM" in output.get("text", "") for output in outputs)  # the metrics table was printed
+
+    # The same run's report shows its wrong answers with their images, linked from the report's own folder, and
+    # MLflow holds them as a table with thumbnails (issue 23).
+    report_folder = project / "data/08_reporting/lora"
+    links = re.findall(r'<img src="([^"]+)"', (report_folder / "report.md").read_text(encoding="utf-8"))
+    assert links and all((report_folder / link).is_file() for link in links), links
+    mlflow.set_tracking_uri(f"sqlite:///{project / 'mlflow.db'}")
+    (run,) = mlflow.search_runs(experiment_names=["vlm-pipeline"], output_format="list")
+    table = json.loads(mlflow.artifacts.load_text(f"runs:/{run.info.run_id}/evaluation/lora_wrong_answers.json"))
+    assert len(table["data"]) >= len(links) and table["columns"][-1] == "image"

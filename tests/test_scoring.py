@@ -143,11 +143,13 @@ def compared(
     tuned: dict | None = None,
     references: list[str] = SHAPES,
     params: EvaluationParams | None = None,
+    tied: list | None = None,
 ) -> tuple[dict, dict, list[dict], dict]:
-    """The compare node on constructed evaluations; by default five shapes, the tuned model right on four."""
+    """The compare node on constructed evaluations; by default five shapes, the tuned model right on four.
+    ``tied``: the training answers tied with the majority answer, as ``majority_baseline`` gives them."""
     base = base or evaluation(["blue"] * 5)
     tuned = tuned or evaluation([*SHAPES[:4], "blue"])
-    baseline = {"answer": "circle", **text_scores(["circle"] * len(references), references)}
+    baseline = {"answer": "circle", "tied": tied or [], **text_scores(["circle"] * len(references), references)}
     params = params or EvaluationParams(bootstrap_resamples=200)
     return compare(base, tuned, baseline, MERGE_CHECK, shape_records(references), params)
 
@@ -164,7 +166,9 @@ def test_metrics_hold_numbers_and_the_strings_go_to_the_details():
     } <= keys
     assert {"base.chrf", "tuned.vqa_accuracy", "exact_match_ci95.tuned_minus_base.low", "merge_check.passed"} <= keys
     assert metrics["tuned_minus_base"]["exact_match"] == pytest.approx(0.8)
-    assert details["majority_baseline"] == {"answer": "circle"} and details["merge_check"]["dtype"] == "float32"
+    assert details["majority_baseline"] == {"answer": "circle", "tied": []}
+    assert details["merge_check"]["dtype"] == "float32"
+    assert "tied" not in metrics["majority_baseline"]  # metrics.json: numbers only
     assert details["exact_match_ci95"]["resamples"] == 200
     assert flat["eval.tuned.exact_match"] == {"step": 0, "value": 0.8}
     assert [row["reference"] for row in predictions] == SHAPES
@@ -237,8 +241,10 @@ def demo(answers: list[str], loss: float) -> dict:
     return evaluation(answers, loss, DEMO_ANSWERS)
 
 
-def run_compare(base: dict, tuned: dict, references: list[str] = DEMO_ANSWERS) -> tuple[dict, dict, list[dict]]:
-    metrics, details, predictions, _ = compared(base, tuned, references, VERDICT_PARAMS)
+def run_compare(
+    base: dict, tuned: dict, references: list[str] = DEMO_ANSWERS, tied: list | None = None
+) -> tuple[dict, dict, list[dict]]:
+    metrics, details, predictions, _ = compared(base, tuned, references, VERDICT_PARAMS, tied)
     return metrics, details, predictions
 
 
@@ -281,10 +287,18 @@ def test_the_diverged_demo_run_is_flagged_in_every_place_and_fails_when_asked(ca
 
 
 def test_the_demo_run_is_not_flagged():
-    """The demo's own numbers (data/08_reporting/lora/metrics.json): 71 of 96 right, loss 7.09 -> 0.35."""
-    metrics, details, predictions = run_compare(demo(["blue"] * 96, 7.09), demo(right_on(71), 0.35))
+    """The demo's own numbers (data/08_reporting/lora/metrics.json): 71 of 96 right, loss 7.09 -> 0.35, the
+    majority answer a three-way tie in the training data. The report names the tie and shows the 25 mistakes."""
+    tie = [["circle", 80], ["square", 80], ["triangle", 80]]
+    metrics, details, predictions = run_compare(demo(["blue"] * 96, 7.09), demo(right_on(71), 0.35), tied=tie)
     assert metrics["verdict"]["not_better"] == 0 and details["verdict"]["status"] == "ok"
-    assert report_markdown(metrics, predictions, details).splitlines()[2].startswith("**Verdict: ok.")
+    report = report_markdown(metrics, predictions, details)
+    assert report.splitlines()[2].startswith("**Verdict: ok.")
+    assert "training answer (a three-way tie of circle/square/triangle at 80 each; 'circle' picked," in report
+    assert "25 of 96 tuned answers are wrong" in report
+    assert "| gold \\ tuned | circle | cross | hexagon | square | star | triangle | other | right |" in report
+    assert "| cross |  | **11** |  |  |  |  | 5 | 11/16 |" in report  # records 72-96 answered "blue"
+    assert "Most frequent mistakes: cross → blue ×5, circle → blue ×4, hexagon → blue ×4," in report
     check_tuned_model(details, EvaluationParams(fail_if_worse=True))
 
 

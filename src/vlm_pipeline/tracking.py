@@ -115,7 +115,8 @@ class RunDetails:
         log_inputs(self.run_id, {name: context for name, context in INPUT_DATASETS.items() if name in names}, catalog)
         for name in sorted(names):
             if name.endswith(".predictions") and catalog.exists(name):
-                log_predictions(self.run_id, catalog.load(name), name.split(".")[0])
+                # Validated image paths are relative to the project folder.
+                log_predictions(self.run_id, catalog.load(name), name.split(".")[0], catalog.load("project_folder"))
         for name in sorted(pipeline.all_outputs()):  # the run that made the merged model logs it, once
             if not name.endswith(".merged_model"):
                 continue
@@ -220,15 +221,21 @@ def log_inputs(run_id: str, datasets: dict[str, str], catalog) -> None:
         MlflowClient().log_inputs(run_id, datasets=inputs)
 
 
-def log_predictions(run_id: str, predictions: Any, variant: str) -> None:
-    """The evaluation's predictions as an MLflow table (browsable and comparable in the UI's artifact view)."""
+def log_predictions(run_id: str, predictions: Any, variant: str, image_root: Path) -> None:
+    """The evaluation's predictions as an MLflow table (browsable and comparable in the UI's artifact view), and
+    beside it a sample of the wrong answers with their images (``image_root``: where the image paths start)."""
     import mlflow
+
+    from vlm_pipeline.reporting.mistakes import wrong_answer_table
 
     rows = list(predictions)
     if not rows:
         return
     columns = {key: [_cell(row.get(key)) for row in rows] for key in rows[0]}
     mlflow.log_table(columns, artifact_file=f"evaluation/{variant}_predictions.json", run_id=run_id)
+    wrong = wrong_answer_table(rows, image_root)
+    if wrong["line"]:
+        mlflow.log_table(wrong, artifact_file=f"evaluation/{variant}_wrong_answers.json", run_id=run_id)
 
 
 def _cell(value: Any) -> Any:

@@ -82,10 +82,21 @@ def changed_most(predictions: list[dict], count: int = 10) -> list[dict]:
     return [dict(row, rouge_l_gain=round(delta, 4)) for delta, row in sorted(changed, key=lambda x: -abs(x[0]))][:count]
 
 
-def report_markdown(metrics: dict, predictions: list[dict], details: dict | None = None, count: int = 10) -> str:
+def report_markdown(
+    metrics: dict,
+    predictions: list[dict],
+    details: dict | None = None,
+    count: int = 10,
+    images_from: str | None = None,
+) -> str:
     """The report: the verdict (is the tuned model not better?), the base-vs-tuned table (exact match with its
-    intervals), what the measures mean, the majority baseline, the merge check, the verdict's rule, and the answers
-    tuning changed most. ``details`` is evaluation_details.json."""
+    intervals), what the measures mean, the majority baseline (and its tie), the merge check, the verdict's rule,
+    what the tuned model got wrong (``reporting.mistakes``; ``images_from``: the project folder as seen from the
+    report's folder, for the images of wrong answers), and the answers tuning changed most. ``details`` is
+    evaluation_details.json."""
+    # Imported here: it scores with vlm_pipeline.scoring, which loads torch; `vlm-pipeline metrics` needs neither.
+    from vlm_pipeline.reporting.mistakes import describe_tie, mistakes_markdown
+
     details = details or {}
     intervals = metrics.get("exact_match_ci95", {})
     verdict = _verdict(metrics, details)
@@ -109,10 +120,11 @@ def report_markdown(metrics: dict, predictions: list[dict], details: dict | None
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     baseline = metrics["majority_baseline"]
     answer = details.get("majority_baseline", {}).get("answer")
+    tie = describe_tie(answer, details.get("majority_baseline", {}).get("tied", []))
     lines += ["", *_measure_notes(details), ""]
     lines.append(
         "Always answering the most common training answer"
-        + (f" ({answer!r})" if answer is not None else "")
+        + (f" ({tie or repr(answer)})" if answer is not None else "")
         + f" scores exact match {baseline['exact_match']:.4f}"
         + (
             f"; tuned minus it: {_interval_text(intervals['tuned_minus_majority'])}."
@@ -123,6 +135,7 @@ def report_markdown(metrics: dict, predictions: list[dict], details: dict | None
     lines.append(f"Merge check: {describe_merge_check(_merge_check(metrics, details))}.")
     if "rule" in verdict:
         lines.append(f"Verdict rule: {verdict['rule']}.")
+    lines += mistakes_markdown(predictions, images_from)
     lines += [
         "",
         f"## The {count} answers tuning changed most (by ROUGE-L against the reference)",

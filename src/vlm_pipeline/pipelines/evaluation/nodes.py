@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections import Counter
+import os
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -22,6 +22,7 @@ from vlm_pipeline.reporting.evaluation import (
     loss_figure,
     report_markdown,
 )
+from vlm_pipeline.reporting.mistakes import most_common_answers
 from vlm_pipeline.scoring import (
     VERDICT_RULE,
     bootstrap_intervals,
@@ -66,10 +67,13 @@ def evaluate_model(
 
 
 def majority_baseline(train_records: Iterable[dict], test_records: Iterable[dict]) -> dict:
-    """Exact match of always giving the most common training answer: the bar a model must clear."""
-    answer, _ = Counter(reference_answer(r) for r in train_records).most_common(1)[0]
+    """Exact match of always giving the most common training answer: the bar a model must clear. ``tied``: every
+    answer tied for most common, with its count (the first is picked), so the report can say it was a tie."""
+    tied = most_common_answers([reference_answer(r) for r in train_records])
+    answer = tied[0][0]
     test_records = list(test_records)
-    return {"answer": answer, **text_scores([answer] * len(test_records), [reference_answer(r) for r in test_records])}
+    scores = text_scores([answer] * len(test_records), [reference_answer(r) for r in test_records])
+    return {"answer": answer, "tied": [list(pair) for pair in tied] if len(tied) > 1 else [], **scores}
 
 
 def compare(
@@ -106,7 +110,7 @@ def compare(
     metrics["verdict"] = numbers_only(verdict)
     details = {
         "verdict": {**verdict, "rule": VERDICT_RULE},
-        "majority_baseline": {"answer": baseline["answer"]},
+        "majority_baseline": {"answer": baseline["answer"], "tied": baseline.get("tied", [])},
         "merge_check": merge_check,
         "exact_match_ci95": {
             "method": "percentile bootstrap over test records; the changes (tuned_minus_base, tuned_minus_majority) "
@@ -174,8 +178,16 @@ def flatten(values: dict, prefix: str = "") -> dict[str, float]:
 
 
 def build_report(
-    metrics: dict, details: dict, predictions: list[dict], history: list[dict]
+    metrics: dict,
+    details: dict,
+    predictions: list[dict],
+    history: list[dict],
+    context: RunContext,
+    report_folder: Path,
 ) -> tuple[str, list[dict], Any, Any]:
-    """The Markdown report, the loss curve (points and figure) and the base-vs-tuned chart."""
+    """The Markdown report, the loss curve (points and figure) and the base-vs-tuned chart. The report links the
+    images of wrong answers relative to its own folder (``report_folder``), where a Markdown viewer resolves them."""
     points = loss_curve(history)
-    return report_markdown(metrics, predictions, details), points, loss_figure(points), comparison_figure(metrics)
+    images_from = Path(os.path.relpath(context.image_root, report_folder)).as_posix()
+    report = report_markdown(metrics, predictions, details, images_from=images_from)
+    return report, points, loss_figure(points), comparison_figure(metrics)

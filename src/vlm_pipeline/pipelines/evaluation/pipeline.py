@@ -35,7 +35,14 @@ def create_pipeline(variant: str) -> Pipeline:
         ),
         Node(
             build_report,
-            inputs=["metrics", "evaluation_details", "predictions", "training_history"],
+            inputs=[
+                "metrics",
+                "evaluation_details",
+                "predictions",
+                "training_history",
+                "run_context",
+                "evaluation_report_folder",
+            ],
             outputs=["evaluation_report", "loss_curve", "loss_curve_figure", "comparison_figure"],
             name="build_evaluation_report",
         ),
