@@ -1,10 +1,8 @@
 """What the report says about wrong answers (issue 23): per-answer confusion, closed vs open answers decided from the
 data, question types, the wrong-answer sample with its images, the majority baseline's tie, and the MLflow table
-and notebook grid that show the images. Hand-made prediction rows; real MLflow in a temp store."""
+and notebook grid that show the images. Hand-made prediction rows and images."""
 
 from __future__ import annotations
-
-import json
 
 import matplotlib.pyplot as plt
 import pytest
@@ -22,6 +20,7 @@ from vlm_pipeline.reporting.mistakes import (
     question_types,
     type_scores,
     wrong_answer_sample,
+    wrong_answer_table,
 )
 
 SHAPE_QUESTIONS = ("What shape is this?", "Which shape is shown?")
@@ -154,21 +153,15 @@ def images(tmp_path):
     return tmp_path
 
 
-def test_the_wrong_answers_table_in_mlflow_shows_the_images(images, tmp_path):
-    import mlflow
-
-    from vlm_pipeline.tracking import log_predictions
-
-    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    run = mlflow.MlflowClient().create_run(mlflow.create_experiment("mistakes"))
-    log_predictions(run.info.run_id, shapes_and_colours(), "lora", images)
-    artifacts = mlflow.artifacts.download_artifacts(run_id=run.info.run_id, dst_path=str(tmp_path / "artifacts"))
-    table = json.loads((tmp_path / "artifacts/evaluation/lora_wrong_answers.json").read_text())
-    assert table["columns"] == ["line", "question", "reference", "tuned", "base", "image"]
-    assert [r[0] for r in table["data"]] == [1, 8, 4, 2]
-    stored = tmp_path / "artifacts" / table["data"][0][-1]["filepath"]
-    assert table["data"][0][-1]["type"] == "image" and Image.open(stored).size == (128, 85)  # a thumbnail
-    assert artifacts and (tmp_path / "artifacts/evaluation/lora_predictions.json").exists()
+def test_the_mlflow_table_carries_thumbnails_only_where_every_row_has_an_image(images):
+    """The columns ``log_predictions`` hands ``mlflow.log_table`` (test_notebook.py reads the logged table back)."""
+    rows = shapes_and_colours()
+    columns = wrong_answer_table(rows, images)
+    assert list(columns) == ["line", "question", "reference", "tuned", "base", "image"]
+    assert columns["line"] == [1, 8, 4, 2] and columns["question"][0] == "What shape is this?"
+    assert [image.size for image in columns["image"]] == [(128, 85)] * 4  # thumbnails of the 300x200 images
+    rows[7]["images"] = []  # MLflow refuses a column of images and other values
+    assert "image" not in wrong_answer_table(rows, images)
 
 
 def test_the_notebook_grid_puts_wrong_answers_first(images):
