@@ -75,6 +75,29 @@ def test_every_schema_field_has_help_text_and_sft_fields_are_trl_fields():
     assert set(SCHEDULERS) <= {s.value for s in SchedulerType}
 
 
+def test_every_command_and_option_has_help_text():
+    """`vlm-pipeline` and the project's `kedro` commands: each subcommand has a description and each option and
+    argument a help line; the top-level help is for users (no note about the module's name)."""
+    import argparse
+
+    from vlm_pipeline.cli import cli
+    from vlm_pipeline.commands import build_parser
+
+    parser = build_parser()
+    assert "cli.py" not in parser.format_help()
+    (commands,) = [action for action in parser._actions if isinstance(action, argparse._SubParsersAction)]
+    missing = []
+    for name, command in commands.choices.items():
+        if not command.description:
+            missing.append(name)
+        missing += [f"{name} {action.dest}" for action in command._actions if not (action.help or "").strip()]
+    for name, command in cli.commands.items():
+        if not command.help:
+            missing.append(f"kedro {name}")
+        missing += [f"kedro {name} {param.name}" for param in command.params if not getattr(param, "help", "x")]
+    assert missing == []
+
+
 def test_seed_legacy_names_are_mapped_or_rejected_with_the_new_name(caplog):
     with caplog.at_level(logging.WARNING, logger="vlm_pipeline.config"):
         assert normalise_sft({"evaluation_strategy": "steps", "eval_steps": 5, "warmup_ratio": 0.1}) == {

@@ -20,6 +20,7 @@ from vlm_pipeline.cli import RunStopped
 from vlm_pipeline.commands import InputError, is_input_error, is_own_error, main
 from vlm_pipeline.config import ConfigError, check_base_model, check_environment, check_paths, validate_parameters
 from vlm_pipeline.data.validation import DataValidationError
+from vlm_pipeline.recipes import RECIPES, load_parameters
 
 BIN = Path(sys.executable).parent
 SHAPES = PROJECT_ROOT / "data/01_raw/shapes_vqa"
@@ -89,6 +90,20 @@ def test_a_missing_environment_lists_the_ones_there_are(tmp_path):
     assert str(error.value) == (
         f"conf environment 'gpu_recipie' does not exist: {tmp_path.name}/gpu_recipie; available: base, gpu_recipe"
     )
+
+
+@pytest.mark.parametrize("name", sorted(RECIPES))
+def test_a_recipe_environment_stops_until_its_own_paths_are_given(name, monkeypatch):
+    """A recipe's conf leaves raw_data and base_model as <...> placeholders: `kedro run --env` stops in the pre-run
+    checks naming the one to set (the hook runs these two checks), instead of training an 11B model on the demo."""
+    monkeypatch.chdir(PROJECT_ROOT)
+    params = validate_parameters(load_parameters(RECIPES[name].env))
+    with pytest.raises(ConfigError, match=r"^raw_data is the placeholder <.+>: set it .*--params raw_data=DIR"):
+        check_paths(params, PROJECT_ROOT)
+    given = validate_parameters(load_parameters(RECIPES[name].env, {"raw_data": str(SHAPES)}))
+    check_paths(given, PROJECT_ROOT)  # the demo's data, given on purpose, passes
+    with pytest.raises(ConfigError, match=r"^base_model is the placeholder <.+>: set it .*--params base_model=DIR"):
+        check_base_model(given.base_model, PROJECT_ROOT)
 
 
 def test_trl_names_kept_elsewhere_say_where_and_are_not_called_old():
@@ -162,6 +177,33 @@ def test_validate_and_plan_check_their_inputs(capsys, tmp_path, monkeypatch):
         "error: conf environment 'tiny_lama' does not exist: conf/tiny_lama; available:"
     )
     assert "tiny_llama" in err and "accelerate" not in err
+    code, err = vlm_pipeline(capsys, "plan", "--env", "llama_vision_lora", "--records", "10")
+    assert code == 2 and err.count("\n") == 1, err
+    assert "placeholder" in err and "--recipe b" in err and "--model-config DIR" in err
+
+
+def test_understood_library_noise_is_hidden_and_nothing_else(caplog):
+    """bitsandbytes' note about an optional kernel from the Hub (every `vlm-pipeline predict` on an AVX512-BF16 CPU)
+    and FastAPI's deprecation of a class kedro-viz subclasses (`kedro viz build`): hidden by text and source."""
+    import logging
+    import warnings
+
+    from vlm_pipeline.warning_filters import hide_understood_warnings
+
+    bitsandbytes = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    hide_understood_warnings()
+    try:
+        with caplog.at_level(logging.WARNING, bitsandbytes.name), warnings.catch_warnings(record=True) as raised:
+            bitsandbytes.warning("Failed to load CPU gemm_4bit_forward from kernels-community: %s.", "No module")
+            bitsandbytes.warning("some other bitsandbytes warning")
+            for module in ("kedro_viz.api.rest.responses.pipelines", "some_package.responses"):
+                warnings.warn_explicit("ORJSONResponse is deprecated, FastAPI now ...", UserWarning, "x.py", 1, module)
+        assert [record.getMessage() for record in caplog.records] == ["some other bitsandbytes warning"]
+        assert [str(warning.message) for warning in raised] == ["ORJSONResponse is deprecated, FastAPI now ..."]
+    finally:
+        logging.captureWarnings(False)
+        bitsandbytes.filters.clear()
+        logging.getLogger("py.warnings").filters.clear()
 
 
 def test_verbose_shows_the_traceback(tmp_path, model_dir):
@@ -304,6 +346,14 @@ def test_kedro_run_verbose_keeps_the_traceback(kedro_project):
     result = run([str(BIN / "kedro"), "run", "--env", "nope", "--verbose"], kedro_project)
     assert result.returncode != 0 and "Traceback" in result.stdout
     assert "conf environment 'nope' does not exist" in result.stdout
+
+
+@pytest.mark.slow
+def test_a_misspelt_pipeline_is_one_line_listing_the_registered_ones(kedro_project):
+    result = run([str(BIN / "kedro"), "run", "--pipelines", "loraa"], kedro_project)
+    assert result.returncode == 2, result.stdout[-3000:]
+    (line,) = result.stdout.strip().splitlines()
+    assert line.startswith("no pipeline named 'loraa'; registered: ") and "lora" in line.split(": ", 1)[1]
 
 
 @pytest.mark.slow

@@ -120,6 +120,42 @@ def test_plan_prints_each_recipe_from_its_real_config(name):
         assert line in result.stdout, result.stdout
 
 
+def test_a_recipe_is_planned_at_its_stated_lengths_not_at_the_demos(tmp_path, monkeypatch, capsys):
+    """Issue 23: recipe (b) at 24 GB said "fits" from the tiny demo's preprocessed lengths (longest 39 tokens). Data
+    is measured only when it was preprocessed from the run's own raw_data, and the first line says which it was."""
+    import json
+
+    from datasets import Dataset
+
+    from vlm_pipeline.commands import main
+
+    (tmp_path / "conf").symlink_to(PROJECT_ROOT / "conf")  # a project whose last run preprocessed the demo
+    rows = {"length": [39] * 480, "image_paths": [["images/a.png"]] * 480}
+    Dataset.from_dict(rows).save_to_disk(str(tmp_path / "data/03_primary/train"))
+    (tmp_path / "data/02_intermediate/validation_summary.json").parent.mkdir(parents=True)
+    (tmp_path / "data/02_intermediate/validation_summary.json").write_text(json.dumps({"raw_data": "data/demo"}))
+    monkeypatch.chdir(tmp_path)
+
+    def plan(*argv: str) -> tuple[int, str, str]:
+        with pytest.raises(SystemExit) as exit_code:
+            main(["plan", "--recipe", "b", "--gpu-memory-gb", "24", *argv])
+        printed = capsys.readouterr()
+        return exit_code.value.code, printed.out, printed.err
+
+    code, _, err = plan()  # raw_data is the recipe's placeholder: nothing of the user's to count
+    assert code == 2 and "raw_data is the placeholder" in err and "--records N" in err
+    code, out, _ = plan("--records", "480")
+    first = out.splitlines()[0]
+    assert first.startswith("plan: recipe (b), --env llama_vision_lora, pipeline lora; no data of yours measured")
+    assert "max_length 512 tokens and one image" in first
+    assert code == 1 and "DOES NOT FIT in 24 GB" in out
+    code, out, _ = plan("--raw-data", "data/demo")  # the user says the demo is their data: measured, and named
+    assert out.splitlines()[0].endswith("lengths measured on data/03_primary/train (preprocessed from data/demo)")
+    assert code == 0 and "fits in 24 GB" in out
+    # One unit, GB (10^9 bytes, plan.gpu_memory_gb's), in every memory figure printed.
+    assert "GiB" not in out and "memory per GPU (GB, estimate)" in out
+
+
 def plan_changes(gpu_memory_gb: int) -> list[str]:
     result = subprocess.run(
         [*VLM_PLAN, "--recipe", "d", "--records", "2400", "--gpu-memory-gb", str(gpu_memory_gb)],

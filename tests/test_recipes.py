@@ -19,6 +19,7 @@ from test_chain import assert_clean_model_folder
 from test_config import load_params
 
 from vlm_pipeline.config import validate_parameters
+from vlm_pipeline.config.checks import is_placeholder
 from vlm_pipeline.config.run import RunConfig
 from vlm_pipeline.recipes import CPU_SMOKE_STEPS, RECIPES, cpu_smoke_params, load_parameters
 
@@ -88,7 +89,6 @@ SEED_TABLE = {
     },
     "d": {
         "model.dtype": "bfloat16",  # seed 004: bf16 = True
-        "raw_data": "data/01_raw/alpaca_glossary",
         "sft.bf16": True,
         "sft.optim": "adamw_torch",
         "lora.method.learning_rate": 1e-4,
@@ -134,12 +134,35 @@ def test_recipe_carries_the_seed_values(name):
         assert fsdp["fsdp_use_orig_params"] is False and fsdp["fsdp_offload_params"] is False
 
 
+@pytest.mark.parametrize("name", sorted(RECIPES))
+def test_recipe_prints_both_paths_as_placeholders_to_replace(name, capsys, monkeypatch):
+    """The printed command names base_model and raw_data as the recipe's <...> placeholders, as the Slurm script
+    requires BASE_MODEL and RAW_DATA: pasted unchanged it stops in the pre-run checks (test_errors), never trains on
+    the demo's data. The CPU smoke run gives both, the demo's data of the recipe's architecture."""
+    from vlm_pipeline.commands import main
+
+    monkeypatch.chdir(PROJECT_ROOT)
+    with pytest.raises(SystemExit) as exit_code:
+        main(["recipe", name])
+    assert exit_code.value.code == 0
+    (command,) = [shlex.split(line) for line in capsys.readouterr().out.splitlines() if "kedro run" in line]
+    assert command[:6] == ["kedro", "run", "--pipelines", RECIPES[name].pipeline, "--env", RECIPES[name].env]
+    paths = dict(item.split("=", 1) for item in command[command.index("--params") + 1].split(","))
+    assert set(paths) == {"base_model", "raw_data"} and all(is_placeholder(value) for value in paths.values())
+    smoke = cpu_smoke_params(RECIPES[name], "data/00_base_models/tiny")
+    assert (PROJECT_ROOT / smoke["raw_data"] / "train.jsonl").is_file() and not is_placeholder(smoke["raw_data"])
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(RECIPES))
 def test_recipe_runs_end_to_end_on_cpu_with_a_tiny_model(name, project, tiny_models):
     recipe = RECIPES[name]
     run_kedro(
-        project, recipe.pipeline, env=recipe.env, short=False, **cpu_smoke_params(str(tiny_models[recipe.architecture]))
+        project,
+        recipe.pipeline,
+        env=recipe.env,
+        short=False,
+        **cpu_smoke_params(recipe, str(tiny_models[recipe.architecture])),
     )
     variant_dir = project / "data/06_models" / recipe.pipeline
     history = json.loads((variant_dir / "training_history.json").read_text())
@@ -161,7 +184,7 @@ def test_recipe_runs_end_to_end_on_cpu_with_a_tiny_model(name, project, tiny_mod
         checkpoint = RunConfig.read(variant_dir / "run_config.json").checkpoint_dir / f"checkpoint-{CPU_SMOKE_STEPS}"
         state = json.loads((checkpoint / "trainer_state.json").read_text())
         assert state["best_model_checkpoint"] and state["best_metric"] is not None
-    metrics = json.loads((project / "data/08_reporting" / recipe.pipeline / "metrics.json").read_text())
+    metrics = json.loads((project / "data/08_reporting" / recipe.pipeline / "detailed_metrics.json").read_text())
     assert {"base", "tuned"} <= set(metrics)
     run_info = json.loads((variant_dir / "trained/run_info.json").read_text())
     # The preflight plan said what the Trainer did: its steps, and the checkpoint folders left at the end.

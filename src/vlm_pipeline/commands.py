@@ -1,21 +1,7 @@
 """``vlm-pipeline``: commands that work outside a Kedro run (the pipelines call the same functions).
 
-(Not named ``cli.py``: Kedro imports ``<package>.cli`` as its own CLI extension.)
-
-    vlm-pipeline tiny-model --arch NAME --out DIR [--seed N]   (NAME: a family in vlm_pipeline.architectures)
-    vlm-pipeline validate INPUT.jsonl --image-root DIR --output-dir OUT [--max-invalid-fraction F]
-    vlm-pipeline metrics [data/08_reporting/lora/metrics.json]
-    vlm-pipeline recipe a|b|c|d|b-qlora [--cpu-smoke | --nodes N]
-    vlm-pipeline parameters --env ENV --base-model DIR --raw-data DIR --out FILE
-    vlm-pipeline predict --model DIR [--adapter DIR] [--image PATH] --prompt TEXT [--max-new-tokens N]
-    vlm-pipeline inspect-labels --model DIR DATA.jsonl [-n 3] [--image-root DIR] [--chat-template FILE]
-    vlm-pipeline plan [--recipe a|b|c|d|b-qlora | --env ENV --pipeline lora|full_ft] [--model-config DIR]
-                      [--records N] [--gpu-memory-gb G]
-    vlm-pipeline import SRC OUT_DIR   (SRC: a .parquet file, a folder of Parquet shards, or a save_to_disk folder)
-
-Every command checks the files it is given before it loads a model. A mistake (a missing file, an unreadable image,
-a bad parameter) is one line, ``error: ...``, with exit status 2; any other error of vlm-pipeline's own (too many
-rejected records, a plan over budget) is one line with exit status 1. ``--verbose`` shows the traceback.
+Not named ``cli.py``: Kedro imports ``<package>.cli`` as its own CLI extension. ``DESCRIPTION`` is what
+``vlm-pipeline --help`` says; each command's own help is written where its parser is built (``build_parser``).
 """
 
 from __future__ import annotations
@@ -29,6 +15,12 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from vlm_pipeline.architectures import Architecture
 
+DESCRIPTION = """Commands that work outside a Kedro run: build a tiny model, validate or import data, plan a run,
+print a recipe's command, answer one prompt, show which tokens train. `vlm-pipeline COMMAND --help` says more.
+
+Every command checks the files it is given before it loads a model. A mistake (a missing file, an unreadable image,
+a bad parameter) is one line, `error: ...`, with exit status 2; any other error of vlm-pipeline's own (too many
+rejected records, a plan over budget) is one line with exit status 1. --verbose shows the traceback."""
 DEFAULT_MAX_INVALID_FRACTION = 0.05  # same default as conf/base/parameters_data_validation.yml
 DEFAULT_MAX_IMAGE_PIXELS = 12845056
 PACKAGE = __name__.partition(".")[0]
@@ -191,9 +183,12 @@ def _metrics(args: argparse.Namespace) -> int:
     if not path.is_file():
         print(f"error: {path} does not exist: run the pipeline first (make run, kedro run, dvc repro)", file=sys.stderr)
         return 2
+    # metrics.json holds the headline only; every number is beside it (a file of an older run holds them itself).
+    numbers = path.parent / "detailed_metrics.json"
+    metrics = JSONDataset(str(numbers if numbers.is_file() else path)).load()
     # The strings beside metrics.json's numbers (majority answer, merge check wording), where the run wrote them.
     details = path.parent / "evaluation_details.json"
-    print(format_table(JSONDataset(str(path)).load(), JSONDataset(str(details)).load() if details.is_file() else None))
+    print(format_table(metrics, JSONDataset(str(details)).load() if details.is_file() else None))
     # The other evaluation outputs of the same variant (conf/base/catalog.yml puts them there).
     variant = path.parent.name
     outputs = [
@@ -212,7 +207,7 @@ def _recipe(args: argparse.Namespace) -> int:
     import subprocess
 
     from vlm_pipeline.architectures import get_architecture
-    from vlm_pipeline.recipes import RECIPES, as_cli_params, cpu_smoke_params
+    from vlm_pipeline.recipes import RECIPES, as_cli_params, cpu_smoke_params, run_command
 
     recipe = RECIPES[args.name]
     command = ["kedro", "run", "--pipelines", recipe.pipeline, "--env", recipe.env]
@@ -222,13 +217,17 @@ def _recipe(args: argparse.Namespace) -> int:
         print(slurm_script(args.name, args.nodes), end="")
         return 0
     if not args.cpu_smoke:
-        print(f"({args.name}) {recipe.summary}\n  {' '.join(command)} --params base_model=/path/to/checkpoint")
+        print(
+            f"({args.name}) {recipe.summary}\n  {run_command(recipe)}\n"
+            "  replace each <...>: base_model is the checkpoint folder, raw_data the folder of train.jsonl, "
+            "test.jsonl and their images"
+        )
         return 0
     tiny = Path("data/00_base_models") / f"tiny-{recipe.architecture}"
     if not (tiny / "config.json").is_file():
         get_architecture(recipe.architecture).build_tiny(tiny, 0)
     command = [str(Path(sys.executable).parent / "kedro"), *command[1:]]
-    command += ["--params", as_cli_params(cpu_smoke_params(str(tiny)))]
+    command += ["--params", as_cli_params(cpu_smoke_params(recipe, str(tiny)))]
     print(" ".join(command), flush=True)
     return subprocess.call(command)
 
@@ -240,6 +239,7 @@ def _parameters(args: argparse.Namespace) -> int:
 
     from vlm_pipeline.atomic import write_bytes_atomic
     from vlm_pipeline.config import validate_parameters
+    from vlm_pipeline.config.checks import is_placeholder
     from vlm_pipeline.config.run import file_sha256
     from vlm_pipeline.recipes import load_parameters
 
@@ -247,8 +247,15 @@ def _parameters(args: argparse.Namespace) -> int:
     paths = {"base_model": args.base_model, "raw_data": args.raw_data}
     own = Path("conf") / args.env / "globals.yml"
     own_globals = (yaml.safe_load(own.read_text()) if args.env != "base" and own.is_file() else None) or {}
+    demo = load_parameters("base")
     for key, value in paths.items():
-        if key in own_globals and str(own_globals[key]) != value:
+        if is_placeholder(own_globals.get(key, "")) and Path(value).resolve() == Path(demo[key]).resolve():
+            # params.yaml's defaults are the demo's: a recipe environment would train on the demo's data
+            raise InputError(
+                f"conf/{args.env}/globals.yml leaves {key} to you ({own_globals[key]}), but this run was given "
+                f"the demo's {value}: set it (dvc exp run -S {key}=DIR)"
+            )
+        if key in own_globals and str(own_globals[key]) != value and not is_placeholder(own_globals[key]):
             print(
                 f"warning: conf/{args.env}/globals.yml has {key}: {own_globals[key]}; this run uses {value}",
                 file=sys.stderr,
@@ -269,7 +276,11 @@ def _parameters(args: argparse.Namespace) -> int:
 
 
 def _plan(args: argparse.Namespace) -> int:
-    """The preflight plan of a run from conf/ (as `kedro run --env ENV` reads it), without loading any weights."""
+    """The preflight plan of a run from conf/ (as `kedro run --env ENV` reads it), without loading any weights.
+
+    Token lengths are measured only on data preprocessed from the run's own ``raw_data``; otherwise (a recipe's
+    placeholder, another folder's data, ``--records``) every row is the recipe's stated worst case, and the first
+    line says which it is."""
     from vlm_pipeline.config import validate_parameters
     from vlm_pipeline.recipes import RECIPES, load_parameters
 
@@ -277,26 +288,24 @@ def _plan(args: argparse.Namespace) -> int:
     env = recipe.env if recipe else args.env
     variant = recipe.pipeline if recipe else args.pipeline
     _environment(env)
-    params = validate_parameters(load_parameters(env))
-    model_config = Path(args.model_config or (recipe.model_config if recipe else params.base_model))
-    _checkpoint(str(model_config), "--model-config" if args.model_config or recipe else "base_model")
-    from vlm_pipeline.planning.plan import build_plan, training_data
+    params = validate_parameters(load_parameters(env, {"raw_data": args.raw_data} if args.raw_data else None))
+    if args.model_config or recipe:
+        model_config = _checkpoint(args.model_config or recipe.model_config, "--model-config")
+    else:
+        model_config = _base_model_config(env, params.base_model)
+    from vlm_pipeline.planning.plan import build_plan
     from vlm_pipeline.reporting.tables import format_plan
 
-    train = Path("data/03_primary/train")
+    measured, source = _measured_data(env, params.raw_data)
     if args.records is not None:
-        data = {"records": args.records}
-    elif (train / "dataset_info.json").is_file():
-        from datasets import load_from_disk
-
-        data = training_data(load_from_disk(str(train)))
+        data, source = {"records": args.records}, f"--records {args.records:,} given"
+    elif measured is not None:
+        data = measured
     else:
-        print(
-            f"error: {train} does not exist (no preprocessed data yet): give --records N, the number of "
-            "training records after the validation hold-out",
-            file=sys.stderr,
+        raise InputError(
+            f"{source}: give --records N (training records after the validation hold-out) to plan every row at "
+            "its stated worst case, or --raw-data DIR once that folder has been preprocessed"
         )
-        return 2
     plan = build_plan(
         model_dir=model_config,
         sft=params.sft,
@@ -308,8 +317,58 @@ def _plan(args: argparse.Namespace) -> int:
         trust_remote_code=params.model.trust_remote_code,
         load_dtype=params.model.dtype,
     )
-    print(f"plan: --env {env}, pipeline {variant}\n{format_plan(plan)}")
+    run = (f"recipe ({args.recipe}), " if recipe else "") + f"--env {env}, pipeline {variant}"
+    if "lengths" not in data:
+        images = " and one image at preprocessing.images' largest size" if plan["settings"]["images_per_row"] else ""
+        source = (
+            f"no data of yours measured ({source}): every row planned at max_length "
+            f"{params.preprocessing.max_length} tokens{images}, the worst case"
+        )
+    print(f"plan: {run}; {source}\n{format_plan(plan)}")
     return 0 if plan["fits"] is not False else 1
+
+
+def _base_model_config(env: str, base_model: str) -> Path:
+    """``base_model``'s folder as the model the plan reads; a placeholder or a missing folder names the options
+    that plan without it."""
+    from vlm_pipeline.config.checks import is_placeholder
+    from vlm_pipeline.recipes import RECIPES
+
+    seeds = [f"--recipe {name}" for name, recipe in RECIPES.items() if recipe.env == env]
+    instead = f"plan with {seeds[0]} (its model's published config) or" if seeds else "give"
+    if is_placeholder(base_model):
+        raise InputError(
+            f"base_model is conf/{env}'s placeholder {base_model}: {instead} --model-config DIR (a folder with the "
+            "model's config.json)"
+        )
+    try:
+        return _checkpoint(base_model, "base_model")
+    except InputError as error:
+        raise InputError(f"{error}; or {instead} --model-config DIR") from None
+
+
+def _measured_data(env: str, raw_data: str) -> tuple[dict | None, str]:
+    """The preprocessed training split's size and token lengths if it was made from ``raw_data`` (the validation
+    summary names the folder it read), and what was measured; None and why not otherwise."""
+    import json
+
+    from vlm_pipeline.config.checks import is_placeholder
+    from vlm_pipeline.planning.plan import training_data
+    from vlm_pipeline.recipes import load_config
+
+    if is_placeholder(raw_data):
+        return None, f"raw_data is the placeholder {raw_data}"
+    catalog = load_config(env, "catalog", {"raw_data": raw_data})
+    train = Path(catalog["{split}_tokenized@arrow"]["path"].format(split="train"))
+    summary = Path(catalog["validation_summary"]["filepath"])
+    if not (train / "dataset_info.json").is_file() or not summary.is_file():
+        return None, f"{train} does not exist (no preprocessed data yet)"
+    source = json.loads(summary.read_text(encoding="utf-8")).get("raw_data")
+    if source is None or Path(source).resolve() != Path(raw_data).resolve():
+        return None, f"{train} was preprocessed from {source}, not from raw_data {raw_data}"
+    from datasets import load_from_disk
+
+    return training_data(load_from_disk(str(train))), f"lengths measured on {train} (preprocessed from {source})"
 
 
 def _predict(args: argparse.Namespace) -> int:
@@ -331,6 +390,9 @@ def _predict(args: argparse.Namespace) -> int:
         raise InputError(f"{args.model} is a text-only model: drop --image")
     if architecture.is_vision and not args.image:
         raise InputError(f"{args.model} is a vision model: give --image PATH")
+    from vlm_pipeline.training.progress import hide_library_bars_in_logs
+
+    hide_library_bars_in_logs()  # transformers' weight-loading bar, outside a terminal
     model = load_model(args.model)
     if args.adapter:
         from peft import PeftModel
@@ -404,12 +466,20 @@ def _import(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="vlm-pipeline", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    commands = parser.add_subparsers(dest="command", required=True)
+    from vlm_pipeline.recipes import RECIPES  # a table: Kedro and torch are imported only when a command runs
 
-    tiny = commands.add_parser("tiny-model", help="build a tiny random model of a real architecture, offline")
+    parser = argparse.ArgumentParser(
+        prog="vlm-pipeline", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, summary: str, func) -> argparse.ArgumentParser:
+        """A subcommand whose one-line summary is both its line in the list and its own --help description."""
+        sub = commands.add_parser(name, help=summary, description=summary)
+        sub.set_defaults(func=func)
+        return sub
+
+    tiny = command("tiny-model", "Build a tiny random model of a real architecture, offline.", _tiny_model)
     tiny.add_argument(
         "--arch",
         required=True,
@@ -419,58 +489,92 @@ def build_parser() -> argparse.ArgumentParser:
     )
     tiny.add_argument("--out", required=True, help="directory to write (replaced atomically)")
     tiny.add_argument("--seed", type=int, default=0, help="the build is deterministic for a given seed")
-    tiny.set_defaults(func=_tiny_model)
 
-    validate = commands.add_parser("validate", help="validate a JSONL file; write valid, quarantine and report")
+    validate = command(
+        "validate", "Validate a JSONL file; write valid.jsonl, quarantine.jsonl and report.json.", _validate
+    )
     validate.add_argument("input", help="JSONL file in any accepted format (README: Data)")
     validate.add_argument("--image-root", required=True, help="folder image paths are relative to")
     validate.add_argument("--output-dir", required=True, help="valid.jsonl, quarantine.jsonl, report.json, images/")
-    validate.add_argument("--max-invalid-fraction", type=float, default=DEFAULT_MAX_INVALID_FRACTION)
-    validate.add_argument("--max-image-pixels", type=int, default=DEFAULT_MAX_IMAGE_PIXELS)
-    validate.add_argument("--duplicates", choices=["reject", "keep"], default="reject")
+    validate.add_argument(
+        "--max-invalid-fraction",
+        type=float,
+        default=DEFAULT_MAX_INVALID_FRACTION,
+        help="exit 1 if more than this share of the records is quarantined (default %(default)s)",
+    )
+    validate.add_argument(
+        "--max-image-pixels",
+        type=int,
+        default=DEFAULT_MAX_IMAGE_PIXELS,
+        help="quarantine images with more pixels than this (default %(default)s)",
+    )
+    validate.add_argument(
+        "--duplicates",
+        choices=["reject", "keep"],
+        default="reject",
+        help="reject (quarantine) or keep records identical to an earlier one (default %(default)s)",
+    )
     validate.add_argument("--show", type=int, default=10, help="print this many quarantined lines (FILE:LINE: ...)")
     validate.add_argument("--model", help="also measure each record with this model's processor (too_long check)")
     validate.add_argument("--max-length", type=int, default=512, help="with --model: longest record in tokens")
-    validate.set_defaults(func=_validate)
 
-    metrics = commands.add_parser("metrics", help="print the base-vs-tuned table of a metrics.json")
-    metrics.add_argument("path", nargs="?", default="data/08_reporting/lora/metrics.json")
-    metrics.set_defaults(func=_metrics)
+    metrics = command("metrics", "Print the base-vs-tuned table of a metrics.json.", _metrics)
+    metrics.add_argument(
+        "path", nargs="?", default="data/08_reporting/lora/metrics.json", help="metrics.json (default %(default)s)"
+    )
 
-    recipe = commands.add_parser("recipe", help="a seed recipe's kedro command; --cpu-smoke runs it on a tiny model")
-    recipe.add_argument("name", choices=["a", "b", "c", "d", "b-qlora"])
+    recipe = command(
+        "recipe", "Print a seed recipe's kedro command; --cpu-smoke runs it here on a tiny model.", _recipe
+    )
+    recipe.add_argument(
+        "name", choices=list(RECIPES), help="; ".join(f"{name}: {seed.summary}" for name, seed in RECIPES.items())
+    )
     recipe.add_argument("--cpu-smoke", action="store_true", help="run it here: tiny model, one CPU process, 4 steps")
     recipe.add_argument(
         "--nodes", type=int, help="print a Slurm batch script running it on this many machines (docs/distributed.md)"
     )
-    recipe.set_defaults(func=_recipe)
 
-    parameters = commands.add_parser("parameters", help="write the validated parameters a run of --env gets (YAML)")
+    parameters = command(
+        "parameters",
+        "Write the validated parameters a run of --env gets, as YAML (dvc.yaml's first stage).",
+        _parameters,
+    )
     parameters.add_argument("--env", default="base", help="conf environment, as kedro run --env")
-    parameters.add_argument("--base-model", required=True)
-    parameters.add_argument("--raw-data", required=True)
+    parameters.add_argument("--base-model", required=True, help="the run's base_model (checkpoint folder)")
+    parameters.add_argument("--raw-data", required=True, help="the run's raw_data (folder holding train.jsonl)")
     parameters.add_argument("--out", required=True, help="YAML file to write (atomically)")
-    parameters.set_defaults(func=_parameters)
 
-    plan = commands.add_parser("plan", help="steps, checkpoints and GPU memory of a run, before launching it")
-    plan.add_argument("--recipe", choices=["a", "b", "c", "d", "b-qlora"], help="a seed recipe (its env and model)")
+    plan = command("plan", "Steps, checkpoints and GPU memory (GB) of a run, before launching it.", _plan)
+    plan.add_argument("--recipe", choices=list(RECIPES), help="a seed recipe: its env, pipeline and published config")
     plan.add_argument("--env", default="base", help="conf environment, as kedro run --env")
-    plan.add_argument("--pipeline", default="lora", choices=["lora", "full_ft"])
+    plan.add_argument(
+        "--pipeline", default="lora", choices=["lora", "full_ft"], help="the variant to plan (default %(default)s)"
+    )
     plan.add_argument("--model-config", help="folder with the model's config.json (default: base_model)")
-    plan.add_argument("--records", type=int, help="training records (default: read data/03_primary/train)")
-    plan.add_argument("--gpu-memory-gb", type=float, help="GPU memory to check against (default: plan.gpu_memory_gb)")
-    plan.set_defaults(func=_plan)
+    plan.add_argument(
+        "--raw-data",
+        help="the run's raw_data (default: the environment's); its token lengths are measured once it is preprocessed",
+    )
+    plan.add_argument(
+        "--records",
+        type=int,
+        help="training records, each planned at max_length (default: count and measure the preprocessed raw_data)",
+    )
+    plan.add_argument(
+        "--gpu-memory-gb", type=float, help="GPU memory in GB to check against (default: plan.gpu_memory_gb)"
+    )
 
-    predict = commands.add_parser("predict", help="answer one prompt (and image) with a model or base + adapter")
+    predict = command("predict", "Answer one prompt (and image) with a model, or a base + LoRA adapter.", _predict)
     predict.add_argument("--model", required=True, help="model directory (a base, or a merged/full FT model)")
     predict.add_argument("--adapter", help="LoRA adapter directory to apply on --model")
     predict.add_argument("--image", help="image file (vision models)")
-    predict.add_argument("--prompt", required=True)
-    predict.add_argument("--max-new-tokens", type=int, default=32)
-    predict.set_defaults(func=_predict)
+    predict.add_argument("--prompt", required=True, help="the user's question")
+    predict.add_argument(
+        "--max-new-tokens", type=int, default=32, help="longest answer in tokens, greedy (default %(default)s)"
+    )
 
-    inspect = commands.add_parser(
-        "inspect-labels", help="show which tokens of each record train, with the model's template"
+    inspect = command(
+        "inspect-labels", "Show which tokens of each record train, with the model's chat template.", _inspect_labels
     )
     inspect.add_argument("data", help="a JSONL file (any supported format)")
     inspect.add_argument("--model", required=True, help="model directory whose chat template and processor to use")
@@ -480,22 +584,26 @@ def build_parser() -> argparse.ArgumentParser:
         "--chat-template", help="a .jinja file replacing the model's template (preprocessing.chat_template)"
     )
     inspect.add_argument(
-        "--train-on", default="all_assistant_turns", choices=["all_assistant_turns", "last_assistant_turn"]
+        "--train-on",
+        default="all_assistant_turns",
+        choices=["all_assistant_turns", "last_assistant_turn"],
+        help="which assistant turns train (preprocessing.train_on; default %(default)s)",
     )
-    inspect.set_defaults(func=_inspect_labels)
 
-    importer = commands.add_parser(
-        "import", help="turn a downloaded HF dataset (Parquet, save_to_disk) into train/test JSONL + images"
+    importer = command(
+        "import", "Turn a downloaded HF dataset (Parquet, save_to_disk) into train/test JSONL + images.", _import
     )
     importer.add_argument("src", help="a .parquet file, a folder of Parquet shards, or a save_to_disk folder")
     importer.add_argument("out_dir", help="folder for train.jsonl, test.jsonl, images/ and the import report")
-    importer.set_defaults(func=_import)
-    for command in commands.choices.values():
-        command.add_argument("--verbose", "-v", action="store_true", help="show the traceback of an error")
+    for sub in commands.choices.values():
+        sub.add_argument("--verbose", "-v", action="store_true", help="show the traceback of an error")
     return parser
 
 
 def main(argv: list[str] | None = None) -> None:
+    from vlm_pipeline.warning_filters import hide_understood_warnings
+
+    hide_understood_warnings()
     args = build_parser().parse_args(argv)
     sys.exit(_run_reporting_errors(args))
 

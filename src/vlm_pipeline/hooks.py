@@ -55,7 +55,8 @@ class BaseModelCheck:
 
     @hook_impl(tryfirst=True)  # before kedro-mlflow's starts the MLflow run
     def before_pipeline_run(self, run_params, pipeline, catalog) -> None:
-        if BASE_MODEL in pipeline.inputs():
+        # By dataset name, bare or inside a namespace (``lora.base_model``), never by node name.
+        if any(name.rpartition(".")[2] == BASE_MODEL for name in pipeline.inputs()):
             check_base_model(catalog.load(f"params:{BASE_MODEL}"), Path(run_params["project_path"]))
 
 

@@ -1,9 +1,11 @@
 """The seeds' four recipes: which conf environment and pipeline each is, and its CPU smoke-test override.
 
-A recipe is a Kedro conf environment (``conf/<env>/``) carrying the seed's values. ``cpu_smoke_params`` is
-the override that runs it end to end on a laptop: it swaps only the model path (a tiny model of the same
-architecture), the accelerate file (one CPU process), the attention kernel (sdpa), batch sizes and step counts.
-Precision, optimizer, schedule, LoRA and evaluation settings stay the recipe's own.
+A recipe is a Kedro conf environment (``conf/<env>/``) carrying the seed's values; its ``base_model`` and
+``raw_data`` are ``<...>`` placeholders, the user's to give (a run stops in its pre-run checks until they are).
+``cpu_smoke_params`` is the override that runs it end to end on a laptop: it swaps only the two paths (a tiny
+model of the same architecture and the demo data of its tiny environment), the accelerate file (one CPU process),
+the attention kernel (sdpa), batch sizes and step counts. Precision, optimizer, schedule, LoRA and evaluation
+settings stay the recipe's own.
 """
 
 from __future__ import annotations
@@ -23,6 +25,9 @@ class Recipe:
     summary: str
     model_config: str
     """Folder with the real model's config.json (published dimensions, no weights), for ``vlm-pipeline plan``."""
+    demo_env: str
+    """The conf environment of the project's tiny demo of the same architecture: its ``raw_data`` is what the CPU
+    smoke run trains on."""
 
 
 MLLAMA_11B = "conf/model_configs/llama-3.2-11b-vision-instruct"
@@ -33,9 +38,15 @@ RECIPES: dict[str, Recipe] = {
         "mllama",
         "Llama-3.2-11B-Vision full FT, 8×80 GB, DeepSpeed ZeRO-3",
         MLLAMA_11B,
+        "tiny_mllama",
     ),
     "b": Recipe(
-        "llama_vision_lora", "lora", "mllama", "Llama-3.2-11B-Vision LoRA on an 8-bit base, one A100", MLLAMA_11B
+        "llama_vision_lora",
+        "lora",
+        "mllama",
+        "Llama-3.2-11B-Vision LoRA on an 8-bit base, one A100",
+        MLLAMA_11B,
+        "tiny_mllama",
     ),
     "c": Recipe(
         "qwen_vl_fsdp",
@@ -43,6 +54,7 @@ RECIPES: dict[str, Recipe] = {
         "qwen2_5_vl",
         "Qwen2.5-VL full FT, FSDP, bf16, Adafactor",
         "conf/model_configs/qwen2.5-vl-7b-instruct",
+        "base",
     ),
     "d": Recipe(
         "llama_text_lora",
@@ -50,17 +62,22 @@ RECIPES: dict[str, Recipe] = {
         "llama",
         "Llama-3.1-8B LoRA from alpaca JSONL",
         "conf/model_configs/llama-3.1-8b-instruct",
+        "tiny_llama",
     ),
-    "b-qlora": Recipe("llama_vision_qlora", "lora", "mllama", "recipe (b) over a 4-bit NF4 base (QLoRA)", MLLAMA_11B),
+    "b-qlora": Recipe(
+        "llama_vision_qlora", "lora", "mllama", "recipe (b) over a 4-bit NF4 base (QLoRA)", MLLAMA_11B, "tiny_mllama"
+    ),
 }
 
 CPU_SMOKE_STEPS = 4
 
 
-def cpu_smoke_params(tiny_model: str) -> dict[str, Any]:
-    """Runtime parameters that shrink any recipe to a few steps of one CPU process on ``tiny_model``."""
+def cpu_smoke_params(recipe: Recipe, tiny_model: str) -> dict[str, Any]:
+    """Runtime parameters that shrink ``recipe`` to a few steps of one CPU process on ``tiny_model`` and the demo
+    data of its architecture."""
     return {
         "base_model": tiny_model,
+        "raw_data": load_parameters(recipe.demo_env)["raw_data"],
         "model": {"attn_implementation": "sdpa"},  # flash-attn kernels run on GPUs only
         "sft": {
             "accelerate_config": "conf/accelerate/cpu_single_process.yaml",
@@ -89,8 +106,23 @@ def as_cli_params(params: dict[str, Any], prefix: str = "") -> str:
     return ",".join(items)
 
 
+def run_command(recipe: Recipe) -> str:
+    """The ``kedro run`` line of ``recipe``, with the two paths as its environment leaves them: ``<...>``
+    placeholders to replace (pasted as they are, the run stops in its pre-run checks, naming each)."""
+    import shlex
+
+    params = load_parameters(recipe.env)
+    paths = as_cli_params({key: params[key] for key in ("base_model", "raw_data")})
+    return f"kedro run --pipelines {recipe.pipeline} --env {recipe.env} --params {shlex.quote(paths)}"
+
+
 def load_parameters(env: str, runtime_params: dict[str, Any] | None = None) -> dict[str, Any]:
     """The parameters as ``kedro run --env ENV --params ...`` merges them (conf/base, then the environment)."""
+    return load_config(env, "parameters", runtime_params)
+
+
+def load_config(env: str, key: str, runtime_params: dict[str, Any] | None = None) -> dict[str, Any]:
+    """One kind of configuration (``parameters``, ``catalog``) as ``kedro run --env ENV --params ...`` reads it."""
     from kedro.config import OmegaConfigLoader
 
     from vlm_pipeline import settings
@@ -99,7 +131,7 @@ def load_parameters(env: str, runtime_params: dict[str, Any] | None = None) -> d
     loader = OmegaConfigLoader(
         "conf", base_env="base", default_run_env=env, runtime_params=runtime_params or {}, **args
     )
-    return loader["parameters"]
+    return loader[key]
 
 
 MAIN_PORT = 29500

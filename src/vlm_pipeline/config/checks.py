@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import re
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,16 @@ BITSANDBYTES_OPTIMIZERS = {
     "lion_8bit",
     "paged_lion_8bit",
 }
+
+
+# A value a recipe environment leaves to the user (conf/<recipe env>/globals.yml): ``<what to give>``, which no real
+# path looks like, so a recipe never runs on the demo's data or on a made-up model path by default.
+PLACEHOLDER = re.compile(r"^<[^<>]+>$")
+
+
+def is_placeholder(value: str) -> bool:
+    """Whether a path parameter is still a recipe's ``<...>`` placeholder."""
+    return bool(PLACEHOLDER.match(str(value).strip()))
 
 
 def check_parameters(params: dict[str, Any], project_root: Path | None = None) -> Parameters:
@@ -61,6 +72,11 @@ def _is_environment(folder: Path) -> bool:
 def check_paths(params: Parameters, project_root: Path) -> None:
     """Every file or folder a parameter names must exist before the run starts, not when the node that reads it
     runs. The model folder is the exception: only the stages that read it need it (:func:`check_base_model`)."""
+    if is_placeholder(params.raw_data):
+        raise ConfigError(
+            f"raw_data is the placeholder {params.raw_data}: set it to the folder holding your train.jsonl and its "
+            "images (kedro run --params raw_data=DIR, or raw_data in conf/<env>/globals.yml)"
+        )
     raw_data = _resolved(params.raw_data, project_root)
     if not raw_data.is_dir():
         raise ConfigError(
@@ -81,6 +97,11 @@ def check_paths(params: Parameters, project_root: Path) -> None:
 def check_base_model(base_model: str, project_root: Path) -> None:
     """The model folder must be a checkpoint before a run that reads it starts (it is read only after validation,
     several minutes in on real data); a data-validation-only run never needs one."""
+    if is_placeholder(base_model):
+        raise ConfigError(
+            f"base_model is the placeholder {base_model}: set it to the local checkpoint folder "
+            "(kedro run --params base_model=DIR, or base_model in conf/<env>/globals.yml)"
+        )
     folder = _resolved(base_model, project_root)
     if not folder.is_dir():
         raise ConfigError(

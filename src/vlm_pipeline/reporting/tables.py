@@ -30,8 +30,12 @@ COMPACT_GROUPS = (
 
 def format_plan(plan: dict[str, Any], compact: bool = False) -> str:
     """The plan as the table ``vlm-pipeline plan`` prints; ``compact``: as the training node logs it, a few lines
-    of ``label value; label value`` with the memory estimate in one (training_plan.json holds every figure)."""
-    steps, memory, model = plan["steps"], plan["memory_gib"], plan["model"]
+    of ``label value; label value`` with the memory estimate in one (training_plan.json holds every figure).
+
+    Memory is printed in GB (10^9 bytes), the unit of ``plan.gpu_memory_gb`` and of the verdict; the plan's own
+    figures (``memory_gib``, ``total_gib``) stay in GiB, as torch reports allocations."""
+    steps, model = plan["steps"], plan["model"]
+    memory = {name: _gb(value) for name, value in plan["memory_gib"].items()}
     settings = plan["settings"]
     kept = steps["checkpoints_kept"]
     rows = {
@@ -48,7 +52,7 @@ def format_plan(plan: dict[str, Any], compact: bool = False) -> str:
         "checkpoints kept": (", ".join(kept["names"]) or "none") + (" + the best one" if kept["plus_best"] else ""),
         "tokens per step": f"{plan['tokens_per_step']['mean']:,} (mean; {plan['tokens_per_step']['source']}), "
         f"longest row {plan['tokens_per_step']['longest_row']:,}",
-        "memory per GPU": f"{memory['total']:.2f} GiB (estimate: "
+        "memory per GPU": f"{memory['total']:.2f} GB (estimate: "
         + ", ".join(f"{name.replace('_', ' ')} {memory[name]:.2f}" for name in MEMORY_PARTS[:-1])
         + ")",
     }
@@ -56,25 +60,29 @@ def format_plan(plan: dict[str, Any], compact: bool = False) -> str:
         lines = ["; ".join(f"{label} {rows[label]}" for label in group) for group in COMPACT_GROUPS]
     else:
         lines = [f"{label:<17}{value}" for label, value in rows.items() if label != "memory per GPU"]
-        lines.append("memory per GPU (GiB, estimate)")
+        lines.append("memory per GPU (GB, estimate)")
         lines += [f"  {name.replace('_', ' '):<28}{memory[name]:>10.2f}" for name in MEMORY_PARTS]
     budget = plan["gpu_memory_gb"]
     verdict, warning = ("verdict ", "WARNING ") if compact else ("verdict          ", "WARNING          ")
     if budget is None:
         lines.append(f"{verdict}no plan.gpu_memory_gb set: not checked")
     elif plan["fits"]:
-        lines.append(f"{verdict}fits in {budget:g} GB ({memory['total'] * GIB / 1e9:.1f} GB estimated)")
+        lines.append(f"{verdict}fits in {budget:g} GB ({memory['total']:.1f} GB estimated)")
     else:
-        lines.append(f"{verdict}DOES NOT FIT in {budget:g} GB ({memory['total'] * GIB / 1e9:.1f} GB estimated)")
+        lines.append(f"{verdict}DOES NOT FIT in {budget:g} GB ({memory['total']:.1f} GB estimated)")
         steps = plan.get("alternatives", [])
         if steps:
             lines.append("  would fit with these changes together (estimate after each):")
         for option in steps:
-            lines.append(f"    + {option['change']}: {option['total_gib']:.1f} GiB")
+            lines.append(f"    + {option['change']}: {_gb(option['total_gib']):.1f} GB")
         if not steps:
             lines.append("  no combination of the usual knobs fits: add GPUs or shorten the rows")
     lines += [f"{warning}{text}" for text in plan.get("warnings", [])]
     return "\n".join(lines)
+
+
+def _gb(gib: float) -> float:
+    return gib * GIB / 1e9
 
 
 def format_parameter_table(table: dict[str, dict[str, int]]) -> str:
