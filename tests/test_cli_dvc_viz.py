@@ -17,6 +17,7 @@ from conftest import PROJECT_ROOT, copy_project
 from PIL import Image, ImageOps
 
 from vlm_pipeline.config.run import dataset_sha256
+from vlm_pipeline.pipeline_registry import VARIANTS
 
 pytestmark = pytest.mark.slow  # Kedro sessions, subprocesses or training runs: `make test` only
 
@@ -197,6 +198,11 @@ def test_dvc_repro_runs_the_chain_then_nothing(tmp_path):
     ), stale
 
 
+def boxes(tree: dict, parent: str) -> set[str]:
+    """The modular pipelines Kedro-Viz draws directly inside ``parent`` of a built site's tree."""
+    return {child["id"] for child in tree[parent]["children"] if child["type"] == "modularPipeline"}
+
+
 def test_kedro_viz_build(tmp_path):
     project = copy_project(tmp_path / "project")
     run([str(BIN / "kedro"), "viz", "build"], project)
@@ -205,6 +211,15 @@ def test_kedro_viz_build(tmp_path):
     graph = json.loads((built / "api/main").read_text())
     names = {node["name"] for node in graph["nodes"]}
     assert {"validate_raw_data", "tokenize_train", "train_model", "merge_adapter", "compare_base_and_tuned"} <= names
+    assert graph["selected_pipeline"] == "__default__"  # the view the site opens on: lora's chain
+    # The five stages are modular pipelines, one box each while collapsed (Kedro-Viz's default): the two data
+    # stages beside the variant, the three model stages inside it.
+    for variant in VARIANTS:
+        tree = json.loads((built / "api/pipelines" / variant).read_text())["modular_pipelines"]
+        model_stages = {f"{variant}.{stage}" for stage in ("training", "adapter", "evaluation")}
+        assert set(tree) == {"__root__", "data_validation", "preprocessing", variant, *model_stages}
+        assert boxes(tree, "__root__") == {"data_validation", "preprocessing", variant}
+        assert boxes(tree, variant) == model_stages
 
 
 def test_validate_cli_measures_length_with_the_model(tmp_path, tiny_models):

@@ -4,6 +4,7 @@ named by a parameter, and a trainer run identity that follows the data, not its 
 from __future__ import annotations
 
 import inspect
+import re
 import shutil
 import typing
 from pathlib import Path
@@ -15,7 +16,9 @@ from datasets import Dataset
 
 from vlm_pipeline.config.schema import Section
 from vlm_pipeline.datasets import DirectoryDataset, StagingDirectoryDataset
-from vlm_pipeline.pipeline_registry import register_pipelines
+from vlm_pipeline.pipeline_registry import VARIANTS, register_pipelines
+from vlm_pipeline.pipelines.run_context.pipeline import MODEL_STAGES
+from vlm_pipeline.recipes import RECIPES, slurm_script
 
 
 def node_parameters(node) -> list[tuple[str, object]]:
@@ -52,6 +55,59 @@ def test_no_node_input_is_a_scalar_the_run_context_carries():
         if name in threaded and node.name != "build_run_context"
     ]
     assert not offenders, offenders
+
+
+SHARED_STAGES = ("data_validation", "preprocessing")
+
+
+def stage_namespace(variant: str, stage: str) -> str:
+    """The namespace Kedro-Viz draws a stage's box for: shared stages at the top, model stages in the variant."""
+    return stage if stage in SHARED_STAGES else f"{variant}.{stage}"
+
+
+def dvc_kedro_stages() -> list[tuple[str, str]]:
+    """(pipeline, tag) of every dvc.yaml stage that runs ``kedro run --pipelines P --tags T``, foreach expanded."""
+    commands = []
+    for stage in yaml.safe_load((PROJECT_ROOT / "dvc.yaml").read_text())["stages"].values():
+        body = stage.get("do", stage)
+        for item in stage.get("foreach", [None]):
+            words = (body["cmd"] if item is None else body["cmd"].replace("${item}", item)).split()
+            if "--tags" in words:
+                commands.append((words[words.index("--pipelines") + 1], words[words.index("--tags") + 1]))
+    return commands
+
+
+def test_every_node_lies_in_one_of_the_five_stage_namespaces_of_its_variant():
+    pipelines = register_pipelines()
+    for variant in VARIANTS:
+        staged = [node for node in pipelines[variant].nodes if node.name != "build_run_context"]
+        stages = (*SHARED_STAGES, "training", "adapter", "evaluation")
+        assert {node.namespace for node in staged} == {stage_namespace(variant, stage) for stage in stages}
+        # The box a node is drawn in is the stage its tag runs it in.
+        assert [node.name for node in staged if node.tags != {node.namespace.split(".")[-1]}] == []
+        # The stage namespaces rename no dataset: only the variant prefixes one, as the catalog names them.
+        datasets = [name for name in pipelines[variant].datasets() if not name.startswith("params:")]
+        assert {name.split(".")[0] for name in datasets if "." in name} == {variant}
+        assert [name for name in datasets if name.count(".") > 1] == []
+
+
+def test_each_dvc_stage_runs_exactly_the_nodes_of_its_stage_namespace():
+    pipelines = register_pipelines()
+    commands = dvc_kedro_stages()
+    model_stages = [(variant, stage) for variant in VARIANTS for stage in ("training", "adapter", "evaluation")]
+    assert sorted(commands) == sorted([("lora", stage) for stage in SHARED_STAGES] + model_stages)
+    for pipeline, tag in commands:
+        selected = {node.name for node in pipelines[pipeline].only_nodes_with_tags(tag).nodes}
+        namespace = stage_namespace(pipeline, tag)
+        expected = {node.name for node in pipelines[pipeline].nodes if node.namespace == namespace}
+        assert selected == expected | ({"build_run_context"} if tag in MODEL_STAGES else set()), (pipeline, tag)
+
+
+def test_the_slurm_script_starts_and_stops_at_nodes_that_exist():
+    recipe = "a"
+    names = re.findall(r"--(?:to|from)-nodes (\S+)", slurm_script(recipe, nodes=2))
+    nodes = {node.name for node in register_pipelines()[RECIPES[recipe].pipeline].nodes}
+    assert len(names) == 2 and set(names) <= nodes, names
 
 
 def test_every_directory_a_node_builds_comes_from_a_staging_dataset_of_the_same_path():

@@ -2,6 +2,12 @@
 
 Both variants are the same five-stage template; the variant is a Kedro namespace, so its outputs land
 under ``data/0X_*/<variant>/`` and its method parameters under ``<variant>.method`` in ``conf/``.
+
+Each stage is a namespace too, named as its tag (the DVC stage), which groups its nodes without renaming a dataset
+(``prefix_datasets_with_namespace=False``): Kedro-Viz draws ``data_validation``, ``preprocessing`` and, inside each
+variant, ``training``, ``adapter``, ``evaluation`` as modular pipelines (node ``lora.training.train_model``,
+dataset ``lora.trained_model``). The variant stays the outer namespace, as Kedro wants a dotted dataset name to
+start with its node's top-level namespace. ``build_run_context`` serves every model stage and stays outside them.
 """
 
 from kedro.pipeline import Pipeline

@@ -183,12 +183,12 @@ PARAMS="base_model=$BASE_MODEL,raw_data=$RAW_DATA"
 export MAIN_ADDR="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)"
 
 # 1. Once: validation, preprocessing, the plan and the trainer's run config.
-{kedro} --params "$PARAMS" --to-nodes {recipe.pipeline}.write_run_config
+{kedro} --params "$PARAMS" --to-nodes {recipe.pipeline}.training.write_run_config
 
 # 2. Every node: the trainer, machine rank from SLURM_NODEID. Slurm's SIGTERM (scancel, time limit) reaches
 #    it through srun: each node saves a checkpoint of the same step and stops; resubmitting resumes.
 srun --kill-on-bad-exit=1 bash -c '{node_command(recipe, accelerate_config, gpus_per_node)}'
 
 # 3. Once: the finished training is picked up (not run again), then the adapter and evaluation stages.
-{kedro} --params "$PARAMS" --from-nodes {recipe.pipeline}.train_model
+{kedro} --params "$PARAMS" --from-nodes {recipe.pipeline}.training.train_model
 """

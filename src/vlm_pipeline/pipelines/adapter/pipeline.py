@@ -3,6 +3,11 @@ from kedro.pipeline import Node, Pipeline
 from vlm_pipeline.pipelines.adapter.nodes import extract_adapter, merge_adapter, pass_through_full_model
 
 
+def stage(nodes: list[Node]) -> Pipeline:
+    """The nodes under the stage namespace ``adapter`` (inside the variant's), dataset names unchanged."""
+    return Pipeline(nodes, namespace="adapter", prefix_datasets_with_namespace=False)
+
+
 def create_pipeline(variant: str) -> Pipeline:
     """LoRA variants extract and merge an adapter; ``full_ft`` passes the trained model through."""
     if variant == "full_ft":
@@ -12,7 +17,7 @@ def create_pipeline(variant: str) -> Pipeline:
             outputs=["merged_model", "merge_check"],
             name="pass_through_full_model",
         )
-        return Pipeline([pass_through], tags="adapter", namespace=variant)
+        return Pipeline(stage([pass_through]), tags="adapter", namespace=variant)
     nodes = [
         Node(
             extract_adapter,
@@ -35,7 +40,7 @@ def create_pipeline(variant: str) -> Pipeline:
         ),
     ]
     return Pipeline(
-        nodes,
+        stage(nodes),
         tags="adapter",
         namespace=variant,
         inputs={"run_context", "test_tokenized@arrow"},

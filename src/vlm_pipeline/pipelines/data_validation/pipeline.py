@@ -40,4 +40,7 @@ def create_pipeline(**kwargs) -> Pipeline:
         outputs=["train_records", "test_records", "validation_summary"],
         name="enforce_reject_budget",
     )
-    return Pipeline([validate, budget], tags="data_validation")
+    # The stage namespace groups the nodes (Kedro-Viz draws it as one box); dataset names stay the catalog's.
+    return Pipeline(
+        [validate, budget], tags="data_validation", namespace="data_validation", prefix_datasets_with_namespace=False
+    )

@@ -54,7 +54,7 @@ def create_pipeline(variant: str) -> Pipeline:
         ),
     ]
     return Pipeline(
-        nodes,
+        Pipeline(nodes, namespace="evaluation", prefix_datasets_with_namespace=False),
         tags="evaluation",
         namespace=variant,
         inputs={"base_model", "run_context", "test_records", "train_records", "test_tokenized@arrow"},

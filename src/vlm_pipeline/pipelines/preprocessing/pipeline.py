@@ -54,4 +54,9 @@ def create_pipeline(**kwargs) -> Pipeline:
         outputs=["data_report_markdown", "data_report_figure"],
         name="build_data_report",
     )
-    return Pipeline([*split_nodes, validation, report, data_report], tags="preprocessing")
+    return Pipeline(
+        [*split_nodes, validation, report, data_report],
+        tags="preprocessing",
+        namespace="preprocessing",
+        prefix_datasets_with_namespace=False,
+    )

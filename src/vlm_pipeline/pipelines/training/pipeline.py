@@ -4,7 +4,8 @@ from vlm_pipeline.pipelines.training.nodes import plan_training, train_model, wr
 
 
 def create_pipeline(variant: str) -> Pipeline:
-    """The training stage for one variant; ``params:method`` and the outputs are namespaced by it."""
+    """The training stage for one variant (nodes ``<variant>.training.*``); ``params:method`` and the outputs are
+    namespaced by the variant only."""
     template = Pipeline(
         [
             Node(
@@ -43,6 +44,8 @@ def create_pipeline(variant: str) -> Pipeline:
             ),
         ],
         tags="training",
+        namespace="training",
+        prefix_datasets_with_namespace=False,
     )
     return Pipeline(
         template,
