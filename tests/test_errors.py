@@ -180,6 +180,10 @@ def test_validate_and_plan_check_their_inputs(capsys, tmp_path, monkeypatch):
     code, err = vlm_pipeline(capsys, "plan", "--env", "llama_vision_lora", "--records", "10")
     assert code == 2 and err.count("\n") == 1, err
     assert "placeholder" in err and "--recipe b" in err and "--model-config DIR" in err
+    # Under DVC, params.yaml's defaults (the demo's) would fill a recipe's placeholder: the parameters stage stops.
+    argv = ["--env", "llama_vision_lora", "--base-model", "/m", "--raw-data", "data/01_raw/shapes_vqa"]
+    code, err = vlm_pipeline(capsys, "parameters", *argv, "--out", str(tmp_path / "parameters.yml"))
+    assert code == 2 and "leaves raw_data to you" in err and "dvc exp run -S raw_data=DIR" in err
 
 
 def test_understood_library_noise_is_hidden_and_nothing_else(caplog):
