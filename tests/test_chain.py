@@ -41,7 +41,9 @@ def assert_data_stages(project: Path, raw: Path) -> None:
         report = json.loads((out / "report.json").read_text())
         assert len(valid) + len(quarantine) == report["total"] == len(raw_records)
         tokenized = load_from_disk(str(project / "data/03_primary" / split))
-        assert len(tokenized) == len(valid)
+        # preprocessing.validation_fraction of the training records is held out as the validation split.
+        held_out = len(load_from_disk(str(project / "data/03_primary/validation"))) if split == "train" else 0
+        assert len(tokenized) + held_out == len(valid) and (held_out > 0) == (split == "train")
         row = tokenized[0]
         assert -100 in row["labels"] and any(t != -100 for t in row["labels"])
         assert len(row["labels"]) == len(row["input_ids"])
@@ -75,7 +77,17 @@ def assert_mlflow_run(project: Path, pipeline: str, expect_adapter: bool) -> Non
 
 
 def assert_evaluation(project: Path, variant: str, test_records: int) -> dict:
-    metrics = json.loads((project / f"data/08_reporting/{variant}/metrics.json").read_text())
+    reporting = project / f"data/08_reporting/{variant}"
+    metrics = json.loads((reporting / "detailed_metrics.json").read_text())
+    # The DVC metric: the headline under the variant's name, the same numbers.
+    headline = json.loads((reporting / "metrics.json").read_text())[variant]
+    interval = metrics["exact_match_ci95"]["tuned"]
+    assert (headline["em"], headline["em_low"], headline["em_high"]) == (
+        metrics["tuned"]["exact_match"],
+        interval["low"],
+        interval["high"],
+    )
+    assert (headline["em_base"], headline["loss"]) == (metrics["base"]["exact_match"], metrics["tuned"]["loss"])
     measures = {"loss", "perplexity", "token_accuracy", "exact_match", "vqa_accuracy", "rouge_l", "chrf"}
     for model in ("base", "tuned", "tuned_minus_base"):
         assert set(metrics[model]) == measures
@@ -87,13 +99,14 @@ def assert_evaluation(project: Path, variant: str, test_records: int) -> dict:
         interval, estimate = metrics["exact_match_ci95"][model], metrics[model]["exact_match"]
         assert interval["low"] <= estimate <= interval["high"], (model, interval, estimate)
     assert metrics["test_records"] == test_records
-    reporting = project / f"data/08_reporting/{variant}"
     details = json.loads((reporting / "evaluation_details.json").read_text())
     assert isinstance(details["majority_baseline"]["answer"], str) and details["exact_match_ci95"]["resamples"] > 0
     report = (reporting / "report.md").read_text()
     assert "| exact_match |" in report and "answers tuning changed most" in report and "instead of BLEU" in report
+    # Training and validation loss (the demo holds out a validation split and evaluates at the last step at least).
     curve = json.loads((reporting / "loss_curve.json").read_text())
-    assert curve and all("step" in point for point in curve) and any("train_loss" in point for point in curve)
+    assert curve and all(set(point) == {"step", "train_loss", "eval_loss"} for point in curve)
+    assert all(any(point[name] is not None for point in curve) for name in ("train_loss", "eval_loss")), curve
     assert (reporting / "loss_curve.png").stat().st_size > 0 and (reporting / "base_vs_tuned.png").stat().st_size > 0
     predictions = read_jsonl(project / f"data/07_model_output/{variant}/predictions.jsonl")
     assert len(predictions) == test_records

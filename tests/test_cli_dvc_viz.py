@@ -137,7 +137,7 @@ def test_dvc_repro_runs_the_chain_then_nothing(tmp_path):
     progress = [line for line in log.splitlines() if "vlm-pipeline: training step" in line]
     assert len(progress) == len(set(progress)) == 12, progress  # 6 steps of each variant, each once
     assert len(log.splitlines()) < 150, log
-    metrics = json.loads((project / "data/08_reporting/lora/metrics.json").read_text())
+    metrics = json.loads((project / "data/08_reporting/lora/detailed_metrics.json").read_text())
     assert metrics["merge_check"]["passed"]
     assert (project / "data/08_reporting/full_ft/metrics.json").is_file()
 
@@ -158,9 +158,11 @@ def test_dvc_repro_runs_the_chain_then_nothing(tmp_path):
     assert {"data/08_reporting/lora/loss_curve.png", "data/08_reporting/lora/base_vs_tuned.png"} <= set(
         rendered["data"]
     )
-    # Every plot is an image, which the HTML embeds: none is a Vega spec that would need a CDN to render.
-    kinds = {entry["type"] for entries in rendered["data"].values() for entry in entries}
-    assert kinds == {"image"}, kinds
+    # The PNGs are images, which the HTML embeds (offline); the loss curve is also a Vega plot of both losses.
+    kinds = {name: {entry["type"] for entry in entries} for name, entries in rendered["data"].items()}
+    assert kinds["data/08_reporting/lora/loss_curve.png"] == {"image"} and kinds["lora loss"] == {"vega"}, kinds
+    (loss_plot,) = rendered["data"]["lora loss"]
+    assert {point["field"] for point in loss_plot["content"]["data"]["values"]} == {"train_loss", "eval_loss"}
 
     # A remote (a folder here; S3, GCS or SSH the same way) carries every output to a fresh clone.
     run([str(BIN / "dvc"), "remote", "add", "-d", "store", str(tmp_path / "remote")], project)

@@ -55,7 +55,8 @@ def test_dvc_exp_run_on_another_environment_model_and_data(tmp_path, tiny_models
     predictions = [json.loads(line) for line in (project / "data/07_model_output/lora/predictions.jsonl").open()]
     assert len(predictions) == 8 and {row["reference"] for row in predictions} == references
     metrics = json.loads((project / "data/08_reporting/lora/metrics.json").read_text())
-    assert {"base", "tuned"} <= set(metrics) and metrics["merge_check"]["passed"] == 1
+    details = json.loads((project / "data/08_reporting/lora/detailed_metrics.json").read_text())
+    assert metrics["lora"]["em"] == details["tuned"]["exact_match"] and details["merge_check"]["passed"] == 1
     # The environment's own override (conf/tiny_llama/parameters_training.yml) is what the stages ran with.
     resolved = (project / "data/08_reporting/parameters.yml").read_text()
     assert "padding_free: true" in resolved and f"base_model: {model}" in resolved
@@ -64,18 +65,22 @@ def test_dvc_exp_run_on_another_environment_model_and_data(tmp_path, tiny_models
     (baseline,) = [commit for commit in shown if commit.get("experiments")]
     metric_file = "data/08_reporting/lora/metrics.json"
     main_shown = baseline["data"]["metrics"][metric_file]["data"]
-    assert main_shown["tuned"]["exact_match"] == main_metrics["tuned"]["exact_match"]
+    assert main_shown["lora"]["em"] == main_metrics["lora"]["em"]
     experiment = next(exp for exp in baseline["experiments"] if exp.get("revs"))["revs"][0]["data"]
     assert experiment["params"]["params.yaml"]["data"]["raw_data"] == "data/01_raw/glossary_24"
-    assert experiment["metrics"][metric_file]["data"]["tuned"] == metrics["tuned"]
+    assert experiment["metrics"][metric_file]["data"] == metrics
     assert all(isinstance(value, int | float) for value in flat_values(experiment["metrics"][metric_file]["data"]))
+    # The headline reads in a 120-column terminal: its changed columns come whole, none folded into "…". (Without
+    # --drop, the changed dependencies' 32-character hashes take most of the width.)
+    table = run(
+        [dvc, "exp", "show", "--only-changed", "--no-pager", "--drop", "conf|data/"], project, COLUMNS="120", **env
+    ).stdout
+    assert max(map(len, table.splitlines())) <= 120 and "lora.loss " in table and "raw_data" in table, table
+    assert f"{metrics['lora']['loss']:.5g}" in table and "…" not in table, table
     # The workspace holds the experiment: both diffs against the main commit read its files from git.
     diff = json.loads(run([dvc, "metrics", "diff", "HEAD", "--all", "--json"], project, **env).stdout)
-    assert diff[metric_file]["tuned.loss"] == {
-        "old": main_metrics["tuned"]["loss"],
-        "new": metrics["tuned"]["loss"],
-        "diff": pytest.approx(metrics["tuned"]["loss"] - main_metrics["tuned"]["loss"]),
-    }
+    old, new = main_metrics["lora"]["loss"], metrics["lora"]["loss"]
+    assert diff[metric_file]["lora.loss"] == {"old": old, "new": new, "diff": pytest.approx(new - old)}
     run([dvc, "plots", "diff", "HEAD", "--json"], project, **env)
 
     # Editing one key of the environment's parameter files reruns exactly the stages that read it.

@@ -281,7 +281,7 @@ def test_each_dialect_learns_through_kedro_run(source, project, tiny_models, tmp
     run_kedro(project, "lora", short=False, raw_data=str(raw), base_model=str(tiny_models["qwen2_5_vl"]))
     report = json.loads((project / "data/02_intermediate/train/report.json").read_text())
     assert report["quarantined"] == 0 and report["valid"] == 480
-    metrics = json.loads((project / "data/08_reporting/lora/metrics.json").read_text())
+    metrics = json.loads((project / "data/08_reporting/lora/detailed_metrics.json").read_text())
     tuned, base = metrics["tuned"]["exact_match"], metrics["base"]["exact_match"]
     print(f"{source}: exact match base {base:.3f}, tuned {tuned:.3f}")  # shown with -s; quoted in the closing note
     assert tuned >= base + 0.30, metrics

@@ -15,9 +15,16 @@ from vlm_pipeline.pipelines.evaluation.nodes import (
     check_tuned_model,
     compare,
     flatten,
+    headline_metrics,
     numbers_only,
 )
-from vlm_pipeline.reporting.evaluation import format_table, loss_figure, report_markdown
+from vlm_pipeline.reporting.evaluation import (
+    comparison_figure,
+    format_table,
+    loss_curve,
+    loss_figure,
+    report_markdown,
+)
 from vlm_pipeline.scoring import bootstrap_intervals, normalise_vqa, text_scores
 
 SHAPES = ["circle", "square", "triangle", "star", "hexagon"]
@@ -185,23 +192,52 @@ def test_the_table_and_report_show_the_intervals_and_explain_chrf():
     assert "instead of BLEU" in report and "200 resamples, seed 0" in report
 
 
+TRAINING_LOG = [{"step": 1, "loss": 2.0}, {"step": 2, "loss": 1.5}]
+
+
 @pytest.mark.parametrize(
-    ("points", "title", "labels"),
+    ("history", "title", "labels"),
     [
-        ([{"step": 1, "train_loss": 2.0}, {"step": 2, "train_loss": 1.5}], "Training loss", ["training loss"]),
+        (TRAINING_LOG, "lora: training loss", ["training loss"]),
         (
-            [{"step": 1, "train_loss": 2.0}, {"step": 2, "train_loss": 1.5, "eval_loss": 1.7}],
-            "Training and validation loss",
+            [*TRAINING_LOG, {"step": 2, "eval_loss": 1.7}, {"step": 3, "eval_loss": 1.6}],
+            "lora: training and validation loss",
             ["training loss", "validation loss"],
         ),
     ],
 )
-def test_the_loss_plot_names_validation_loss_only_when_there_is_some(points, title, labels):
-    figure = loss_figure(points)
+def test_the_loss_plot_names_the_variant_and_validation_loss_only_when_there_is_some(history, title, labels):
+    points = loss_curve(history)
+    # A DVC plot: every row has the same keys (DVC plots no other list), null where a loss was not logged.
+    assert all(set(point) == {"step", "train_loss", "eval_loss"} for point in points)
+    figure = loss_figure(points, "lora")
     axes = figure.axes[0]
     assert axes.get_title() == title
     assert [text.get_text() for text in axes.get_legend().get_texts()] == labels
     plt.close(figure)
+
+
+def test_the_comparison_chart_keeps_the_interval_clear_of_its_label_and_the_majority_line_on_exact_match():
+    metrics, *_ = compared()
+    figure = comparison_figure(metrics, "lora")
+    axes = figure.axes[0]
+    assert axes.get_title().startswith("lora: ")
+    (majority,) = [line for line in axes.collections if line.get_label() == "majority answer's exact match"]
+    (segment,) = majority.get_segments()
+    assert segment[0][0] > -0.5 and segment[1][0] < 0.5  # over the exact-match bars (x = 0) only
+    tuned, high = metrics["tuned"]["exact_match"], metrics["exact_match_ci95"]["tuned"]["high"]
+    heights = {(round(text.xy[0], 2), text.get_text()): text.xy[1] for text in axes.texts}
+    assert heights[(0.19, f"{tuned:.2f}")] == pytest.approx(high)  # the tuned bar's, above its upper whisker
+    plt.close(figure)
+
+
+def test_metrics_json_holds_the_headline_under_the_variant():
+    metrics, *_ = compared()
+    headline = headline_metrics(metrics, "lora")
+    names = {"em", "em_base", "em_low", "em_high", "loss", "loss_base"}
+    assert set(flatten(headline)) == {f"lora.{name}" for name in names}  # short: `dvc exp show` columns
+    lora, interval = headline["lora"], metrics["exact_match_ci95"]["tuned"]
+    assert (lora["em"], lora["em_low"], lora["em_base"]) == (0.8, interval["low"], 0.0)
 
 
 def test_batched_chat_rendering_pads_without_the_processor_kwargs_warning(tmp_path):

@@ -21,53 +21,71 @@ MEASURES = ("loss", "perplexity", "token_accuracy", "exact_match", "vqa_accuracy
 
 
 def loss_curve(history: list[dict]) -> list[dict]:
-    """Training loss, and validation loss where the trainer evaluated, per optimizer step from its log history
-    (a DVC plot)."""
+    """Training loss, and validation loss where the trainer evaluated, per optimizer step from its log history: a
+    DVC plot (dvc.yaml's ``plots``). Every point has both keys, null where that loss was not logged at its step:
+    DVC plots a JSON list only when every row has the same keys, and Vega leaves the nulls out of the lines."""
     points: dict[int, dict] = {}
     for entry in history:
         for key, name in (("loss", "train_loss"), ("eval_loss", "eval_loss")):
             if isinstance(entry.get(key), (int, float)):
-                points.setdefault(entry["step"], {"step": entry["step"]})[name] = float(entry[key])
+                point = points.setdefault(entry["step"], {"step": entry["step"], "train_loss": None, "eval_loss": None})
+                point[name] = float(entry[key])
     return [points[step] for step in sorted(points)]
 
 
-def loss_figure(points: list[dict]):
-    """The loss curve; its title names validation loss only when there is some, since a run without a validation
-    split (``preprocessing.validation_fraction: 0``) has none to show."""
+def loss_figure(points: list[dict], variant: str):
+    """The loss curve, titled with the variant; validation loss is named only when there is some, since a run
+    without a validation split (``preprocessing.validation_fraction: 0``) has none to show."""
     figure, axes = plt.subplots(figsize=(7, 4), constrained_layout=True)
     for name, style, label in SERIES:
-        steps = [p["step"] for p in points if name in p]
-        if steps:
-            axes.plot(steps, [p[name] for p in points if name in p], style, label=label)
-    title = "Training and validation loss" if any("eval_loss" in p for p in points) else "Training loss"
-    axes.set(xlabel="optimizer step", ylabel="loss", title=title)
+        logged = [p for p in points if p.get(name) is not None]
+        if logged:
+            axes.plot([p["step"] for p in logged], [p[name] for p in logged], style, label=label)
+    validated = any(p.get("eval_loss") is not None for p in points)
+    losses = "training and validation loss" if validated else "training loss"
+    axes.set(xlabel="optimizer step", ylabel="loss", title=f"{variant}: {losses}")
     if points:
         axes.legend()
     return figure
 
 
-def comparison_figure(metrics: dict):
-    """Base vs tuned bars, the exact-match bars with their 95% bootstrap interval, and the majority-answer line."""
+def comparison_figure(metrics: dict, variant: str):
+    """Base vs tuned bars, titled with the variant. The exact-match bars carry their 95% bootstrap interval (their
+    value written above it, clear of the whisker) and the majority answer's exact match, a line over them only."""
     names = [name for name in CHART_METRICS if name in metrics["base"]]
     figure, axes = plt.subplots(figsize=(8, 4), constrained_layout=True)
     width = 0.38
     intervals = metrics.get("exact_match_ci95", {})
+    em = names.index("exact_match") if "exact_match" in names else None
     for offset, model in ((-width / 2, "base"), (width / 2, "tuned")):
         values = [metrics[model][name] for name in names]
         bars = axes.bar([i + offset for i in range(len(names))], values, width, label=model)
-        axes.bar_label(bars, fmt="%.2f")
-        if model in intervals and "exact_match" in names:
-            _interval_bar(axes, names.index("exact_match") + offset, metrics[model]["exact_match"], intervals[model])
-    axes.axhline(metrics["majority_baseline"]["exact_match"], color="grey", linestyle=":", label="majority EM")
+        interval = intervals.get(model) if em is not None else None
+        axes.bar_label(bars, labels=["" if i == em and interval else f"{v:.2f}" for i, v in enumerate(values)])
+        if interval:
+            _interval_bar(axes, em + offset, values[em], interval)
+    if em is not None:
+        axes.hlines(
+            metrics["majority_baseline"]["exact_match"],
+            em - width,
+            em + width,
+            color="grey",
+            linestyle=":",
+            label="majority answer's exact match",
+        )
     axes.set_xticks(range(len(names)), [name.replace("_", " ") for name in names])
-    axes.set(ylim=(0, 1.1), title="Base vs tuned on the test split (exact match: 95% bootstrap interval)")
-    axes.legend()
+    axes.set(ylim=(0, 1.25), title=f"{variant}: base vs tuned on the test split (exact match: 95% bootstrap interval)")
+    axes.legend(loc="upper right", ncols=3, fontsize="small")
     return figure
 
 
 def _interval_bar(axes, x: float, value: float, interval: dict) -> None:
     below, above = max(value - interval["low"], 0.0), max(interval["high"] - value, 0.0)
     axes.errorbar([x], [value], yerr=[[below], [above]], fmt="none", ecolor="black", capsize=4)
+    # The value above the upper whisker: written on the bar's top, the whisker would cross it.
+    axes.annotate(
+        f"{value:.2f}", (x, value + above), xytext=(0, 3), textcoords="offset points", ha="center", va="bottom"
+    )
 
 
 def changed_most(predictions: list[dict], count: int = 10) -> list[dict]:

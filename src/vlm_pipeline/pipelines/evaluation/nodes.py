@@ -177,6 +177,26 @@ def flatten(values: dict, prefix: str = "") -> dict[str, float]:
     return flat
 
 
+def headline_metrics(metrics: dict, variant: str) -> dict:
+    """metrics.json, the DVC metric: the tuned model's exact match (``em``) with its 95% interval and test loss,
+    beside the base model's (``_base``), under the variant's name; every number is in detailed_metrics.json.
+
+    Six short columns, so ``dvc exp show --only-changed`` has room for them at 120 columns; the tuned exact match
+    sorts first, the column ``dvc exp show`` never folds. Under the variant's name because ``dvc exp show`` names a
+    column that two metric files share by its file's path (``data/08_reporting/lora/metrics.json:em``)."""
+    interval = metrics["exact_match_ci95"]["tuned"]
+    return {
+        variant: {
+            "em": metrics["tuned"]["exact_match"],
+            "em_base": metrics["base"]["exact_match"],
+            "em_low": interval["low"],
+            "em_high": interval["high"],
+            "loss": metrics["tuned"]["loss"],
+            "loss_base": metrics["base"]["loss"],
+        }
+    }
+
+
 def build_report(
     metrics: dict,
     details: dict,
@@ -184,10 +204,11 @@ def build_report(
     history: list[dict],
     context: RunContext,
     report_folder: Path,
+    variant: str,
 ) -> tuple[str, list[dict], Any, Any]:
     """The Markdown report, the loss curve (points and figure) and the base-vs-tuned chart. The report links the
     images of wrong answers relative to its own folder (``report_folder``), where a Markdown viewer resolves them."""
     points = loss_curve(history)
     images_from = Path(os.path.relpath(context.image_root, report_folder)).as_posix()
     report = report_markdown(metrics, predictions, details, images_from=images_from)
-    return report, points, loss_figure(points), comparison_figure(metrics)
+    return report, points, loss_figure(points, variant), comparison_figure(metrics, variant)

@@ -5,6 +5,7 @@ from vlm_pipeline.pipelines.evaluation.nodes import (
     check_tuned_model,
     compare,
     evaluate_model,
+    headline_metrics,
     majority_baseline,
 )
 
@@ -34,6 +35,12 @@ def create_pipeline(variant: str) -> Pipeline:
             name="compare_base_and_tuned",
         ),
         Node(
+            headline_metrics,
+            inputs=["metrics", "variant"],
+            outputs="headline_metrics",
+            name="headline_metrics",
+        ),
+        Node(
             build_report,
             inputs=[
                 "metrics",
@@ -42,6 +49,7 @@ def create_pipeline(variant: str) -> Pipeline:
                 "training_history",
                 "run_context",
                 "evaluation_report_folder",
+                "variant",
             ],
             outputs=["evaluation_report", "loss_curve", "loss_curve_figure", "comparison_figure"],
             name="build_evaluation_report",
