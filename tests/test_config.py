@@ -129,7 +129,7 @@ BASE = {"raw_data": "data/01_raw/shapes_vqa", "base_model": "data/00_base_models
             {"sft": {"load_best_model_at_end": True, "eval_strategy": "steps", "eval_steps": 300, "save_steps": 500}},
             "save_steps to be a multiple of eval_steps",
         ),
-        ({"sft": {"load_best_model_at_end": True}}, "needs eval_strategy steps or epoch"),
+        ({"sft": {"load_best_model_at_end": True, "eval_strategy": "no"}}, "needs eval_strategy steps or epoch"),
         ({"sft": {"warmup_steps": 2.5}}, "neither a whole number of steps nor a share below 1"),
         ({"sft": {"optim": "adamw"}}, "sft.optim: Input should be .*did you mean"),
         ({"sft": {"remove_unused_columns": True}}, "collator reads the image_paths column"),

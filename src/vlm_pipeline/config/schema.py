@@ -168,7 +168,11 @@ class PreprocessingParams(Section):
         "all_assistant_turns", description="Which assistant turns carry labels."
     )
     validation_fraction: float = Field(
-        0.0, ge=0.0, lt=1.0, description="Share of train records held out for eval during training. 0.05-0.1."
+        0.1,
+        ge=0.0,
+        lt=1.0,
+        description="Share of train records held out for eval during training (the validation loss curve). "
+        "0.05-0.1; 0 = none (then sft.eval_strategy no).",
     )
     num_proc: int = Field(1, ge=1, le=256, description="Processes for tokenisation (datasets.map).")
     images: ImageBounds = Field(default_factory=ImageBounds, description="Image bounds applied by the processor.")
@@ -315,9 +319,11 @@ class SFTParams(Section):
     )
     logging_steps: float = Field(10, gt=0, description="Log every N optimizer steps (a share below 1 of all steps).")
     eval_strategy: Literal["no", "steps", "epoch"] = Field(
-        "no", description="When to evaluate on the validation split."
+        "steps", description="When to evaluate on the validation split: no, steps (every eval_steps) or epoch."
     )
-    eval_steps: float | None = Field(None, gt=0, description="Evaluate every N steps (with eval_strategy steps).")
+    eval_steps: float | None = Field(
+        50, gt=0, description="Evaluate every N steps and at the last (with eval_strategy steps); below 1 a share."
+    )
     save_strategy: Literal["no", "steps", "epoch", "best"] = Field("steps", description="When to write checkpoints.")
     save_steps: float = Field(200, gt=0, description="Checkpoint every N optimizer steps (resume points).")
     save_total_limit: int | None = Field(2, ge=1, description="Keep at most this many checkpoints. 1-5.")

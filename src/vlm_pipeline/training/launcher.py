@@ -42,6 +42,10 @@ def resolve_run_config(
     final_dir: Path,
 ) -> RunConfig:
     """The trainer's input: the typed sections as they are, plus digests of the data and the chat template."""
+    if eval_dataset is None and sft.eval_strategy != "no":
+        # A direct call without a validation split (tests, benchmarks): nothing to evaluate on. A Kedro run always
+        # has one where sft.eval_strategy asks for it (the parameters' check, preprocessing's hold-out).
+        sft = sft.model_copy(update={"eval_strategy": "no"})
     return RunConfig(
         base_model=context.base_model,
         image_root=context.image_root,
