@@ -289,6 +289,10 @@ def test_understood_warnings_are_hidden_and_every_other_one_is_a_log_record(capl
 
     from vlm_pipeline.warning_filters import hide_understood_warnings
 
+    # As a fresh process starts: an in-process `vlm-pipeline` main() of another test captured warnings, and pytest's
+    # per-test catch_warnings has since put its own showwarning back, which captureWarnings(True) would then keep.
+    logging.captureWarnings(False)
+    logging.getLogger("py.warnings").filters.clear()
     hide_understood_warnings()
     hide_understood_warnings()  # Kedro may call init hooks again: still one filter
     try:
