@@ -493,7 +493,7 @@ def build_parser() -> argparse.ArgumentParser:
     validate = command(
         "validate", "Validate a JSONL file; write valid.jsonl, quarantine.jsonl and report.json.", _validate
     )
-    validate.add_argument("input", help="JSONL file in any accepted format (README: Data)")
+    validate.add_argument("input", help="JSONL file in any accepted format (docs/data.md)")
     validate.add_argument("--image-root", required=True, help="folder image paths are relative to")
     validate.add_argument("--output-dir", required=True, help="valid.jsonl, quarantine.jsonl, report.json, images/")
     validate.add_argument(
