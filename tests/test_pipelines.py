@@ -4,9 +4,12 @@ named by a parameter, and a trainer run identity that follows the data, not its 
 from __future__ import annotations
 
 import inspect
+import itertools
+import os
 import re
 import shutil
 import typing
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -119,13 +122,63 @@ def test_every_directory_a_node_builds_comes_from_a_staging_dataset_of_the_same_
         assert entry["path"] == catalog[name]["path"], name  # the same template, so they cannot drift
 
 
-def test_a_staged_directory_replaces_its_target_atomically(tmp_path):
-    target = tmp_path / "models/trained"
-    staged = StagingDirectoryDataset(path=str(target)).load()
-    assert staged.parent == target.parent and staged.name.startswith(".") and not any(staged.iterdir())
-    (staged / "config.json").write_text("{}")
-    DirectoryDataset(path=str(target), required_files=["config.json"]).save(staged)
-    assert (target / "config.json").is_file() and not staged.exists()
+class Crash(BaseException):
+    """An injected crash: a BaseException, so no ``except OSError`` or ``ignore_errors`` in the code swallows it."""
+
+
+# Every call that moves or deletes a file or folder: a save is checked crashing at each one in turn.
+FILESYSTEM_STEPS = ("replace", "rename", "unlink", "remove", "rmdir")
+
+
+def crashing(step: Callable, calls: Iterator[int], crash_at: int) -> Callable:
+    """``step``, counting its calls in the shared ``calls``; the ``crash_at``-th call crashes instead."""
+
+    def counted(*args, **kwargs):
+        if next(calls) == crash_at:
+            raise Crash
+        return step(*args, **kwargs)
+
+    return counted
+
+
+def folder_contents(folder: Path) -> dict[str, str] | None:
+    """{relative path: text} of every file under ``folder``; None when it is absent."""
+    if not folder.exists():
+        return None
+    return {str(path.relative_to(folder)): path.read_text() for path in folder.rglob("*") if path.is_file()}
+
+
+def write_files(folder: Path, files: dict[str, str]) -> None:
+    for name, text in files.items():
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_text(text)
+
+
+def test_a_staged_directory_replaces_its_target_atomically(tmp_path, monkeypatch):
+    """A save that crashes at any step leaves the target as the complete old folder or the complete new one."""
+    old = {"config.json": '{"old": 1}', "model.safetensors": "old weights", "tokenizer/vocab.txt": "old"}
+    new = {"config.json": '{"new": 2}', "model.safetensors": "new weights", "generation_config.json": "{}"}
+    for crash_at in itertools.count(1):
+        target = tmp_path / f"crash-{crash_at}" / "models/trained"
+        target.mkdir(parents=True)
+        write_files(target, old)
+        staged = StagingDirectoryDataset(path=str(target)).load()
+        assert staged.parent == target.parent and staged.name.startswith(".") and not any(staged.iterdir())
+        write_files(staged, new)
+        calls = itertools.count(1)
+        with monkeypatch.context() as patch:
+            for name in FILESYSTEM_STEPS:
+                patch.setattr(os, name, crashing(getattr(os, name), calls, crash_at))
+            try:
+                DirectoryDataset(path=str(target), required_files=["config.json"]).save(staged)
+            except Crash:
+                pass
+        assert folder_contents(target) in (old, new), f"a crash at step {crash_at} left {folder_contents(target)}"
+        if next(calls) <= crash_at:  # the save ran to its end before the crash point: every step was tried
+            break
+    assert crash_at > 2  # the old folder moved aside and the new one moved in, at least
+    assert folder_contents(target) == new and not staged.exists()
+    assert [path.name for path in target.parent.iterdir()] == ["trained"]  # nothing left beside it
 
 
 def save_rows(rows: list[dict], folder: Path) -> Path:

@@ -65,7 +65,8 @@ def replace_dir_atomic(staged: Path, target: Path) -> None:
     """Move the finished directory ``staged`` into place at ``target``.
 
     The previous ``target`` (if any) is renamed aside first and removed only after the new one is in
-    place, so at every instant ``target`` is either the old complete output, the new one, or absent.
+    place; if moving the new one in fails, the old one is renamed back. So ``target`` is either the old
+    complete output or the new one, and absent only if the process is killed between the two renames.
     A ``staged`` directory that is not a sibling of ``target`` is hard-linked (or copied) next to it first.
     """
     staged, target = Path(staged).resolve(), Path(target).resolve()
@@ -79,7 +80,12 @@ def replace_dir_atomic(staged: Path, target: Path) -> None:
     if target.exists():
         old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
         os.replace(target, old)
-    os.replace(staged, target)
+    try:
+        os.replace(staged, target)
+    except BaseException:
+        if old is not None:
+            os.replace(old, target)
+        raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
 
