@@ -3,9 +3,11 @@ shipped real-model configs, the verdict with its alternatives, and a run stopped
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -156,26 +158,75 @@ def test_a_recipe_is_planned_at_its_stated_lengths_not_at_the_demos(tmp_path, mo
     assert "GiB" not in out and "memory per GPU (GB, estimate)" in out
 
 
-def plan_changes(gpu_memory_gb: int) -> list[str]:
-    result = subprocess.run(
-        [*VLM_PLAN, "--recipe", "d", "--records", "2400", "--gpu-memory-gb", str(gpu_memory_gb)],
-        capture_output=True,
-        text=True,
-        cwd=PROJECT_ROOT,
-        timeout=120,
+def recipe_d_plan(gpu_memory_gb: float) -> tuple[dict, MethodParams]:
+    """Recipe (d)'s plan as `vlm-pipeline plan --recipe d --records 2400 --gpu-memory-gb N` builds it, and its
+    method."""
+    from test_config import load_params
+
+    from vlm_pipeline.config import validate_parameters
+
+    params = validate_parameters(load_params(RECIPES["d"].env))
+    plan = build_plan(
+        model_dir=PROJECT_ROOT / RECIPES["d"].model_config,
+        sft=params.sft.model_copy(update={"accelerate_config": str(PROJECT_ROOT / params.sft.accelerate_config)}),
+        method=params.lora.method,
+        images=params.preprocessing.images.model_dump(),
+        records=2400,
+        max_length=params.preprocessing.max_length,
+        gpu_memory_gb=gpu_memory_gb,
+        load_dtype=params.model.dtype,
     )
-    assert result.returncode == 1 and f"DOES NOT FIT in {gpu_memory_gb} GB" in result.stdout, result.stdout
-    return result.stdout.split("would fit with these changes together")[1].rstrip().splitlines()[1:]
+    return plan, params.lora.method
 
 
-@pytest.mark.slow
-def test_over_budget_names_the_settings_that_fit():
-    # Recipe (d) loads the 8B base in bf16 (15 GiB of weights): at 24 GB checkpointing suffices (TRL's chunked
-    # loss never holds the 2 × 2048 × 128k logits); at 16 GB only QLoRA, after it and an 8-bit optimizer, does.
-    assert [line.split(":")[0].strip() for line in plan_changes(24)] == ["+ sft.gradient_checkpointing=true"]
-    changes = plan_changes(16)
-    assert changes[0].startswith("    + sft.gradient_checkpointing=true")
-    assert changes[-1].startswith("    + method.quantization.load_in_4bit=true (QLoRA)")
+# What each suggested change means for the memory settings, as its label says it.
+SUGGESTED = {
+    "sft.gradient_checkpointing=true": lambda s: replace(s, gradient_checkpointing=True),
+    "sft.per_device_train_batch_size halved, gradient_accumulation_steps doubled": lambda s: replace(
+        s, batch_size=s.batch_size // 2, gradient_accumulation_steps=s.gradient_accumulation_steps * 2
+    ),
+    "sft.optim=paged_adamw_8bit": lambda s: replace(s, optimizer="paged_adamw_8bit"),
+    "method.quantization.load_in_4bit=true (QLoRA)": lambda s: replace(s, quantization_bits=4),
+}
+
+
+@pytest.mark.parametrize("gpu_memory_gb", [24, 16])
+def test_over_budget_suggestions_follow_from_the_memory_terms(gpu_memory_gb):
+    """Recipe (d) (LoRA on the 8B base loaded in bf16) over budget: the suggested changes, each estimate recomputed
+    from the terms with that change and those before it, the run fitting after the last and not before."""
+    from vlm_pipeline.reporting.tables import format_plan
+
+    plan, method = recipe_d_plan(gpu_memory_gb)
+    shape = read_model_shape(PROJECT_ROOT / RECIPES["d"].model_config, method)
+    settings = MemorySettings(**plan["settings"])
+    before = estimate_memory(shape, settings)
+    assert before["total"] > gpu_memory_gb * 1e9
+
+    # Checkpointing keeps each layer's input (hidden × the residual's bytes per token) and one layer recomputed,
+    # instead of every layer's saved tensors: per token, 6 hidden in the residual's dtype and 5 hidden + 4
+    # intermediate (SwiGLU) in the compute dtype (the terms' accounting), from the published config.
+    config = json.loads((PROJECT_ROOT / RECIPES["d"].model_config / "config.json").read_text())
+    hidden, layers, intermediate = config["hidden_size"], config["num_hidden_layers"], config["intermediate_size"]
+    residual, compute = settings.weight_bytes, 2 if settings.bf16_compute else 4
+    layer = 6 * hidden * residual + (5 * hidden + 4 * intermediate) * compute
+    checkpointed = estimate_memory(shape, SUGGESTED["sft.gradient_checkpointing=true"](settings))
+    assert before["activations"] == layers * settings.batch_size * settings.seq_len * layer
+    cut = layers * layer / (layers * hidden * residual + layer)
+    assert checkpointed["activations"] == pytest.approx(before["activations"] / cut)
+
+    changes = plan["alternatives"]
+    totals = [before["total"]]
+    for change in changes:
+        settings = SUGGESTED[change["change"]](settings)
+        totals.append(estimate_memory(shape, settings)["total"])
+        assert change["total_gib"] == pytest.approx(totals[-1] / GIB)
+    assert all(later < earlier for earlier, later in zip(totals, totals[1:], strict=False))  # each one helps
+    assert totals[-1] <= gpu_memory_gb * 1e9 < totals[-2]  # fits after the last change, not before it
+    # At 24 GB checkpointing alone fits; at 16 GB only QLoRA, after all the cheaper knobs, does.
+    labels = [change["change"] for change in changes]
+    assert labels == (list(SUGGESTED) if gpu_memory_gb == 16 else ["sft.gradient_checkpointing=true"])
+    printed = format_plan(plan).split("would fit with these changes together")[1].splitlines()[1:]
+    assert printed == [f"    + {label}: {total / 1e9:.1f} GB" for label, total in zip(labels, totals[1:], strict=True)]
 
 
 def test_the_weights_follow_the_load_dtype():
