@@ -1,5 +1,6 @@
 """Merge verification on each architecture: LoRA plus a module trained in full (``modules_to_save``), in float32
-and bfloat16, and a check that fails when the merge does not reproduce base+adapter."""
+and bfloat16, and a check that fails when the merge does not reproduce base+adapter; a merged model missing a
+tensor is refused by the completeness check and by every load."""
 
 from __future__ import annotations
 
@@ -11,12 +12,14 @@ import torch
 from conftest import PROJECT_ROOT, chat_encoder
 from peft import LoraConfig, get_peft_model
 from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 from vlm_pipeline.adapters import MergeVerificationError, merge_and_verify
 from vlm_pipeline.architectures import load_model
 from vlm_pipeline.config.schema import MergeTolerance
 from vlm_pipeline.data.encoding import encode_record
 from vlm_pipeline.data.formats import normalise_record
+from vlm_pipeline.model_files import IncompleteModelError, check_full_model
 
 # The module trained outside LoRA for each architecture: the vision-language projector of both VLMs, the head
 # of the text model.
@@ -82,6 +85,18 @@ def test_merge_keeps_modules_to_save_and_matches_base_plus_adapter(arch, tiny_mo
             atol = 0 if dtype == "float32" else 1e-2
             assert torch.allclose(merged[key], tensor, atol=atol), key
             assert not torch.allclose(merged[key], load_model(base).state_dict()[key], atol=1e-3), key
+
+    # The merged model with a tensor cut out: its check names it, and no later stage can load it.
+    merged_dir = tmp_path / "merged-float32"
+    assert check_full_model(merged_dir, base)["matches_base"]
+    tensors = load_file(merged_dir / "model.safetensors")
+    cut = next(key for key in tensors if key.endswith("layers.0.mlp.down_proj.weight"))
+    del tensors[cut]
+    save_file(tensors, merged_dir / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(IncompleteModelError, match=r"1 tensor\(s\) missing: \S*layers\.0\.mlp\.down_proj\.weight$"):
+        check_full_model(merged_dir, base)
+    with pytest.raises(IncompleteModelError, match=r"1 tensor\(s\) missing from the checkpoint: \S*layers\.0\.mlp\."):
+        load_model(merged_dir)
 
 
 def test_merge_check_fails_the_merge_beyond_tolerance(tiny_models, tmp_path):

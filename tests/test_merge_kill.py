@@ -18,6 +18,7 @@ import pytest
 from conftest import copy_project, run_kedro
 
 from vlm_pipeline.architectures import load_model
+from vlm_pipeline.model_files import check_full_model
 
 pytestmark = pytest.mark.slow  # Kedro sessions, subprocesses or training runs: `make test` only
 
@@ -57,5 +58,6 @@ def test_killed_merge_keeps_the_previous_model(tmp_path, tiny_models, monkeypatc
     assert merge.returncode == -signal.SIGKILL
 
     assert {path.name: digest(path) for path in merged.iterdir()} == before  # the previous output, untouched
-    assert load_model(merged) is not None  # and complete: from_pretrained alone
+    assert check_full_model(merged, tiny_models["qwen2_5_vl"])["matches_base"]  # and complete: every base tensor
+    load_model(merged)  # loadable on its own (a missing tensor fails the load)
     assert list(merged.parent.glob(".merged.staging-*"))  # the interrupted work stayed in its hidden staging folder

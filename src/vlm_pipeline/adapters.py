@@ -17,6 +17,7 @@ from peft import PeftModel
 from safetensors import safe_open
 
 from vlm_pipeline.architectures import architecture_for_model, load_model, load_processor
+from vlm_pipeline.model_files import check_full_model
 from vlm_pipeline.training.collator import SFTCollator
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
@@ -113,6 +114,7 @@ def merge_and_verify(
     merged = peft_model.merge_and_unload()
     merged.save_pretrained(str(dest), safe_serialization=True)
     processor.save_pretrained(str(dest))
+    check_full_model(dest, base_model)  # every base tensor saved, in its shape (IncompleteModelError)
 
     reloaded = load_model(
         dest, dtype=torch_dtype, trust_remote_code=trust_remote_code, attn_implementation=attn_implementation

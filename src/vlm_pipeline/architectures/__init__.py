@@ -19,6 +19,7 @@ from vlm_pipeline.architectures import llama, mllama, qwen2_5_vl
 from vlm_pipeline.architectures.base import Architecture
 from vlm_pipeline.config.schema import PreprocessingParams
 from vlm_pipeline.data.labels import ChatEncoder
+from vlm_pipeline.model_files import check_loading_info
 
 logger = logging.getLogger(__name__)
 
@@ -128,11 +129,14 @@ def load_model(
     dtype). ``quantization_config`` (a ``BitsAndBytesConfig``) loads the base quantized, for LoRA/QLoRA training.
     """
     model_class = architecture_for_model(model_dir).model_class
-    return model_class.from_pretrained(
+    model, info = model_class.from_pretrained(
         str(model_dir),
         dtype=dtype,
         trust_remote_code=trust_remote_code,
         use_safetensors=True,
         quantization_config=quantization_config,
         attn_implementation=attn_implementation,
+        output_loading_info=True,
     )
+    check_loading_info(Path(model_dir), info)  # transformers fills a missing tensor at random and only warns
+    return model

@@ -15,6 +15,8 @@ from pathlib import Path
 
 from transformers import PreTrainedModel
 
+from vlm_pipeline.model_files import check_loading_info
+
 logger = logging.getLogger(__name__)
 
 CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
@@ -72,7 +74,9 @@ def load_full_model_weights(model: PreTrainedModel, checkpoint: Path) -> None:
     says so, and training silently continues from the base weights. ``from_pretrained`` maps the names back;
     anything still unmatched stops the run."""
     dtype = next(model.parameters()).dtype
-    saved = type(model).from_pretrained(checkpoint, dtype=dtype, config=model.config).state_dict()
+    loaded, info = type(model).from_pretrained(checkpoint, dtype=dtype, config=model.config, output_loading_info=True)
+    check_loading_info(checkpoint, info)  # a tensor the checkpoint lacks would be resumed from random values
+    saved = loaded.state_dict()
     result = model.load_state_dict(saved, strict=False)
     unmatched = [*result.missing_keys, *result.unexpected_keys]
     if unmatched:

@@ -32,6 +32,7 @@ from trl import SFTConfig, SFTTrainer
 from vlm_pipeline.architectures import Architecture, architecture_for_model, load_model, load_processor
 from vlm_pipeline.atomic import link_tree, replace_dir_atomic, staging_dir_for
 from vlm_pipeline.config.run import RunConfig
+from vlm_pipeline.model_files import IncompleteModelError, check_saved_model
 from vlm_pipeline.reporting.tables import format_parameter_table
 from vlm_pipeline.training import cpu_distributed
 from vlm_pipeline.training.checkpoints import (
@@ -79,6 +80,19 @@ def build_sft_config(config: RunConfig, mixed_modalities: bool = False) -> SFTCo
 
 class NonFiniteTrainingError(TrainingStopped):
     """The loss or gradient norm became NaN or infinite; the message names the optimizer step."""
+
+
+class IncompleteSaveError(TrainingStopped):
+    """The saved model (or adapter) lacks tensors of its base (or of its targets); the message names them."""
+
+
+def check_final_model(final_dir: Path, base: Path, step: int) -> None:
+    """Stop the run when the model it saved is not complete (``model_files``): a full model must hold the base's
+    tensors in their shapes, an adapter LoRA weights for each module it targets."""
+    try:
+        check_saved_model(final_dir, base)
+    except IncompleteModelError as error:
+        raise IncompleteSaveError(f"training stopped after optimizer step {step}: {error}") from error
 
 
 class VLMSFTTrainer(MeteredTraining, GuardedTraining, ComponentLearningRates, SFTTrainer):
@@ -278,7 +292,7 @@ def run(config: RunConfig, tracking: tuple[str, str] | None = None) -> None:
     # The main process tidies incomplete checkpoints away; every rank then resumes from the same folder.
     choice = [last_complete_checkpoint(checkpoints) if trainer.is_world_process_zero() else None]
     resume = broadcast_object_list(choice)[0]
-    if resume is not None and trainer.is_world_process_zero():
+    if resume is not None and trainer.is_local_process_zero():  # each machine's log names what it resumes from
         print(f"vlm-pipeline: resuming from {resume} (the newest complete checkpoint)", flush=True)
     trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     if stop.stopped_at is not None:
@@ -291,6 +305,7 @@ def run(config: RunConfig, tracking: tuple[str, str] | None = None) -> None:
     # main process writes (transformers checks should_save), and only it writes the files below.
     trainer.save_model(str(final_dir))
     if trainer.is_world_process_zero():
+        check_final_model(final_dir, config.base_model, trainer.state.global_step)  # before it is kept as final
         # The Trainer pickles its arguments beside the weights; the run config JSON already records them.
         (final_dir / "training_args.bin").unlink(missing_ok=True)
         (final_dir / "run_info.json").write_text(json.dumps(engine_record(trainer), indent=2))

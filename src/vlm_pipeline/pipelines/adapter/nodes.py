@@ -10,6 +10,7 @@ from vlm_pipeline.adapters import copy_adapter, is_model_file, merge_and_verify
 from vlm_pipeline.atomic import link_tree
 from vlm_pipeline.config.run import RunContext
 from vlm_pipeline.config.schema import AdapterParams
+from vlm_pipeline.model_files import check_full_model
 
 
 def extract_adapter(trained_model: Path, adapter_staging: Path) -> tuple[Path, dict]:
@@ -42,8 +43,9 @@ def merge_adapter(
     return merged_model_staging, check
 
 
-def pass_through_full_model(trained_model: Path, merged_model_staging: Path) -> tuple[Path, dict]:
+def pass_through_full_model(context: RunContext, trained_model: Path, merged_model_staging: Path) -> tuple[Path, dict]:
     """A full fine-tune is already a standalone model: hard-link its model files (not the logs beside them) into
-    place as the merged model."""
+    place as the merged model, once its tensors are checked against the base's (``IncompleteModelError``)."""
+    check_full_model(trained_model, context.base_model)
     staged = link_tree(trained_model, merged_model_staging, only=is_model_file)
     return staged, {"method": "full_ft", "merged": False, "reason": "full fine-tuning has no adapter to merge"}

@@ -13,11 +13,11 @@ def create_pipeline(variant: str) -> Pipeline:
     if variant == "full_ft":
         pass_through = Node(
             pass_through_full_model,
-            inputs=["trained_model", "merged_model_staging"],
+            inputs=["run_context", "trained_model", "merged_model_staging"],
             outputs=["merged_model", "merge_check"],
             name="pass_through_full_model",
         )
-        return Pipeline(stage([pass_through]), tags="adapter", namespace=variant)
+        return Pipeline(stage([pass_through]), tags="adapter", namespace=variant, inputs={"run_context"})
     nodes = [
         Node(
             extract_adapter,
