@@ -20,6 +20,7 @@ from safetensors import safe_open
 
 from vlm_pipeline.architectures import load_model
 from vlm_pipeline.config.run import RunConfig
+from vlm_pipeline.model_files import check_full_model
 
 pytestmark = pytest.mark.slow  # Kedro sessions, subprocesses or training runs: `make test` only
 
@@ -195,7 +196,7 @@ def test_lora_chain_on_qwen2_5_vl(project, tiny_models, monkeypatch):
     summary = json.loads((project / "data/06_models/lora/adapter_summary.json").read_text())
     assert summary["tensors"] == count and summary["parameters"] > 0 and summary["r"] == 16
     merged = project / "data/06_models/lora/merged"
-    assert load_model(merged) is not None  # from_pretrained alone
+    assert check_full_model(merged, tiny_models["qwen2_5_vl"])["matches_base"]  # every base tensor, in its shape
     assert_clean_model_folder(merged)
     check = json.loads((project / "data/08_reporting/lora/merge_check.json").read_text())
     assert check["passed"] and check["max_abs_diff"] < 1e-4 and check["records"] > 0

@@ -22,6 +22,7 @@ from datasets import load_from_disk
 
 from vlm_pipeline.architectures import load_model
 from vlm_pipeline.config.run import RunConfig
+from vlm_pipeline.model_files import check_full_model
 from vlm_pipeline.training.launcher import launch_command
 
 # Subprocesses and training runs (`make test` only). Under pytest-xdist, multi-process launches run one at a
@@ -102,7 +103,10 @@ def assert_one_run_on_two_nodes(config_path: Path, logs: Path, data: Path, engin
     assert (config.checkpoint_dir / "final/model.safetensors").is_file()
     losses = [e["loss"] for e in json.loads((config.final_dir / "training_history.json").read_text()) if "loss" in e]
     assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5
-    load_model(config.final_dir)  # a complete model (ZeRO-3 gathers its shards), loadable on its own
+    # A complete model (ZeRO-3 gathers its shards): the base's tensors, each in its shape; and loadable on its own,
+    # which fails on a missing tensor rather than filling it at random.
+    assert check_full_model(config.final_dir, config.base_model)["matches_base"]
+    load_model(config.final_dir)
 
 
 @pytest.mark.parametrize(
