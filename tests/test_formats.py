@@ -111,6 +111,88 @@ def test_placeholders_stay_where_they_are(tmp_path):
     assert record["images"] == ["images/a.png"]
 
 
+def text(value: str) -> dict:
+    return {"type": "text", "text": value}
+
+
+IMAGE = {"type": "image"}
+# Lines as a user's file holds them, written by hand from each dialect's public description (not by our writer,
+# which shares the reader's constants), with what they must read as: (role, parts) per turn, then the images.
+HAND_WRITTEN = {
+    "openai_image_url": (
+        '{"messages": [{"role": "system", "content": "You compare shapes."}, {"role": "user", "content": [{"type": '
+        '"text", "text": "Is this one"}, {"type": "image_url", "image_url": {"url": "images/b.png"}}, {"type": '
+        '"text", "text": "larger than this one?"}, {"type": "image_url", "image_url": {"url": "images/a.png", '
+        '"detail": "low"}}]}, {"role": "assistant", "content": "No, they are the same size."}]}',
+        [
+            ("system", [text("You compare shapes.")]),
+            ("user", [text("Is this one"), IMAGE, text("larger than this one?"), IMAGE]),
+            ("assistant", [text("No, they are the same size.")]),
+        ],
+        ["images/b.png", "images/a.png"],
+    ),
+    "trl_single_image": (
+        '{"image": "images/a.png", "messages": [{"role": "user", "content": [{"type": "image"}, {"type": "text", '
+        '"text": "What colour is the square?"}]}, {"role": "assistant", "content": [{"type": "text", "text": '
+        '"Red."}]}]}',
+        [("user", [IMAGE, text("What colour is the square?")]), ("assistant", [text("Red.")])],
+        ["images/a.png"],
+    ),
+    "llava": (
+        '{"id": "000017", "image": "images/b.png", "conversations": [{"from": "human", "value": "<image>\\nWhat '
+        'colour is the shape?"}, {"from": "gpt", "value": "Blue."}, {"from": "human", "value": "Is it filled?"}, '
+        '{"from": "gpt", "value": "Yes, entirely."}]}',
+        [
+            ("user", [IMAGE, text("\nWhat colour is the shape?")]),
+            ("assistant", [text("Blue.")]),
+            ("user", [text("Is it filled?")]),
+            ("assistant", [text("Yes, entirely.")]),
+        ],
+        ["images/b.png"],
+    ),
+    "sharegpt": (
+        '{"conversations": [{"from": "human", "value": "<image><image>Which picture is blue?"}, {"from": "gpt", '
+        '"value": "The second."}], "system": "Answer in a few words.", "images": ["images/a.png", "images/b.png"]}',
+        [
+            ("system", [text("Answer in a few words.")]),
+            ("user", [IMAGE, IMAGE, text("Which picture is blue?")]),
+            ("assistant", [text("The second.")]),
+        ],
+        ["images/a.png", "images/b.png"],
+    ),
+    "llava_instruct_mix_row": (
+        '{"messages": [{"content": [{"index": 0, "text": null, "type": "image"}, {"index": null, "text": "What '
+        'colour is this?", "type": "text"}], "role": "user"}, {"content": [{"index": null, "text": "Red.", '
+        '"type": "text"}], "role": "assistant"}], "images": ["images/a.png"]}',
+        [("user", [IMAGE, text("What colour is this?")]), ("assistant", [text("Red.")])],
+        ["images/a.png"],
+    ),
+    "alpaca": (
+        '{"instruction": "Give the plural of the word.", "input": "mouse", "output": "mice"}',
+        [("user", [text("Give the plural of the word.\n\nmouse")]), ("assistant", [text("mice")])],
+        [],
+    ),
+    "alpaca_no_input": (
+        '{"instruction": "Name a primary colour.", "input": "", "output": "Red."}',
+        [("user", [text("Name a primary colour.")]), ("assistant", [text("Red.")])],
+        [],
+    ),
+}
+
+
+@pytest.mark.parametrize("dialect", sorted(HAND_WRITTEN))
+def test_a_hand_written_line_of_each_dialect_reads_as_its_turns(dialect, tmp_path):
+    (tmp_path / "images").mkdir()
+    for name, colour in (("a.png", "red"), ("b.png", "blue")):
+        Image.new("RGB", (8, 8), colour).save(tmp_path / "images" / name)
+    written, turns, images = HAND_WRITTEN[dialect]
+    result = validate_lines([written.encode()], tmp_path, max_image_pixels=MAX_PIXELS)
+    assert result.quarantine == []
+    (record,) = result.valid
+    assert [(message["role"], message["content"]) for message in record["messages"]] == turns
+    assert record["images"] == images
+
+
 def test_a_mixed_bad_file_quarantines_each_line_with_its_reason(tmp_path):
     root = tmp_path / "data"
     (root / "images").mkdir(parents=True)
