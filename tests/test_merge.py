@@ -5,6 +5,7 @@ tensor is refused by the completeness check and by every load."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -116,4 +117,28 @@ def test_merge_check_fails_the_merge_beyond_tolerance(tiny_models, tmp_path):
             tmp_path / "merged",
             dtype="bfloat16",
             tolerance={**TOLERANCE, "bfloat16": 1e-5},
+        )
+
+
+def test_a_merge_that_loses_a_base_tensor_stops_naming_it(tiny_models, tmp_path):
+    """The merge stage checks what it saved against the base checkpoint: a tensor the base holds and the loaded
+    model drops (so the merged save lacks it) stops the merge, named."""
+    raw_name, module = CASES["llama"]
+    base = tmp_path / "base"
+    shutil.copytree(tiny_models["llama"], base)
+    tensors = load_file(base / "model.safetensors")
+    tensors["model.layers.0.mlp.extra.weight"] = tensors["model.layers.0.mlp.down_proj.weight"].clone()
+    save_file(tensors, base / "model.safetensors", metadata={"format": "pt"})
+    trained_adapter(base, module, tmp_path / "adapter")
+    (tmp_path / "merged").mkdir()
+    with pytest.raises(IncompleteModelError, match=r"1 tensor\(s\) missing: model\.layers\.0\.mlp\.extra\.weight$"):
+        merge_and_verify(
+            base,
+            tmp_path / "adapter",
+            base,
+            check_rows(base, PROJECT_ROOT / raw_name),
+            PROJECT_ROOT / raw_name,
+            tmp_path / "merged",
+            dtype="float32",
+            tolerance=TOLERANCE,
         )
