@@ -100,45 +100,30 @@ def test_merge_keeps_modules_to_save_and_matches_base_plus_adapter(arch, tiny_mo
         load_model(merged_dir)
 
 
+def merge_llama_adapter(base: Path, tmp_path: Path, dtype: str, tolerance: dict[str, float]) -> dict:
+    """Train a tiny Llama adapter over ``base`` and merge it into ``tmp_path/merged``."""
+    raw_name, module = CASES["llama"]
+    trained_adapter(base, module, tmp_path / "adapter")
+    (tmp_path / "merged").mkdir()
+    raw, merged = PROJECT_ROOT / raw_name, tmp_path / "merged"
+    rows = check_rows(base, raw)
+    return merge_and_verify(base, tmp_path / "adapter", base, rows, raw, merged, dtype=dtype, tolerance=tolerance)
+
+
 def test_merge_check_fails_the_merge_beyond_tolerance(tiny_models, tmp_path):
     """The bf16 merge really differs from bf16 base+adapter by rounding: a tolerance below that must fail, naming
     the measured difference and the float32 remedy."""
-    raw_name, module = CASES["llama"]
-    base = tiny_models["llama"]
-    trained_adapter(base, module, tmp_path / "adapter")
-    (tmp_path / "merged").mkdir()
     with pytest.raises(MergeVerificationError, match=r"max \|Δlogits\|.*relative.*merge_dtype=float32"):
-        merge_and_verify(
-            base,
-            tmp_path / "adapter",
-            base,
-            check_rows(base, PROJECT_ROOT / raw_name),
-            PROJECT_ROOT / raw_name,
-            tmp_path / "merged",
-            dtype="bfloat16",
-            tolerance={**TOLERANCE, "bfloat16": 1e-5},
-        )
+        merge_llama_adapter(tiny_models["llama"], tmp_path, "bfloat16", {**TOLERANCE, "bfloat16": 1e-5})
 
 
 def test_a_merge_that_loses_a_base_tensor_stops_naming_it(tiny_models, tmp_path):
     """The merge stage checks what it saved against the base checkpoint: a tensor the base holds and the loaded
     model drops (so the merged save lacks it) stops the merge, named."""
-    raw_name, module = CASES["llama"]
     base = tmp_path / "base"
     shutil.copytree(tiny_models["llama"], base)
     tensors = load_file(base / "model.safetensors")
     tensors["model.layers.0.mlp.extra.weight"] = tensors["model.layers.0.mlp.down_proj.weight"].clone()
     save_file(tensors, base / "model.safetensors", metadata={"format": "pt"})
-    trained_adapter(base, module, tmp_path / "adapter")
-    (tmp_path / "merged").mkdir()
     with pytest.raises(IncompleteModelError, match=r"1 tensor\(s\) missing: model\.layers\.0\.mlp\.extra\.weight$"):
-        merge_and_verify(
-            base,
-            tmp_path / "adapter",
-            base,
-            check_rows(base, PROJECT_ROOT / raw_name),
-            PROJECT_ROOT / raw_name,
-            tmp_path / "merged",
-            dtype="float32",
-            tolerance=TOLERANCE,
-        )
+        merge_llama_adapter(base, tmp_path, "float32", TOLERANCE)
