@@ -1,9 +1,10 @@
-"""A NaN loss is a failure: the run stops at the step where it appears, before the optimizer applies it, and
-the checkpoints written before it stay the newest ones."""
+"""A NaN loss or an infinite gradient norm is a failure: the run stops at the step where it appears, before the
+optimizer applies it, and the checkpoints written before it stay the newest ones."""
 
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -20,7 +21,19 @@ pytestmark = pytest.mark.slow  # Kedro sessions, subprocesses or training runs: 
 POISON = 7  # a token id only the third row contains
 
 
-def test_a_nan_loss_stops_the_run_naming_the_step_and_keeps_the_checkpoints_before_it(tiny_models, tmp_path):
+def assert_weights_are_the_checkpoints(model: torch.nn.Module, checkpoint: Path) -> dict[str, torch.Tensor]:
+    """The weights in memory when the run stopped are those saved after the last good step: the bad step's
+    update was never applied (an applied one moves every weight, through Adam's momentum if not its gradient).
+    Returns the checkpoint's weights."""
+    saved = load_model(checkpoint).state_dict()
+    in_memory = model.state_dict()
+    assert set(in_memory) == set(saved)
+    changed = [name for name, tensor in in_memory.items() if not torch.equal(tensor, saved[name])]
+    assert not changed, f"{len(changed)} tensors differ from {checkpoint.name}, e.g. {changed[:3]}"
+    return saved
+
+
+def test_a_non_finite_gradient_norm_then_loss_stop_the_run_before_the_optimizer_step(tiny_models, tmp_path):
     # The base model with one embedding row at infinity: any row holding that token gives a NaN loss.
     base = tmp_path / "poisoned"
     shutil.copytree(tiny_models["llama"], base)
@@ -62,11 +75,23 @@ def test_a_nan_loss_stops_the_run_naming_the_step_and_keeps_the_checkpoints_befo
         sft=sft,
         method={"learning_rate": 1e-3},
     )
+    checkpoints = tmp_path / "out" / "checkpoints"
+
+    # Step 2's loss is finite, but one weight's gradient is made infinite on its way back: the gradient norm is.
+    trainer = build_trainer(config)
+    weight = trainer.model.get_decoder().layers[0].mlp.down_proj.weight
+    weight.register_hook(lambda grad: torch.full_like(grad, float("inf")) if trainer.state.global_step == 1 else grad)
+    with pytest.raises(NonFiniteTrainingError, match=r"optimizer step 2: the gradient norm is inf.*checkpoint-1"):
+        trainer.train()
+    newest = last_complete_checkpoint(next(checkpoints.iterdir()))
+    assert newest is not None and newest.name == "checkpoint-1"
+    assert_weights_are_the_checkpoints(trainer.model, newest)
+
+    # Resumed from there without the hook, step 2 passes and step 3's row gives a NaN loss.
     trainer = build_trainer(config)
     with pytest.raises(NonFiniteTrainingError, match=r"optimizer step 3: the loss is nan.*checkpoint-2"):
-        trainer.train()
-    checkpoints = tmp_path / "out" / "checkpoints"
+        trainer.train(resume_from_checkpoint=str(newest))
     newest = last_complete_checkpoint(next(checkpoints.iterdir()))
     assert newest is not None and newest.name == "checkpoint-2"
-    saved = load_model(newest)
-    assert all(torch.isfinite(p).all() for name, p in saved.named_parameters() if "embed_tokens" not in name)
+    saved = assert_weights_are_the_checkpoints(trainer.model, newest)
+    assert all(torch.isfinite(tensor).all() for name, tensor in saved.items() if "embed_tokens" not in name)
