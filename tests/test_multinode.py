@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -163,7 +164,19 @@ def test_a_killed_node_stops_the_other_with_its_name_and_both_resume(tmp_path, t
     errors = [line for line in (logs / "node0.log").read_text().splitlines() if "by peer" in line]
     assert errors and all("[127.0.0.1]:" in line for line in errors), errors
 
+    # Where both machines must resume: the newest checkpoint whose trainer_state.json (written last) is whole.
+    def whole(state: Path) -> bool:
+        try:
+            return bool(json.loads(state.read_text()))
+        except ValueError:
+            return False
+
+    saved = [state.parent for state in checkpoints.glob("checkpoint-*/trainer_state.json") if whole(state)]
+    newest = max(saved, key=lambda path: int(path.name.removeprefix("checkpoint-")))
+
     logs = tmp_path / "rerun"
     nodes = start_nodes(accelerate_nodes(accelerate_config, config, free_port()), logs)
     assert wait_all(nodes, logs) == [0, 0]
-    assert "resuming from" in (logs / "node0.log").read_text()
+    # Each machine's log names the checkpoint it resumed from: both the same, the newest complete one.
+    resumed = [re.findall(r"resuming from (\S+) ", (logs / f"node{rank}.log").read_text()) for rank in (0, 1)]
+    assert resumed == [[str(newest)], [str(newest)]], resumed
