@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
+import offline
 import pytest
 
 # `make test` runs the suite in pytest-xdist workers, one per core: one intra-op thread each (torch, and the
@@ -177,3 +179,21 @@ def launched_run_config(
         method=method or {"learning_rate": 1e-3},
     )
     return write_run_config(config, out / "run_config.json")
+
+
+@pytest.fixture
+def network_blocked(tmp_path_factory, monkeypatch) -> Iterator[Path]:
+    """The network blocked for this test's processes (``tests/offline.py``): in this process, and through the
+    environment in every Python process it starts. Returns the log of attempts; any attempt fails the test, but for
+    the tolerated hosts (``offline.TOLERATED``: blocked too, nothing the run needs)."""
+    folder = tmp_path_factory.mktemp("offline")
+    log = folder / "attempts.log"
+    for name, value in offline.child_environment(folder, log).items():
+        monkeypatch.setenv(name, value)
+    offline.block(log)
+    try:
+        yield log
+    finally:
+        offline.unblock()
+    tried = [attempt for attempt in offline.attempts(log) if attempt["host"] not in offline.TOLERATED]
+    assert not tried, "a process of this test tried the network:\n" + "\n".join(map(offline.describe, tried))

@@ -180,8 +180,12 @@ def assert_clean_model_folder(folder: Path) -> None:
     assert not names & {"training_history.json", "run_info.json", "trainable_parameters.json", "run_config.json"}
 
 
-def test_lora_chain_on_qwen2_5_vl(project, tiny_models, monkeypatch):
-    """The default configuration, unshortened: the tuned model must generalise to the held-out test set."""
+def test_lora_chain_on_qwen2_5_vl(project, tiny_models, monkeypatch, network_blocked):
+    """The default configuration, unshortened: the tuned model must generalise to the held-out test set.
+
+    With the network blocked for the Kedro session and the trainer's processes (the README: nothing is downloaded
+    at run time); the fixture fails the test if any of them tried to connect, but for MLflow's usage telemetry
+    (``offline.TOLERATED``, blocked all the same)."""
     shutil.copytree(tiny_models["qwen2_5_vl"], project / "data/00_base_models/tiny-qwen2_5_vl")
     monkeypatch.setenv("HF_TOKEN", HUB_TOKEN)  # as a user with a hub login would run it
     run_kedro(project, "lora", short=False)
