@@ -120,6 +120,11 @@ def attempts(log: Path) -> list[dict]:
     return [json.loads(line) for line in lines]
 
 
+def untolerated(log: Path) -> list[dict]:
+    """The attempts that fail a test: all but those to the TOLERATED hosts."""
+    return [attempt for attempt in attempts(log) if attempt["host"] not in TOLERATED]
+
+
 def describe(attempt: dict) -> str:
     return f"{attempt['event']} to {attempt['host']} from pid {attempt['pid']} {attempt['argv']}:\n" + "".join(
         attempt["stack"][-12:]

@@ -12,7 +12,7 @@ import sys
 import time
 
 import pytest
-from offline import OFFLINE_VARIABLES, NetworkBlocked, attempts
+from offline import OFFLINE_VARIABLES, TOLERATED, NetworkBlocked, attempts, untolerated
 
 pytestmark = pytest.mark.slow  # a subprocess: `make test` only
 
@@ -55,6 +55,9 @@ def test_the_network_is_blocked_in_this_process_and_its_children(network_blocked
         with pytest.raises(NetworkBlocked, match="example.com"):
             socket.create_connection(("example.com", 80), timeout=3)
         assert time.monotonic() - start < 0.5, "no name lookup before the block"
+        (tolerated,) = TOLERATED
+        with pytest.raises(NetworkBlocked):  # tolerated: blocked all the same
+            socket.create_connection((tolerated, 443), timeout=3)
         socket.create_connection(("127.0.0.1", port), timeout=3).close()
 
         child = subprocess.run(
@@ -81,9 +84,11 @@ def test_the_network_is_blocked_in_this_process_and_its_children(network_blocked
     log = attempts(network_blocked)
     assert [(attempt["event"], attempt["host"]) for attempt in log] == [
         ("socket.getaddrinfo", "example.com"),
+        ("socket.getaddrinfo", tolerated),
         ("socket.getaddrinfo", "example.com"),
         ("socket.connect", "10.255.255.1"),
         ("socket.sendto", "192.0.2.1"),
     ], log
-    assert log[0]["pid"] == os.getpid() and {attempt["pid"] for attempt in log[1:]} == {child_pid}, log
+    assert {attempt["pid"] for attempt in log[:2]} == {os.getpid()} and {a["pid"] for a in log[2:]} == {child_pid}, log
+    assert untolerated(network_blocked) == [log[0], *log[2:]]  # what fails a test under the fixture
     network_blocked.unlink()
