@@ -15,7 +15,13 @@ import mlflow
 import mlflow.models
 import mlflow.pyfunc
 import pytest
-from conftest import SHORT_TRAINING
+from conftest import PROJECT_ROOT, SHORT_TRAINING
+
+from vlm_pipeline.architectures import architecture_for_model, load_chat_encoder, load_model
+from vlm_pipeline.config.schema import PreprocessingParams
+from vlm_pipeline.data.formats import message_text
+from vlm_pipeline.mlflow_model import log_model
+from vlm_pipeline.scoring import generate_answers
 
 pytestmark = pytest.mark.slow  # a Kedro session with a training run
 
@@ -131,6 +137,29 @@ def test_a_run_names_itself_and_records_commit_inputs_and_predictions(project, t
     first = json.loads(predictions[0])
     prompt = "".join(part["text"] for part in first["prompt"] if part["type"] == "text")
     assert model.predict([{"prompt": prompt}]) == [first["tuned"]]
+
+    # An image prompt: a vision model logged the same way (the tiny Qwen2.5-VL twin as the merged folder) answers
+    # each row with its own image, as the evaluation's generation answers that test record.
+    qwen = tiny_models["qwen2_5_vl"]
+    vision_run = client.create_run(experiment.experiment_id).info.run_id
+    log_model(vision_run, qwen, None, max_new_tokens=16)
+    vision = mlflow.pyfunc.load_model(f"runs:/{vision_run}/model")
+    shapes = PROJECT_ROOT / "data/01_raw/shapes_vqa"
+    records = [json.loads(line) for line in (shapes / "test.jsonl").read_text().splitlines()[:2]]
+    rows = [{"prompt": message_text(r["messages"][0]), "image": str(shapes / r["images"][0])} for r in records]
+    evaluated = generate_answers(
+        load_model(qwen).eval(),
+        load_chat_encoder(qwen, PreprocessingParams()),
+        architecture_for_model(qwen),
+        records,
+        shapes,
+        max_new_tokens=16,
+        batch_size=1,
+    )
+    # The same question about two images gets two answers, and without its image a third: the image is read.
+    text_only = vision.predict([{"prompt": rows[0]["prompt"]}])
+    assert rows[0]["prompt"] == rows[1]["prompt"] and len({*evaluated, *text_only}) == 3
+    assert vision.predict(rows) == evaluated
 
 
 def test_the_stages_of_one_chain_share_a_parent_run(project, tiny_models, monkeypatch):
