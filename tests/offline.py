@@ -5,8 +5,7 @@ It is a Python audit hook (PEP 578), not a patched `socket`: the interpreter cal
 `connect_ex`, `getaddrinfo`, `sendto`..., whoever calls them (requests, httpx, urllib3, MLflow, huggingface_hub).
 Children get it from a `sitecustomize.py` put first on their PYTHONPATH; Python imports that module at start-up.
 Loopback stays open (accelerate and torch.distributed rendezvous on localhost TCP), and so do Unix sockets.
-Not covered: native code that opens sockets itself (a C++ or Rust HTTP client); the hub's offline switches in the
-children's environment cover huggingface_hub's Rust downloader.
+Not covered: native code that opens sockets itself (a C++ or Rust HTTP client).
 
 A blocked attempt is also written to a log, because a library may catch the error and carry on (huggingface_hub
 falls back to its cache on a connection error): the fixture fails a test whose processes tried at all, except for
