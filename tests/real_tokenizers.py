@@ -20,7 +20,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
-from transformers import PreTrainedTokenizerFast
+from transformers import (
+    MllamaImageProcessor,
+    MllamaProcessor,
+    PreTrainedTokenizerFast,
+    Qwen2_5_VLProcessor,
+    Qwen2VLImageProcessor,
+    Qwen2VLVideoProcessor,
+)
+
+from vlm_pipeline.architectures import mllama, qwen2_5_vl
 
 # The checkpoints' chat templates as the project ships them (byte-identical to shared/real_checkpoints/).
 MODEL_CONFIGS = Path(__file__).resolve().parents[1] / "conf" / "model_configs"
@@ -280,4 +289,26 @@ def real_tokenizer(family: str) -> PreTrainedTokenizerFast:
         model_max_length=131072,
         clean_up_tokenization_spaces=False,  # Llama's config says True, but transformers 5 ignores it for BPE
         **extra,
+    )
+
+
+def real_processor(arch: str):
+    """The real tokenizer (128k/152k vocabulary) inside the real processor classes and settings."""
+    if arch == "llama":
+        return real_tokenizer("llama3")
+    if arch == "qwen2_5_vl":
+        settings = qwen2_5_vl.REAL.image_processor_settings()
+        return Qwen2_5_VLProcessor(
+            image_processor=Qwen2VLImageProcessor(**settings),
+            tokenizer=real_tokenizer("qwen2"),
+            video_processor=Qwen2VLVideoProcessor(**settings),
+            chat_template=qwen2_5_vl.REAL.chat_template(),
+        )
+    tokenizer = real_tokenizer("llama3")
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|image|>"]})  # id 128256, as in 3.2-Vision
+    assert tokenizer.convert_tokens_to_ids("<|image|>") == 128256
+    return MllamaProcessor(
+        image_processor=MllamaImageProcessor(**mllama.REAL.image_processor_settings()),
+        tokenizer=tokenizer,
+        chat_template=mllama.REAL.chat_template(),
     )

@@ -10,7 +10,7 @@ import torch
 from conftest import PROJECT_ROOT, chat_encoder, run_context
 
 from vlm_pipeline.architectures import get_architecture, load_processor
-from vlm_pipeline.config.schema import PreprocessingParams
+from vlm_pipeline.config.schema import ConfigError, PreprocessingParams
 from vlm_pipeline.data.encoding import IGNORE_INDEX, TOO_LONG, encode_messages, encode_record, load_images
 from vlm_pipeline.data.formats import normalise_record
 
@@ -171,7 +171,7 @@ def test_padding_free_batches_give_the_padded_loss_without_pad_tokens(tiny_model
         alone = model(input_ids=torch.tensor([rows[1]["input_ids"]])).logits[0]
         assert torch.allclose(model(**flat).logits[0, second], alone, atol=1e-5)
 
-    with pytest.raises(ValueError, match="text-only"):
+    with pytest.raises(ConfigError, match="mllama records cannot be packed.*sft.max_tokens_per_batch"):
         SFTCollator(load_processor(tiny_models["mllama"]), get_architecture("mllama"), SHAPES, padding_free=True)
 
 

@@ -9,16 +9,9 @@ import json
 import pytest
 from conftest import PROJECT_ROOT, chat_encoder, run_context
 from PIL import Image
-from real_tokenizers import real_tokenizer
-from transformers import (
-    MllamaImageProcessor,
-    MllamaProcessor,
-    Qwen2_5_VLProcessor,
-    Qwen2VLImageProcessor,
-    Qwen2VLVideoProcessor,
-)
+from real_tokenizers import real_processor
 
-from vlm_pipeline.architectures import get_architecture, mllama, qwen2_5_vl
+from vlm_pipeline.architectures import get_architecture, mllama
 from vlm_pipeline.config.schema import PreprocessingParams, SFTParams
 from vlm_pipeline.data.encoding import (
     IGNORE_INDEX,
@@ -110,28 +103,6 @@ def test_twins_train_exactly_the_assistant_turns(tiny_models, arch, shape, train
     bos = encoder.tokenizer.bos_token_id
     if bos is not None:  # Llama 3: the template writes BOS; it is not added a second time
         assert encoded["input_ids"][0] == bos and encoded["input_ids"].count(bos) == 1
-
-
-def real_processor(arch: str):
-    """The real tokenizer (128k/152k vocabulary) inside the real processor classes and settings."""
-    if arch == "llama":
-        return real_tokenizer("llama3")
-    if arch == "qwen2_5_vl":
-        settings = qwen2_5_vl.REAL.image_processor_settings()
-        return Qwen2_5_VLProcessor(
-            image_processor=Qwen2VLImageProcessor(**settings),
-            tokenizer=real_tokenizer("qwen2"),
-            video_processor=Qwen2VLVideoProcessor(**settings),
-            chat_template=qwen2_5_vl.REAL.chat_template(),
-        )
-    tokenizer = real_tokenizer("llama3")
-    tokenizer.add_special_tokens({"additional_special_tokens": ["<|image|>"]})  # id 128256, as in 3.2-Vision
-    assert tokenizer.convert_tokens_to_ids("<|image|>") == 128256
-    return MllamaProcessor(
-        image_processor=MllamaImageProcessor(**mllama.REAL.image_processor_settings()),
-        tokenizer=tokenizer,
-        chat_template=mllama.REAL.chat_template(),
-    )
 
 
 @pytest.mark.parametrize("train_on", TRAIN_ON)
@@ -234,7 +205,8 @@ def test_records_without_label_tokens_are_set_aside_and_a_set_of_them_stops(tiny
     template.write_text(SILENT_ASSISTANT)
     params = PreprocessingParams(chat_template=str(template), template_kwargs={})
     records = [conversation(system=False, images=[]), {**conversation(system=True, images=[]), "source_line": 9}]
-    kept, set_aside, report = tokenize_split(records, run_context(tiny_models["llama"], SHAPES), params)
+    context = run_context(tiny_models["llama"], SHAPES)
+    kept, set_aside, report = tokenize_split(records, context, params)
     set_aside = list(set_aside)
     assert len(kept) == 0 and [(row["line"], row["reason"]) for row in set_aside] == [
         (7, NO_LABEL_TOKENS),
@@ -242,7 +214,7 @@ def test_records_without_label_tokens_are_set_aside_and_a_set_of_them_stops(tiny
     ]
     assert json.loads(set_aside[0]["raw"])["messages"][1]["role"] == "assistant"  # the record itself is kept
     with pytest.raises(ValueError, match="all 2 records have no label token"):
-        combine_reports(report, kept, kept, report, SFTParams(per_device_train_batch_size=2))
+        combine_reports(report, kept, kept, report, context, SFTParams(per_device_train_batch_size=2))
 
 
 def test_preprocessing_gives_byte_identical_arrow_files_a_year_later(tiny_models, tmp_path, monkeypatch):

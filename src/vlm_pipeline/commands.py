@@ -97,7 +97,7 @@ def _architecture(name: str) -> Architecture:
 
 
 def _tiny_model(args: argparse.Namespace) -> int:
-    from vlm_pipeline.training.progress import hide_library_bars_in_logs
+    from vlm_pipeline.library_bars import hide_library_bars_in_logs
 
     hide_library_bars_in_logs()  # `dvc repro`'s first stage: the weights-writing bar
     out = args.arch.build_tiny(Path(args.out), args.seed)
@@ -390,7 +390,7 @@ def _predict(args: argparse.Namespace) -> int:
         raise InputError(f"{args.model} is a text-only model: drop --image")
     if architecture.is_vision and not args.image:
         raise InputError(f"{args.model} is a vision model: give --image PATH")
-    from vlm_pipeline.training.progress import hide_library_bars_in_logs
+    from vlm_pipeline.library_bars import hide_library_bars_in_logs
 
     hide_library_bars_in_logs()  # transformers' weight-loading bar, outside a terminal
     model = load_model(args.model)

@@ -51,13 +51,19 @@ class ParameterChecks:
 
 class BaseModelCheck:
     """``base_model`` is checked only by a run that reads it (preprocessing, training, adapter, evaluation): a
-    data-validation-only run needs no model. The run's nodes are known only here, after the context exists."""
+    data-validation-only run needs no model. The run's nodes are known only here, after the context exists. The
+    model's family also settles ``sft.padding_free`` here: true for a family that cannot pack stops the run."""
 
     @hook_impl(tryfirst=True)  # before kedro-mlflow's starts the MLflow run
     def before_pipeline_run(self, run_params, pipeline, catalog) -> None:
         # By dataset name, bare or inside a namespace (``lora.base_model``), never by node name.
         if any(name.rpartition(".")[2] == BASE_MODEL for name in pipeline.inputs()):
-            check_base_model(catalog.load(f"params:{BASE_MODEL}"), Path(run_params["project_path"]))
+            base_model, project = catalog.load(f"params:{BASE_MODEL}"), Path(run_params["project_path"])
+            check_base_model(base_model, project)
+            # The family decides whether its records can be packed: known from config.json, before anything runs.
+            from vlm_pipeline.architectures import architecture_for_model  # torch: only runs that read the model
+
+            architecture_for_model(project / base_model).padding_free(catalog.load("params:sft").get("padding_free"))
 
 
 def flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -76,6 +82,6 @@ class LibraryProgressBars:
 
     @hook_impl
     def before_pipeline_run(self, run_params, pipeline, catalog) -> None:
-        from vlm_pipeline.training.progress import hide_library_bars_in_logs  # datasets, transformers: at run time
+        from vlm_pipeline.library_bars import hide_library_bars_in_logs  # datasets: at run time
 
         hide_library_bars_in_logs()

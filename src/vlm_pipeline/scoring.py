@@ -8,19 +8,19 @@ import re
 import string
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import sacrebleu
-import torch
-from rouge_score import rouge_scorer
 from tqdm.auto import tqdm  # disable=None: the bars show on a terminal, not in a log
-from transformers import ProcessorMixin
 
-from vlm_pipeline.architectures import Architecture
 from vlm_pipeline.data.encoding import IGNORE_INDEX, attach_images, load_images, prompt_messages
 from vlm_pipeline.data.labels import ChatEncoder, chat_messages
-from vlm_pipeline.training.collator import SFTCollator
+
+# torch, transformers and the text-score libraries are imported in the functions that use them: the answer
+# normalisation here is also what the report and the pipeline registry import, which load no model.
+if TYPE_CHECKING:
+    from vlm_pipeline.architectures import Architecture
+    from vlm_pipeline.training.collator import SFTCollator
 
 
 def _batches(items: list, size: int):
@@ -28,36 +28,37 @@ def _batches(items: list, size: int):
         yield items[start : start + size]
 
 
-@torch.no_grad()
 def teacher_forced_loss(model: Any, collator: SFTCollator, rows: list[dict], batch_size: int) -> dict[str, float]:
     """Mean token-level cross-entropy over the label tokens of ``rows``, its perplexity, and token accuracy
     (the share of label tokens that are the model's top prediction)."""
-    total_loss, total_tokens, total_correct = 0.0, 0, 0
-    for chunk in tqdm(list(_batches(rows, batch_size)), desc="loss", unit="batch", disable=None):
-        batch = collator(chunk)
-        labels = batch.pop("labels")
-        logits = model(**batch).logits.float()
-        # Shift so that tokens < n predict n, as the models' own loss does.
-        shift_logits, shift_labels = logits[:, :-1], labels[:, 1:]
-        losses = torch.nn.functional.cross_entropy(
-            shift_logits.reshape(-1, shift_logits.size(-1)),
-            shift_labels.reshape(-1),
-            ignore_index=IGNORE_INDEX,
-            reduction="sum",
-        )
-        total_loss += losses.item()
-        labelled = shift_labels != IGNORE_INDEX
-        total_tokens += int(labelled.sum())
-        total_correct += int(((shift_logits.argmax(-1) == shift_labels) & labelled).sum())
-    loss = total_loss / max(total_tokens, 1)
-    return {
-        "loss": loss,
-        "perplexity": math.exp(min(loss, 50.0)),
-        "token_accuracy": total_correct / max(total_tokens, 1),
-    }
+    import torch
+
+    with torch.no_grad():
+        total_loss, total_tokens, total_correct = 0.0, 0, 0
+        for chunk in tqdm(list(_batches(rows, batch_size)), desc="loss", unit="batch", disable=None):
+            batch = collator(chunk)
+            labels = batch.pop("labels")
+            logits = model(**batch).logits.float()
+            # Shift so that tokens < n predict n, as the models' own loss does.
+            shift_logits, shift_labels = logits[:, :-1], labels[:, 1:]
+            losses = torch.nn.functional.cross_entropy(
+                shift_logits.reshape(-1, shift_logits.size(-1)),
+                shift_labels.reshape(-1),
+                ignore_index=IGNORE_INDEX,
+                reduction="sum",
+            )
+            total_loss += losses.item()
+            labelled = shift_labels != IGNORE_INDEX
+            total_tokens += int(labelled.sum())
+            total_correct += int(((shift_logits.argmax(-1) == shift_labels) & labelled).sum())
+        loss = total_loss / max(total_tokens, 1)
+        return {
+            "loss": loss,
+            "perplexity": math.exp(min(loss, 50.0)),
+            "token_accuracy": total_correct / max(total_tokens, 1),
+        }
 
 
-@torch.no_grad()
 def generate_answers(
     model: Any,
     encoder: ChatEncoder,
@@ -72,39 +73,44 @@ def generate_answers(
 
     The prompt is rendered as preprocessing rendered it (same template variables); generation stops on any of
     the checkpoint's stop tokens (its generation_config.json ``eos_token_id`` list)."""
-    processor, tokenizer = encoder.processor, encoder.tokenizer
-    previous_side, tokenizer.padding_side = tokenizer.padding_side, "left"
-    answers: list[str] = []
-    try:
-        for chunk in tqdm(list(_batches(records, batch_size)), desc="generate", unit="batch", disable=None):
-            conversations = []
-            for record in chunk:
-                images = load_images(record, image_root) if architecture.is_vision else []
-                messages = prompt_messages(record)
-                conversations.append(chat_messages(attach_images(messages, images) if images else messages))
-            inputs = processor.apply_chat_template(
-                conversations,
-                add_generation_prompt=True,
-                tokenize=True,
-                return_dict=True,
-                return_tensors="pt",
-                **padding_kwargs(processor),
-                **encoder.render_kwargs,
-            )
-            output = model.generate(
-                **inputs, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id
-            )
-            new_tokens = output[:, inputs["input_ids"].shape[1] :]
-            answers.extend(text.strip() for text in tokenizer.batch_decode(new_tokens, skip_special_tokens=True))
-    finally:
-        tokenizer.padding_side = previous_side
-    return answers
+    import torch
+
+    with torch.no_grad():
+        processor, tokenizer = encoder.processor, encoder.tokenizer
+        previous_side, tokenizer.padding_side = tokenizer.padding_side, "left"
+        answers: list[str] = []
+        try:
+            for chunk in tqdm(list(_batches(records, batch_size)), desc="generate", unit="batch", disable=None):
+                conversations = []
+                for record in chunk:
+                    images = load_images(record, image_root) if architecture.is_vision else []
+                    messages = prompt_messages(record)
+                    conversations.append(chat_messages(attach_images(messages, images) if images else messages))
+                inputs = processor.apply_chat_template(
+                    conversations,
+                    add_generation_prompt=True,
+                    tokenize=True,
+                    return_dict=True,
+                    return_tensors="pt",
+                    **padding_kwargs(processor),
+                    **encoder.render_kwargs,
+                )
+                output = model.generate(
+                    **inputs, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id
+                )
+                new_tokens = output[:, inputs["input_ids"].shape[1] :]
+                answers.extend(text.strip() for text in tokenizer.batch_decode(new_tokens, skip_special_tokens=True))
+        finally:
+            tokenizer.padding_side = previous_side
+        return answers
 
 
 def padding_kwargs(processor: Any) -> dict[str, Any]:
     """Batch padding for ``apply_chat_template``. A transformers 5 processor takes its own ``__call__`` arguments
     in ``processor_kwargs`` (passed loose, they still reach the processor, with a warning on every call); a text
     model's tokenizer takes ``padding`` directly."""
+    from transformers import ProcessorMixin
+
     if isinstance(processor, ProcessorMixin):
         return {"processor_kwargs": {"padding": True}}
     return {"padding": True}
@@ -145,6 +151,9 @@ def text_scores(predictions: list[str], references: list[str]) -> dict[str, floa
     chrF rather than BLEU: corpus BLEU multiplies 1- to 4-gram word precisions, so on one- or two-word answers
     it has no 3- and 4-grams and scores 0 however many answers are right; chrF's character n-grams exist in any
     non-empty string and still give partial credit for near misses ("triangles" for "triangle")."""
+    import sacrebleu
+    from rouge_score import rouge_scorer
+
     pairs = list(zip(predictions, references, strict=True))
     scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
     vqa = [normalise_vqa(p) == normalise_vqa(r) for p, r in pairs]

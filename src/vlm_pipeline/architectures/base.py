@@ -13,6 +13,7 @@ import torch
 from transformers import GenerationConfig
 
 from vlm_pipeline.atomic import replace_dir_atomic, staging_dir_for
+from vlm_pipeline.config.schema import ConfigError
 
 # The real checkpoints' published non-weight files (chat templates, processor settings, special tokens), from
 # which the tiny builders make their twins. See conf/model_configs/SOURCES.md.
@@ -20,6 +21,14 @@ MODEL_CONFIGS = Path(__file__).resolve().parents[3] / "conf" / "model_configs"
 
 # (processor, images per row, padded input_ids) -> the model's image keyword arguments for that batch
 ImageInputsFn = Callable[[Any, list[list[Any]], torch.Tensor], dict[str, torch.Tensor]]
+# (processor, each record's input_ids, the packed row's image_grid_thw or None) -> the packed row's position_ids
+PackedPositionsFn = Callable[[Any, list[list[int]], torch.Tensor | None], torch.Tensor]
+
+
+def restarting_positions(processor: Any, rows: list[list[int]], image_grid_thw: torch.Tensor | None) -> torch.Tensor:
+    """1-D rotary positions of a packed row, ``[1, L]``: each record's count from 0, which is also how
+    transformers finds the records' boundaries (a block-diagonal mask, or flash attention's variable lengths)."""
+    return torch.tensor([[position for row in rows for position in range(len(row))]])
 
 
 @dataclass(frozen=True)
@@ -85,9 +94,26 @@ class Architecture:
     ``vision_tokens_per_image`` read, e.g. ``("min_pixels", "max_pixels")``; () for text-only. A test checks that
     the registry's union is exactly ``ImageBounds``'s fields and that each field's description names its families."""
 
+    packed_position_ids: PackedPositionsFn | None = field(default=None, repr=False)
+    """``packed_position_ids(processor, rows, image_grid_thw)``: the position ids of several records concatenated
+    into one row with no padding (``sft.padding_free``), each record positioned as if it were alone.
+    ``restarting_positions`` for 1-D rotary families; None for a family that is not packed (Mllama: its images
+    enter through cross-attention layers whose inputs are laid out one row per record; no library packs it)."""
     vision_mlp_gated: bool | None = None
     """The vision tower's MLP is gated (SwiGLU: gate, up and down projections, as Qwen2.5-VL's) rather than two
     layers (Mllama's): the planner's vision-activation estimate. None for text-only architectures."""
+
+    def padding_free(self, requested: bool | None) -> bool:
+        """``sft.padding_free`` for this family: None packs wherever the family can; true where it cannot is a
+        ConfigError naming the alternative."""
+        if requested is None:
+            return self.packed_position_ids is not None
+        if requested and self.packed_position_ids is None:
+            raise ConfigError(
+                f"sft.padding_free: {self.name} records cannot be packed into one row (its images enter through "
+                "cross-attention); leave it unset, and set sft.max_tokens_per_batch for batches with little padding"
+            )
+        return requested
 
     def __post_init__(self) -> None:
         image_fields = {

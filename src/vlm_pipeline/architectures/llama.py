@@ -14,6 +14,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 from vlm_pipeline.architectures.base import (
     Architecture,
     RealCheckpointFiles,
+    restarting_positions,
     token_id,
     write_atomically,
 )
@@ -119,4 +120,5 @@ ARCHITECTURE = Architecture(
     build_tiny=build_tiny,
     vision_tokens_per_image=vision_tokens_per_image,
     components=(("language_model", "model."), ("language_model", "lm_head.")),
+    packed_position_ids=restarting_positions,
 )

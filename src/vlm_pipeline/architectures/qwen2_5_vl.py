@@ -144,6 +144,49 @@ def image_inputs(processor: Any, images: list[list[Any]], input_ids: torch.Tenso
     }
 
 
+def packed_position_ids(processor: Any, rows: list[list[int]], image_grid_thw: torch.Tensor | None) -> torch.Tensor:
+    """``[4, 1, L]`` position ids of records packed into one row, the layout Qwen2.5-VL reads packed input from.
+
+    Row 0 holds text positions that restart at each record: transformers builds the block-diagonal mask (or
+    flash attention's variable lengths) from them. Rows 1-3 are each record's own M-RoPE (temporal, height, width)
+    positions, as the model computes them for that record alone (``get_rope_index``): text advances all three by
+    one per token; an image's tokens take its grid's coordinates (after the 2×2 merge) offset by the position
+    reached, which then moves on by the grid's larger side. ``image_grid_thw`` lists the row's images in order.
+    """
+    merge = processor.image_processor.merge_size
+    image_token_id = processor.tokenizer.convert_tokens_to_ids(processor.image_token)
+    grids = iter(image_grid_thw.tolist() if image_grid_thw is not None else [])
+    text = [torch.arange(len(ids)) for ids in rows]
+    rope = [_record_rope_positions(ids, image_token_id, grids, merge) for ids in rows]
+    if next(grids, None) is not None:
+        raise ValueError("packed row: more images than image-token runs in its records")
+    return torch.cat([torch.cat(text)[None], torch.cat(rope, dim=1)])[:, None, :]
+
+
+def _record_rope_positions(ids: list[int], image_token_id: int, grids: Any, merge: int) -> torch.Tensor:
+    pieces, position, start = [], 0, 0
+    while start < len(ids):
+        if ids[start] == image_token_id:
+            grid = next(grids, None)
+            if grid is None:
+                raise ValueError("packed row: an image-token run has no image")
+            frames, height, width = grid[0], grid[1] // merge, grid[2] // merge
+            end = start + frames * height * width
+            if ids[start:end].count(image_token_id) != end - start:
+                raise ValueError(f"packed row: an image of grid {grid} needs {end - start} image tokens in a run")
+            t, h, w = torch.meshgrid(torch.arange(frames), torch.arange(height), torch.arange(width), indexing="ij")
+            pieces.append(torch.stack([t, h, w]).reshape(3, -1) + position)
+            position += max(height, width)
+        else:
+            end = start
+            while end < len(ids) and ids[end] != image_token_id:
+                end += 1
+            pieces.append(torch.arange(position, position + end - start).expand(3, -1))
+            position += end - start
+        start = end
+    return torch.cat(pieces, dim=1)
+
+
 def bound_images(processor: Any, bounds: dict) -> None:
     """Resize every image to between ``min_pixels`` and ``max_pixels`` (Qwen's own default max is ~12.8M)."""
     size = dict(processor.image_processor.size)
@@ -178,6 +221,7 @@ ARCHITECTURE = Architecture(
         ("language_model", "lm_head."),
     ),
     image_inputs=image_inputs,
+    packed_position_ids=packed_position_ids,
     bound_images=bound_images,
     image_bound_fields=("min_pixels", "max_pixels"),
     vision_mlp_gated=True,  # SwiGLU blocks (gate_proj, up_proj, down_proj)

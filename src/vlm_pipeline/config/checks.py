@@ -134,21 +134,21 @@ def _resolved(path: str, project_root: Path) -> Path:
 
 def check_machine(params: Parameters, project_root: Path) -> None:
     """Settings this machine cannot run: they would otherwise fail only after the model has loaded."""
-    import torch
-
     sft = params.sft
     accelerate = yaml.safe_load(accelerate_file(params, project_root).read_text()) or {}
     on_cpu = bool(accelerate.get("use_cpu"))
-    gpus = torch.cuda.device_count()
     if not on_cpu:
+        import torch  # only to count GPUs: a run on CPUs (the demo's data stages) never imports it here
+
+        gpus = torch.cuda.device_count()
         wanted = int(accelerate.get("num_processes", 1)) // max(int(accelerate.get("num_machines", 1)), 1)
         if gpus < max(wanted, 1):
             raise ConfigError(
                 f"{sft.accelerate_config} runs {max(wanted, 1)} process(es) per machine on GPUs, but this machine "
                 f"has {gpus} GPU(s): use a conf/accelerate/cpu_*.yaml file here, or run on the GPU machine"
             )
-    if sft.bf16 and not on_cpu and not torch.cuda.is_bf16_supported():
-        raise ConfigError("sft.bf16 is true but this machine's GPU has no bf16 (pre-Ampere); set sft.fp16 instead")
+        if sft.bf16 and not torch.cuda.is_bf16_supported():
+            raise ConfigError("sft.bf16 is true but this machine's GPU has no bf16 (pre-Ampere); set sft.fp16 instead")
     _check_accelerate_agrees(accelerate, params, sft.accelerate_config)
     quantized = [
         name

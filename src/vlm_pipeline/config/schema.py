@@ -268,8 +268,12 @@ class SFTParams(Section):
         "conf/accelerate/cpu_single_process.yaml",
         description="accelerate config file (conf/accelerate/*.yaml): processes, DeepSpeed/FSDP, machines.",
     )
-    padding_free: bool = Field(
-        False, description="Text-only models: one row per batch with no pad tokens (position_ids mark boundaries)."
+    padding_free: bool | None = Field(
+        None,
+        description="Pack each micro-batch's records into one row with no pad tokens, each record at its own "
+        "positions and attending only to itself (exact: the same loss and gradients as the records one at a time). "
+        "null: on wherever the model's family packs (Qwen2.5-VL, Llama text), off where it cannot (Llama-3.2-Vision: "
+        "true is refused before the run; sft.max_tokens_per_batch cuts its padding instead). false: padded rows.",
     )
     divergence_check: bool = Field(
         True,

@@ -21,8 +21,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from vlm_pipeline.planning.model_shape import ModelShape, Stack
+if TYPE_CHECKING:  # model_shape imports torch and transformers; the arithmetic here needs neither
+    from vlm_pipeline.planning.model_shape import ModelShape, Stack
 
 GIB = 1024**3
 # bitsandbytes bytes per quantized weight: int8 plus a per-row fp32 scale (negligible); NF4 with a 1-byte absmax per

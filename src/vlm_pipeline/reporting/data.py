@@ -7,7 +7,6 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-import matplotlib.pyplot as plt
 from PIL import Image
 
 from vlm_pipeline.data.encoding import IGNORE_INDEX
@@ -62,6 +61,8 @@ def reason_counts(*reports: dict) -> Counter:
 
 def data_figure(reasons: Counter, lengths: list[int], sizes: list[tuple[int, int]], max_length: int):
     """One PNG-able figure: quarantine reasons, token-length histogram, image sizes."""
+    import matplotlib.pyplot as plt  # here, not at the top: only the stages that draw pay pyplot's import
+
     figure, (ax_reasons, ax_lengths, ax_sizes) = plt.subplots(1, 3, figsize=(15, 4), constrained_layout=True)
     if reasons:
         names, counts = zip(*reasons.most_common(), strict=True)

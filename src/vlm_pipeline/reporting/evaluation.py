@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import matplotlib.pyplot as plt
-from rouge_score import rouge_scorer
-
 CHART_METRICS = ("exact_match", "vqa_accuracy", "rouge_l", "chrf", "token_accuracy")
 CHRF_NOTE = (
     "chrf is sacrebleu's corpus chrF (character n-gram F-score), used instead of BLEU: corpus BLEU needs "
@@ -36,6 +33,8 @@ def loss_curve(history: list[dict]) -> list[dict]:
 def loss_figure(points: list[dict], variant: str):
     """The loss curve, titled with the variant; validation loss is named only when there is some, since a run
     without a validation split (``preprocessing.validation_fraction: 0``) has none to show."""
+    import matplotlib.pyplot as plt  # here, not at the top: only the stages that draw pay pyplot's import
+
     figure, axes = plt.subplots(figsize=(7, 4), constrained_layout=True)
     for name, style, label in SERIES:
         logged = [p for p in points if p.get(name) is not None]
@@ -52,6 +51,8 @@ def loss_figure(points: list[dict], variant: str):
 def comparison_figure(metrics: dict, variant: str):
     """Base vs tuned bars, titled with the variant. The exact-match bars carry their 95% bootstrap interval (their
     value written above it, clear of the whisker) and the majority answer's exact match, a line over them only."""
+    import matplotlib.pyplot as plt  # here, not at the top: only the stages that draw pay pyplot's import
+
     names = [name for name in CHART_METRICS if name in metrics["base"]]
     figure, axes = plt.subplots(figsize=(8, 4), constrained_layout=True)
     width = 0.38
@@ -90,6 +91,8 @@ def _interval_bar(axes, x: float, value: float, interval: dict) -> None:
 
 def changed_most(predictions: list[dict], count: int = 10) -> list[dict]:
     """The records where tuning moved the answer most: largest change in ROUGE-L against the reference."""
+    from rouge_score import rouge_scorer  # nltk and scikit-learn: only when a report is written
+
     scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
 
     def gain(row: dict) -> float:

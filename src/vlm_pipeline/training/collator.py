@@ -25,15 +25,15 @@ class SFTCollator:
     architecture: Architecture
     image_root: Path
     padding_free: bool = False
-    """Text-only models: flatten the batch into one row with restarting ``position_ids`` and no padding."""
+    """Pack the batch's records into one row with no padding, each at the positions it would have alone
+    (``Architecture.packed_position_ids``), so that no record attends to another."""
 
     def __post_init__(self) -> None:
-        if self.padding_free and self.architecture.is_vision:
-            raise ValueError(f"padding_free applies to text-only models; {self.architecture.name} takes images")
+        self.architecture.padding_free(self.padding_free)  # a family that cannot pack refuses it
 
     def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
         if self.padding_free:
-            return self._flatten(rows)
+            return self._pack(rows)
         tokenizer = getattr(self.processor, "tokenizer", self.processor)
         width = max(len(row["input_ids"]) for row in rows)
         input_ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
@@ -45,27 +45,30 @@ class SFTCollator:
             labels[i, :n] = torch.tensor(row["labels"])
             attention_mask[i, :n] = 1
         batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
-        image_lists = [[self._load(path) for path in row.get("image_paths", [])] for row in rows]
-        if self.architecture.is_vision and any(image_lists):
-            batch.update(self.architecture.image_inputs(self.processor, image_lists, input_ids))
+        batch.update(self._image_inputs(rows, input_ids))
         return batch
 
-    @staticmethod
-    def _flatten(rows: list[dict]) -> dict[str, torch.Tensor]:
-        # No attention mask: transformers then reads the sequence boundaries from the restarting position_ids
-        # (block-diagonal mask for sdpa/eager, varlen kernels for flash attention), so rows never attend across.
-        # That holds only without a KV cache (the trainer sets use_cache=False).
-        input_ids, labels, positions = [], [], []
+    def _pack(self, rows: list[dict]) -> dict[str, torch.Tensor]:
+        # No attention mask: transformers then reads the records' boundaries from the restarting position ids
+        # (a block-diagonal mask for sdpa, eager and flex attention, variable lengths for flash attention). That
+        # holds only without a KV cache (the trainer sets use_cache=False).
+        input_ids, labels = [], []
         for row in rows:
             input_ids += row["input_ids"]
-            # A row's first label is never predicted from the previous row's last token.
+            # A record's first label is never predicted from the previous record's last token.
             labels += [IGNORE_INDEX, *row["labels"][1:]]
-            positions += range(len(row["input_ids"]))
-        return {
-            "input_ids": torch.tensor([input_ids]),
-            "labels": torch.tensor([labels]),
-            "position_ids": torch.tensor([positions]),
-        }
+        batch = {"input_ids": torch.tensor([input_ids]), "labels": torch.tensor([labels])}
+        batch.update(self._image_inputs(rows, batch["input_ids"]))  # the images in record order
+        batch["position_ids"] = self.architecture.packed_position_ids(
+            self.processor, [row["input_ids"] for row in rows], batch.get("image_grid_thw")
+        )
+        return batch
+
+    def _image_inputs(self, rows: list[dict], input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
+        image_lists = [[self._load(path) for path in row.get("image_paths", [])] for row in rows]
+        if self.architecture.is_vision and any(image_lists):
+            return self.architecture.image_inputs(self.processor, image_lists, input_ids)
+        return {}
 
     def _load(self, relative: str) -> Image.Image:
         with Image.open(self.image_root / relative) as image:

@@ -11,33 +11,11 @@ pseudo-terminal exactly when ``kedro run`` itself writes to one.
 
 from __future__ import annotations
 
-import os
-import sys
 import time
 from collections.abc import Callable
 from datetime import timedelta
 
 from transformers import TrainerCallback
-
-
-def on_terminal() -> bool:
-    """Whether someone watches the output live, so tqdm's bar (drawn on stderr) redraws in place."""
-    return sys.stderr.isatty()
-
-
-def hide_library_bars_in_logs() -> None:
-    """Outside a terminal, no progress bars from datasets (map, save_to_disk), transformers (loading and writing
-    weights) or MLflow (copying a logged model's files): in a log each bar is one line of \\r-joined redraws, and
-    the line before it already names the step."""
-    if on_terminal():
-        return
-    import datasets
-    from transformers.utils import logging as transformers_logging
-
-    datasets.disable_progress_bars()
-    transformers_logging.disable_progress_bar()
-    # MLflow's documented switch, read at each copy; a value the user set wins.
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 
 class ProgressLog(TrainerCallback):

@@ -35,6 +35,8 @@ def batch_counts(inputs: dict[str, Any]) -> dict[str, torch.Tensor]:
         counts["length_squares"] = (lengths.long() ** 2).sum()
     else:  # padding-free: one row of sequences whose position_ids restart at 0; sum over a sequence of 2p+1 is n²
         positions = inputs["position_ids"]
+        if positions.dim() == 3:  # Qwen2.5-VL's [4, 1, L]: row 0 holds the restarting text positions
+            positions = positions[0]
         counts["real_tokens"] = counts["tokens"]
         counts["length_squares"] = (2 * positions.long() + 1).sum()
     counts["trained_tokens"] = (inputs["labels"] != IGNORE_INDEX).sum()

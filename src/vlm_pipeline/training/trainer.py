@@ -32,6 +32,7 @@ from trl import SFTConfig, SFTTrainer
 from vlm_pipeline.architectures import Architecture, architecture_for_model, load_model, load_processor
 from vlm_pipeline.atomic import link_tree, replace_dir_atomic, staging_dir_for
 from vlm_pipeline.config.run import RunConfig
+from vlm_pipeline.library_bars import hide_library_bars_in_logs, on_terminal
 from vlm_pipeline.model_files import IncompleteModelError, check_saved_model
 from vlm_pipeline.reporting.tables import format_parameter_table
 from vlm_pipeline.training import cpu_distributed
@@ -45,7 +46,7 @@ from vlm_pipeline.training.collator import SFTCollator
 from vlm_pipeline.training.guards import GuardedTraining, newest_checkpoint_note
 from vlm_pipeline.training.live_metrics import LiveMetrics
 from vlm_pipeline.training.param_groups import ComponentLearningRates, optimizer_groups
-from vlm_pipeline.training.progress import ProgressLog, hide_library_bars_in_logs, on_terminal
+from vlm_pipeline.training.progress import ProgressLog
 from vlm_pipeline.training.quantization import bits_and_bytes_config
 from vlm_pipeline.training.sampler import ModalityGroupedSampler, index_sampler, is_mixed
 from vlm_pipeline.training.stopping import StopOnSignal, StopRequested, TrainingStopped
@@ -115,6 +116,17 @@ class VLMSFTTrainer(MeteredTraining, GuardedTraining, ComponentLearningRates, SF
         if not torch.isfinite(loss).all():
             self._stop_non_finite("loss", loss.item())
         return loss
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        positions = inputs.get("position_ids")
+        if self.model.training and "attention_mask" not in inputs and positions is not None and positions.dim() == 3:
+            # TRL counts a packed batch's tokens as position_ids.size(1): right for [1, L], but 1 for Qwen2.5-VL's
+            # [4, 1, L] ids. Its logged ``num_tokens`` then counts the L - 1 tokens it missed too.
+            missed = torch.tensor(positions.size(-1) - positions.size(1), device=positions.device)
+            self._total_train_tokens += self.accelerator.gather_for_metrics(missed).sum().item()
+            self._metrics["train"]["num_tokens"] = [self._total_train_tokens]
+        return result
 
     def _get_grad_norm(self, model, grad_norm=None):
         grad_norm = super()._get_grad_norm(model, grad_norm=grad_norm)
@@ -199,9 +211,7 @@ def build_trainer(config: RunConfig, tracking: tuple[str, str] | None = None) ->
         **config.model.loading_kwargs(),
         quantization_config=bits_and_bytes_config(quantization, architecture) if quantized else None,
     )
-    # No KV cache in training: it is useless there, and with a cache transformers would not read packed
-    # (padding-free) sequence boundaries from position_ids, letting rows attend to each other.
-    model.config.use_cache = False
+    turn_off_kv_cache(model)
     if quantized:
         # PEFT's k-bit preparation: freeze the quantized base, keep norms and other unquantized weights in
         # fp32, and set up gradient checkpointing so gradients reach the adapters through frozen inputs.
@@ -225,7 +235,9 @@ def build_trainer(config: RunConfig, tracking: tuple[str, str] | None = None) ->
         train_dataset=train_dataset,
         eval_dataset=load_from_disk(str(config.eval_dataset)) if config.eval_dataset else None,
         processing_class=processor,
-        data_collator=SFTCollator(processor, architecture, config.image_root, config.sft.padding_free),
+        data_collator=SFTCollator(
+            processor, architecture, config.image_root, architecture.padding_free(config.sft.padding_free)
+        ),
         peft_config=peft_config,
         architecture=architecture,
         divergence_check=config.sft.divergence_check,
@@ -240,6 +252,14 @@ def build_trainer(config: RunConfig, tracking: tuple[str, str] | None = None) ->
     if peft_config is not None:
         train_adapters_in_float32(trainer)
     return trainer
+
+
+def turn_off_kv_cache(model: PreTrainedModel) -> None:
+    """No KV cache in training: it is useless there, and with one transformers does not read packed records'
+    boundaries from their position ids, so each would attend to the records before it. A vision model's language
+    model reads its own config (``text_config``), which the top-level ``use_cache`` does not reach."""
+    model.config.use_cache = False
+    model.config.get_text_config().use_cache = False
 
 
 def train_adapters_in_float32(trainer: SFTTrainer) -> None:

@@ -1,4 +1,7 @@
-"""Node functions for evaluation. The measures live in ``vlm_pipeline.scoring``."""
+"""Node functions for evaluation. The measures live in ``vlm_pipeline.scoring``.
+
+The model, the collator and the measures import torch and transformers: they are imported in the functions that
+use them, so loading the pipeline registry (every ``kedro run``) does not pay for them."""
 
 from __future__ import annotations
 
@@ -10,7 +13,6 @@ from typing import Any
 
 from datasets import Dataset
 
-from vlm_pipeline.architectures import architecture_for_model, load_chat_encoder, load_model
 from vlm_pipeline.config.run import RunContext
 from vlm_pipeline.config.schema import EvaluationParams, PreprocessingParams
 from vlm_pipeline.data.encoding import reference_answer
@@ -23,16 +25,6 @@ from vlm_pipeline.reporting.evaluation import (
     report_markdown,
 )
 from vlm_pipeline.reporting.mistakes import most_common_answers
-from vlm_pipeline.scoring import (
-    VERDICT_RULE,
-    bootstrap_intervals,
-    exact_matches,
-    generate_answers,
-    teacher_forced_loss,
-    text_scores,
-    tuned_verdict,
-)
-from vlm_pipeline.training.collator import SFTCollator
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +39,10 @@ def evaluate_model(
 ) -> dict:
     """Loss, perplexity, token accuracy and the text scores of one model, plus its answers (same image bounds, chat
     template and template variables as training; loaded as the run context's ``model`` parameter group says)."""
+    from vlm_pipeline.architectures import architecture_for_model, load_chat_encoder, load_model
+    from vlm_pipeline.scoring import generate_answers, teacher_forced_loss, text_scores
+    from vlm_pipeline.training.collator import SFTCollator
+
     architecture = architecture_for_model(model_dir)
     encoder = load_chat_encoder(model_dir, preprocessing, trust_remote_code=context.model.trust_remote_code)
     model = load_model(model_dir, **context.model.loading_kwargs()).eval()
@@ -69,6 +65,8 @@ def evaluate_model(
 def majority_baseline(train_records: Iterable[dict], test_records: Iterable[dict]) -> dict:
     """Exact match of always giving the most common training answer: the bar a model must clear. ``tied``: every
     answer tied for most common, with its count (the first is picked), so the report can say it was a tie."""
+    from vlm_pipeline.scoring import text_scores
+
     tied = most_common_answers([reference_answer(r) for r in train_records])
     answer = tied[0][0]
     test_records = list(test_records)
@@ -89,6 +87,8 @@ def compare(
     metrics.json is a DVC metric file, which ``dvc metrics diff`` compares number by number: it holds numbers
     only (booleans as 0/1). The strings beside them (the majority answer, the merge check's dtype and criterion,
     how the intervals were drawn) go to evaluation_details.json."""
+    from vlm_pipeline.scoring import VERDICT_RULE, bootstrap_intervals, exact_matches, tuned_verdict
+
     test_records = list(test_records)
     references = [reference_answer(record) for record in test_records]
     metrics = {

@@ -1,4 +1,7 @@
-"""Node functions for preprocessing. Encoding rules live in ``vlm_pipeline.data.encoding``."""
+"""Node functions for preprocessing. Encoding rules live in ``vlm_pipeline.data.encoding``.
+
+The checkpoint's tokenizer and processor are loaded through ``vlm_pipeline.architectures``, which imports torch and
+transformers: it is imported in the functions that load them, so loading the pipeline registry does not pay for it."""
 
 from __future__ import annotations
 
@@ -11,7 +14,6 @@ from typing import Any
 
 from datasets import Dataset
 
-from vlm_pipeline.architectures import load_chat_encoder
 from vlm_pipeline.config.run import RunContext
 from vlm_pipeline.config.schema import PreprocessingParams, SFTParams
 from vlm_pipeline.data.encoding import NO_LABEL_TOKENS, TOO_LONG, encode_record
@@ -54,6 +56,8 @@ def tokenize_split(
     counts, and so the lengths, are those training will see. The records are read into an on-disk Arrow
     table in batches, and ``map`` writes its output in batches too: memory does not grow with the set.
     """
+    from vlm_pipeline.architectures import load_chat_encoder
+
     encoder = load_chat_encoder(context.base_model, params, trust_remote_code=context.model.trust_remote_code)
     raw = records_dataset(records)
     encode = partial(_encode_row, encoder=encoder, image_root=context.image_root, params=params)
@@ -115,9 +119,17 @@ def _split_report(encoded: Dataset, reasons: list) -> dict:
 
 
 def combine_reports(
-    train_report: dict, train_data: Dataset, validation_data: Dataset, test_report: dict, sft: SFTParams
+    train_report: dict,
+    train_data: Dataset,
+    validation_data: Dataset,
+    test_report: dict,
+    context: RunContext,
+    sft: SFTParams,
 ) -> dict:
-    """Both splits' reports, plus the pad-token share of training batches in file order vs length-grouped."""
+    """Both splits' reports, plus the pad-token share of padded training batches in file order vs length-grouped,
+    and whether training packs them instead (``sft.padding_free``, as the model's family settles it)."""
+    from vlm_pipeline.architectures import architecture_for_model
+
     if len(train_data) == 0:
         unlabelled = train_report["reasons"].get(NO_LABEL_TOKENS, 0)
         cause = (
@@ -134,7 +146,7 @@ def combine_reports(
         "test": test_report,
         "padding": {
             "batch_size": batch_size,
-            "padding_free": sft.padding_free,
+            "padding_free": architecture_for_model(context.base_model).padding_free(sft.padding_free),
             "pad_share_in_file_order": padding_share(lengths, batch_size, group_by_length=False),
             "pad_share_length_grouped": padding_share(lengths, batch_size, group_by_length=True),
         },
@@ -154,6 +166,8 @@ def build_data_report(
 ) -> tuple[str, Any]:
     """The Markdown summary and the figure (reasons, token lengths, image sizes) for data/08_reporting, with the
     first training records' trained tokens marked (what ``vlm-pipeline inspect-labels`` prints)."""
+    from vlm_pipeline.architectures import load_chat_encoder
+
     reasons = reason_counts(train_validation, test_validation, preprocessing["train"], preprocessing["test"])
     sizes = image_sizes(train_data["image_paths"], context.image_root)
     tokenizer = load_chat_encoder(

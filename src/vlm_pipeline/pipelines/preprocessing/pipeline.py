@@ -36,6 +36,7 @@ def create_pipeline(**kwargs) -> Pipeline:
             "train_tokenized@arrow",
             "validation_tokenized@arrow",
             "test_preprocessing_report",
+            "run_context",
             "params:sft",
         ],
         outputs="preprocessing_report",

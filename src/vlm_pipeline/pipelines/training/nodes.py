@@ -1,4 +1,7 @@
-"""Node functions for training. The trainer itself is ``vlm_pipeline.training.trainer``."""
+"""Node functions for training. The trainer itself is ``vlm_pipeline.training.trainer``.
+
+The plan (it reads the model's shapes), the checkpoint lookup and the curve logger import torch or transformers:
+they are imported in the functions that use them, so loading the pipeline registry does not pay for them."""
 
 from __future__ import annotations
 
@@ -11,12 +14,9 @@ from datasets import Dataset
 from vlm_pipeline.atomic import link_tree
 from vlm_pipeline.config.run import RunConfig, RunContext
 from vlm_pipeline.config.schema import MethodParams, PlanParams, PreprocessingParams, SFTParams
-from vlm_pipeline.planning.plan import build_plan, check_fits, training_data
 from vlm_pipeline.reporting.tables import format_plan
 from vlm_pipeline.tracking import active_run_target
-from vlm_pipeline.training.checkpoints import finished_run
 from vlm_pipeline.training.launcher import launch, launch_command, resolve_run_config
-from vlm_pipeline.training.live_metrics import log_history
 
 logger = logging.getLogger(__name__)
 
@@ -30,6 +30,8 @@ def plan_training(
     plan: PlanParams,
 ) -> dict:
     """The preflight plan (steps, checkpoints, memory per GPU) from config.json alone; stops an over-budget run."""
+    from vlm_pipeline.planning.plan import build_plan, check_fits, training_data
+
     result = build_plan(
         model_dir=context.base_model,
         sft=sft,
@@ -74,6 +76,9 @@ def write_run_config(
 def train_model(run_config: Path, training_plan: dict) -> tuple[Path, list, dict]:
     """Launch the trainer on the saved run config; return the staged trained model (or adapter), its log history
     and the trainable-parameter table (per component). Warns if the run took other steps than the plan said."""
+    from vlm_pipeline.training.checkpoints import finished_run
+    from vlm_pipeline.training.live_metrics import log_history
+
     config = RunConfig.read(run_config)
     final_dir = config.final_dir
     finished = finished_run(config.checkpoint_dir)
