@@ -50,7 +50,12 @@ class MemorySettings:
     double_quant: bool = True
     optimizer: str = "adamw_torch"
     batch_size: int = 1
+    """Rows per micro-batch; with ``tokens_per_batch``, the rows of the micro-batch with the most images (the
+    vision tower's batch)."""
     seq_len: int = 512
+    tokens_per_batch: int | None = None
+    """``sft.max_tokens_per_batch``: the language model's tokens per micro-batch (pad tokens included), in place of
+    ``batch_size × seq_len``. None: rows are counted."""
     images_per_row: float = 0.0
     vision_tokens_per_image: int = 0
     gradient_checkpointing: bool = False
@@ -116,7 +121,7 @@ def estimate_memory(shape: ModelShape, settings: MemorySettings) -> dict[str, fl
 
     activations = _activation_bytes(shape, settings)
     logits = _logits_bytes(shape, settings)
-    one_layer = _layer_bytes(shape.text, settings) * settings.batch_size * settings.seq_len
+    one_layer = _layer_bytes(shape.text, settings) * batch_tokens(settings)
     held_grads = grads if settings.gradient_accumulation_steps > 1 else 0.0
     forward_end = weights + states + held_grads + activations + logits
     backward_end = weights + states + grads + one_layer
@@ -173,8 +178,13 @@ def _residual_bytes(settings: MemorySettings) -> int:
     return 4 if fp32_norms else settings.weight_bytes
 
 
+def batch_tokens(settings: MemorySettings) -> int:
+    """The language model's tokens in one micro-batch: the token budget, or rows × the longest row."""
+    return settings.tokens_per_batch or settings.batch_size * settings.seq_len
+
+
 def _activation_bytes(shape: ModelShape, settings: MemorySettings) -> float:
-    tokens = settings.batch_size * settings.seq_len
+    tokens = batch_tokens(settings)
     total = _stack_activations(shape.text, tokens, settings)
     if shape.vision is not None and settings.images_per_row and shape.trains_vision:
         patches = settings.batch_size * settings.images_per_row * settings.vision_tokens_per_image
@@ -202,7 +212,7 @@ def _logits_bytes(shape: ModelShape, settings: MemorySettings) -> float:
     only the loss), so the backward's 12 bytes per logit are the peak in both dtypes: bf16 logits cost what fp32
     ones do (10 bytes in the forward against 8). Measured on CPU, bench/memory_dtype.py's run grows by 12.1 (fp32)
     and 12.9 (bf16) bytes per logit when its vocabulary doubles (bench/RESULTS.md)."""
-    tokens = settings.batch_size * settings.seq_len
+    tokens = batch_tokens(settings)
     activation = 2 if settings.bf16_compute else 4
     if settings.loss_chunk_tokens:
         return settings.loss_chunk_tokens * shape.vocab * 5 * 4 + 2 * tokens * shape.text.hidden * activation

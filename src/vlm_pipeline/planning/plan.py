@@ -21,6 +21,7 @@ from vlm_pipeline.planning.memory import GIB, MemorySettings, estimate_memory
 from vlm_pipeline.planning.model_shape import ModelShape, read_model_shape
 from vlm_pipeline.planning.steps import plan_steps
 from vlm_pipeline.reporting.tables import format_plan
+from vlm_pipeline.training.token_budget import batch_cost, micro_batches
 
 # Trained positions per chunk of TRL's chunked_nll loss, SFTConfig's default loss_type, which our trainer keeps
 # (trl/trainer/sft_trainer.py: _CHUNKED_LM_HEAD_CHUNK_SIZE; a test checks it against the installed TRL).
@@ -66,10 +67,12 @@ def memory_settings(
     images_per_row: float,
     vision_tokens_per_image: int,
     load_bytes: int = 4,
+    token_budget: dict[str, Any] | None = None,
 ) -> MemorySettings:
     """What our trainer does with these parameters, as memory settings: it loads the base at ``load_bytes`` per
     weight (``model.dtype``) and trains under autocast; DeepSpeed with bf16 casts the module to bf16 and keeps an
-    fp32 master copy."""
+    fp32 master copy. With ``sft.max_tokens_per_batch`` (``token_budget``, see ``budget_batches``) a micro-batch
+    is the budget's tokens, and the vision tower's batch the most rows a micro-batch with images holds."""
     engine = engine_settings(accelerate)
     mixed = sft.bf16 or sft.fp16
     quantization = method.quantization
@@ -83,14 +86,21 @@ def memory_settings(
         quantization_bits=bits,
         double_quant=bool(quantization and quantization.bnb_4bit_use_double_quant),
         optimizer=sft.optim,
-        batch_size=sft.per_device_train_batch_size,
+        batch_size=_vision_batch(token_budget) if token_budget else sft.per_device_train_batch_size,
         seq_len=seq_len,
+        tokens_per_batch=sft.max_tokens_per_batch,
         images_per_row=images_per_row,
         vision_tokens_per_image=vision_tokens_per_image,
         gradient_checkpointing=sft.gradient_checkpointing,
         gradient_accumulation_steps=sft.gradient_accumulation_steps,
         loss_chunk_tokens=TRL_LOSS_CHUNK_TOKENS,
     )
+
+
+def _vision_batch(token_budget: dict[str, Any]) -> int:
+    """Rows of a token-budget micro-batch as the vision tower sees them: the most a micro-batch with images holds
+    (with none, the most of any: the rows batch_size reports)."""
+    return token_budget["most_image_rows"] or max(token_budget["most_rows"], 1)
 
 
 def build_plan(
@@ -102,6 +112,7 @@ def build_plan(
     records: int,
     image_records: int | None = None,
     lengths: list[int] | None = None,
+    has_images: list[bool] | None = None,
     max_length: int,
     images_per_row: float | None = None,
     gpu_memory_gb: float | None = None,
@@ -114,11 +125,18 @@ def build_plan(
 
     ``lengths`` are the preprocessed training records' token counts; without them (planning before any data),
     every row is assumed ``max_length`` long. ``image_records`` (how many records have images) matters when the
-    set mixes image and text-only records: those are batched by modality, which can take more steps.
+    set mixes image and text-only records: those are batched by modality, which can take more steps. With
+    ``sft.max_tokens_per_batch``, the records are cut into micro-batches by the trainer's own partition, from their
+    ``lengths`` and ``has_images`` (each row's; without them, every row ``max_length`` long and of one modality).
     """
     accelerate = yaml.safe_load(Path(sft.accelerate_config).read_text(encoding="utf-8"))
     shape = read_model_shape(model_dir, method, trust_remote_code)
-    steps = plan_steps(records, engine_settings(accelerate)["world_size"], sft, image_records)
+    world_size = engine_settings(accelerate)["world_size"]
+    budget = None
+    if sft.max_tokens_per_batch is not None:
+        row_lengths = lengths if lengths else [max_length] * records
+        budget = budget_batches(sft, shape, row_lengths, has_images or [shape.vision is not None] * records, world_size)
+    steps = plan_steps(records, world_size, sft, image_records, budget["micro_batches"] if budget else None)
     mean_length = sum(lengths) / len(lengths) if lengths else float(max_length)
     longest = max(lengths) if lengths else max_length
     vision = shape.vision is not None
@@ -134,6 +152,7 @@ def build_plan(
         images_per_row=images_per_row,
         vision_tokens_per_image=get_architecture(shape.architecture).vision_tokens_per_image(images),
         load_bytes=load_dtype_bytes(load_dtype, model_dir),
+        token_budget=budget,
     )
     memory = estimate_memory(shape, settings)
     plan = {
@@ -150,6 +169,7 @@ def build_plan(
             "longest_row": longest,
             "source": "preprocessed lengths" if lengths else f"assumed max_length {max_length}",
         },
+        "token_budget": budget,
         "settings": asdict(settings),
         "memory_gib": {name: value / GIB for name, value in memory.items()},
         "gpu_memory_gb": gpu_memory_gb,
@@ -157,8 +177,28 @@ def build_plan(
     plan["warnings"] = step_warnings(steps)
     plan["fits"] = None if gpu_memory_gb is None else memory["total"] <= gpu_memory_gb * 1e9
     if plan["fits"] is False:
-        plan["alternatives"] = alternatives(model_dir, shape, settings, method, gpu_memory_gb, trust_remote_code)
+        plan["alternatives"] = alternatives(
+            model_dir, shape, settings, method, gpu_memory_gb, trust_remote_code, max_length
+        )
     return plan
+
+
+def budget_batches(
+    sft: SFTParams, shape: ModelShape, lengths: list[int], has_images: list[bool], world_size: int
+) -> dict[str, Any]:
+    """The token-budget micro-batches the trainer will cut these rows into (``token_budget.micro_batches``), packed
+    as ``sft.padding_free`` settles it for the model's family (null: where the family packs), and their sizes."""
+    packed = get_architecture(shape.architecture).padding_free(sft.padding_free)
+    batches = micro_batches(lengths, has_images, sft.max_tokens_per_batch, world_size, packed)
+    return {
+        "max_tokens": sft.max_tokens_per_batch,
+        "layout": "packed" if packed else "padded",
+        "micro_batches": len(batches),
+        "mean_rows": round(len(lengths) / max(len(batches), 1), 1),
+        "most_rows": max((len(batch) for batch in batches), default=0),
+        "most_image_rows": max((len(batch) for batch in batches if has_images[batch[0]]), default=0),
+        "largest_tokens": max((batch_cost([lengths[i] for i in batch], packed) for batch in batches), default=0),
+    }
 
 
 def step_warnings(steps: dict[str, Any]) -> list[str]:
@@ -180,6 +220,7 @@ def training_data(dataset: Any) -> dict[str, Any]:
         "records": len(dataset),
         "image_records": sum(1 for paths in dataset["image_paths"] if paths),
         "lengths": list(dataset["length"]),
+        "has_images": [bool(paths) for paths in dataset["image_paths"]],
         "images_per_row": sum(len(paths) for paths in dataset["image_paths"]) / max(len(dataset), 1),
     }
 
@@ -191,14 +232,16 @@ def alternatives(
     method: MethodParams,
     gpu_memory_gb: float,
     trust_remote_code: bool,
+    max_length: int,
 ) -> list[dict[str, Any]]:
     """Changes that together bring the estimate under the budget: the usual knobs in order of how little they
     change the run (checkpointing first, QLoRA last), each kept if it lowers the estimate, until the run fits.
-    Each entry is a change and the estimate with it and all before it; empty if even all of them do not fit."""
+    Each entry is a change and the estimate with it and all before it; empty if even all of them do not fit.
+    ``max_length``: a token budget is halved only while it still holds a record of ``max_length`` tokens."""
     chosen: list[dict[str, Any]] = []
     state = (shape, settings, method)
     total = estimate_memory(shape, settings)["total"]
-    for label, change in _changes(model_dir, trust_remote_code):
+    for label, change in _changes(model_dir, trust_remote_code, max_length, settings.tokens_per_batch is not None):
         changed = change(*state)
         if changed is None:
             continue
@@ -211,15 +254,27 @@ def alternatives(
     return []
 
 
-def _changes(model_dir: Path, trust_remote_code: bool) -> list[tuple[str, Any]]:
-    """Single changes to a (shape, settings, method) state; each returns the new state, or None if it does not apply."""
+def _changes(model_dir: Path, trust_remote_code: bool, max_length: int, token_budget: bool) -> list[tuple[str, Any]]:
+    """Single changes to a (shape, settings, method) state; each returns the new state, or None if it does not apply.
+    With ``token_budget`` (``sft.max_tokens_per_batch``) a micro-batch is cut by its tokens, not by its rows."""
 
     def halve_batch(shape, settings, method):
+        accumulation = settings.gradient_accumulation_steps * 2
+        if token_budget:
+            tokens = settings.tokens_per_batch // 2
+            if tokens < max_length:
+                return None
+            rows = max(settings.batch_size // 2, 1)
+            halved = replace(
+                settings, tokens_per_batch=tokens, batch_size=rows, gradient_accumulation_steps=accumulation
+            )
+            return shape, halved, method
         if settings.batch_size < 2:
             return None
         half = settings.batch_size // 2
-        accumulation = settings.gradient_accumulation_steps * 2
         return shape, replace(settings, batch_size=half, gradient_accumulation_steps=accumulation), method
+
+    batch = "sft.max_tokens_per_batch" if token_budget else "sft.per_device_train_batch_size"
 
     def checkpointing(shape, settings, method):
         return (
@@ -257,7 +312,7 @@ def _changes(model_dir: Path, trust_remote_code: bool) -> list[tuple[str, Any]]:
 
     return [
         ("sft.gradient_checkpointing=true", checkpointing),
-        ("sft.per_device_train_batch_size halved, gradient_accumulation_steps doubled", halve_batch),
+        (f"{batch} halved, gradient_accumulation_steps doubled", halve_batch),
         ("sft.optim=paged_adamw_8bit", eight_bit_optimizer),
         ("sft.accelerate_config=conf/accelerate/deepspeed_zero3.yaml (ZeRO-3)", zero3),
         ("sft.accelerate_config=conf/accelerate/deepspeed_zero3_offload.yaml (optimizer on CPU)", offload),

@@ -7,7 +7,13 @@ import math
 from typing import Any
 
 
-def plan_steps(records: int, world_size: int, sft: Any, image_records: int | None = None) -> dict[str, Any]:
+def plan_steps(
+    records: int,
+    world_size: int,
+    sft: Any,
+    image_records: int | None = None,
+    micro_batches: int | None = None,
+) -> dict[str, Any]:
     """Steps, warm-up, evaluations and checkpoints for ``records`` training records on ``world_size`` processes.
 
     ``sft`` is the validated ``SFTParams``. Batches per epoch count the last, partial batch as the Trainer's
@@ -18,11 +24,20 @@ def plan_steps(records: int, world_size: int, sft: Any, image_records: int | Non
     batched by modality (the trainer's ``ModalityGroupedSampler``): each micro-step of all processes together,
     ``per_device_train_batch_size × world_size`` rows, is one modality, and the last one of each modality is
     filled with repeated rows of that modality (``repeated_rows``, every epoch).
+
+    ``micro_batches``: with ``sft.max_tokens_per_batch``, the micro-batches of all processes together that the
+    token-budget partition (``token_budget.micro_batches``, the trainer's) cuts the records into, a multiple of
+    ``world_size`` with no row repeated; the effective batch is then the mean rows an optimizer step takes.
     """
     per_device = sft.per_device_train_batch_size
     accumulation = sft.gradient_accumulation_steps
     global_batch = per_device * world_size
-    if image_records is not None and 0 < image_records < records:
+    effective_batch: float = per_device * world_size * accumulation
+    if micro_batches is not None:
+        batches = micro_batches // world_size
+        repeated = 0
+        effective_batch = round(records * accumulation / max(batches, 1), 1)
+    elif image_records is not None and 0 < image_records < records:
         batches = math.ceil(image_records / global_batch) + math.ceil((records - image_records) / global_batch)
         repeated = batches * global_batch - records
     else:
@@ -42,7 +57,7 @@ def plan_steps(records: int, world_size: int, sft: Any, image_records: int | Non
     return {
         "records": records,
         "world_size": world_size,
-        "effective_batch": per_device * world_size * accumulation,
+        "effective_batch": effective_batch,
         "batches_per_epoch": batches,
         "repeated_rows": repeated,
         "steps_per_epoch": steps_per_epoch,

@@ -43,7 +43,7 @@ def format_plan(plan: dict[str, Any], compact: bool = False) -> str:
         f"parameters, {_count(model['trainable_parameters'])} trainable",
         "records": f"{steps['records']:,} (training split, after the validation hold-out)",
         "world size": f"{steps['world_size']} ({settings['engine']})",
-        "effective batch": f"{steps['effective_batch']} = {settings['batch_size']} per device × "
+        "effective batch": f"{steps['effective_batch']} = {_micro_batch(plan)} × "
         f"{steps['world_size']} × {settings['gradient_accumulation_steps']} accumulation",
         "steps": f"{steps['steps_per_epoch']:,} per epoch × {steps['epochs']:g} epochs = {steps['total_steps']:,}",
         "warm-up": f"{steps['warmup_steps']:,} steps",
@@ -79,6 +79,17 @@ def format_plan(plan: dict[str, Any], compact: bool = False) -> str:
             lines.append("  no combination of the usual knobs fits: add GPUs or shorten the rows")
     lines += [f"{warning}{text}" for text in plan.get("warnings", [])]
     return "\n".join(lines)
+
+
+def _micro_batch(plan: dict[str, Any]) -> str:
+    """What one process's forward pass takes: rows, or (``sft.max_tokens_per_batch``) records up to a token budget."""
+    budget = plan.get("token_budget")
+    if not budget:
+        return f"{plan['settings']['batch_size']} per device"
+    return (
+        f"micro-batches of at most {budget['max_tokens']:,} tokens ({budget['layout']}; {budget['mean_rows']:g} rows "
+        f"on average, {budget['micro_batches']:,} an epoch)"
+    )
 
 
 def _gb(gib: float) -> float:

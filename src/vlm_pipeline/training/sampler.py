@@ -45,7 +45,8 @@ def is_mixed(has_images: list[bool]) -> bool:
 
 def index_sampler(dataloader: DataLoader) -> Sampler:
     """The sampler that orders a DataLoader's indices, under the batch samplers that wrap it: torch's
-    ``BatchSampler`` and accelerate's ``BatchSamplerShard`` (one per process) and ``SkipBatchSampler`` (resume)."""
+    ``BatchSampler`` and accelerate's ``BatchSamplerShard`` (one per process) and ``SkipBatchSampler`` (resume). A
+    batch sampler of its own (``token_budget.TokenBudgetBatchSampler``) is that sampler: it orders whole batches."""
     node = dataloader.batch_sampler if dataloader.batch_sampler is not None else dataloader.sampler
     while True:
         if hasattr(node, "batch_sampler"):  # accelerate's wrappers

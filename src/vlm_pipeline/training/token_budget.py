@@ -37,7 +37,11 @@ MODALITIES = (("image", True), ("text-only", False))
 
 def batch_cost(lengths: list[int], packed: bool) -> int:
     """Tokens a micro-batch of rows with these lengths takes: their sum packed, rows × the longest padded."""
-    return sum(lengths) if packed else len(lengths) * max(lengths, default=0)
+    return _cost(len(lengths), sum(lengths), max(lengths, default=0), packed)
+
+
+def _cost(rows: int, total: int, longest: int, packed: bool) -> int:
+    return total if packed else rows * longest
 
 
 def micro_batches(
@@ -72,14 +76,17 @@ def _check_rows_fit(lengths: list[int], max_tokens: int) -> None:
 
 def _fill(rows: list[int], lengths: list[int], max_tokens: int, packed: bool) -> list[list[int]]:
     """Rows sorted by length, filled greedily: a micro-batch closes when the next row would break the budget."""
-    batches: list[list[int]] = [[]]
+    batches: list[list[int]] = []
+    current: list[int] = []
+    total = longest = 0
     for row in rows:
-        current = batches[-1]
-        if current and batch_cost([*(lengths[i] for i in current), lengths[row]], packed) > max_tokens:
-            current = []
+        length = lengths[row]
+        if current and _cost(len(current) + 1, total + length, max(longest, length), packed) > max_tokens:
             batches.append(current)
+            current, total, longest = [], 0, 0
         current.append(row)
-    return batches
+        total, longest = total + length, max(longest, length)
+    return [*batches, current]
 
 
 def _deal_evenly(batches: list[list[int]], world_size: int, modality: str, max_tokens: int) -> list[list[int]]:
