@@ -339,6 +339,37 @@ def test_a_data_validation_run_needs_no_model_and_only_reads_the_data_folder(tmp
     assert mlflow_runs(project) == runs_before, "no MLflow run was started"
 
 
+@pytest.mark.slow
+def test_packing_a_family_that_cannot_pack_stops_before_the_run(kedro_project, tmp_path):
+    """sft.padding_free true on Llama-3.2-Vision: one line naming the alternative, from config.json alone, before
+    the MLflow run starts; left unset, the same model is simply not packed (Architecture.padding_free)."""
+    model = tmp_path / "llama-3.2-vision"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({"model_type": "mllama"}))
+    runs_before = mlflow_runs(kedro_project) if (kedro_project / "mlflow.db").exists() else 0
+    params = f"base_model={model},sft.padding_free=true"
+    stopped = run([str(BIN / "kedro"), "run", "--tags", "preprocessing", "--params", params], kedro_project)
+    assert stopped.returncode == 2, stopped.stdout[-3000:]
+    assert (
+        "ConfigError: sft.padding_free: mllama records cannot be packed into one row (its images enter through "
+        "cross-attention); leave it unset, and set sft.max_tokens_per_batch" in stopped.stdout
+    ), stopped.stdout[-3000:]
+    assert stopped.stdout.strip().splitlines()[1:] == ["Run with --verbose to see the full exception"], stopped.stdout
+    assert not (kedro_project / "data/03_primary").exists(), "no node ran"
+    if (kedro_project / "mlflow.db").exists():
+        assert mlflow_runs(kedro_project) == runs_before, "no MLflow run was started"
+
+
+def test_each_family_packs_by_default_where_it_can():
+    from vlm_pipeline.architectures import get_architecture
+
+    assert get_architecture("qwen2_5_vl").padding_free(None) and get_architecture("llama").padding_free(None)
+    assert not get_architecture("mllama").padding_free(None) and not get_architecture("mllama").padding_free(False)
+    assert not get_architecture("qwen2_5_vl").padding_free(False)
+    with pytest.raises(ConfigError, match="mllama records cannot be packed"):
+        get_architecture("mllama").padding_free(True)
+
+
 def mlflow_runs(project: Path) -> int:
     with sqlite3.connect(project / "mlflow.db") as store:
         (count,) = store.execute("SELECT count(*) FROM runs").fetchone()

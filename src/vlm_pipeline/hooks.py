@@ -63,7 +63,8 @@ class BaseModelCheck:
             # The family decides whether its records can be packed: known from config.json, before anything runs.
             from vlm_pipeline.architectures import architecture_for_model  # torch: only runs that read the model
 
-            architecture_for_model(project / base_model).padding_free(catalog.load("params:sft").get("padding_free"))
+            sft = validate_parameters(catalog.load("parameters")).sft
+            architecture_for_model(project / base_model).padding_free(sft.padding_free)
 
 
 def flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
