@@ -34,7 +34,7 @@ class KeyMessage(ValueError):
 
 # Keys in `sft` that our launcher and trainer consume; everything else goes to TRL's SFTConfig. (TRL's own
 # padding_free refuses a custom collator, so our collator implements it under the same name.)
-LAUNCHER_KEYS = {"accelerate_config", "padding_free", "divergence_check"}
+LAUNCHER_KEYS = {"accelerate_config", "padding_free", "divergence_check", "max_tokens_per_batch"}
 # The seeds' older names. RENAMED: same value, new name (accepted with a warning).
 RENAMED = {
     "evaluation_strategy": "eval_strategy",  # transformers 4.46
@@ -288,6 +288,15 @@ class SFTParams(Section):
     )
     max_steps: int = Field(-1, ge=-1, description="If > 0, stop after this many optimizer steps (overrides epochs).")
     per_device_train_batch_size: int = Field(16, ge=1, description="Rows per device per forward pass. 1-16 for VLMs.")
+    max_tokens_per_batch: int | None = Field(
+        None,
+        ge=16,
+        description="Fill each micro-batch with as many records as fit this many tokens (image tokens included) "
+        "instead of per_device_train_batch_size rows: records of about one length together, image and text-only "
+        "records apart, the same batches every epoch in a new order. A padded batch costs its rows × its longest "
+        "record, a packed one (padding_free) the sum of its records. At least preprocessing.max_length; a few times "
+        "it on a large GPU (the plan's memory estimate is sized by it). null: per_device_train_batch_size rows.",
+    )
     per_device_eval_batch_size: int = Field(8, ge=1, description="Rows per device per evaluation forward pass.")
     gradient_accumulation_steps: int = Field(
         1, ge=1, description="Forward passes per optimizer step. Effective batch = per-device × this × processes."
@@ -618,6 +627,17 @@ class Parameters(Section):
         if isinstance(data, dict) and "trust_remote_code" in data:
             raise ValueError("trust_remote_code moved to model.trust_remote_code (TRL ModelConfig's name)")
         return data
+
+    @model_validator(mode="after")
+    def _budget_holds_a_record(self) -> Parameters:
+        budget, longest = self.sft.max_tokens_per_batch, self.preprocessing.max_length
+        if budget is not None and budget < longest:
+            raise ValueError(
+                f"sft.max_tokens_per_batch {budget} is below preprocessing.max_length {longest}: preprocessing keeps "
+                "records of up to max_length tokens, and one longer than the budget fits in no micro-batch; raise "
+                "the budget or lower max_length"
+            )
+        return self
 
     @model_validator(mode="after")
     def _variants(self) -> Parameters:

@@ -19,6 +19,7 @@ import logging
 import os
 import sys
 from collections import Counter
+from functools import partial
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -26,7 +27,9 @@ import torch
 from accelerate.utils import broadcast_object_list
 from datasets import load_from_disk
 from peft import LoraConfig, prepare_model_for_kbit_training
+from torch.utils.data import DataLoader
 from transformers import PreTrainedModel, PrinterCallback, set_seed
+from transformers.trainer_utils import seed_worker
 from trl import SFTConfig, SFTTrainer
 
 from vlm_pipeline.architectures import Architecture, architecture_for_model, load_model, load_processor
@@ -51,6 +54,7 @@ from vlm_pipeline.training.quantization import bits_and_bytes_config
 from vlm_pipeline.training.sampler import ModalityGroupedSampler, index_sampler, is_mixed
 from vlm_pipeline.training.stopping import StopOnSignal, StopRequested, TrainingStopped
 from vlm_pipeline.training.throughput import MeteredTraining
+from vlm_pipeline.training.token_budget import TokenBudgetBatchSampler
 from vlm_pipeline.training.trainable import freeze, lora_target_modules, parameter_table
 
 
@@ -107,9 +111,25 @@ class VLMSFTTrainer(MeteredTraining, GuardedTraining, ComponentLearningRates, SF
     written before the bad step, as the newest one. Seconds and tokens per optimizer step are measured
     (``MeteredTraining``) and saved as ``throughput.json``."""
 
-    def __init__(self, *args, architecture: Architecture, **kwargs):
+    def __init__(
+        self,
+        *args,
+        architecture: Architecture,
+        max_tokens_per_batch: int | None = None,
+        packed: bool = False,
+        **kwargs,
+    ):
         self.architecture = architecture  # its components name the optimizer's and the gradient norms' groups
+        self.max_tokens_per_batch = max_tokens_per_batch  # sft.max_tokens_per_batch: micro-batches by tokens
+        self.packed = packed  # the collator packs each micro-batch into one row (what a micro-batch's tokens cost)
         super().__init__(*args, **kwargs)
+        # One optimizer step is a token mean over all its micro-batches on all ranks (transformers'
+        # num_items_in_batch), not a mean of per-micro-batch means, which weighs a micro-batch of few tokens like
+        # one of many.
+        # Qwen2.5-VL's class opts out of loss kwargs (transformers #37208, a Gemma 3 fix), but the loss is TRL's
+        # chunked_nll forward, which replaces the model's own and divides by num_items_in_batch when given it.
+        if self.args.loss_type == "chunked_nll":
+            self.model_accepts_loss_kwargs = True
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         loss = super().training_step(model, inputs, num_items_in_batch)
@@ -172,6 +192,48 @@ class VLMSFTTrainer(MeteredTraining, GuardedTraining, ComponentLearningRates, SF
             load_full_model_weights(self.model, best)
         else:
             super()._load_best_model()
+
+    def get_train_dataloader(self) -> DataLoader:
+        if self.max_tokens_per_batch is None:
+            return super().get_train_dataloader()
+        # transformers' own DataLoader (Trainer._get_dataloader) with our batch sampler in place of batch_size and
+        # sampler: it passes only its own rebalancing sampler as a batch_sampler.
+        dataset = self._remove_unused_columns(self.train_dataset, description="Training")
+        loader = DataLoader(
+            dataset,
+            batch_sampler=self._token_budget_batches(dataset),
+            collate_fn=self.data_collator,
+            num_workers=self.args.dataloader_num_workers,
+            pin_memory=self.args.dataloader_pin_memory,
+            persistent_workers=self.args.dataloader_persistent_workers,
+            multiprocessing_context=self.args.dataloader_multiprocessing_context,
+            prefetch_factor=self.args.dataloader_prefetch_factor,
+            in_order=self.args.dataloader_in_order,
+            worker_init_fn=partial(
+                seed_worker, num_workers=self.args.dataloader_num_workers, rank=self.args.process_index
+            ),
+        )
+        return self.accelerator.prepare(loader)
+
+    def _token_budget_batches(self, dataset) -> TokenBudgetBatchSampler:
+        has_images = [bool(paths) for paths in dataset["image_paths"]]
+        batches = TokenBudgetBatchSampler(
+            list(dataset["length"]),
+            has_images,
+            self.max_tokens_per_batch,
+            self.args.seed,
+            world_size=self.args.world_size,
+            packed=self.packed,
+        )
+        if self.is_world_process_zero():
+            layout = "packed" if self.packed else "padded"
+            print(
+                f"vlm-pipeline: micro-batches of at most {self.max_tokens_per_batch} tokens ({layout}), image and "
+                f"text-only rows apart: {len(batches)} an epoch for {len(has_images)} rows on {self.args.world_size} "
+                "rank(s)",
+                flush=True,
+            )
+        return batches
 
     def _get_train_sampler(self, train_dataset=None):
         dataset = train_dataset if train_dataset is not None else self.train_dataset
@@ -240,6 +302,8 @@ def build_trainer(config: RunConfig, tracking: tuple[str, str] | None = None) ->
         ),
         peft_config=peft_config,
         architecture=architecture,
+        max_tokens_per_batch=config.sft.max_tokens_per_batch,
+        packed=architecture.padding_free(config.sft.padding_free),
         divergence_check=config.sft.divergence_check,
         learning_rates=config.method.learning_rates,
         # tracking: (MLflow tracking URI, run id) of the Kedro run, to stream the curves to while training
