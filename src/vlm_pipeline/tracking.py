@@ -54,7 +54,14 @@ VERDICT_TAG = "vlm_pipeline.verdict"
 PROJECT_TAG = "vlm_pipeline.project_path"
 # Where MLflow's SQL store records artifact locations: experiments, runs, logged and registered models, traces.
 # The training settings a chain's parent run shows (sft.<name>), beside the method's.
-CHAIN_SFT_PARAMS = ("num_train_epochs", "max_steps", "per_device_train_batch_size", "gradient_accumulation_steps")
+CHAIN_SFT_PARAMS = (
+    "num_train_epochs",
+    "max_steps",
+    "per_device_train_batch_size",
+    "max_tokens_per_batch",
+    "gradient_accumulation_steps",
+    "padding_free",
+)
 ARTIFACT_COLUMNS = (
     ("experiments", "artifact_location"),
     ("runs", "artifact_uri"),
