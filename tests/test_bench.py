@@ -20,7 +20,14 @@ SCRIPTS = {
     "memory_estimate.py": (None, ["| case | estimate GiB |", "| LoRA r16 q/k/v/o, AdamW |"]),
     "memory_published.py": (None, ["| torchtune row (Llama 3.1 8B) |", "| QLoRA, 1x 4090 |"]),
     "noop.py": ("qwen2_5_vl", ["| command, nothing changed |", "| dvc repro parameters |", "| kedro run "]),
-    "padding.py": (None, ["| set | TRL default: pad share |", "| vision (group_by_length) |"]),
+    "padding.py": (
+        None,
+        [
+            "| set | TRL default: pad share |",
+            "| vision (group_by_length) |",
+            "| Qwen2.5-VL | ours: length-grouped, packed | 0.0% |",
+        ],
+    ),
     "train_overhead.py": ("llama", ["| measure | ours | plain TRL |", "| s per optimizer step"]),
     "collate.py": (None, ["| case | rows per batch | ours s/batch | TRL s/batch |", "| b Llama-3.2-11B-Vision"]),
 }
