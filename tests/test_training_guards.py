@@ -126,7 +126,9 @@ def test_the_demo_at_learning_rate_0_99_stops_as_diverged_and_trains_on_without_
     from vlm_pipeline.training.launcher import TrainingLaunchError, launch, launch_command, write_run_config
 
     method = {**DEMO_METHOD, "learning_rate": 0.99}
-    sft = {"max_steps": 10, "save_steps": 5}
+    # Padded rows: at this learning rate the loss is chaotic, and the float rounding that packing changes (the same
+    # sums in another order) left a packed run's step-10 mean at 2.92 times the first 3 steps', under the check's 3.
+    sft = {"max_steps": 10, "save_steps": 5, "padding_free": False}
     # Launched as the training stage launches it: the error the stage raises says why, first, in one line.
     config = demo_config(tmp_path / "checked", tiny_models["qwen2_5_vl"], demo_data, sft, method)
     with pytest.raises(TrainingLaunchError) as stopped:
