@@ -116,12 +116,10 @@ class VLMSFTTrainer(MeteredTraining, GuardedTraining, ComponentLearningRates, SF
         *args,
         architecture: Architecture,
         max_tokens_per_batch: int | None = None,
-        packed: bool = False,
         **kwargs,
     ):
         self.architecture = architecture  # its components name the optimizer's and the gradient norms' groups
         self.max_tokens_per_batch = max_tokens_per_batch  # sft.max_tokens_per_batch: micro-batches by tokens
-        self.packed = packed  # the collator packs each micro-batch into one row (what a micro-batch's tokens cost)
         super().__init__(*args, **kwargs)
         # One optimizer step is a token mean over all its micro-batches on all ranks (transformers'
         # num_items_in_batch), not a mean of per-micro-batch means, which weighs a micro-batch of few tokens like
@@ -223,10 +221,10 @@ class VLMSFTTrainer(MeteredTraining, GuardedTraining, ComponentLearningRates, SF
             self.max_tokens_per_batch,
             self.args.seed,
             world_size=self.args.world_size,
-            packed=self.packed,
+            packed=self.data_collator.padding_free,  # a packed micro-batch costs its tokens, a padded one more
         )
         if self.is_world_process_zero():
-            layout = "packed" if self.packed else "padded"
+            layout = "packed" if self.data_collator.padding_free else "padded"
             print(
                 f"vlm-pipeline: micro-batches of at most {self.max_tokens_per_batch} tokens ({layout}), image and "
                 f"text-only rows apart: {len(batches)} an epoch for {len(has_images)} rows on {self.args.world_size} "
@@ -303,7 +301,6 @@ def build_trainer(config: RunConfig, tracking: tuple[str, str] | None = None) ->
         peft_config=peft_config,
         architecture=architecture,
         max_tokens_per_batch=config.sft.max_tokens_per_batch,
-        packed=architecture.padding_free(config.sft.padding_free),
         divergence_check=config.sft.divergence_check,
         learning_rates=config.method.learning_rates,
         # tracking: (MLflow tracking URI, run id) of the Kedro run, to stream the curves to while training
