@@ -42,12 +42,14 @@ lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-# The full suite in two passes. First everything else, in one pytest-xdist worker per core (TEST_WORKERS). Then the
-# `distributed` tests alone, one at a time, one intra-op thread per rank: their ranks wait on each other, so beside
-# another worker on 2 cores they ran 2-6x slower (a ZeRO-3 run 86 s against 14 s), and they share fixed ports.
+# The full suite in two passes. First everything else, in one pytest-xdist worker per core (TEST_WORKERS), each
+# handed one test at a time (--maxschedchunk 1: xdist's default hands each worker a quarter of the suite up front,
+# whatever their lengths). Then the `distributed` tests alone, one at a time, one intra-op thread per rank: their
+# ranks wait on each other, so beside another worker on 2 cores they ran 2-6x slower (a ZeRO-3 run 86 s against
+# 14 s), and they share fixed ports.
 TEST_WORKERS ?= 2
 test: install
-	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) -m "not distributed"
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --maxschedchunk 1 -m "not distributed"
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -m distributed
 
 # The inner loop: everything but Kedro sessions, subprocesses and training runs (the `slow` marker).

@@ -16,10 +16,22 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
+# Modules whose tests run a minute or more each (docs/testing.md), started before the other slow ones.
+LONGEST_FIRST = ("test_dvc.py", "test_resume.py", "test_gpu_bench.py", "test_bench.py")
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """The slow tests first (a stable sort: each keeps its order among them). pytest-xdist deals tests out in this
-    order, so the quick ones fill the workers' last minutes instead of one worker ending on a long test alone."""
-    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+    """The slow tests first, the longest of them before the rest (a stable sort: each keeps its order among its
+    kind). `make test` hands tests to the two workers one at a time in this order (`--maxschedchunk 1`), so the
+    quick ones fill the workers' last minutes instead of one worker ending on a long test alone."""
+
+    def order(item: pytest.Item) -> tuple[bool, int]:
+        name = item.path.name
+        return item.get_closest_marker("slow") is None, (
+            LONGEST_FIRST.index(name) if name in LONGEST_FIRST else len(LONGEST_FIRST)
+        )
+
+    items.sort(key=order)
 
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
