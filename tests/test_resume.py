@@ -13,6 +13,7 @@ import contextlib
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -43,8 +44,17 @@ PARAMS = {
 }
 
 
-def prepare_data(project: Path, base_model: Path) -> None:
-    run_data_stages(project, **PARAMS, base_model=str(base_model))
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory, tiny_models) -> Path:
+    """A project copy whose data stages ran (the same for every run here): each test copies it."""
+    project = copy_project(tmp_path_factory.mktemp("resume") / "prepared")
+    run_data_stages(project, **PARAMS, base_model=str(tiny_models["qwen2_5_vl"]))
+    return project
+
+
+def copy_prepared(prepared: Path, dest: Path) -> Path:
+    """The prepared project with a fresh MLflow store (the store records its artifact folder's absolute path)."""
+    return Path(shutil.copytree(prepared, dest, ignore=shutil.ignore_patterns("mlflow.db", "mlruns")))
 
 
 def training_command(base_model: Path) -> list[str]:
@@ -78,10 +88,9 @@ def wait_for_checkpoint(checkpoints: Path, step: int, run: subprocess.Popen, log
         time.sleep(0.1)
 
 
-def test_killed_training_resumes_from_the_last_complete_checkpoint(tmp_path, tiny_models):
+def test_killed_training_resumes_from_the_last_complete_checkpoint(tmp_path, tiny_models, prepared):
     base_model = tiny_models["qwen2_5_vl"]
-    project = copy_project(tmp_path / "killed")
-    prepare_data(project, base_model)
+    project = copy_prepared(prepared, tmp_path / "killed")
     checkpoints = project / "data/06_models/lora/checkpoints"
 
     run = start_training(project, base_model, tmp_path / "first.log")
@@ -114,8 +123,7 @@ def test_killed_training_resumes_from_the_last_complete_checkpoint(tmp_path, tin
     assert max(entry["step"] for entry in history if "loss" in entry) == STEPS
 
     # The same command never interrupted: same final step, and the same adapter.
-    straight = copy_project(tmp_path / "straight")
-    prepare_data(straight, base_model)
+    straight = copy_prepared(prepared, tmp_path / "straight")
     uninterrupted = start_training(straight, base_model, tmp_path / "straight.log")
     assert uninterrupted.wait(timeout=600) == 0, (tmp_path / "straight.log").read_text()[-3000:]
     resumed_weights, straight_weights = adapter_weights(project), adapter_weights(straight)
@@ -134,11 +142,10 @@ def processes_running_in(project: Path) -> list[str]:
     return found
 
 
-def test_sigterm_to_kedro_saves_a_checkpoint_stops_everything_and_the_rerun_resumes(tmp_path, tiny_models):
+def test_sigterm_to_kedro_saves_a_checkpoint_stops_everything_and_the_rerun_resumes(tmp_path, tiny_models, prepared):
     """What a cluster does to a job (Slurm cancel, time limit, preemption): SIGTERM to `kedro run` only."""
     base_model = tiny_models["qwen2_5_vl"]
-    project = copy_project(tmp_path / "stopped")
-    prepare_data(project, base_model)
+    project = copy_prepared(prepared, tmp_path / "stopped")
     checkpoints = project / "data/06_models/lora/checkpoints"
 
     run = start_training(project, base_model, tmp_path / "first.log")
