@@ -42,15 +42,13 @@ lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-# The full suite in two passes. First everything else, in one pytest-xdist worker per core (TEST_WORKERS), each
-# handed one test at a time (--maxschedchunk 1: xdist's default hands each worker a quarter of the suite up front,
-# whatever their lengths). Then the `distributed` tests alone, one at a time, one intra-op thread per rank: their
-# ranks wait on each other, so beside another worker on 2 cores they ran 2-6x slower (a ZeRO-3 run 86 s against
-# 14 s), and they share fixed ports.
+# The full suite in one pytest-xdist worker per core (TEST_WORKERS), handed tests one at a time, slowest first
+# (tests/conftest.py orders them); the tests that share the accelerate files' fixed ports run one after another in
+# one worker (--dist loadgroup, the xdist_group marker). Running those alone after the rest took as long in all:
+# docs/testing.md.
 TEST_WORKERS ?= 2
 test: install
-	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --maxschedchunk 1 -m "not distributed"
-	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -m distributed
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadgroup
 
 # The inner loop: everything but Kedro sessions, subprocesses and training runs (the `slow` marker).
 test-fast: install

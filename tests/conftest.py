@@ -22,8 +22,9 @@ LONGEST_FIRST = ("test_dvc.py", "test_resume.py", "test_gpu_bench.py", "test_ben
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """The slow tests first, the longest of them before the rest (a stable sort: each keeps its order among its
-    kind). `make test` hands tests to the two workers one at a time in this order (`--maxschedchunk 1`), so the
-    quick ones fill the workers' last minutes instead of one worker ending on a long test alone."""
+    kind). `make test` (--dist loadgroup) hands the workers one test at a time in this order, after the
+    `torch_distributed_ports` group (xdist starts the largest groups first), so the quick ones fill the workers'
+    last minutes instead of one worker ending on a long test alone."""
 
     def order(item: pytest.Item) -> tuple[bool, int]:
         name = item.path.name

@@ -63,9 +63,9 @@ def single_process_steps(tmp_path_factory, tiny_models, text_data) -> int:
     return info["global_step"]
 
 
-# Each engine's accelerate file has its own fixed port: `make test` runs the `distributed` tests one at a time, so
+# Each engine's accelerate file has its own fixed port; under pytest-xdist this group runs on one worker, so
 # two launches never race for one port.
-@pytest.mark.distributed
+@pytest.mark.xdist_group("torch_distributed_ports")
 @pytest.mark.parametrize("engine", sorted(ENGINES))
 def test_two_process_engine_on_cpu(engine, tmp_path, tiny_models, text_data, single_process_steps):
     # The language model's own rate over the method's: the engine's optimizer must train with it.

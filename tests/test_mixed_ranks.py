@@ -315,7 +315,7 @@ def assert_one_run_of_two_ranks(final: Path, output: str, wrapper: str, mixed_da
 
 # The launched tests share the accelerate files' fixed ports with tests/test_distributed.py: one xdist worker.
 @pytest.mark.slow
-@pytest.mark.distributed
+@pytest.mark.xdist_group("torch_distributed_ports")
 def test_two_ranks_train_a_mixed_set_under_zero3(tmp_path, tiny_models, mixed_data, single_process):
     accelerate_config = "conf/accelerate/cpu_deepspeed_zero3.yaml"
     final, output = train(tmp_path, accelerate_config, PER_DEVICE, tiny_models["qwen2_5_vl"], mixed_data)
@@ -326,7 +326,7 @@ RESUME_AT = 7  # the third of epoch 1's five optimizer steps
 
 
 @pytest.mark.slow
-@pytest.mark.distributed
+@pytest.mark.xdist_group("torch_distributed_ports")
 def test_ddp_with_checkpointing_trains_a_mixed_set_and_resumes_mid_epoch_in_its_order(
     tmp_path, tiny_models, mixed_data, single_process
 ):
@@ -367,7 +367,7 @@ def test_ddp_with_checkpointing_trains_a_mixed_set_and_resumes_mid_epoch_in_its_
     "text batch, and ZeRO-3 hangs",
 )
 @pytest.mark.slow
-@pytest.mark.distributed
+@pytest.mark.xdist_group("torch_distributed_ports")
 def test_unaligned_ranks_hang_under_zero3(tmp_path, tiny_models, mixed_data):
     # The old order does put the two ranks on different modalities in this run (so a hang is the expected outcome).
     data = load_from_disk(str(mixed_data))

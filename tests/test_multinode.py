@@ -29,7 +29,7 @@ from vlm_pipeline.training.launcher import launch_command
 # Subprocesses and training runs (`make test` only). Under pytest-xdist, multi-process launches run one at a
 # time in one worker (with tests/test_distributed.py and test_mixed_ranks.py): two ZeRO-3 jobs side by side on
 # two cores have aborted (SIGABRT) at shutdown.
-pytestmark = [pytest.mark.slow, pytest.mark.distributed]
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("torch_distributed_ports")]
 
 GLOBAL_BATCH = 4
 TIMEOUT = 300  # a hang becomes a failure

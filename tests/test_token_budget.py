@@ -391,7 +391,7 @@ RESUME_AT = 3  # the first of epoch 1's two optimizer steps
 
 
 @pytest.mark.slow
-@pytest.mark.distributed
+@pytest.mark.xdist_group("torch_distributed_ports")
 def test_two_ddp_ranks_train_a_mixed_set_in_the_planned_steps_and_resume_mid_epoch_in_its_order(
     tmp_path, tiny_models, mixed_data
 ):
