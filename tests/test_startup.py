@@ -63,3 +63,19 @@ def test_data_validation_imports_no_model_library(tmp_path):
     )
     assert checked.returncode == 0 and "96 valid, 0 quarantined" in checked.stdout, checked.stderr[-3000:]
     assert imported.isdisjoint(MODEL_LIBRARIES), sorted(imported & MODEL_LIBRARIES)
+
+
+@pytest.mark.slow
+def test_the_commands_that_print_import_no_model_library(tmp_path):
+    """`vlm-pipeline recipe NAME` and `vlm-pipeline parameters` (the DVC stage every `dvc repro` runs first) print
+    from the configuration alone: no model library."""
+    printed, imported = run_logging_imports(["-m", "vlm_pipeline", "recipe", "c"], PROJECT_ROOT)
+    assert printed.returncode == 0 and "kedro run --pipelines full_ft" in printed.stdout, printed.stderr[-3000:]
+    assert imported.isdisjoint(MODEL_LIBRARIES), sorted(imported & MODEL_LIBRARIES)
+
+    out = tmp_path / "parameters.yml"
+    arguments = ["--env", "base", "--base-model", "data/00_base_models/tiny-qwen2_5_vl"]
+    arguments += ["--raw-data", "data/01_raw/shapes_vqa", "--out", str(out)]
+    written, imported = run_logging_imports(["-m", "vlm_pipeline", "parameters", *arguments], PROJECT_ROOT)
+    assert written.returncode == 0 and "preprocessing:" in out.read_text(), written.stderr[-3000:]
+    assert imported.isdisjoint(MODEL_LIBRARIES), sorted(imported & MODEL_LIBRARIES)

@@ -206,7 +206,6 @@ def _recipe(args: argparse.Namespace) -> int:
     """Print a seed recipe's command; with --cpu-smoke, run it on a tiny model of its architecture here."""
     import subprocess
 
-    from vlm_pipeline.architectures import get_architecture
     from vlm_pipeline.recipes import RECIPES, as_cli_params, cpu_smoke_params, run_command
 
     recipe = RECIPES[args.name]
@@ -225,6 +224,8 @@ def _recipe(args: argparse.Namespace) -> int:
         return 0
     tiny = Path("data/00_base_models") / f"tiny-{recipe.architecture}"
     if not (tiny / "config.json").is_file():
+        from vlm_pipeline.architectures import get_architecture  # the model libraries: only to build a model
+
         get_architecture(recipe.architecture).build_tiny(tiny, 0)
     command = [str(Path(sys.executable).parent / "kedro"), *command[1:]]
     command += ["--params", as_cli_params(cpu_smoke_params(recipe, str(tiny)))]
