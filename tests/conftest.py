@@ -101,6 +101,46 @@ def run_kedro(project: Path, pipeline: str, env: str = "base", short: bool = Tru
         mlflow.end_run()
 
 
+@pytest.fixture(scope="session")
+def short_lora_run(tmp_path_factory, tiny_models) -> Path:
+    """The demo project after one shortened `lora` chain (SHORT_TRAINING) on the default tiny Qwen2.5-VL, with its
+    own MLflow store. Built once for the whole run: the first worker to need it builds it, under a lock in the
+    folder the xdist workers share (xdist's own recipe for a once-only session fixture; filelock comes with
+    huggingface_hub). Tests that need a finished run copy it (``copy_run``) instead of training again."""
+    from filelock import FileLock
+
+    shared = (
+        tmp_path_factory.getbasetemp().parent
+        if os.environ.get("PYTEST_XDIST_WORKER")
+        else tmp_path_factory.getbasetemp()
+    )
+    project = shared / "short_lora_run"
+    with FileLock(str(shared / "short_lora_run.lock")):
+        if not (project / "data/08_reporting/lora/metrics.json").is_file():
+            shutil.rmtree(project, ignore_errors=True)  # a build that failed halfway
+            copy_project(project)
+            shutil.copytree(tiny_models["qwen2_5_vl"], project / "data/00_base_models/tiny-qwen2_5_vl")
+            previous, cwd = os.environ.get("MLFLOW_TRACKING_URI"), Path.cwd()
+            os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{project / 'mlflow.db'}"
+            os.chdir(project)  # the catalog's relative paths, as `kedro run` in the project folder
+            try:
+                run_kedro(project, "lora")
+            finally:
+                os.chdir(cwd)
+                if previous is None:
+                    os.environ.pop("MLFLOW_TRACKING_URI")
+                else:
+                    os.environ["MLFLOW_TRACKING_URI"] = previous
+    return project
+
+
+def copy_run(run: Path, dest: Path, *, tracking: bool = True) -> Path:
+    """A copy of a finished run's project to change freely. Its MLflow store still names the original's artifact
+    folder (runs read from there); ``tracking=False`` leaves the store out, for a test that logs new runs."""
+    ignore = None if tracking else shutil.ignore_patterns("mlflow.db", "mlruns")
+    return Path(shutil.copytree(run, dest, ignore=ignore, symlinks=True))
+
+
 @pytest.fixture
 def project(tmp_path, monkeypatch) -> Path:
     """A project copy as the working directory, with its own MLflow store (sqlite in the temp dir)."""

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import copy_project, run_kedro
+from conftest import copy_run
 
 from vlm_pipeline.architectures import load_model
 from vlm_pipeline.model_files import check_full_model
@@ -27,11 +27,8 @@ def digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def test_killed_merge_keeps_the_previous_model(tmp_path, tiny_models, monkeypatch):
-    project = copy_project(tmp_path / "project")
-    monkeypatch.chdir(project)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{project / 'mlflow.db'}")
-    run_kedro(project, "lora", base_model=str(tiny_models["qwen2_5_vl"]))
+def test_killed_merge_keeps_the_previous_model(tmp_path, tiny_models, short_lora_run):
+    project = copy_run(short_lora_run, tmp_path / "project", tracking=False)  # a finished lora chain
     merged = project / "data/06_models/lora/merged"
     before = {path.name: digest(path) for path in merged.iterdir()}
 
@@ -43,10 +40,11 @@ def test_killed_merge_keeps_the_previous_model(tmp_path, tiny_models, monkeypatc
         "--tags",
         "adapter",
         "--params",
-        f"base_model={tiny_models['qwen2_5_vl']},adapter.merge_dtype=bfloat16",
+        "adapter.merge_dtype=bfloat16",
     ]
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{project / 'mlflow.db'}"}
     merge = subprocess.Popen(
-        command, cwd=project, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True
+        command, cwd=project, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True
     )
     deadline = time.monotonic() + 300
     while not list(merged.parent.glob(".merged.staging-*/model.safetensors")):  # the new model is being written

@@ -13,7 +13,7 @@ import shutil
 
 import mlflow
 import pytest
-from conftest import PROJECT_ROOT, run_kedro
+from conftest import PROJECT_ROOT, copy_run
 
 nbformat = pytest.importorskip("nbformat", reason="the `notebook` extra is not installed: pip install -e '.[notebook]'")
 nbclient = pytest.importorskip("nbclient", reason="the `notebook` extra is not installed: pip install -e '.[notebook]'")
@@ -22,9 +22,10 @@ pytest.importorskip("ipykernel", reason="the `notebook` extra is not installed: 
 pytestmark = pytest.mark.slow  # a Kedro session and a training run, then a Jupyter kernel
 
 
-def test_explore_run_executes_from_the_notebooks_folder_and_shows_the_loss_plot(project, tiny_models):
-    shutil.copytree(tiny_models["qwen2_5_vl"], project / "data/00_base_models/tiny-qwen2_5_vl")  # the default path
-    run_kedro(project, "lora")
+def test_explore_run_executes_from_the_notebooks_folder_and_shows_the_loss_plot(tmp_path, monkeypatch, short_lora_run):
+    project = copy_run(short_lora_run, tmp_path / "project")  # after `kedro run --pipelines lora`, shortened
+    monkeypatch.chdir(project)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{project / 'mlflow.db'}")
     folder = project / "notebooks"
     shutil.copytree(PROJECT_ROOT / "notebooks", folder, ignore=shutil.ignore_patterns(".ipynb_checkpoints"))
     notebook = nbformat.read(folder / "explore_run.ipynb", as_version=4)
