@@ -250,3 +250,23 @@ def test_every_committed_parameter_has_its_comment():
             if not above.startswith("#") and "#" not in value:
                 missing.append(f"{path.name}:{number + 1}: {key}")
     assert missing == []
+
+
+def test_num_proc_auto_is_this_host_s_cores_in_every_recipe_environment():
+    """The recipes' GPU environments tokenise in one process per core (at most 32); a bad value is one line."""
+    import os
+
+    from vlm_pipeline.recipes import RECIPES
+
+    for recipe in RECIPES.values():
+        preprocessing = validate_parameters(load_params(recipe.env)).preprocessing
+        assert preprocessing.num_proc == "auto", recipe.env
+        assert preprocessing.processes == min(os.cpu_count(), 32)
+    assert validate_parameters(load_params()).preprocessing.processes == 1  # the demo: one process
+    params = load_params()
+    params["preprocessing"]["num_proc"] = "many"
+    with pytest.raises(ConfigError) as error:
+        validate_parameters(params)
+    assert str(error.value) == (
+        "preprocessing.num_proc: expected a count of processes from 1 to 256, or auto; got 'many'"
+    )

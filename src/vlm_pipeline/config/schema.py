@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import difflib
 import logging
+import os
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar, get_args, get_origin
 
@@ -157,6 +158,10 @@ class ImageBounds(Section):
         return self
 
 
+# `num_proc: auto` stops here: beyond it, each process's copy of the processor costs more than the cores add.
+MAX_AUTO_PROCESSES = 32
+
+
 class PreprocessingParams(Section):
     max_length: int = Field(
         512, ge=16, le=131_072, description="Longest record in tokens, image tokens included. Range 128-8192."
@@ -174,7 +179,11 @@ class PreprocessingParams(Section):
         description="Share of train records held out for eval during training (the validation loss curve). "
         "0.05-0.1; 0 = none (then sft.eval_strategy no).",
     )
-    num_proc: int = Field(1, ge=1, le=256, description="Processes for tokenisation (datasets.map).")
+    num_proc: int | Literal["auto"] = Field(
+        1,
+        description="Processes for tokenisation (datasets.map): a count, or auto for this host's cores, at most "
+        f"{MAX_AUTO_PROCESSES} (GPU hosts have 32-128; the recipes' environments set auto). 1 on the demo.",
+    )
     images: ImageBounds = Field(default_factory=ImageBounds, description="Image bounds applied by the processor.")
     chat_template: str | None = Field(
         None,
@@ -186,6 +195,19 @@ class PreprocessingParams(Section):
         description="Variables every chat-template rendering gets. date_string pins Llama 3's 'Today Date' "
         "(otherwise today's date), so the same data gives the same tokens on any day.",
     )
+
+    @property
+    def processes(self) -> int:
+        """``num_proc`` as a count: auto is this host's cores (``os.cpu_count``), at most MAX_AUTO_PROCESSES."""
+        return min(os.cpu_count() or 1, MAX_AUTO_PROCESSES) if self.num_proc == "auto" else self.num_proc
+
+    @field_validator("num_proc", mode="before")
+    @classmethod
+    def _process_count(cls, value: Any) -> Any:
+        # One message for both forms (pydantic would report each member of the union on a line of its own).
+        if value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= 256):
+            return value
+        raise ValueError(f"expected a count of processes from 1 to 256, or auto; got {value!r}")
 
     @field_validator("chat_template")
     @classmethod

@@ -62,7 +62,7 @@ def tokenize_split(
     raw = records_dataset(records)
     encode = partial(_encode_row, encoder=encoder, image_root=context.image_root, params=params)
     try:
-        encoded = raw.map(encode, num_proc=params.num_proc if params.num_proc > 1 else None, desc="tokenize")
+        encoded = raw.map(encode, num_proc=params.processes if params.processes > 1 else None, desc="tokenize")
     except ChatTemplateError as error:
         raise ChatTemplateError(f"{context.base_model}: {error}") from None
     reasons = encoded["reason"]
