@@ -20,6 +20,7 @@ SCRIPTS = {
     "memory_estimate.py": (None, ["| case | estimate GiB |", "| LoRA r16 q/k/v/o, AdamW |"]),
     "memory_published.py": (None, ["| torchtune row (Llama 3.1 8B) |", "| QLoRA, 1x 4090 |"]),
     "noop.py": ("qwen2_5_vl", ["| command, nothing changed |", "| dvc repro parameters |", "| kedro run "]),
+    "num_proc.py": ("qwen2_5_vl", ["| stage | records | processes |", "| preprocess image | 100 | 2 |"]),
     "padding.py": (
         None,
         [
