@@ -7,16 +7,28 @@ conversation; the turn is what the longer one adds, cut after its end-of-turn to
 ``<|im_end|>`` is not trained). This needs nothing from the template (no ``{% generation %}`` markers, no role
 markers in token ids) except that it does not rewrite earlier turns when a later one is added; where it does,
 ``ChatTemplateError`` says so. Where a template has ``{% generation %}`` markers, their mask must agree.
+
+Only the whole conversation goes through the processor, once (its images processed once, the cost of a bare
+``datasets.map`` of one processor call). The shorter renderings are rendered to text and tokenized by the tokenizer
+alone, and each of the processor's image placeholders (its ``image_token_id``) is repeated as often as the processor
+repeated it for that image in the whole conversation (``PlaceholderRuns``: Qwen2.5-VL's run follows the image size,
+Mllama's is 1), so no family needs code for it. Where a shorter rendering then fails a check, every rendering goes
+through the processor with its own images and the checks are repeated on those ids, so an error (or a result) is
+always the processor's own; ``ChatEncoder(..., reference=True)`` takes that path from the start (the tests compare
+the two, tests/test_label_paths.py). A tokenizer without a processor, or a conversation with other visual parts
+(video, audio, an image by URL), takes it too.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
 
 import jinja2
+import tokenizers
 from jinja2 import meta
 
 GENERATION_BLOCK = re.compile(r"{%-?\s*generation\s*-?%}")
@@ -54,6 +66,9 @@ class ChatEncoder:
     processor: Any
     end_of_turn_token: str
     template_kwargs: dict[str, Any] = field(default_factory=dict)
+    reference: bool = False
+    """Render every prefix through the processor too (images processed each time): the path the cheaper one is
+    tested against (tests/test_label_paths.py)."""
 
     @property
     def tokenizer(self) -> Any:
@@ -80,6 +95,52 @@ class ChatEncoder:
         )
         return _first_row(encoded["input_ids"])
 
+    def render_text(self, conversation: list[dict], *, add_generation_prompt: bool) -> str:
+        """The template's text for ``conversation``, image placeholders as the template writes them."""
+        return self.processor.apply_chat_template(
+            conversation, tokenize=False, add_generation_prompt=add_generation_prompt, **self.render_kwargs
+        )
+
+    def text_ids(self, text: str) -> list[int]:
+        """``text`` tokenized as the processor's ``apply_chat_template`` tokenizes it, before expanding images:
+        special tokens added unless the text already starts with BOS."""
+        add_special_tokens = self._adds_special_tokens(text)
+        if self._backend is not None:  # what a fast tokenizer's __call__ runs, without its per-call Python overhead
+            return self._backend.encode(text, add_special_tokens=add_special_tokens).ids
+        return self.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"]
+
+    def _adds_special_tokens(self, text: str) -> bool:
+        bos = self.tokenizer.bos_token
+        return not (bos is not None and text.startswith(bos))
+
+    @cached_property
+    def _backend(self) -> Any:
+        backend = getattr(self.tokenizer, "_tokenizer", None)
+        return backend if isinstance(backend, tokenizers.Tokenizer) else None
+
+    def _renderer(self, conversation: list[dict]) -> tuple[list[int], Callable[..., list[int]]]:
+        """The whole conversation's ids (one processor call) and the function that renders its prefixes."""
+        images = _attached_images(conversation)
+        image_token = getattr(self.processor, "image_token_id", None)
+        if self.reference or not isinstance(image_token, int) or images is None:
+            # A bare tokenizer's render_ids is text + tokens already; any other visual part goes the processor's way.
+            return self.render_ids(conversation, add_generation_prompt=False), self.render_ids
+        text = self.render_text(conversation, add_generation_prompt=False)
+        # What the processor's apply_chat_template does once it has rendered the text: one call with the images.
+        options = {} if self._adds_special_tokens(text) else {"add_special_tokens": False}
+        full = _first_row(self.processor(text=text, images=[images] if images else None, **options)["input_ids"])
+        runs = PlaceholderRuns.of(full, image_token, len(images))
+        if runs is None:
+            return full, self.render_ids
+
+        def render(prefix: list[dict], *, add_generation_prompt: bool) -> list[int]:
+            expanded = runs.expand(self.text_ids(self.render_text(prefix, add_generation_prompt=add_generation_prompt)))
+            return (
+                self.render_ids(prefix, add_generation_prompt=add_generation_prompt) if expanded is None else expanded
+            )
+
+        return full, render
+
     def assistant_spans(self, conversation: list[dict]) -> tuple[list[int], list[tuple[int, int]]]:
         """The conversation's token ids and one ``(start, end)`` per assistant turn (end exclusive).
 
@@ -87,15 +148,29 @@ class ChatEncoder:
         ``ChatTemplateError`` when a rendering is not a token prefix of the next one.
         """
         conversation = chat_messages(conversation)
-        full = self.render_ids(conversation, add_generation_prompt=False)
+        full, render = self._renderer(conversation)
+        if render == self.render_ids:
+            return self._spans(conversation, full, render)
+        try:
+            return self._spans(conversation, full, render)
+        except (ChatTemplateError, TurnBoundaryMerge):
+            # A shorter rendering did not line up with the processor's ids: let the processor render every one
+            # (each with its own images), so that the error, or the result, is exactly the processor's.
+            return self._spans(
+                conversation, self.render_ids(conversation, add_generation_prompt=False), self.render_ids
+            )
+
+    def _spans(
+        self, conversation: list[dict], full: list[int], render: Callable[..., list[int]]
+    ) -> tuple[list[int], list[tuple[int, int]]]:
         end_of_turn = self.tokenizer.convert_tokens_to_ids(self.end_of_turn_token)
         spans = []
         for turn, message in enumerate(conversation):
             if message["role"] != "assistant":
                 continue
-            before = self.render_ids(conversation[:turn], add_generation_prompt=True)
+            before = render(conversation[:turn], add_generation_prompt=True)
             last_message = turn == len(conversation) - 1  # the usual case: its rendering is the whole conversation
-            through = full if last_message else self.render_ids(conversation[: turn + 1], add_generation_prompt=False)
+            through = full if last_message else render(conversation[: turn + 1], add_generation_prompt=False)
             _require_prefix(before, through, f"up to assistant turn {turn} with the generation prompt", "that turn")
             _require_prefix(through, full, f"up to the end of assistant turn {turn}", "the whole conversation")
             span = through[len(before) :]
@@ -128,6 +203,66 @@ class ChatEncoder:
                 f"the template's {{% generation %}} markers disagree with the rendered turns from token {first} "
                 f"({self.tokenizer.decode(full[max(first - 3, 0) : first + 3])!r})"
             )
+
+
+@dataclass(frozen=True)
+class PlaceholderRuns:
+    """How the processor expanded the text's image placeholder: how many ``token`` each image became, in order
+    (the k-th placeholder in the text is the k-th image's; Qwen2.5-VL's count follows the image size, Mllama's
+    is 1)."""
+
+    token: int
+    lengths: list[int]
+
+    @classmethod
+    def of(cls, processed_ids: list[int], token: int, images: int) -> PlaceholderRuns | None:
+        """The counts, read from the processor's ids of a whole conversation with ``images`` images. None where
+        they cannot be told apart: images whose placeholders ran together, each more than one token."""
+        runs: list[int] = []
+        previous = None
+        for current in processed_ids:
+            if current == token:
+                if previous == token:
+                    runs[-1] += 1
+                else:
+                    runs.append(1)
+            previous = current
+        if sum(runs) == images:  # every image is at least one token: here each is exactly one
+            return cls(token, [1] * images)
+        return cls(token, runs) if len(runs) == images else None
+
+    def expand(self, text_ids: list[int]) -> list[int] | None:
+        """The processor's ids for a rendering of the first turns of that conversation, from the tokenizer's ids
+        of its text: each placeholder repeated as the processor repeated it. None where the rendering holds more
+        placeholders than the conversation has images."""
+        out: list[int] = []
+        seen = 0
+        for current in text_ids:
+            if current != self.token:
+                out.append(current)
+            elif seen == len(self.lengths):
+                return None
+            else:
+                out += [current] * self.lengths[seen]
+                seen += 1
+        return out
+
+
+def _attached_images(conversation: list[dict]) -> list[Any] | None:
+    """The images a processor's ``apply_chat_template`` would pass on, in order; None where a part is anything but
+    text or an attached image (a video, audio, an image by URL): those are left to ``apply_chat_template``."""
+    images = []
+    for message in conversation:
+        content = message.get("content")
+        if isinstance(content, str) or not content:
+            continue
+        for part in content:
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind == "image" and set(part) <= {"type", "image"}:
+                images += [part["image"]] if "image" in part else []
+            elif kind != "text":
+                return None
+    return images
 
 
 def _require_prefix(shorter: list[int], longer: list[int], what: str, than: str) -> None:
