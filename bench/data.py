@@ -67,6 +67,15 @@ def image_lines(count: int, image_root: Path) -> list[bytes]:
     return lines
 
 
+def tiny_model(model: Path, smoke: bool, scratch: Path) -> Path:
+    """``model`` (the tiny Qwen2.5-VL `make model` builds); a smoke run without it builds one in ``scratch``."""
+    if (model / "config.json").is_file():
+        return model
+    if not smoke:
+        raise SystemExit(f"{model} is missing: run `make model` first")
+    return get_architecture("qwen2_5_vl").build_tiny(scratch / "model", 0)
+
+
 def timed(fn, *args, **kwargs):
     start = time.perf_counter()
     result = fn(*args, **kwargs)
@@ -105,10 +114,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        if not (args.model / "config.json").is_file():
-            if not args.smoke:
-                raise SystemExit(f"{args.model} is missing: run `make model` first")
-            args.model = get_architecture("qwen2_5_vl").build_tiny(root / "model", 0)
+        args.model = tiny_model(args.model, args.smoke, root)
         text = text_lines(args.text_lines, rng)
         result, seconds = timed(validate_lines, text, root, max_image_pixels=12_845_056)
         assert result.report["valid"] == args.text_lines

@@ -27,8 +27,7 @@ from typing import Any
 import psutil
 from datasets import disable_progress_bars
 
-from data import image_lines, text_lines
-from vlm_pipeline.architectures import get_architecture
+from data import image_lines, text_lines, tiny_model
 from vlm_pipeline.config.run import RunContext
 from vlm_pipeline.config.schema import ModelParams, PreprocessingParams
 from vlm_pipeline.data.validation import validate_lines
@@ -89,10 +88,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        if not (args.model / "config.json").is_file():
-            if not args.smoke:
-                raise SystemExit(f"{args.model} is missing: run `make model` first")
-            args.model = get_architecture("qwen2_5_vl").build_tiny(root / "model", 0)
+        args.model = tiny_model(args.model, args.smoke, root)
         sets = {"text": text_lines(args.text, random.Random(0)), "image": image_lines(args.images, root)}
         records = {}
         print("| stage | records | processes | seconds | rows/s | peak PSS, all processes, MiB |")
