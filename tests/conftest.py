@@ -120,17 +120,10 @@ def short_lora_run(tmp_path_factory, tiny_models) -> Path:
             shutil.rmtree(project, ignore_errors=True)  # a build that failed halfway
             copy_project(project)
             shutil.copytree(tiny_models["qwen2_5_vl"], project / "data/00_base_models/tiny-qwen2_5_vl")
-            previous, cwd = os.environ.get("MLFLOW_TRACKING_URI"), Path.cwd()
-            os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{project / 'mlflow.db'}"
-            os.chdir(project)  # the catalog's relative paths, as `kedro run` in the project folder
-            try:
+            with pytest.MonkeyPatch.context() as patch:  # undone when the run ends, as the project fixture's are
+                patch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{project / 'mlflow.db'}")
+                patch.chdir(project)  # the catalog's relative paths, as `kedro run` in the project folder
                 run_kedro(project, "lora")
-            finally:
-                os.chdir(cwd)
-                if previous is None:
-                    os.environ.pop("MLFLOW_TRACKING_URI")
-                else:
-                    os.environ["MLFLOW_TRACKING_URI"] = previous
     return project
 
 
