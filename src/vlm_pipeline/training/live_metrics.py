@@ -4,14 +4,15 @@ The trainer is a subprocess (``accelerate launch``), so the launcher hands it th
 the run kedro-mlflow started; rank 0 logs every ``on_log`` entry as ``train.<name>`` at its optimizer step. A run
 that did not launch (its run config had already finished training) logs the saved history the same way, so the
 curves are in MLflow either way, once.
+
+No transformers import here: the Kedro process reads this module too, and the callback that uses it
+(``trainer.LiveMetrics``) lives with the trainer, which imports transformers anyway.
 """
 
 from __future__ import annotations
 
 import time
 from typing import Any
-
-from transformers import TrainerCallback
 
 # The Trainer's log keys that are curves (others, such as epoch or total_flos, are not plotted).
 CURVES = ("loss", "learning_rate", "grad_norm", "train_loss", "mean_token_accuracy", "eval_loss")
@@ -44,19 +45,3 @@ def log_history(tracking_uri: str, run_id: str, history: list[dict]) -> None:
     client = MlflowClient(tracking_uri)
     for start in range(0, len(metrics), 1000):  # MLflow's log_batch limit
         client.log_batch(run_id, metrics=metrics[start : start + 1000])
-
-
-class LiveMetrics(TrainerCallback):
-    """Logs each ``on_log`` entry to one MLflow run, on the main process only."""
-
-    def __init__(self, tracking_uri: str, run_id: str):
-        from mlflow import MlflowClient
-
-        self.client = MlflowClient(tracking_uri)
-        self.run_id = run_id
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        if state.is_world_process_zero and logs:
-            metrics = curve_metrics(logs, state.global_step)
-            if metrics:
-                self.client.log_batch(self.run_id, metrics=metrics)

@@ -28,7 +28,7 @@ from accelerate.utils import broadcast_object_list
 from datasets import load_from_disk
 from peft import LoraConfig, prepare_model_for_kbit_training
 from torch.utils.data import DataLoader
-from transformers import PreTrainedModel, PrinterCallback, set_seed
+from transformers import PreTrainedModel, PrinterCallback, TrainerCallback, set_seed
 from transformers.trainer_utils import seed_worker
 from trl import SFTConfig, SFTTrainer
 
@@ -47,7 +47,7 @@ from vlm_pipeline.training.checkpoints import (
 )
 from vlm_pipeline.training.collator import SFTCollator
 from vlm_pipeline.training.guards import GuardedTraining, newest_checkpoint_note
-from vlm_pipeline.training.live_metrics import LiveMetrics
+from vlm_pipeline.training.live_metrics import curve_metrics
 from vlm_pipeline.training.param_groups import ComponentLearningRates, optimizer_groups
 from vlm_pipeline.training.progress import ProgressLog
 from vlm_pipeline.training.quantization import bits_and_bytes_config
@@ -81,6 +81,22 @@ def build_sft_config(config: RunConfig, mixed_modalities: bool = False) -> SFTCo
         # search off under gradient checkpointing (our non-reentrant checkpointing supports it).
         fixed["ddp_find_unused_parameters"] = True
     return SFTConfig(**{**config.sft.trainer_args(), **fixed})
+
+
+class LiveMetrics(TrainerCallback):
+    """Logs each ``on_log`` entry to one MLflow run (``live_metrics``), on the main process only."""
+
+    def __init__(self, tracking_uri: str, run_id: str):
+        from mlflow import MlflowClient
+
+        self.client = MlflowClient(tracking_uri)
+        self.run_id = run_id
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if state.is_world_process_zero and logs:
+            metrics = curve_metrics(logs, state.global_step)
+            if metrics:
+                self.client.log_batch(self.run_id, metrics=metrics)
 
 
 class NonFiniteTrainingError(TrainingStopped):
