@@ -66,11 +66,11 @@ def resolve_run_config(
 
 
 def launch_command(
-    accelerate_config: str | Path, run_config_path: Path, tracking: tuple[str, str] | None = None, **node: int | str
+    accelerate_config: str | Path, run_config_path: Path, curves: Path | None = None, **node: int | str
 ) -> list[str]:
     """``accelerate launch`` of the trainer module with this interpreter (so the same venv is used).
 
-    ``tracking``: the MLflow tracking URI and run id the trainer streams its metrics to (the Kedro run's).
+    ``curves``: the JSON-lines file the trainer appends its logged metrics to (``live_metrics.FollowCurves``).
 
     ``node``: accelerate's own flags overriding the file, for one machine of several (``machine_rank``,
     ``num_machines``, ``num_processes``, ``main_process_ip``, ``main_process_port``)."""
@@ -87,7 +87,7 @@ def launch_command(
         "vlm_pipeline.training.trainer",
         "--config",
         str(run_config_path),
-        *(["--mlflow-tracking-uri", tracking[0], "--mlflow-run-id", tracking[1]] if tracking else []),
+        *(["--curves", str(curves)] if curves else []),
     ]
 
 

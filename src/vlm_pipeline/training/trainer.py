@@ -47,7 +47,6 @@ from vlm_pipeline.training.checkpoints import (
 )
 from vlm_pipeline.training.collator import SFTCollator
 from vlm_pipeline.training.guards import GuardedTraining, newest_checkpoint_note
-from vlm_pipeline.training.live_metrics import curve_metrics
 from vlm_pipeline.training.param_groups import ComponentLearningRates, optimizer_groups
 from vlm_pipeline.training.progress import ProgressLog
 from vlm_pipeline.training.quantization import bits_and_bytes_config
@@ -83,20 +82,18 @@ def build_sft_config(config: RunConfig, mixed_modalities: bool = False) -> SFTCo
     return SFTConfig(**{**config.sft.trainer_args(), **fixed})
 
 
-class LiveMetrics(TrainerCallback):
-    """Logs each ``on_log`` entry to one MLflow run (``live_metrics``), on the main process only."""
+class CurvesFile(TrainerCallback):
+    """Appends each ``on_log`` entry, with its optimizer step, to a JSON-lines file, on the main process only. The
+    Kedro process follows the file into its MLflow run (``live_metrics.FollowCurves``), so the trainer itself
+    neither imports MLflow nor opens its store (about 2 s of start-up)."""
 
-    def __init__(self, tracking_uri: str, run_id: str):
-        from mlflow import MlflowClient
-
-        self.client = MlflowClient(tracking_uri)
-        self.run_id = run_id
+    def __init__(self, path: Path):
+        self.path = path
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if state.is_world_process_zero and logs:
-            metrics = curve_metrics(logs, state.global_step)
-            if metrics:
-                self.client.log_batch(self.run_id, metrics=metrics)
+            with self.path.open("a", encoding="utf-8") as curves:
+                curves.write(json.dumps({**logs, "step": state.global_step}) + "\n")
 
 
 class NonFiniteTrainingError(TrainingStopped):
@@ -268,7 +265,7 @@ class VLMSFTTrainer(MeteredTraining, GuardedTraining, ComponentLearningRates, SF
         return sampler
 
 
-def build_trainer(config: RunConfig, tracking: tuple[str, str] | None = None) -> SFTTrainer:
+def build_trainer(config: RunConfig, curves: Path | None = None) -> SFTTrainer:
     # Seed before anything random is created: SFTTrainer wraps the model with fresh LoRA weights before
     # the Trainer seeds itself, so without this two runs of one config start from different adapters.
     set_seed(config.sft.seed)
@@ -319,8 +316,8 @@ def build_trainer(config: RunConfig, tracking: tuple[str, str] | None = None) ->
         max_tokens_per_batch=config.sft.max_tokens_per_batch,
         divergence_check=config.sft.divergence_check,
         learning_rates=config.method.learning_rates,
-        # tracking: (MLflow tracking URI, run id) of the Kedro run, to stream the curves to while training
-        callbacks=[ProgressLog(), *([LiveMetrics(*tracking)] if tracking else [])],
+        # curves: the file the Kedro run follows into its MLflow run while this trains
+        callbacks=[ProgressLog(), *([CurvesFile(curves)] if curves else [])],
     )
     if trainer.args.disable_tqdm:
         # In a log, ProgressLog's lines carry the loss: the printer's dict every logging_steps would be hundreds
@@ -371,7 +368,7 @@ def engine_record(trainer: SFTTrainer) -> dict[str, Any]:
     }
 
 
-def run(config: RunConfig, tracking: tuple[str, str] | None = None) -> None:
+def run(config: RunConfig, curves: Path | None = None) -> None:
     checkpoints = config.checkpoint_dir
     finished = checkpoints / "final"
     final_dir = config.final_dir
@@ -380,7 +377,7 @@ def run(config: RunConfig, tracking: tuple[str, str] | None = None) -> None:
         # train one step more (transformers) and so give a different model for the same config.
         link_tree(finished, final_dir)
         return
-    trainer = build_trainer(config, tracking)
+    trainer = build_trainer(config, curves)
     stop = StopOnSignal(trainer.accelerator.device).install()
     trainer.add_callback(stop)
     trainable = parameter_table(trainer.model, architecture_for_model(config.base_model))
@@ -434,13 +431,13 @@ def exit_worker(status: int) -> NoReturn:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, type=Path, help="run config JSON written by the launcher")
-    parser.add_argument("--mlflow-tracking-uri", help="stream the training metrics to this MLflow store ...")
-    parser.add_argument("--mlflow-run-id", help="... into this run (the Kedro run's)")
+    parser.add_argument(
+        "--curves", type=Path, help="append each logged entry to this JSON-lines file (the Kedro run follows it)"
+    )
     args = parser.parse_args(argv)
-    tracking = (args.mlflow_tracking_uri, args.mlflow_run_id) if args.mlflow_run_id else None
     hide_library_bars_in_logs()
     try:
-        run(RunConfig.read(args.config), tracking)
+        run(RunConfig.read(args.config), args.curves)
     except StopRequested as stopped:
         if os.environ.get("RANK", "0") == "0":  # torchrun's global rank: say it once
             print(stopped.message, flush=True)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import tempfile
 from pathlib import Path
 
 from datasets import Dataset
@@ -86,13 +87,26 @@ def train_model(run_config: Path, training_plan: dict) -> tuple[Path, list, dict
     if finished is not None:  # e.g. trained by a multi-node job (docs/distributed.md): no launch, no rendezvous
         logger.info("this run config already finished training; using %s", finished)
         link_tree(finished, final_dir)
-    else:  # the trainer streams its curves to this run's MLflow run as it trains
-        launch(launch_command(config.sft.accelerate_config, run_config, tracking))
+    else:
+        launch_following_curves(config, run_config, tracking)
     history = json.loads((final_dir / "training_history.json").read_text())
-    if finished is not None and tracking:  # nothing streamed: the saved curves, once
+    if finished is not None and tracking:  # nothing followed: the saved curves, once
         log_history(*tracking, history)
     trainable = json.loads((final_dir / "trainable_parameters.json").read_text())
     ran = json.loads((final_dir / "run_info.json").read_text())["global_step"]
     if ran != training_plan["steps"]["total_steps"]:
         logger.warning("training took %d optimizer steps; the plan said %d", ran, training_plan["steps"]["total_steps"])
     return final_dir, history, trainable
+
+
+def launch_following_curves(config: RunConfig, run_config: Path, tracking: tuple[str, str] | None) -> None:
+    """Launch the trainer; with an MLflow run, log the curves it writes into that run while it trains."""
+    from vlm_pipeline.training.live_metrics import FollowCurves
+
+    if tracking is None:
+        launch(launch_command(config.sft.accelerate_config, run_config))
+        return
+    with tempfile.TemporaryDirectory(prefix="vlm-pipeline-curves-") as folder:
+        curves = Path(folder) / "curves.jsonl"
+        with FollowCurves(curves, *tracking):
+            launch(launch_command(config.sft.accelerate_config, run_config, curves))
