@@ -420,7 +420,7 @@ def exit_worker(status: int) -> NoReturn:
     after the collective returns. When that lands while Python is finalizing, the process aborts with SIGABRT
     (pytorch/pytorch#179291; seen on the last barrier under DeepSpeed ZeRO-3 on CPU, 3 runs in 73 on a loaded
     2-core machine), and the launcher reports a failed run after a complete one. Every file this process wrote
-    is closed and MLflow was written synchronously, so flushing the streams is all the teardown there is to do.
+    is closed (the curves file after each line), so flushing the streams is all the teardown there is to do.
     """
     logging.shutdown()
     sys.stdout.flush()
