@@ -325,6 +325,31 @@ def test_structural_rules(record, reason, image_root):
     assert reason_of(record, image_root) == reason
 
 
+def test_lines_python_reads_but_cannot_train_on_are_quarantined_not_raised(image_root):
+    """Three lines that stopped validation with a traceback (no quarantine, no report) instead of being set aside: a
+    lone surrogate escape, nesting past json's recursion limit, a turn's speaker that is a list."""
+    lines = [
+        b'{"instruction": "Define \\ud800 rebar.", "output": "A steel bar."}',  # 1 lone surrogate (escape)
+        b'{"instruction": "Define \\ud83d\\ude00 joist.", "output": "A beam."}',  # 2 valid: a pair is one character
+        b'{"instruction": "Define.", "output": "A slab.", "extra": ' + b"[" * 5000 + b"]" * 5000 + b"}",  # 3
+        line({"instruction": "Define lintel.", "output": "A beam over an opening."}),  # 4 valid
+    ]
+    result = validate_lines(lines, image_root, max_image_pixels=SMALL_MAX_PIXELS)
+    by_line = {entry["line"]: entry for entry in result.quarantine}
+    assert {number: entry["reason"] for number, entry in by_line.items()} == {1: "not_utf8", 3: "not_json"}
+    assert "lone surrogate" in by_line[1]["detail"] and "nested deeper" in by_line[3]["detail"]
+    assert [record["source_line"] for record in result.valid] == [2, 4]
+    assert result.valid[0]["messages"][0]["content"][0]["text"] == "Define \U0001f600 joist."
+    # A LLaVA/ShareGPT file (its format is its first record's): a speaker that is a list, not a name.
+    conversations = [
+        line({"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]}),
+        line({"conversations": [{"from": ["human"], "value": "q"}, {"from": "gpt", "value": "a"}]}),
+    ]
+    (entry,) = validate_lines(conversations, image_root, max_image_pixels=SMALL_MAX_PIXELS).quarantine
+    assert (entry["line"], entry["reason"]) == (2, "missing_field")
+    assert entry["detail"] == "conversations[0].from is a list; expected a string"
+
+
 def test_duplicates_keep_and_reject(image_root):
     same = line({"instruction": "Define.", "input": "joist", "output": "A member."})
     as_conversation = line(

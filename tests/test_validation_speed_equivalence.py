@@ -62,7 +62,7 @@ TRICKY = [
 ]
 
 
-# json reads a lone surrogate, orjson does not; the record's digest then fails (UnicodeEncodeError) either way.
+# json reads a lone surrogate, orjson does not; parse_object then sets the record aside (not_utf8).
 LONE_SURROGATE = b'{"instruction": "\\ud800", "output": "x"}'
 
 
@@ -87,8 +87,10 @@ def corpus(seed: int = 0, count: int = 300) -> list[bytes]:
 
 def test_orjson_reads_every_object_as_json_does_or_leaves_it_to_json():
     assert fast_object(LONE_SURROGATE) is None
+    with pytest.raises(RecordError, match="not_utf8: a .* escape is a lone surrogate"):
+        parse_object(LONE_SURROGATE)
     too_deep = b'{"instruction": "a", "output": "b", "deep": ' + b"[" * 990 + b"]" * 990 + b"}"
-    with pytest.raises(RecursionError):  # orjson reads it: it is left to json, which fails on it as it always did
+    with pytest.raises(RecordError, match="not_json: nested deeper"):  # orjson reads it: json's limit decides
         parse_object(too_deep)
     assert fast_object(too_deep) is None
     for line in corpus():

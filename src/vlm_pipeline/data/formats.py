@@ -161,6 +161,8 @@ def normalise_conversations(record: dict) -> dict:
         speaker = turn.get("from", turn.get("role"))
         if speaker is None:
             raise RecordError(MISSING_FIELD, f"{where}.from is missing")
+        if not isinstance(speaker, str):
+            raise RecordError(MISSING_FIELD, f"{where}.from is {_type_name(speaker)}; expected a string")
         if speaker not in CONVERSATION_ROLES:
             raise RecordError(
                 UNKNOWN_ROLE,

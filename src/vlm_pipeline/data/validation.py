@@ -10,6 +10,7 @@ from __future__ import annotations
 import gc
 import hashlib
 import json
+import re
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -52,8 +53,9 @@ TRAIN_TEST_OVERLAP = "train_test_overlap"
 
 # The stable reason codes written to quarantine.jsonl and report.json, in the order checks run.
 REASONS: dict[str, str] = {
-    NOT_UTF8: "The line is not valid UTF-8 text.",
-    NOT_JSON: "The line is not valid JSON.",
+    NOT_UTF8: "The line is not valid UTF-8 text, or a \\u escape in it is a lone surrogate (half of a UTF-16 pair), "
+    "which no UTF-8 text can hold.",
+    NOT_JSON: "The line is not valid JSON, or it nests deeper than Python's JSON reader goes (about 1,000 levels).",
     NOT_OBJECT: "The line is JSON but not an object (e.g. a list, string or number).",
     UNKNOWN_FORMAT: "The object has none of 'messages', 'conversations' or 'instruction'/'output'.",
     FORMAT_MISMATCH: "The object is in another format than the file's, which its first record decided.",
@@ -77,6 +79,8 @@ REASONS: dict[str, str] = {
 
 DUPLICATE_POLICIES = ("reject", "keep")
 FAST_MAX_BRACKETS = 200  # a line with more is read by json alone (fast_object says why)
+# json reads a \ud800-\udfff escape as a lone surrogate (orjson refuses it): a line holding one is checked whole.
+SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 
 
 class DataValidationError(ValueError):
@@ -345,9 +349,24 @@ def parse_object(line: bytes, *, first_line: bool = False) -> dict:
         record = json.loads(text)
     except json.JSONDecodeError as error:
         raise RecordError(NOT_JSON, f"invalid JSON at column {error.colno}: {error.msg}") from None
+    except RecursionError:
+        raise RecordError(NOT_JSON, "nested deeper than Python's JSON reader goes (about 1,000 levels)") from None
     if not isinstance(record, dict):
         raise RecordError(NOT_OBJECT, f"the line is a JSON {type(record).__name__}, not an object")
+    if SURROGATE_ESCAPE.search(line) and not _holds_utf8_text(record):
+        raise RecordError(
+            NOT_UTF8, "a \\u escape is a lone surrogate (half of a UTF-16 pair), which no UTF-8 text can hold"
+        )
     return record
+
+
+def _holds_utf8_text(record: dict) -> bool:
+    """Every string of ``record`` (keys too) can be written as UTF-8: no lone surrogate (a pair is one character)."""
+    try:
+        json.dumps(record, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def check_reject_budget(
