@@ -12,7 +12,7 @@ from PIL import Image
 from real_tokenizers import real_processor
 
 from vlm_pipeline.architectures import get_architecture, mllama
-from vlm_pipeline.config.schema import PreprocessingParams, SFTParams
+from vlm_pipeline.config.schema import ConfigError, PreprocessingParams, SFTParams
 from vlm_pipeline.data.encoding import (
     IGNORE_INDEX,
     NO_LABEL_TOKENS,
@@ -190,6 +190,21 @@ def test_a_template_that_rewrites_earlier_turns_stops_preprocessing_naming_model
     message = str(error.value)
     assert str(tiny_models["llama"]) in message and "line 7" in message and "not prefix-preserving" in message
     assert "preprocessing.chat_template" in message
+
+
+def test_image_records_for_a_text_only_model_stop_preprocessing_naming_model_and_record(tiny_models):
+    """Llama 3.1's template writes an image part it cannot show as the part's Python repr (a memory address in
+    it): trained, that is text that differs run to run. The stage stops on the first such record instead."""
+    from vlm_pipeline.pipelines.preprocessing.nodes import tokenize_split
+
+    records = [conversation(system=False, images=[]), {**conversation(system=False, images=[1]), "source_line": 9}]
+    with pytest.raises(ConfigError) as error:
+        tokenize_split(records, run_context(tiny_models["llama"], SHAPES), PreprocessingParams())
+    message = str(error.value)
+    assert message.startswith(f"{tiny_models['llama']}: valid.jsonl record from line 9 has 1 image(s)"), message
+    assert "reads text only" in message
+    kept, _, _ = tokenize_split(records, run_context(tiny_models["qwen2_5_vl"], SHAPES), PreprocessingParams())
+    assert list(kept["source_line"]) == [7, 9]  # a vision model takes both
 
 
 # Renders user turns only: the assistant's turns add nothing, so nothing can be learnt.

@@ -74,6 +74,11 @@ class ChatEncoder:
     def tokenizer(self) -> Any:
         return getattr(self.processor, "tokenizer", self.processor)
 
+    @property
+    def takes_images(self) -> bool:
+        """A processor with an image processor; a text-only model's tokenizer has none."""
+        return hasattr(self.processor, "image_processor")
+
     @cached_property
     def render_kwargs(self) -> dict[str, Any]:
         """The template variables this template reads (a processor takes any other keyword as its own)."""

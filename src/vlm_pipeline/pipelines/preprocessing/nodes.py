@@ -15,7 +15,7 @@ from typing import Any
 from datasets import Dataset
 
 from vlm_pipeline.config.run import RunContext
-from vlm_pipeline.config.schema import PreprocessingParams, SFTParams
+from vlm_pipeline.config.schema import ConfigError, PreprocessingParams, SFTParams
 from vlm_pipeline.data.encoding import NO_LABEL_TOKENS, TOO_LONG, encode_record
 from vlm_pipeline.data.labels import ChatEncoder, ChatTemplateError
 from vlm_pipeline.data.spool import RecordSpool, records_dataset
@@ -34,6 +34,12 @@ MODEL_COLUMNS = ["input_ids", "labels", "image_paths", "image_sha256", "source_l
 
 def _encode_row(row: dict, *, encoder: ChatEncoder, image_root: Path, params: PreprocessingParams) -> dict:
     record = json.loads(row["record"])
+    if record["images"] and not encoder.takes_images:
+        # A text-only template would write each image part as text (Llama 3.1's prints the part's Python repr).
+        raise ConfigError(
+            f"valid.jsonl record from line {record['source_line']} has {len(record['images'])} image(s), but the "
+            "model reads text only: set base_model to a vision model, or raw_data to text records"
+        )
     try:
         return encode_record(
             encoder,
@@ -65,6 +71,8 @@ def tokenize_split(
         encoded = raw.map(encode, num_proc=params.processes if params.processes > 1 else None, desc="tokenize")
     except ChatTemplateError as error:
         raise ChatTemplateError(f"{context.base_model}: {error}") from None
+    except ConfigError as error:
+        raise ConfigError(f"{context.base_model}: {error}") from None
     reasons = encoded["reason"]
     rejected = [i for i, reason in enumerate(reasons) if reason is not None]
     report = _split_report(encoded, reasons)
