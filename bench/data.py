@@ -5,7 +5,10 @@
 
 Prints rows/s for `validate_lines` on a generated text JSONL and image JSONL, then times our preprocessing
 node (`tokenize_split`: encode, label masks, length policy, quarantine, report) against a `datasets.map`
-that does only the processor call on the same records, in the same run, and prints the ratio.
+that does only the processor call on the same records, in the same run, and prints the ratio, twice:
+- on copies of the sample images, all one size, as a photo set of a few sizes is: the processor counts the image
+  tokens of the first record and the others reuse the count (vlm_pipeline.data.labels);
+- on images each of a size no other record has, the worst case: every record goes through the processor.
 Needs the tiny Qwen2.5-VL (`make model`; with --smoke and no model there, one is built in a temporary folder).
 Results go in bench/RESULTS.md.
 """
@@ -23,6 +26,7 @@ import time
 from pathlib import Path
 
 from datasets import Dataset, disable_progress_bars
+from PIL import Image
 
 from vlm_pipeline.architectures import get_architecture, load_processor
 from vlm_pipeline.config.run import RunContext
@@ -45,14 +49,20 @@ def text_lines(count: int, rng: random.Random) -> list[bytes]:
     return lines
 
 
-def image_lines(count: int, image_root: Path) -> list[bytes]:
-    """``count`` records, each with its own image file (copies of the sample images)."""
+def image_lines(count: int, image_root: Path, *, distinct_sizes: bool = False) -> list[bytes]:
+    """``count`` records, each with its own image file: copies of the sample images (all 56x56), or with
+    ``distinct_sizes`` each resized to a size no other record has."""
     sources = sorted((SHAPES / "images").glob("*.png"))
-    (image_root / "images").mkdir(parents=True)
+    folder = "distinct" if distinct_sizes else "images"
+    (image_root / folder).mkdir(parents=True)
     lines = []
     for i in range(count):
-        name = f"images/{i:06d}.png"
-        shutil.copyfile(sources[i % len(sources)], image_root / name)
+        name = f"{folder}/{i:06d}.png"
+        if distinct_sizes:
+            with Image.open(sources[i % len(sources)]) as image:
+                image.resize((56 + i % 64, 56 + i // 64)).save(image_root / name)
+        else:
+            shutil.copyfile(sources[i % len(sources)], image_root / name)
         record = {
             "messages": [
                 {
@@ -128,22 +138,33 @@ def main() -> None:
             f"{args.image_records / seconds:,.0f} rows/s"
         )
 
-        records = result.valid[: args.preprocess_records]
-        params = PreprocessingParams(max_length=512)
+        distinct = validate_lines(
+            image_lines(args.preprocess_records, root, distinct_sizes=True), root, max_image_pixels=12_845_056
+        ).valid
         context = RunContext(base_model=args.model, image_root=root, model=ModelParams())
-        bare_map(records[:20], args.model, root)  # warm-up: first-call costs land in neither side
-        # Alternate the two sides and take medians, so drift on a shared machine hits both alike.
-        bare_times, our_times = [], []
-        for _ in range(args.rounds):
-            bare_times.append(timed(bare_map, records, args.model, root)[1])
-            (kept, _, _), seconds = timed(tokenize_split, records, context, params)
-            assert len(kept) == len(records)
-            our_times.append(seconds)
-        bare, ours = statistics.median(bare_times), statistics.median(our_times)
-        print(
-            f"preprocess {len(records)} image records (median of {args.rounds}): bare datasets.map {bare:.2f} s, "
-            f"ours {ours:.2f} s, ratio ours/bare = {ours / bare:.3f}"
-        )
+        bare_map(distinct[:20], args.model, root)  # warm-up: first-call costs land in neither side
+        for label, records in (
+            ("image records", result.valid[: args.preprocess_records]),
+            ("image records, each image a size of its own", distinct),
+        ):
+            compare_preprocessing(label, records, context, args.rounds)
+
+
+def compare_preprocessing(label: str, records: list[dict], context: RunContext, rounds: int) -> None:
+    """Our preprocessing node against the bare map on the same records, alternated, medians of ``rounds``."""
+    params = PreprocessingParams(max_length=512)
+    # Alternate the two sides and take medians, so drift on a shared machine hits both alike.
+    bare_times, our_times = [], []
+    for _ in range(rounds):
+        bare_times.append(timed(bare_map, records, context.base_model, context.image_root)[1])
+        (kept, _, _), seconds = timed(tokenize_split, records, context, params)
+        assert len(kept) == len(records)
+        our_times.append(seconds)
+    bare, ours = statistics.median(bare_times), statistics.median(our_times)
+    print(
+        f"preprocess {len(records)} {label} (median of {rounds}): bare datasets.map {bare:.2f} s, "
+        f"ours {ours:.2f} s, ratio ours/bare = {ours / bare:.3f}"
+    )
 
 
 if __name__ == "__main__":

@@ -6,9 +6,11 @@ records the other tests use, for every architecture's tiny twin and for the real
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import pytest
 from conftest import PROJECT_ROOT, chat_encoder
+from PIL import Image
 from real_tokenizers import real_processor
 from test_encoding import multi_turn
 from test_labels import ANSWERS, CASES, DATE, conversation
@@ -118,3 +120,70 @@ def test_placeholder_runs_copy_the_processors_counts_and_refuse_what_they_cannot
     # Mllama: one token per image, so two images side by side are still told apart.
     assert PlaceholderRuns.of([1, 9, 9, 2, 9], token=9, images=3).expand([1, 9, 9, 2]) == [1, 9, 9, 2]
     assert PlaceholderRuns.of([1, 9, 9, 9, 2], token=9, images=2) is None  # a run of three: 1+2 or 2+1?
+
+
+# Wide, tall, under Qwen's minimum, not multiples of its 28-pixel factor, and one past its 1,003,520-pixel default
+# maximum: each a size the smart-resize rule rounds differently.
+SIZES = [(56, 56), (57, 200), (300, 29), (30, 30), (640, 481), (1280, 800), (97, 61)]
+
+
+def sized_records(image_root: Path) -> list[dict]:
+    """One record per size, a sample image resized to it; then one with two of them (a list of sizes not seen)."""
+    (image_root / "sized").mkdir()
+    names = []
+    for width, height in SIZES:
+        name = f"sized/{width}x{height}.png"
+        with Image.open(SHAPES / "images/train_0000.png") as image:
+            image.resize((width, height)).save(image_root / name)
+        names.append(name)
+    question = {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Which shape?"}]}
+    answer = {"role": "assistant", "content": [{"type": "text", "text": "A red circle."}]}
+    records = [{"messages": [question, answer], "images": [name], "source_line": i} for i, name in enumerate(names)]
+    two = {"role": "user", "content": [{"type": "image"}, {"type": "image"}, {"type": "text", "text": "Same?"}]}
+    return [*records, {"messages": [two, answer], "images": names[1:3], "source_line": len(names)}]
+
+
+@pytest.mark.parametrize("arch", ["qwen2_5_vl", "mllama"])
+@pytest.mark.parametrize("vocabulary", ["tiny", "real"])
+def test_image_token_counts_are_the_processors_for_every_size_and_images_are_processed_once_per_size(
+    tiny_models, arch, vocabulary, tmp_path, monkeypatch
+):
+    if vocabulary == "tiny":
+        encoder = chat_encoder(tiny_models[arch])
+    else:
+        encoder = ChatEncoder(real_processor(arch), ARCHITECTURES[arch].end_of_turn_token, DATE)
+    records = sized_records(tmp_path)
+    reference = dataclasses.replace(encoder, reference=True)
+    processed = []  # the cheap path's whole-conversation processor calls, by the record's image sizes
+    call = type(encoder.processor).__call__
+
+    def counted(self, *args, images=None, **kwargs):
+        if self is encoder.processor and images:
+            processed.append(tuple(image.size for image in images[0]))
+        return call(self, *args, images=images, **kwargs)
+
+    def encode(chosen: ChatEncoder, record: dict) -> tuple:
+        row = encode_record(
+            chosen, record, tmp_path, max_length=8192, train_on="all_assistant_turns", truncate_text_only=False
+        )
+        return row["input_ids"], row["labels"], row["reason"]
+
+    expected = [encode(reference, record) for record in records]
+    monkeypatch.setattr(type(encoder.processor), "__call__", counted)
+    for again in (False, True):
+        processed.clear()
+        assert [encode(encoder, record) for record in records] == expected, f"second pass: {again}"
+        if again:  # every list of sizes is known now: no image is processed
+            assert processed == []
+        elif arch == "qwen2_5_vl":  # its size rule agreed with the first record, and counts every other size
+            assert encoder.image_tokens.sizes_rule is True
+            assert processed == [((56, 56),)]
+        else:  # Mllama has no size rule: each new list of sizes once
+            assert encoder.image_tokens.sizes_rule is None
+            assert processed == [(size,) for size in SIZES] + [tuple(SIZES[1:3])]
+    image_token = encoder.processor.image_token_id
+    counts = [row[0].count(image_token) for row in expected]
+    if arch == "mllama":  # one token an image, whatever its size
+        assert counts == [1] * len(SIZES) + [2]
+    else:  # 30x30 is raised to the 56x56 minimum, so the two count alike; every other size counts its own
+        assert counts[0] == counts[3] and len(set(counts)) == len(SIZES), counts

@@ -8,15 +8,21 @@ conversation; the turn is what the longer one adds, cut after its end-of-turn to
 markers in token ids) except that it does not rewrite earlier turns when a later one is added; where it does,
 ``ChatTemplateError`` says so. Where a template has ``{% generation %}`` markers, their mask must agree.
 
-Only the whole conversation goes through the processor, once (its images processed once, the cost of a bare
-``datasets.map`` of one processor call). The shorter renderings are rendered to text and tokenized by the tokenizer
-alone, and each of the processor's image placeholders (its ``image_token_id``) is repeated as often as the processor
-repeated it for that image in the whole conversation (``PlaceholderRuns``: Qwen2.5-VL's run follows the image size,
-Mllama's is 1), so no family needs code for it. Where a shorter rendering then fails a check, every rendering goes
-through the processor with its own images and the checks are repeated on those ids, so an error (or a result) is
-always the processor's own; ``ChatEncoder(..., reference=True)`` takes that path from the start (the tests compare
-the two, tests/test_label_paths.py). A tokenizer without a processor, or a conversation with other visual parts
-(video, audio, an image by URL), takes it too.
+Every rendering is rendered to text and tokenized by the tokenizer alone, and each of the processor's image
+placeholders (its ``image_token_id``) is repeated as often as the processor repeats it for that image
+(``PlaceholderRuns``: Qwen2.5-VL's run follows the image size, Mllama's is 1), so no family needs code for it.
+The processor tells those counts itself (``ImageTokenCounts``): the first record whose images have a given list of
+sizes goes through it whole (its images processed once, the cost of a bare ``datasets.map`` of one processor call),
+and the counts it gave are kept for that list of sizes. Where the processor also counts from sizes alone (the rule
+transformers keeps for vLLM, ``_get_num_multimodal_tokens``: Qwen2.5-VL has it, Mllama not) and that rule agreed
+with its own output on the first record, unseen sizes are counted by the rule. Either way a record needs no image
+processing of its own: preprocessing keeps no pixels, only the token ids.
+
+Where a rendering then fails a check, every rendering goes through the processor with its own images and the
+checks are repeated on those ids, so an error (or a result) is always the processor's own;
+``ChatEncoder(..., reference=True)`` takes that path from the start (the tests compare the two,
+tests/test_label_paths.py). A tokenizer without a processor, or a conversation with other visual parts (video,
+audio, an image by URL), takes it too.
 """
 
 from __future__ import annotations
@@ -69,6 +75,7 @@ class ChatEncoder:
     reference: bool = False
     """Render every prefix through the processor too (images processed each time): the path the cheaper one is
     tested against (tests/test_label_paths.py)."""
+    image_tokens: ImageTokenCounts = field(default_factory=lambda: ImageTokenCounts(), init=False, compare=False)
 
     @property
     def tokenizer(self) -> Any:
@@ -131,12 +138,20 @@ class ChatEncoder:
             # A bare tokenizer's render_ids is text + tokens already; any other visual part goes the processor's way.
             return self.render_ids(conversation, add_generation_prompt=False), self.render_ids
         text = self.render_text(conversation, add_generation_prompt=False)
-        # What the processor's apply_chat_template does once it has rendered the text: one call with the images.
-        options = {} if self._adds_special_tokens(text) else {"add_special_tokens": False}
-        full = _first_row(self.processor(text=text, images=[images] if images else None, **options)["input_ids"])
-        runs = PlaceholderRuns.of(full, image_token, len(images))
-        if runs is None:
-            return full, self.render_ids
+        sizes = tuple(image.size for image in images)
+        counts = self.image_tokens.known(self.processor, sizes)
+        full = None
+        if counts is not None:
+            runs = PlaceholderRuns(image_token, counts)
+            full = runs.expand(self.text_ids(text), every_image=True)
+        if full is None:
+            # What the processor's apply_chat_template does once it has rendered the text: one call with the images.
+            options = {} if self._adds_special_tokens(text) else {"add_special_tokens": False}
+            full = _first_row(self.processor(text=text, images=[images] if images else None, **options)["input_ids"])
+            runs = PlaceholderRuns.of(full, image_token, len(images))
+            if runs is None:
+                return full, self.render_ids
+            self.image_tokens.learn(self.processor, sizes, runs.lengths)
 
         def render(prefix: list[dict], *, add_generation_prompt: bool) -> list[int]:
             expanded = runs.expand(self.text_ids(self.render_text(prefix, add_generation_prompt=add_generation_prompt)))
@@ -210,6 +225,46 @@ class ChatEncoder:
             )
 
 
+@dataclass
+class ImageTokenCounts:
+    """How many placeholder tokens the processor gives each image of a record, by the record's image sizes (width,
+    height) in order: a processor may count an image differently beside others, so the key is the whole list."""
+
+    by_sizes: dict[tuple[tuple[int, int], ...], list[int]] = field(default_factory=dict)
+    sizes_rule: bool | None = None
+    """The processor's count from sizes alone agreed with its output on the first record with images (None: not
+    compared yet, or the processor has no such rule)."""
+
+    def known(self, processor: Any, sizes: tuple[tuple[int, int], ...]) -> list[int] | None:
+        """The counts for images of these sizes, if the processor gave them before or its size rule is trusted."""
+        if sizes not in self.by_sizes and self.sizes_rule:
+            counted = _counted_from_sizes(processor, sizes)
+            if counted is not None:
+                self.by_sizes[sizes] = counted
+        return self.by_sizes.get(sizes)
+
+    def learn(self, processor: Any, sizes: tuple[tuple[int, int], ...], counts: list[int]) -> None:
+        """Keep the counts the processor gave for a record with images of these sizes; the first time there are
+        images, compare its size rule with them."""
+        self.by_sizes[sizes] = counts
+        if self.sizes_rule is None and sizes:
+            counted = _counted_from_sizes(processor, sizes)
+            self.sizes_rule = None if counted is None else counted == counts
+
+
+def _counted_from_sizes(processor: Any, sizes: tuple[tuple[int, int], ...]) -> list[int] | None:
+    """The processor's placeholder count per image from the sizes alone (what vLLM calls), None without the rule."""
+    count = getattr(processor, "_get_num_multimodal_tokens", None)
+    if count is None:
+        return None
+    try:
+        counted = count(image_sizes=[(height, width) for width, height in sizes])
+    except (AttributeError, KeyError, NotImplementedError, TypeError, ValueError):
+        return None  # a rule this processor does not implement for images: its own output decides
+    tokens = getattr(counted, "num_image_tokens", None)
+    return None if tokens is None else [int(n) for n in tokens]
+
+
 @dataclass(frozen=True)
 class PlaceholderRuns:
     """How the processor expanded the text's image placeholder: how many ``token`` each image became, in order
@@ -236,10 +291,10 @@ class PlaceholderRuns:
             return cls(token, [1] * images)
         return cls(token, runs) if len(runs) == images else None
 
-    def expand(self, text_ids: list[int]) -> list[int] | None:
+    def expand(self, text_ids: list[int], *, every_image: bool = False) -> list[int] | None:
         """The processor's ids for a rendering of the first turns of that conversation, from the tokenizer's ids
         of its text: each placeholder repeated as the processor repeated it. None where the rendering holds more
-        placeholders than the conversation has images."""
+        placeholders than the conversation has images, or, with ``every_image`` (a whole conversation), fewer."""
         out: list[int] = []
         seen = 0
         for current in text_ids:
@@ -250,7 +305,7 @@ class PlaceholderRuns:
             else:
                 out += [current] * self.lengths[seen]
                 seen += 1
-        return out
+        return None if every_image and seen < len(self.lengths) else out
 
 
 def _attached_images(conversation: list[dict]) -> list[Any] | None:
