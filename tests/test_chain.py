@@ -15,11 +15,12 @@ from pathlib import Path
 import mlflow
 import pytest
 import torch
-from conftest import SHORT_TRAINING, run_kedro
+from conftest import SHORT_TRAINING, run_context, run_kedro
 from safetensors import safe_open
 
 from vlm_pipeline.architectures import load_model
 from vlm_pipeline.config.run import RunConfig
+from vlm_pipeline.config.schema import EvaluationParams, PreprocessingParams
 from vlm_pipeline.model_files import check_full_model
 
 pytestmark = pytest.mark.slow  # Kedro sessions, subprocesses or training runs: `make test` only
@@ -102,8 +103,12 @@ def assert_evaluation(project: Path, variant: str, test_records: int) -> dict:
     assert metrics["test_records"] == test_records
     details = json.loads((reporting / "evaluation_details.json").read_text())
     assert isinstance(details["majority_baseline"]["answer"], str) and details["exact_match_ci95"]["resamples"] > 0
+    # The merged model behind `transformers serve` answers the first test prompts as the evaluation did.
+    assert metrics["serving"] == {"records": min(8, test_records), "agreement": 1.0}, details.get("serving")
+    assert details["serving"]["first_difference"] is None
     report = (reporting / "report.md").read_text()
     assert "| exact_match |" in report and "answers tuning changed most" in report and "instead of BLEU" in report
+    assert f"of {min(8, test_records)} served answers agree with the evaluation's" in report
     # Training and validation loss (the demo holds out a validation split and evaluates at the last step at least).
     curve = json.loads((reporting / "loss_curve.json").read_text())
     assert curve and all(set(point) == {"step", "train_loss", "eval_loss"} for point in curve)
@@ -226,6 +231,31 @@ def test_lora_chain_on_qwen2_5_vl(project, tiny_models, monkeypatch, network_blo
     assert run.data.tags["vlm_pipeline.verdict"] == "ok" and "vlm_pipeline.verdict.reasons" not in run.data.tags
     assert not list((project / "data/06_models/lora").glob(".*staging*")), "no staging directory left behind"
     assert_token_never_written(project)
+    assert_serving_check_fails_on_another_generation_setting(project)
+
+
+def assert_serving_check_fails_on_another_generation_setting(project: Path) -> None:
+    """The run's serving check agreed (assert_evaluation); one new token where evaluation generated up to 16 cuts
+    every longer answer, so the check must fail, naming the first record that differs, and leave no server."""
+    from test_serving import servers_of
+
+    from vlm_pipeline.pipelines.evaluation.nodes import check_serving
+    from vlm_pipeline.serving import ServingMismatchError
+
+    records = read_jsonl(project / "data/02_intermediate/test/valid.jsonl")
+    predictions = read_jsonl(project / "data/07_model_output/lora/predictions.jsonl")
+    assert [row["line"] for row in predictions] == [record["source_line"] for record in records]
+    first_long = next(row["line"] for row in predictions[:8] if len(row["tuned"]) > 3)  # "square", "circle"...
+    context = run_context(project / "data/00_base_models/tiny-qwen2_5_vl", project)  # image paths: from the project
+    tuned, model = {"answers": [row["tuned"] for row in predictions]}, project / "data/06_models/lora/merged"
+    strict = EvaluationParams(max_new_tokens=1, serving_check_strict=True)
+    with pytest.raises(ServingMismatchError, match=rf"the first that differs is line {first_long}: served "):
+        check_serving(model, tuned, context, records, PreprocessingParams(), strict)
+    assert servers_of(model) == []
+    # Not strict: the stage goes on with the agreement measured (and a warning naming the record).
+    result = check_serving(model, tuned, context, records, PreprocessingParams(), EvaluationParams(max_new_tokens=1))
+    assert result["agreement"] < 1 and result["first_difference"]["line"] == first_long
+    assert servers_of(model) == []
 
 
 def test_full_ft_chain_on_qwen2_5_vl(project, tiny_models):

@@ -167,7 +167,7 @@ def compared(
     tuned = tuned or evaluation([*SHAPES[:4], "blue"])
     baseline = {"answer": "circle", "tied": tied or [], **text_scores(["circle"] * len(references), references)}
     params = params or EvaluationParams(bootstrap_resamples=200)
-    return compare(base, tuned, baseline, MERGE_CHECK, shape_records(references), params)
+    return compare(base, tuned, baseline, MERGE_CHECK, {}, shape_records(references), params)
 
 
 def test_metrics_hold_numbers_and_the_strings_go_to_the_details():

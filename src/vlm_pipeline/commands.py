@@ -7,6 +7,7 @@ Not named ``cli.py``: Kedro imports ``<package>.cli`` as its own CLI extension. 
 from __future__ import annotations
 
 import argparse
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -466,7 +467,30 @@ def _import(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve(args: argparse.Namespace) -> int:
+    """The standard OpenAI-compatible server on a merged model (transformers serve), or the GPU host's commands."""
+    from vlm_pipeline.config.schema import ModelParams
+    from vlm_pipeline.serving import gpu_host_commands, serve_command
+
+    model = Path(args.model)
+    if not (model / "config.json").is_file():
+        print(f"error: {model / 'config.json'} not found: --model must be a merged or fully trained model folder")
+        return 2
+    loading = ModelParams(**({"dtype": args.dtype} if args.dtype else {})).loading_kwargs()
+    command = serve_command(model, args.port, loading, host=args.host)
+    if args.print:
+        print(" ".join(command))
+        print("\n".join(gpu_host_commands(model, args.port)))
+        return 0
+    print(f"serving {model} on http://{args.host}:{args.port}/v1 (model name: {model}); Ctrl+C stops it", flush=True)
+    try:
+        return subprocess.run(command, check=False).returncode
+    except KeyboardInterrupt:
+        return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from vlm_pipeline.config.schema import DTYPES
     from vlm_pipeline.recipes import RECIPES  # a table: Kedro and torch are imported only when a command runs
 
     parser = argparse.ArgumentParser(
@@ -589,6 +613,23 @@ def build_parser() -> argparse.ArgumentParser:
         default="all_assistant_turns",
         choices=["all_assistant_turns", "last_assistant_turn"],
         help="which assistant turns train (preprocessing.train_on; default %(default)s)",
+    )
+
+    serve = command(
+        "serve",
+        "Serve a merged model with an OpenAI-compatible API (transformers serve); --print for GPU hosts.",
+        _serve,
+    )
+    serve.add_argument("--model", required=True, help="a merged or fully trained model folder (data/06_models/...)")
+    serve.add_argument("--port", type=int, default=8000, help="port to listen on (default %(default)s)")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default %(default)s: this machine)")
+    serve.add_argument(
+        "--dtype",
+        choices=DTYPES,
+        help="weights dtype (default: model.dtype's default, as evaluation loads it; auto: the folder's own)",
+    )
+    serve.add_argument(
+        "--print", action="store_true", help="print the transformers serve, vLLM and SGLang commands instead"
     )
 
     importer = command(

@@ -616,6 +616,28 @@ class EvaluationParams(Section):
         "bootstrap). False: the flag is a warning, a line in report.md and the MLflow tag vlm_pipeline.verdict. "
         "true or false.",
     )
+    serving_check: bool = Field(
+        True,
+        description="Serve the tuned (merged) model with the standard OpenAI-compatible server (`transformers serve`) "
+        "on localhost, send it the first serving_check_records test prompts (images as data URLs, greedy, "
+        "max_new_tokens) and compare its answers with the evaluation's: the share that agree is "
+        "detailed_metrics.json's serving.agreement. true or false.",
+    )
+    serving_check_records: int = Field(
+        8, ge=1, le=10_000, description="Test records the serving check sends, from the first. Range 1-100."
+    )
+    serving_check_strict: bool = Field(
+        False,
+        description="Fail the stage when a served answer differs from the evaluation's. False: a warning naming the "
+        "first record that differs. true or false.",
+    )
+    serving_startup_timeout_s: int = Field(
+        300,
+        ge=5,
+        le=7200,
+        description="Seconds the serving check waits for the server to load the model and answer /health before it "
+        "stops it and fails. Range 60 (a tiny model on CPU) to 1800 (an 11B model from a network disk).",
+    )
 
 
 class PlanParams(Section):

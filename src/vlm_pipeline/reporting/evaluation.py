@@ -154,6 +154,10 @@ def report_markdown(
         )
     )
     lines.append(f"Merge check: {describe_merge_check(_merge_check(metrics, details))}.")
+    if details.get("serving"):
+        from vlm_pipeline.serving import describe  # the data URLs' helpers: only for a run that served
+
+        lines.append(f"Serving check (`transformers serve` on the tuned model): {describe(details['serving'])}.")
     if "rule" in verdict:
         lines.append(f"Verdict rule: {verdict['rule']}.")
     lines += mistakes_markdown(predictions, images_from)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
+import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -62,6 +63,45 @@ def evaluate_model(
     return {"scores": scores, "answers": answers}
 
 
+def check_serving(
+    model_dir: Path,
+    tuned: dict,
+    context: RunContext,
+    test_records: Iterable[dict],
+    preprocessing: PreprocessingParams,
+    params: EvaluationParams,
+) -> dict:
+    """Serve the tuned model with ``transformers serve`` and ask it the first test prompts; the share of its answers
+    equal to the evaluation's (``vlm_pipeline.serving``). Empty when ``evaluation.serving_check`` is off."""
+    if not params.serving_check:
+        return {}
+    from vlm_pipeline.architectures import load_chat_encoder
+    from vlm_pipeline.serving import ServedModel, ServingMismatchError, agreement, describe, served_answers
+
+    records = list(test_records)[: params.serving_check_records]
+    template_kwargs = load_chat_encoder(model_dir, preprocessing).render_kwargs
+    loading = context.model.loading_kwargs()
+    with tempfile.TemporaryDirectory(prefix="vlm-pipeline-serve-") as folder:
+        with open(Path(folder) / "server.log", "w+", encoding="utf-8") as log:
+            with ServedModel(model_dir, loading, startup_timeout_s=params.serving_startup_timeout_s, log=log) as server:
+                served = served_answers(
+                    server.base_url,
+                    str(model_dir),
+                    records,
+                    context.image_root,
+                    max_new_tokens=params.max_new_tokens,
+                    template_kwargs=template_kwargs,
+                )
+    result = agreement(served, tuned["answers"][: len(records)], records)
+    if result["first_difference"] is None:
+        logger.info("serving check: %s", describe(result))
+    elif params.serving_check_strict:
+        raise ServingMismatchError(f"serving check: {describe(result)}. The stage fails: serving_check_strict is on.")
+    else:
+        logger.warning("serving check: %s", describe(result))
+    return result
+
+
 def majority_baseline(train_records: Iterable[dict], test_records: Iterable[dict]) -> dict:
     """Exact match of always giving the most common training answer: the bar a model must clear. ``tied``: every
     answer tied for most common, with its count (the first is picked), so the report can say it was a tie."""
@@ -79,6 +119,7 @@ def compare(
     tuned: dict,
     baseline: dict,
     merge_check: dict,
+    serving: dict,
     test_records: Iterable[dict],
     params: EvaluationParams,
 ) -> tuple[dict, dict, list[dict], dict]:
@@ -106,12 +147,15 @@ def compare(
         "majority_baseline": numbers_only(baseline),
         "merge_check": numbers_only(merge_check),
     }
+    if serving:  # the serving check ran (evaluation.serving_check)
+        metrics["serving"] = numbers_only(serving)
     verdict = tuned_verdict(metrics)
     metrics["verdict"] = numbers_only(verdict)
     details = {
         "verdict": {**verdict, "rule": VERDICT_RULE},
         "majority_baseline": {"answer": baseline["answer"], "tied": baseline.get("tied", [])},
         "merge_check": merge_check,
+        **({"serving": serving} if serving else {}),
         "exact_match_ci95": {
             "method": "percentile bootstrap over test records; the changes (tuned_minus_base, tuned_minus_majority) "
             "resample both sides together",

@@ -2,6 +2,7 @@ from kedro.pipeline import Node, Pipeline
 
 from vlm_pipeline.pipelines.evaluation.nodes import (
     build_report,
+    check_serving,
     check_tuned_model,
     compare,
     evaluate_model,
@@ -16,6 +17,19 @@ def create_pipeline(variant: str) -> Pipeline:
         Node(evaluate_model, inputs=["base_model", *shared], outputs="base_evaluation", name="evaluate_base"),
         Node(evaluate_model, inputs=["merged_model", *shared], outputs="tuned_evaluation", name="evaluate_tuned"),
         Node(
+            check_serving,
+            inputs=[
+                "merged_model",
+                "tuned_evaluation",
+                "run_context",
+                "test_records",
+                "params:preprocessing",
+                "params:evaluation",
+            ],
+            outputs="serving_check",
+            name="check_serving",
+        ),
+        Node(
             majority_baseline,
             inputs=["train_records", "test_records"],
             outputs="majority_baseline",
@@ -28,6 +42,7 @@ def create_pipeline(variant: str) -> Pipeline:
                 "tuned_evaluation",
                 "majority_baseline",
                 "merge_check",
+                "serving_check",
                 "test_records",
                 "params:evaluation",
             ],
