@@ -29,6 +29,7 @@ SCRIPTS = {
             "| Qwen2.5-VL | ours: length-grouped, packed | 0.0% |",
         ],
     ),
+    "serving.py": ("qwen2_5_vl", ["| side | records |", "| served, 1 client | 4 |", "served answers equal"]),
     "train_overhead.py": ("llama", ["| measure | ours | plain TRL |", "| s per optimizer step"]),
     "collate.py": (None, ["| case | rows per batch | ours s/batch | TRL s/batch |", "| b Llama-3.2-11B-Vision"]),
 }
