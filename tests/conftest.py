@@ -35,6 +35,39 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     items.sort(key=order)
 
 
+def live_servers(model: Path | None = None) -> list[str]:
+    """Command lines of the live `transformers serve` processes this pytest process started, itself or through a
+    Kedro stage (known by the PYTEST_XDIST_WORKER they inherited); with ``model``, only those serving that folder."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            words = (entry / "cmdline").read_bytes().decode(errors="replace").split("\0")
+            environment = (entry / "environ").read_bytes().split(b"\0")
+        except OSError:  # gone, not a process folder, or another user's
+            continue
+        if "serve" not in words or not any(word.endswith("/transformers") for word in words[:2]):
+            continue
+        if model is not None and str(model) not in words:
+            continue
+        # Started under this worker, or (no xdist) under any pytest: pytest sets PYTEST_VERSION for its process.
+        mine = (
+            f"PYTEST_XDIST_WORKER={worker}".encode() in environment
+            if worker
+            else any(variable.startswith(b"PYTEST_VERSION=") for variable in environment)
+        )
+        if mine:
+            found.append(" ".join(words))
+    return found
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_server_outlives_the_session() -> Iterator[None]:
+    """No `transformers serve` started by this session's tests or stages is left running when it ends."""
+    yield
+    assert live_servers() == [], "a server outlived the tests that started it"
+
+
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 PROJECT_FILES = ("pyproject.toml", ".telemetry", "dvc.yaml", "params.yaml", ".dvcignore", "README.md")
 PROJECT_DIRS = ("conf", "data/01_raw", "src")

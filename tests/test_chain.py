@@ -15,7 +15,7 @@ from pathlib import Path
 import mlflow
 import pytest
 import torch
-from conftest import SHORT_TRAINING, run_context, run_kedro
+from conftest import SHORT_TRAINING, live_servers, run_context, run_kedro
 from safetensors import safe_open
 
 from vlm_pipeline.architectures import load_model
@@ -237,8 +237,6 @@ def test_lora_chain_on_qwen2_5_vl(project, tiny_models, monkeypatch, network_blo
 def assert_serving_check_fails_on_another_generation_setting(project: Path) -> None:
     """The run's serving check agreed (assert_evaluation); one new token where evaluation generated up to 16 cuts
     every longer answer, so the check must fail, naming the first record that differs, and leave no server."""
-    from test_serving import servers_of
-
     from vlm_pipeline.pipelines.evaluation.nodes import check_serving
     from vlm_pipeline.serving import ServingMismatchError
 
@@ -251,11 +249,11 @@ def assert_serving_check_fails_on_another_generation_setting(project: Path) -> N
     strict = EvaluationParams(max_new_tokens=1, serving_check_strict=True)
     with pytest.raises(ServingMismatchError, match=rf"the first that differs is line {first_long}: served "):
         check_serving(model, tuned, context, records, PreprocessingParams(), strict)
-    assert servers_of(model) == []
+    assert live_servers(model) == []
     # Not strict: the stage goes on with the agreement measured (and a warning naming the record).
     result = check_serving(model, tuned, context, records, PreprocessingParams(), EvaluationParams(max_new_tokens=1))
     assert result["agreement"] < 1 and result["first_difference"]["line"] == first_long
-    assert servers_of(model) == []
+    assert live_servers(model) == []
 
 
 def test_full_ft_chain_on_qwen2_5_vl(project, tiny_models):

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import PROJECT_ROOT, run_kedro
+from conftest import PROJECT_ROOT, live_servers, run_kedro
 from datasets import load_from_disk
 from test_chain import read_jsonl
 
@@ -25,19 +25,6 @@ from vlm_pipeline.architectures import load_processor
 from vlm_pipeline.serving import ServedModel, ServingError, agreement, describe, free_port, openai_messages
 
 MERGED = "data/06_models/lora/merged"
-
-
-def servers_of(model: Path) -> list[str]:
-    """Command lines of live processes serving ``model`` (any `transformers serve` on that folder)."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        try:
-            words = (entry / "cmdline").read_bytes().decode(errors="replace").split("\0")
-        except OSError:  # gone, or not a process folder
-            continue
-        if "serve" in words and str(model) in words:
-            found.append(" ".join(words))
-    return found
 
 
 def test_openai_messages_carry_images_as_data_urls_in_place_and_text_as_strings(tmp_path):
@@ -79,7 +66,7 @@ def test_a_server_that_does_not_answer_in_time_is_stopped_with_its_log(short_lor
         with pytest.raises(ServingError, match=r"did not answer on http://127\.0\.0\.1:\d+ within 0\.05 s"):
             with served:
                 pytest.fail("the block ran without a server")
-    assert served.process.returncode is not None and servers_of(model) == []
+    assert served.process.returncode is not None and live_servers(model) == []
 
 
 def readme_client() -> str:
@@ -118,7 +105,7 @@ def test_vlm_pipeline_serve_answers_the_readme_client_as_evaluation_did(short_lo
     finally:
         os.killpg(server.pid, signal.SIGINT)  # Ctrl+C, as the command says
         server.wait(timeout=30)
-    assert servers_of(model) == []
+    assert live_servers(model) == []
 
 
 @pytest.mark.slow
