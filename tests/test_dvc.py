@@ -124,6 +124,9 @@ def check_first_repro(project: Path, first) -> None:
     metrics = json.loads((project / "data/08_reporting/lora/detailed_metrics.json").read_text())
     assert metrics["merge_check"]["passed"]
     assert (project / "data/08_reporting/full_ft/metrics.json").is_file()
+    for variant in ("lora", "full_ft"):  # the demo's merged models, served, answer as the evaluation did
+        served = json.loads((project / f"data/08_reporting/{variant}/detailed_metrics.json").read_text())["serving"]
+        assert served == {"records": 8, "agreement": 1.0}, variant
 
 
 def check_linked_cache(project: Path) -> None:

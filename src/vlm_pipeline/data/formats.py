@@ -60,6 +60,11 @@ BAD_MESSAGES = "bad_messages"
 UNKNOWN_ROLE = "unknown_role"
 NO_ASSISTANT_TURN = "no_assistant_turn"
 IMAGE_COUNT_MISMATCH = "image_count_mismatch"
+VIDEO_UNSUPPORTED = "video_unsupported"
+
+VIDEO_PLACEHOLDER = "<video>"
+# Where the dialects that carry video put it: LLaMA-Factory's `videos` list, and a single `video`.
+VIDEO_FIELDS = ("videos", "video")
 
 
 class RecordError(ValueError):
@@ -84,6 +89,7 @@ def detect_format(record: dict) -> str | None:
 
 def normalise_record(record: dict) -> dict:
     """The record as ``{"messages": [...], "images": [...]}``, or :class:`RecordError` saying why not."""
+    _refuse_video(record)
     record_format = detect_format(record)
     if record_format == MESSAGES:
         return normalise_messages(record)
@@ -303,6 +309,22 @@ def _content_part(part: Any, where: str, inline: list[str]) -> list[dict]:
         return [{"type": "image", "slot": ("inline", len(inline) - 1)}]
     found = f"type {kind!r}" if isinstance(part, dict) else _type_name(part)
     raise RecordError(BAD_MESSAGES, f"{where} has {found}; expected a 'text', 'image' or 'image_url' part")
+
+
+def _refuse_video(record: dict) -> None:
+    """A record that carries video (a ``videos``/``video`` field, or LLaVA's ``<video>`` placeholder in a
+    conversation turn) is set aside whole: read as text, its clips would be dropped and ``<video>`` trained as words."""
+    field = next((name for name in VIDEO_FIELDS if record.get(name) not in (None, [], "")), None)
+    if field is not None:
+        raise RecordError(VIDEO_UNSUPPORTED, f"the record has {field!r}; video records are not supported yet")
+    turns = record.get("conversations")
+    for index, turn in enumerate(turns if isinstance(turns, list) else []):
+        value = turn.get("value", turn.get("content")) if isinstance(turn, dict) else None
+        if isinstance(value, str) and VIDEO_PLACEHOLDER in value:
+            raise RecordError(
+                VIDEO_UNSUPPORTED,
+                f"conversations[{index}] holds a {VIDEO_PLACEHOLDER} placeholder; video records are not supported yet",
+            )
 
 
 def _field_images(record: dict, names: tuple[str, ...]) -> list[str]:

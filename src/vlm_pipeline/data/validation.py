@@ -29,6 +29,7 @@ from vlm_pipeline.data.formats import (
     NO_ASSISTANT_TURN,
     UNKNOWN_FORMAT,
     UNKNOWN_ROLE,
+    VIDEO_UNSUPPORTED,
     RecordError,
     detect_format,
     normalise_record,
@@ -66,6 +67,8 @@ REASONS: dict[str, str] = {
     UNKNOWN_ROLE: "A turn's role is not system, user or assistant (or a LLaVA/ShareGPT name mapped to one).",
     NO_ASSISTANT_TURN: "The conversation has no assistant turn, or its last turn is not the assistant's.",
     IMAGE_COUNT_MISMATCH: "The <image> placeholders and image parts do not match the record's images one to one.",
+    VIDEO_UNSUPPORTED: "The record carries video (a 'videos' or 'video' field, or a <video> placeholder in a "
+    "LLaVA/ShareGPT turn): not supported yet, and read as text its clips would be dropped and '<video>' trained.",
     DUPLICATE: "Same normalised messages and images as an earlier valid record (duplicates='reject').",
     REMOTE_IMAGE: "An image is an http(s) or other remote URL: nothing is downloaded at run time.",
     BAD_DATA_URI: "A data: URI is not base64 image data, or its base64 cannot be decoded.",
