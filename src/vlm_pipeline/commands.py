@@ -474,7 +474,10 @@ def _serve(args: argparse.Namespace) -> int:
 
     model = Path(args.model)
     if not (model / "config.json").is_file():
-        print(f"error: {model / 'config.json'} not found: --model must be a merged or fully trained model folder")
+        print(
+            f"error: {model / 'config.json'} not found: --model must be a merged or fully trained model folder",
+            file=sys.stderr,
+        )
         return 2
     loading = ModelParams(**({"dtype": args.dtype} if args.dtype else {})).loading_kwargs()
     command = serve_command(model, args.port, loading, host=args.host)

@@ -65,6 +65,46 @@ def chat_messages(messages: list[dict]) -> list[dict]:
     return converted
 
 
+@dataclass
+class ImageTokenCounts:
+    """How many placeholder tokens the processor gives each image of a record, by the record's image sizes (width,
+    height) in order: a processor may count an image differently beside others, so the key is the whole list."""
+
+    by_sizes: dict[tuple[tuple[int, int], ...], list[int]] = field(default_factory=dict)
+    sizes_rule: bool | None = None
+    """The processor's count from sizes alone agreed with its output on the first record with images (None: not
+    compared yet, or the processor has no such rule)."""
+
+    def known(self, processor: Any, sizes: tuple[tuple[int, int], ...]) -> list[int] | None:
+        """The counts for images of these sizes, if the processor gave them before or its size rule is trusted."""
+        if sizes not in self.by_sizes and self.sizes_rule:
+            counted = _counted_from_sizes(processor, sizes)
+            if counted is not None:
+                self.by_sizes[sizes] = counted
+        return self.by_sizes.get(sizes)
+
+    def learn(self, processor: Any, sizes: tuple[tuple[int, int], ...], counts: list[int]) -> None:
+        """Keep the counts the processor gave for a record with images of these sizes; the first time there are
+        images, compare its size rule with them."""
+        self.by_sizes[sizes] = counts
+        if self.sizes_rule is None and sizes:
+            counted = _counted_from_sizes(processor, sizes)
+            self.sizes_rule = None if counted is None else counted == counts
+
+
+def _counted_from_sizes(processor: Any, sizes: tuple[tuple[int, int], ...]) -> list[int] | None:
+    """The processor's placeholder count per image from the sizes alone (what vLLM calls), None without the rule."""
+    count = getattr(processor, "_get_num_multimodal_tokens", None)
+    if count is None:
+        return None
+    try:
+        counted = count(image_sizes=[(height, width) for width, height in sizes])
+    except (AttributeError, KeyError, NotImplementedError, TypeError, ValueError):
+        return None  # a rule this processor does not implement for images: its own output decides
+    tokens = getattr(counted, "num_image_tokens", None)
+    return None if tokens is None else [int(n) for n in tokens]
+
+
 @dataclass(frozen=True)
 class ChatEncoder:
     """A processor (or tokenizer), the template variables every rendering gets, and the end-of-turn token."""
@@ -75,7 +115,7 @@ class ChatEncoder:
     reference: bool = False
     """Render every prefix through the processor too (images processed each time): the path the cheaper one is
     tested against (tests/test_label_paths.py)."""
-    image_tokens: ImageTokenCounts = field(default_factory=lambda: ImageTokenCounts(), init=False, compare=False)
+    image_tokens: ImageTokenCounts = field(default_factory=ImageTokenCounts, init=False, compare=False)
 
     @property
     def tokenizer(self) -> Any:
@@ -223,46 +263,6 @@ class ChatEncoder:
                 f"the template's {{% generation %}} markers disagree with the rendered turns from token {first} "
                 f"({self.tokenizer.decode(full[max(first - 3, 0) : first + 3])!r})"
             )
-
-
-@dataclass
-class ImageTokenCounts:
-    """How many placeholder tokens the processor gives each image of a record, by the record's image sizes (width,
-    height) in order: a processor may count an image differently beside others, so the key is the whole list."""
-
-    by_sizes: dict[tuple[tuple[int, int], ...], list[int]] = field(default_factory=dict)
-    sizes_rule: bool | None = None
-    """The processor's count from sizes alone agreed with its output on the first record with images (None: not
-    compared yet, or the processor has no such rule)."""
-
-    def known(self, processor: Any, sizes: tuple[tuple[int, int], ...]) -> list[int] | None:
-        """The counts for images of these sizes, if the processor gave them before or its size rule is trusted."""
-        if sizes not in self.by_sizes and self.sizes_rule:
-            counted = _counted_from_sizes(processor, sizes)
-            if counted is not None:
-                self.by_sizes[sizes] = counted
-        return self.by_sizes.get(sizes)
-
-    def learn(self, processor: Any, sizes: tuple[tuple[int, int], ...], counts: list[int]) -> None:
-        """Keep the counts the processor gave for a record with images of these sizes; the first time there are
-        images, compare its size rule with them."""
-        self.by_sizes[sizes] = counts
-        if self.sizes_rule is None and sizes:
-            counted = _counted_from_sizes(processor, sizes)
-            self.sizes_rule = None if counted is None else counted == counts
-
-
-def _counted_from_sizes(processor: Any, sizes: tuple[tuple[int, int], ...]) -> list[int] | None:
-    """The processor's placeholder count per image from the sizes alone (what vLLM calls), None without the rule."""
-    count = getattr(processor, "_get_num_multimodal_tokens", None)
-    if count is None:
-        return None
-    try:
-        counted = count(image_sizes=[(height, width) for width, height in sizes])
-    except (AttributeError, KeyError, NotImplementedError, TypeError, ValueError):
-        return None  # a rule this processor does not implement for images: its own output decides
-    tokens = getattr(counted, "num_image_tokens", None)
-    return None if tokens is None else [int(n) for n in tokens]
 
 
 @dataclass(frozen=True)
