@@ -470,7 +470,7 @@ def _import(args: argparse.Namespace) -> int:
 def _serve(args: argparse.Namespace) -> int:
     """The standard OpenAI-compatible server on a merged model (transformers serve), or the GPU host's commands."""
     from vlm_pipeline.config.schema import ModelParams
-    from vlm_pipeline.serving import gpu_host_commands, serve_command
+    from vlm_pipeline.serving import HOST, gpu_host_commands, serve_command
 
     model = Path(args.model)
     if not (model / "config.json").is_file():
@@ -480,12 +480,13 @@ def _serve(args: argparse.Namespace) -> int:
         )
         return 2
     loading = ModelParams(**({"dtype": args.dtype} if args.dtype else {})).loading_kwargs()
-    command = serve_command(model, args.port, loading, host=args.host)
+    host = args.host or HOST
+    command = serve_command(model, args.port, loading, host=host)
     if args.print:
         print(" ".join(command))
         print("\n".join(gpu_host_commands(model, args.port)))
         return 0
-    print(f"serving {model} on http://{args.host}:{args.port}/v1 (model name: {model}); Ctrl+C stops it", flush=True)
+    print(f"serving {model} on http://{host}:{args.port}/v1 (model name: {model}); Ctrl+C stops it", flush=True)
     try:
         return subprocess.run(command, check=False).returncode
     except KeyboardInterrupt:
@@ -625,7 +626,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--model", required=True, help="a merged or fully trained model folder (data/06_models/...)")
     serve.add_argument("--port", type=int, default=8000, help="port to listen on (default %(default)s)")
-    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default %(default)s: this machine)")
+    serve.add_argument("--host", help="address to listen on (default: this machine's loopback only)")
     serve.add_argument(
         "--dtype",
         choices=DTYPES,

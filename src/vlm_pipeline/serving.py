@@ -50,7 +50,7 @@ def serve_command(model_dir: Path, port: int, loading: dict[str, Any], host: str
     return command + (["--trust-remote-code"] if loading["trust_remote_code"] else [])
 
 
-def gpu_host_commands(model_dir: Path, port: int = 8000) -> list[str]:
+def gpu_host_commands(model_dir: Path, port: int) -> list[str]:
     """The commands that serve the same folder with the same API on a GPU host (vLLM, SGLang)."""
     return [
         f"vllm serve {model_dir} --port {port} --served-model-name {model_dir}",

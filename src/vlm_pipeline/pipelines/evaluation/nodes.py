@@ -79,7 +79,8 @@ def check_serving(
     from vlm_pipeline.serving import ServedModel, ServingMismatchError, agreement, describe, served_answers
 
     records = list(test_records)[: params.serving_check_records]
-    template_kwargs = load_chat_encoder(model_dir, preprocessing).render_kwargs
+    trust_remote_code = context.model.trust_remote_code
+    template_kwargs = load_chat_encoder(model_dir, preprocessing, trust_remote_code=trust_remote_code).render_kwargs
     loading = context.model.loading_kwargs()
     with tempfile.TemporaryDirectory(prefix="vlm-pipeline-serve-") as folder:
         with open(Path(folder) / "server.log", "w+", encoding="utf-8") as log:
