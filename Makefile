@@ -11,6 +11,11 @@ TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 DEEPSPEED_PIN := deepspeed==0.19.8
 TINY_MODEL := data/00_base_models/tiny-qwen2_5_vl
 export DVC_NO_ANALYTICS := 1
+# DeepSpeed on a CPU compiles its shared-memory collective op (deepspeed_shm_comm) when a process first starts its
+# comm backend, used or not: about a minute of C++ on two cores. `make install` builds it once, into the venv (a
+# cache of torch's, keyed by the venv's path, so clones side by side do not rebuild each other's), and the CPU
+# ZeRO-3 runs after it load it.
+export TORCH_EXTENSIONS_DIR := $(CURDIR)/$(VENV)/torch_extensions
 export PYTHONUNBUFFERED := 1
 
 .PHONY: install model run lint test test-fast viz viz-screenshot notebook clean gpu-bench-prepare
@@ -23,7 +28,13 @@ $(BIN)/.installed: pyproject.toml
 	$(BIN)/pip install --quiet -e '.[test,notebook]'
 	touch $@
 
-install: $(BIN)/.installed
+# None on a GPU host: CUDA's comm backend has no such op.
+$(BIN)/.deepspeed_ops: $(BIN)/.installed
+	$(BIN)/python -c "from deepspeed.accelerator import get_accelerator; \
+	builder = get_accelerator().create_op_builder('ShareMemCommBuilder'); builder is None or builder.load()"
+	touch $@
+
+install: $(BIN)/.installed $(BIN)/.deepspeed_ops
 
 $(TINY_MODEL)/config.json: $(BIN)/.installed
 	$(BIN)/vlm-pipeline tiny-model --arch qwen2_5_vl --out $(TINY_MODEL) --seed 0

@@ -57,7 +57,9 @@ def test_a_run_names_itself_and_records_commit_inputs_and_predictions(project, t
         mlflow_yml.read_text().replace("mlflow_registry_uri: null", "mlflow_registry_uri: sqlite:///mlflow.db")
     )
 
-    run_stage(project, *STAGES, **SHORT_TRAINING)  # the whole chain as one run of its five stages
+    # The whole chain as one run of its five stages (the serving check is test_chain's: no server here).
+    runtime = {**SHORT_TRAINING, "evaluation": {"serving_check": False}}
+    run_stage(project, *STAGES, **runtime)
 
     mlflow.set_tracking_uri(f"sqlite:///{project / 'mlflow.db'}")
     client = mlflow.MlflowClient()
@@ -75,7 +77,7 @@ def test_a_run_names_itself_and_records_commit_inputs_and_predictions(project, t
     assert tags["kedro.env"] == "tiny_llama" and tags["runner"] == "SequentialRunner"
     # Kedro's run parameters as kedro-mlflow tags them, but plain: no tuple or list reprs.
     assert tags["tags"] == ",".join(STAGES) and tags["pipeline_names"] == "lora"
-    assert json.loads(tags["runtime_params"]) == SHORT_TRAINING
+    assert json.loads(tags["runtime_params"]) == runtime
 
     # The chain's parent run: its key parameters (as the stage logged them) and data digests, the stage's final
     # metrics (training loss, the evaluation's numbers) and the verdict. A stage that makes the data joins at its end.
