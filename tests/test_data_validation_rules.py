@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 from PIL import Image
+from test_video_data import VIDEO_DATA_REASONS
 
 from vlm_pipeline import commands
 from vlm_pipeline.data.formats import normalise_record
@@ -124,7 +125,7 @@ def test_every_reason_code_on_its_own_line(image_root, tmp_path):
         line(vqa("data:image/png;base64,not*base64")),  # 26
         line(vqa("data:image/png;base64," + base64.b64encode(png_bytes("yellow")).decode())),  # 27 valid, stored
         line(vqa((image_root / "images" / "noise.png").as_uri(), question="Noise?")),  # 28 valid file:// URI
-        line({**vqa("images/red.png", question="Which way?"), "videos": ["clips/a.mp4"]}),  # 29 video: not yet
+        line({**vqa("images/red.png", question="Which way?"), "videos": ["clips/a.mp4"]}),  # 29 video, no <video>
     ]
     store = tmp_path / "decoded"
     result = validate_lines(lines, image_root, max_image_pixels=SMALL_MAX_PIXELS, image_store=store)
@@ -151,11 +152,13 @@ def test_every_reason_code_on_its_own_line(image_root, tmp_path):
         23: "format_mismatch",
         25: "remote_image",
         26: "bad_data_uri",
-        29: "video_unsupported",
+        29: "video_count_mismatch",
     }
     assert {entry["line"]: entry["reason"] for entry in result.quarantine} == expected
-    # train_test_overlap needs two splits: tests/test_formats.py
-    assert set(expected.values()) == set(REASONS) - {"train_test_overlap"}, "every reason code is exercised"
+    # train_test_overlap needs two splits (tests/test_formats.py); the video and media codes need clips and other
+    # dialects (tests/test_video_data.py::test_every_video_reason_code_on_its_own_line).
+    elsewhere = {"train_test_overlap", *VIDEO_DATA_REASONS}
+    assert set(expected.values()) - elsewhere == set(REASONS) - elsewhere, "every reason code is exercised"
     assert [record["source_line"] for record in result.valid] == [1, 17, 24, 27, 28]
     # The data URI's image is stored by content hash in the store, named from the data folder (absolute: outside it).
     yellow = png_bytes("yellow")
@@ -290,13 +293,6 @@ def reason_of(record, image_root: Path) -> str | None:
     return result.quarantine[0]["reason"] if result.quarantine else None
 
 
-# The record issue 28 measured passing validation as text (main at 79576e8).
-LLAVA_VIDEO = {
-    "conversations": [{"from": "human", "value": "<video>\nWhere does it move?"}, {"from": "gpt", "value": "left"}],
-    "videos": ["clips/a.mp4"],
-}
-
-
 @pytest.mark.parametrize(
     ("record", "reason"),
     [
@@ -313,7 +309,7 @@ LLAVA_VIDEO = {
         ({"messages": None}, "bad_messages"),
         ({"messages": ["hello", {"role": "assistant", "content": "a"}]}, "bad_messages"),
         (
-            {"messages": [{"role": "user", "content": [{"type": "video"}]}, {"role": "assistant", "content": "a"}]},
+            {"messages": [{"role": "user", "content": [{"type": "sound"}]}, {"role": "assistant", "content": "a"}]},
             "bad_messages",
         ),
         (
@@ -328,19 +324,6 @@ LLAVA_VIDEO = {
         ),
         ({**vqa("images/red.png"), "images": ["images/red.png", "images/blue.png"]}, "image_count_mismatch"),
         ({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}, None),
-        # Video (issue 28): LLaMA-Factory's LLaVA/ShareGPT record would pass as text, its clip dropped and "<video>"
-        # trained as words; a video field or placeholder sets the record aside instead, until video is supported.
-        (LLAVA_VIDEO, "video_unsupported"),
-        ({key: value for key, value in LLAVA_VIDEO.items() if key != "videos"}, "video_unsupported"),
-        (
-            {**LLAVA_VIDEO, "conversations": [{"from": "human", "value": "Where?"}, *LLAVA_VIDEO["conversations"][1:]]},
-            "video_unsupported",
-        ),
-        (
-            {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}], "video": "a.mp4"},
-            "video_unsupported",
-        ),
-        ({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}], "videos": []}, None),
     ],
 )
 def test_structural_rules(record, reason, image_root):

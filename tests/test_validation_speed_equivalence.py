@@ -158,7 +158,7 @@ def test_alpaca_records_are_the_ones_the_generic_path_makes():
             continue
         prompt, output = (part["text"] for message in direct["messages"] for part in message["content"])
         turns = [("user", [{"type": "text", "text": prompt}]), ("assistant", [{"type": "text", "text": output}])]
-        assert direct == formats._finish(turns, field_images=[], inline=[])
+        assert direct == formats._finish(turns, field_images=[], inline={"image": [], "video": []}, record={})
 
 
 def test_text_chars_count_the_joined_texts():

@@ -128,6 +128,18 @@ class DataValidationParams(Section):
         description="Test records whose prompt and images (by content) also appear in train: warn (count and log "
         "them) or reject (quarantine them as train_test_overlap).",
     )
+    max_video_seconds: float = Field(
+        600.0,
+        gt=0.0,
+        description="Longest video accepted, in seconds; a longer one is quarantined whole as video_too_long (a "
+        "video is never cut). 10-3600: Qwen2.5-VL reads clips of up to an hour, but frames cost tokens and memory.",
+    )
+    frame_folder_fps: float = Field(
+        2.0,
+        gt=0.0,
+        description="The frame rate of a video given as a folder of frame images (a folder states none): its "
+        "duration is frames / this. 1-30; 2 is Qwen's own rate for frame lists.",
+    )
 
 
 class ImageBounds(Section):

@@ -16,7 +16,7 @@ from typing import Any
 import jinja2
 from PIL import Image
 
-from vlm_pipeline.data.formats import message_text
+from vlm_pipeline.data.formats import message_text, record_videos
 from vlm_pipeline.data.labels import ChatEncoder, TurnBoundaryMerge
 
 IGNORE_INDEX = -100
@@ -24,6 +24,8 @@ TOO_LONG = "too_long"
 NO_LABEL_TOKENS = "no_label_tokens"
 TEMPLATE_REFUSED = "chat_template_refused"
 TOKEN_MERGE = "token_merge_at_turn_boundary"
+VIDEO_UNSUPPORTED = "video_unsupported"
+VIDEO_NOT_BUILT = "video_training_not_built"
 TRAIN_ON = ("all_assistant_turns", "last_assistant_turn")
 
 
@@ -73,6 +75,9 @@ def encode_record(
     Returns the row for the Arrow dataset plus bookkeeping: ``length`` (before any cut), ``cut`` (tokens
     removed by truncation) and ``reason``/``detail`` (set when the record must go to quarantine).
     """
+    refused = _video_refusal(encoder, record)
+    if refused is not None:
+        return _set_aside(record, *refused)
     try:
         encoded = encode_messages(encoder, record["messages"], load_images(record, image_root), train_on=train_on)
     except jinja2.TemplateError as error:  # raise_exception() in the template: this checkpoint refuses the record
@@ -110,6 +115,19 @@ def encode_record(
         "cut": length - max_length,
         "label_tokens": sum(token != IGNORE_INDEX for token in labels),
     }
+
+
+def _video_refusal(encoder: ChatEncoder, record: dict) -> tuple[str, str] | None:
+    """Why a video record cannot be encoded for this model, or None (no video). A processor without a video
+    processor (Mllama, a text model's tokenizer) reads no video; Qwen2.5-VL's does, but frame sampling, video
+    token counts and their collation are not built yet, so its video records are set aside, not half-trained."""
+    videos = record_videos(record)
+    if not videos:
+        return None
+    if not hasattr(encoder.processor, "video_processor"):
+        family = type(encoder.processor).__name__
+        return VIDEO_UNSUPPORTED, f"{family} reads no video, and the record has {len(videos)}: use a video model"
+    return VIDEO_NOT_BUILT, "training on video (frame sampling, video tokens, their collation) is not built yet"
 
 
 def _set_aside(record: dict, reason: str, detail: str) -> dict[str, Any]:

@@ -15,8 +15,15 @@ Three families of JSONL are accepted, told apart by their top-level keys:
 In any text, an ``<image>`` placeholder is an image part at exactly that position (nothing is moved to the front
 of a turn, nothing is added). The placeholders and image parts must match the listed images one to one.
 
-The normalised record is always ``{"messages": [...], "images": [...]}`` with list-of-parts content. Its
-``images`` are references as written (a relative path, a ``file://`` or ``data:`` URI, or a remote URL):
+Video comes the same way (TRL's and Qwen's convention, and LLaMA-Factory's): ``{"type": "video"}`` parts (the next
+entry of ``videos``, ``videos[index]``, or a part carrying its own ``video``/``path``) or ``<video>`` placeholders,
+matched one to one with the record's ``videos`` (or ``video``) list. A video is a clip file or a folder of frame
+images. Audio (an ``audios``/``audio`` field, an audio part, an ``<audio>`` placeholder) is refused by name, and so
+is any media in an alpaca record, which has no place for it: nothing a record carries is dropped silently.
+
+The normalised record is ``{"messages": [...], "images": [...]}`` with list-of-parts content, plus ``"videos":
+[...]`` when it has any (so a record without video is the same bytes as before video existed). Its ``images`` and
+``videos`` are references as written (a relative path, a ``file://`` or ``data:`` URI, or a remote URL):
 :mod:`vlm_pipeline.data.validation` resolves them inside the data folder. Problems raise :class:`RecordError`
 carrying a stable reason code.
 """
@@ -50,7 +57,14 @@ CONVERSATION_ROLES = {
     "system": "system",
 }
 IMAGE_PLACEHOLDER = "<image>"
-_PLACEHOLDER_SPLIT = re.compile(f"({re.escape(IMAGE_PLACEHOLDER)})")
+VIDEO_PLACEHOLDER = "<video>"
+AUDIO_PLACEHOLDER = "<audio>"
+# Each media kind: its placeholder and the record fields that list it (the first name is the normalised one).
+MEDIA_PLACEHOLDERS = {IMAGE_PLACEHOLDER: "image", VIDEO_PLACEHOLDER: "video"}
+_PLACEHOLDER_SPLIT = re.compile("(" + "|".join(map(re.escape, [*MEDIA_PLACEHOLDERS, AUDIO_PLACEHOLDER])) + ")")
+AUDIO_FIELDS = ("audios", "audio")
+AUDIO_PARTS = ("audio", "input_audio", "audio_url")
+MEDIA_FIELDS = ("images", "image", "videos", "video", *AUDIO_FIELDS)
 
 # Reason codes for a record's structure. validation.py adds the byte, JSON and image codes and documents
 # all of them in its REASONS table; they live here so this module does not import validation.py.
@@ -60,11 +74,9 @@ BAD_MESSAGES = "bad_messages"
 UNKNOWN_ROLE = "unknown_role"
 NO_ASSISTANT_TURN = "no_assistant_turn"
 IMAGE_COUNT_MISMATCH = "image_count_mismatch"
-VIDEO_UNSUPPORTED = "video_unsupported"
-
-VIDEO_PLACEHOLDER = "<video>"
-# Where the dialects that carry video put it: LLaMA-Factory's `videos` list, and a single `video`.
-VIDEO_FIELDS = ("videos", "video")
+VIDEO_COUNT_MISMATCH = "video_count_mismatch"
+AUDIO_UNSUPPORTED = "audio_unsupported"
+ALPACA_MEDIA = "alpaca_media"
 
 
 class RecordError(ValueError):
@@ -88,8 +100,9 @@ def detect_format(record: dict) -> str | None:
 
 
 def normalise_record(record: dict) -> dict:
-    """The record as ``{"messages": [...], "images": [...]}``, or :class:`RecordError` saying why not."""
-    _refuse_video(record)
+    """The record as ``{"messages": [...], "images": [...]}`` (and ``"videos"``), or :class:`RecordError` saying
+    why not."""
+    _refuse_audio(record)
     record_format = detect_format(record)
     if record_format == MESSAGES:
         return normalise_messages(record)
@@ -107,6 +120,7 @@ def normalise_record(record: dict) -> dict:
 
 def normalise_alpaca(record: dict) -> dict:
     """One user turn (instruction, then the input after a blank line if any) and one assistant turn."""
+    _refuse_alpaca_media(record)
     instruction = _required_text(record, "instruction")
     output = _required_text(record, "output")
     extra_input = record.get("input")
@@ -129,7 +143,7 @@ def normalise_messages(record: dict) -> dict:
     messages = record["messages"]
     if not isinstance(messages, list) or not messages:
         raise RecordError(BAD_MESSAGES, f"messages is {_type_name(messages)}; expected a non-empty list of turns")
-    inline: list[str] = []
+    inline: dict[str, list[str]] = {"image": [], "video": []}
     turns = []
     for index, message in enumerate(messages):
         where = f"messages[{index}]"
@@ -143,7 +157,7 @@ def normalise_messages(record: dict) -> dict:
         if role not in ROLES:
             raise RecordError(UNKNOWN_ROLE, f"{where}.role is {role!r}; expected one of {', '.join(ROLES)}")
         turns.append((role, _content_parts(message.get("content"), f"{where}.content", inline)))
-    return _finish(turns, _field_images(record, ("images", "image")), inline)
+    return _finish(turns, _media_fields(record, "image"), inline, record)
 
 
 def normalise_conversations(record: dict) -> dict:
@@ -179,12 +193,17 @@ def normalise_conversations(record: dict) -> dict:
         if not isinstance(value, str):
             raise RecordError(MISSING_FIELD, f"{where}.value is {_type_name(value)}; expected a string")
         turns.append((CONVERSATION_ROLES[speaker], _text_parts(value)))
-    return _finish(turns, _field_images(record, ("image", "images")), inline=[])
+    return _finish(turns, _media_fields(record, "image"), {"image": [], "video": []}, record)
 
 
 def count_image_parts(messages: list[dict]) -> int:
     """How many ``{"type": "image"}`` parts the (normalised) messages hold."""
     return sum(part["type"] == "image" for message in messages for part in message["content"])
+
+
+def record_videos(record: dict) -> list[str]:
+    """A normalised record's videos (the key is there only when it has some)."""
+    return record.get("videos", [])
 
 
 def message_text(message: dict) -> str:
@@ -200,14 +219,17 @@ def record_text_chars(record: dict) -> int:
 
 
 # ---- shared steps -------------------------------------------------------------------------------
-# While parsing, an image part is {"type": "image", "slot": ...}: an int (that entry of the record's image field),
-# None (the next unindexed entry) or ("inline", n) (the n-th reference carried by the parts themselves).
+# While parsing, an image or video part is {"type": kind, "slot": ...}: an int (that entry of the record's field
+# for that kind), None (the next unindexed entry) or ("inline", n) (the n-th reference of that kind carried by the
+# parts themselves).
 
 
-def _finish(turns: list[tuple[str, list[dict]]], field_images: list[str], inline: list[str]) -> dict:
-    """Check the turns, then give every image part its reference, in order of appearance."""
+def _finish(
+    turns: list[tuple[str, list[dict]]], field_images: list[str], inline: dict[str, list[str]], record: dict
+) -> dict:
+    """Check the turns, then give every image and video part its reference, in order of appearance."""
     for index, (_, parts) in enumerate(turns):
-        if not any(part["type"] == "image" or part["text"].strip() for part in parts):
+        if not any(part["type"] != "text" or part["text"].strip() for part in parts):
             raise RecordError(MISSING_FIELD, f"turn {index} has no text and no image")
     roles = [role for role, _ in turns]
     if roles[-1] != "assistant":
@@ -219,54 +241,59 @@ def _finish(turns: list[tuple[str, list[dict]]], field_images: list[str], inline
         raise RecordError(NO_ASSISTANT_TURN, detail)
     if not "".join(part.get("text", "") for part in turns[-1][1]).strip():
         raise RecordError(MISSING_FIELD, f"turn {len(turns) - 1} (the final assistant turn) has no text")
-    images = _assign_images([part for _, parts in turns for part in parts], field_images, inline)
+    every_part = [part for _, parts in turns for part in parts]
+    images = _assign(every_part, "image", field_images, inline["image"], IMAGE_COUNT_MISMATCH)
+    videos = _assign(every_part, "video", _media_fields(record, "video"), inline["video"], VIDEO_COUNT_MISMATCH)
     messages = [
-        {"role": role, "content": [{"type": "image"} if part["type"] == "image" else part for part in parts]}
+        {"role": role, "content": [{"type": part["type"]} if "slot" in part else part for part in parts]}
         for role, parts in turns
     ]
-    return {"messages": messages, "images": images}
+    return {"messages": messages, "images": images, **({"videos": videos} if videos else {})}
 
 
-def _assign_images(parts: list[dict], field_images: list[str], inline: list[str]) -> list[str]:
-    slots = [part["slot"] for part in parts if part["type"] == "image"]
+def _assign(parts: list[dict], kind: str, listed: list[str], inline: list[str], mismatch: str) -> list[str]:
+    """The references of the ``kind`` parts in order: from the record's list (in turn, or by index) or inline."""
+    slots = [part["slot"] for part in parts if part["type"] == kind]
     from_field = [slot for slot in slots if not isinstance(slot, tuple)]
-    if len(from_field) != len(field_images):
+    if len(from_field) != len(listed):
         raise RecordError(
-            IMAGE_COUNT_MISMATCH,
-            f"the messages have {len(from_field)} <image> placeholder(s) or image part(s) but the record lists "
-            f"{len(field_images)} image(s)",
+            mismatch,
+            f"the messages have {len(from_field)} <{kind}> placeholder(s) or {kind} part(s) but the record lists "
+            f"{len(listed)} {kind}(s)",
         )
     indexed = [slot for slot in from_field if slot is not None]
     for index in indexed:
-        if not 0 <= index < len(field_images):
-            raise RecordError(
-                IMAGE_COUNT_MISMATCH,
-                f"an image part has index {index} but the record lists {len(field_images)} image(s)",
-            )
+        if not 0 <= index < len(listed):
+            raise RecordError(mismatch, f"a {kind} part has index {index} but the record lists {len(listed)} {kind}(s)")
     if len(set(indexed)) != len(indexed):
-        raise RecordError(IMAGE_COUNT_MISMATCH, "two image parts name the same image index")
-    unindexed = iter([index for index in range(len(field_images)) if index not in set(indexed)])
-    images = []
+        raise RecordError(mismatch, f"two {kind} parts name the same {kind} index")
+    unindexed = iter([index for index in range(len(listed)) if index not in set(indexed)])
+    references = []
     for slot in slots:
         if isinstance(slot, tuple):
-            images.append(inline[slot[1]])
+            references.append(inline[slot[1]])
         else:
-            images.append(field_images[next(unindexed) if slot is None else slot])
-    return images
+            references.append(listed[next(unindexed) if slot is None else slot])
+    return references
 
 
 def _text_parts(text: str) -> list[dict]:
-    """A text with its ``<image>`` placeholders as image parts, in place (empty text pieces are dropped)."""
+    """A text with its ``<image>`` and ``<video>`` placeholders as parts, in place (empty text pieces are
+    dropped); an ``<audio>`` placeholder is refused."""
     parts = []
     for piece in _PLACEHOLDER_SPLIT.split(text):
-        if piece == IMAGE_PLACEHOLDER:
-            parts.append({"type": "image", "slot": None})
+        if piece in MEDIA_PLACEHOLDERS:
+            parts.append({"type": MEDIA_PLACEHOLDERS[piece], "slot": None})
+        elif piece == AUDIO_PLACEHOLDER:
+            raise RecordError(
+                AUDIO_UNSUPPORTED, f"a turn holds an {AUDIO_PLACEHOLDER} placeholder; no model here reads audio"
+            )
         elif piece:
             parts.append({"type": "text", "text": piece})
     return parts
 
 
-def _content_parts(content: Any, where: str, inline: list[str]) -> list[dict]:
+def _content_parts(content: Any, where: str, inline: dict[str, list[str]]) -> list[dict]:
     """A string, or a list of text / image / image_url parts, as parts (placeholders split out)."""
     if content is None:
         raise RecordError(MISSING_FIELD, f"{where} is missing")
@@ -284,66 +311,79 @@ def _content_parts(content: Any, where: str, inline: list[str]) -> list[dict]:
     return parts
 
 
-def _content_part(part: Any, where: str, inline: list[str]) -> list[dict]:
+def _content_part(part: Any, where: str, inline: dict[str, list[str]]) -> list[dict]:
     kind = part.get("type") if isinstance(part, dict) else None
     if kind == "text":
         text = part.get("text")
         if not isinstance(text, str):
             raise RecordError(MISSING_FIELD, f"{where}.text is {_type_name(text)}; expected a string")
         return _text_parts(text)
-    if kind == "image":
-        reference = next((part[key] for key in ("image", "url", "path") if isinstance(part.get(key), str)), None)
+    if kind in ("image", "video"):
+        reference = next((part[key] for key in (kind, "url", "path") if isinstance(part.get(key), str)), None)
         if reference is not None:
-            inline.append(reference)
-            return [{"type": "image", "slot": ("inline", len(inline) - 1)}]
+            inline[kind].append(reference)
+            return [{"type": kind, "slot": ("inline", len(inline[kind]) - 1)}]
         index = part.get("index")
         if index is not None and (not isinstance(index, int) or isinstance(index, bool)):
             raise RecordError(BAD_MESSAGES, f"{where}.index is {_type_name(index)}; expected an integer or null")
-        return [{"type": "image", "slot": index}]
+        return [{"type": kind, "slot": index}]
     if kind == "image_url":
         image_url = part.get("image_url")
         url = image_url.get("url") if isinstance(image_url, dict) else image_url
         if not isinstance(url, str) or not url.strip():
             raise RecordError(MISSING_FIELD, f"{where}.image_url.url is {_type_name(url)}; expected a URL or path")
-        inline.append(url)
-        return [{"type": "image", "slot": ("inline", len(inline) - 1)}]
+        inline["image"].append(url)
+        return [{"type": "image", "slot": ("inline", len(inline["image"]) - 1)}]
+    if kind in AUDIO_PARTS:
+        raise RecordError(AUDIO_UNSUPPORTED, f"{where} is an {kind!r} part; no model here reads audio")
     found = f"type {kind!r}" if isinstance(part, dict) else _type_name(part)
-    raise RecordError(BAD_MESSAGES, f"{where} has {found}; expected a 'text', 'image' or 'image_url' part")
+    raise RecordError(BAD_MESSAGES, f"{where} has {found}; expected a 'text', 'image', 'image_url' or 'video' part")
 
 
-def _refuse_video(record: dict) -> None:
-    """A record that carries video (a ``videos``/``video`` field, or LLaVA's ``<video>`` placeholder in a
-    conversation turn) is set aside whole: read as text, its clips would be dropped and ``<video>`` trained as words."""
-    field = next((name for name in VIDEO_FIELDS if record.get(name) not in (None, [], "")), None)
+def _refuse_audio(record: dict) -> None:
+    """A record that lists audio is set aside whole: none of our families reads it, and its text would train on
+    answers about sounds the model never heard."""
+    field = next((name for name in AUDIO_FIELDS if record.get(name) not in (None, [], "")), None)
     if field is not None:
-        raise RecordError(VIDEO_UNSUPPORTED, f"the record has {field!r}; video records are not supported yet")
-    turns = record.get("conversations")
-    for index, turn in enumerate(turns if isinstance(turns, list) else []):
-        value = turn.get("value", turn.get("content")) if isinstance(turn, dict) else None
-        if isinstance(value, str) and VIDEO_PLACEHOLDER in value:
+        raise RecordError(AUDIO_UNSUPPORTED, f"the record has {field!r}; no model here reads audio")
+
+
+def _refuse_alpaca_media(record: dict) -> None:
+    """Alpaca has no parts and no placeholders: a media field, or a placeholder in its text, would be dropped or
+    trained as words."""
+    field = next((name for name in MEDIA_FIELDS if record.get(name) not in (None, [], "")), None)
+    if field is not None:
+        raise RecordError(
+            ALPACA_MEDIA, f"an alpaca record has {field!r}; alpaca is text only: write it as messages or conversations"
+        )
+    for key in ("instruction", "input", "output"):
+        value = record.get(key)
+        placeholder = next((p for p in (*MEDIA_PLACEHOLDERS, AUDIO_PLACEHOLDER) if p in str(value or "")), None)
+        if placeholder is not None:
             raise RecordError(
-                VIDEO_UNSUPPORTED,
-                f"conversations[{index}] holds a {VIDEO_PLACEHOLDER} placeholder; video records are not supported yet",
+                ALPACA_MEDIA,
+                f"{key} holds a {placeholder} placeholder; alpaca is text only: write it as messages or conversations",
             )
 
 
-def _field_images(record: dict, names: tuple[str, ...]) -> list[str]:
-    """The record's image references from the first of ``names`` present (a string is one image)."""
+def _media_fields(record: dict, kind: str) -> list[str]:
+    """The record's references of one kind from its plural or singular field (a string is one reference)."""
+    names = (f"{kind}s", kind)
     present = [name for name in names if record.get(name) is not None]
     if len(present) > 1:
-        raise RecordError(BAD_MESSAGES, f"both {' and '.join(present)} are set; give the images in one of them")
+        raise RecordError(BAD_MESSAGES, f"both {' and '.join(present)} are set; give the {kind}s in one of them")
     if not present:
         return []
     name = present[0]
-    images = record[name]
-    if isinstance(images, str):
-        images = [images]
-    if not isinstance(images, list):
-        raise RecordError(MISSING_FIELD, f"{name} is {_type_name(images)}; expected a list of relative paths")
-    for index, path in enumerate(images):
+    references = record[name]
+    if isinstance(references, str):
+        references = [references]
+    if not isinstance(references, list):
+        raise RecordError(MISSING_FIELD, f"{name} is {_type_name(references)}; expected a list of relative paths")
+    for index, path in enumerate(references):
         if not isinstance(path, str) or not path.strip():
             raise RecordError(MISSING_FIELD, f"{name}[{index}] is {_type_name(path)}; expected a non-empty path")
-    return list(images)
+    return list(references)
 
 
 def _required_text(record: dict, field: str) -> str:

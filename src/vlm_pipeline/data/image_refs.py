@@ -97,31 +97,7 @@ class ImageChecker:
             return CheckedImage(reason=error.reason, detail=error.detail)
 
     def _relative_path(self, reference: str) -> str:
-        parsed = urlparse(reference)
-        if parsed.scheme == "file":
-            if parsed.netloc not in ("", "localhost"):
-                raise RecordError(REMOTE_IMAGE, f"{reference!r} names another host; only local files are read")
-            return self._inside_root(reference, PurePosixPath(unquote(parsed.path)))
-        if len(parsed.scheme) > 1:  # one letter is a Windows drive, caught as absolute below
-            raise RecordError(
-                REMOTE_IMAGE,
-                f"{_short(reference)} is a {parsed.scheme} URL: nothing is downloaded at run time; download the "
-                "image into the data folder and give its relative path",
-            )
-        if PurePosixPath(reference).is_absolute() or PureWindowsPath(reference).is_absolute():
-            raise RecordError(
-                IMAGE_OUTSIDE_ROOT, f"image path {reference!r} is absolute; paths must be relative to {self.root}"
-            )
-        _refuse_parent_steps(reference, reference)
-        return reference
-
-    def _inside_root(self, reference: str, path: PurePosixPath) -> str:
-        """A ``file://`` path as a path relative to the data folder, judged by its text, as a relative path is."""
-        _refuse_parent_steps(reference, str(path))
-        for root in (self.root, self.root.resolve()):  # the folder's own name, or where a symlinked folder points
-            if path.is_relative_to(root.as_posix()):
-                return path.relative_to(root.as_posix()).as_posix()
-        raise RecordError(IMAGE_OUTSIDE_ROOT, f"{reference!r} is outside the data folder {self.root}")
+        return confined_path(reference, self.root, IMAGE_RULES)
 
     def _inspected(self, relative: str) -> CheckedImage:
         # Not resolved: the lexical checks above are the confinement, and a symlink inside the folder is followed.
@@ -147,6 +123,49 @@ class ImageChecker:
         """The image ``relative`` in ``folder``, named as records name it (see the module's docstring)."""
         path = path_from(self.paths_from, folder / relative)
         return CheckedImage(path=path, name=relative, size=size, sha256=hashlib.sha256(data).hexdigest())
+
+
+@dataclass(frozen=True)
+class Confinement:
+    """The reason codes that refuse one kind of media reference for where it points."""
+
+    kind: str
+    outside_root: str
+    remote: str
+
+
+IMAGE_RULES = Confinement("image", IMAGE_OUTSIDE_ROOT, REMOTE_IMAGE)
+
+
+def confined_path(reference: str, root: Path, rules: Confinement) -> str:
+    """A relative path or ``file://`` URI as a path relative to the data folder ``root``, judged by its text: no
+    absolute path, no ``..`` component, no other host or URL scheme (:class:`RecordError` with ``rules``' codes)."""
+    parsed = urlparse(reference)
+    if parsed.scheme == "file":
+        if parsed.netloc not in ("", "localhost"):
+            raise RecordError(rules.remote, f"{reference!r} names another host; only local files are read")
+        return _inside_root(reference, PurePosixPath(unquote(parsed.path)), root, rules)
+    if len(parsed.scheme) > 1:  # one letter is a Windows drive, caught as absolute below
+        raise RecordError(
+            rules.remote,
+            f"{_short(reference)} is a {parsed.scheme} URL: nothing is downloaded at run time; download the "
+            f"{rules.kind} into the data folder and give its relative path",
+        )
+    if PurePosixPath(reference).is_absolute() or PureWindowsPath(reference).is_absolute():
+        raise RecordError(
+            rules.outside_root, f"{rules.kind} path {reference!r} is absolute; paths must be relative to {root}"
+        )
+    _refuse_parent_steps(reference, reference, rules)
+    return reference
+
+
+def _inside_root(reference: str, path: PurePosixPath, root: Path, rules: Confinement) -> str:
+    """A ``file://`` path as a path relative to the data folder, judged by its text, as a relative path is."""
+    _refuse_parent_steps(reference, str(path), rules)
+    for folder in (root, root.resolve()):  # the folder's own name, or where a symlinked folder points
+        if path.is_relative_to(folder.as_posix()):
+            return path.relative_to(folder.as_posix()).as_posix()
+    raise RecordError(rules.outside_root, f"{reference!r} is outside the data folder {root}")
 
 
 def path_from(folder: Path, path: Path) -> str:
@@ -195,13 +214,13 @@ def inspect_image(data: bytes, name: str, max_image_pixels: int) -> tuple[int, i
     return width, height
 
 
-def _refuse_parent_steps(reference: str, path: str) -> None:
+def _refuse_parent_steps(reference: str, path: str, rules: Confinement) -> None:
     """A ``..`` component is refused wherever it points: the text alone decides, never the filesystem, so a record
     cannot reach outside the data folder however its symlinks are laid out."""
     if ".." in PurePosixPath(path).parts or ".." in PureWindowsPath(path).parts:
         raise RecordError(
-            IMAGE_OUTSIDE_ROOT,
-            f"image path {_short(reference)} has a '..' component; paths must stay inside the data folder",
+            rules.outside_root,
+            f"{rules.kind} path {_short(reference)} has a '..' component; paths must stay inside the data folder",
         )
 
 

@@ -21,7 +21,10 @@ from typing import Any, Protocol
 
 import orjson
 
+from vlm_pipeline.config.schema import DataValidationParams
 from vlm_pipeline.data.formats import (
+    ALPACA_MEDIA,
+    AUDIO_UNSUPPORTED,
     BAD_MESSAGES,
     FORMAT_NAMES,
     IMAGE_COUNT_MISMATCH,
@@ -29,7 +32,7 @@ from vlm_pipeline.data.formats import (
     NO_ASSISTANT_TURN,
     UNKNOWN_FORMAT,
     UNKNOWN_ROLE,
-    VIDEO_UNSUPPORTED,
+    VIDEO_COUNT_MISMATCH,
     RecordError,
     detect_format,
     normalise_record,
@@ -43,6 +46,15 @@ from vlm_pipeline.data.image_refs import (
     IMAGE_UNREADABLE,
     REMOTE_IMAGE,
     ImageChecker,
+)
+from vlm_pipeline.data.video_refs import (
+    REMOTE_VIDEO,
+    VIDEO_MISSING,
+    VIDEO_OUTSIDE_ROOT,
+    VIDEO_TOO_LARGE,
+    VIDEO_TOO_LONG,
+    VIDEO_UNREADABLE,
+    VideoChecker,
 )
 
 NOT_UTF8 = "not_utf8"
@@ -67,8 +79,11 @@ REASONS: dict[str, str] = {
     UNKNOWN_ROLE: "A turn's role is not system, user or assistant (or a LLaVA/ShareGPT name mapped to one).",
     NO_ASSISTANT_TURN: "The conversation has no assistant turn, or its last turn is not the assistant's.",
     IMAGE_COUNT_MISMATCH: "The <image> placeholders and image parts do not match the record's images one to one.",
-    VIDEO_UNSUPPORTED: "The record carries video (a 'videos' or 'video' field, or a <video> placeholder in a "
-    "LLaVA/ShareGPT turn): not supported yet, and read as text its clips would be dropped and '<video>' trained.",
+    VIDEO_COUNT_MISMATCH: "The <video> placeholders and video parts do not match the record's videos one to one.",
+    AUDIO_UNSUPPORTED: "The record carries audio (an 'audios' or 'audio' field, an audio part or an <audio> "
+    "placeholder): no model here reads it, and read as text its sounds would be dropped.",
+    ALPACA_MEDIA: "An alpaca record has a media field (images, videos, audios) or a <image>/<video>/<audio> "
+    "placeholder: alpaca is text only, so it would be dropped or trained as words.",
     DUPLICATE: "Same normalised messages and images as an earlier valid record (duplicates='reject').",
     REMOTE_IMAGE: "An image is an http(s) or other remote URL: nothing is downloaded at run time.",
     BAD_DATA_URI: "A data: URI is not base64 image data, or its base64 cannot be decoded.",
@@ -77,6 +92,14 @@ REASONS: dict[str, str] = {
     IMAGE_MISSING: "An image path does not name an existing file.",
     IMAGE_TOO_LARGE: "An image has more pixels than max_image_pixels, or PIL flags it as a decompression bomb.",
     IMAGE_UNREADABLE: "An image file cannot be decoded (truncated, corrupt, or not an image).",
+    REMOTE_VIDEO: "A video is an http(s) or other remote URL: nothing is downloaded at run time.",
+    VIDEO_OUTSIDE_ROOT: "A video path is absolute or has a '..' component (as for images).",
+    VIDEO_MISSING: "A video path names no file and no folder.",
+    VIDEO_TOO_LARGE: "A video's frames have more pixels than max_image_pixels.",
+    VIDEO_UNREADABLE: "A video cannot be decoded to its last frame (truncated, corrupt, no video stream, no frame "
+    "rate), or a folder of frames holds no image, an undecodable one, or frames of different sizes.",
+    VIDEO_TOO_LONG: "A video lasts longer than max_video_seconds (a folder of frames plays at frame_folder_fps): "
+    "a video is never cut.",
     TRAIN_TEST_OVERLAP: "A test record whose prompt and images (by content) are also in train (leakage='reject').",
 }
 
@@ -112,6 +135,7 @@ class ValidRecord:
     record_digest: bytes
     prompt_digest: bytes
     image_sizes: tuple[tuple[int, int], ...] = ()
+    video_seconds: tuple[float, ...] = ()
 
 
 class RunningStats:
@@ -142,12 +166,15 @@ class SplitTally:
         self.total = 0
         self.reasons: Counter = Counter()
         self._widths, self._heights, self._chars = RunningStats(), RunningStats(), RunningStats()
+        self._video_seconds = RunningStats()
 
     def kept(self, valid: ValidRecord) -> None:
         self.total += 1
         for width, height in valid.image_sizes:
             self._widths.add(width)
             self._heights.add(height)
+        for seconds in valid.video_seconds:
+            self._video_seconds.add(seconds)
         self._chars.add(record_text_chars(valid.record))
 
     def quarantined(self, reason: str) -> None:
@@ -168,6 +195,12 @@ class SplitTally:
                 **self._heights.summary("height"),
             },
             "text_chars": self._chars.summary(),
+            # Only where the split has videos: a set without them reports as it did before video existed.
+            **(
+                {"videos": {"count": self._video_seconds.count, **self._video_seconds.summary("seconds")}}
+                if self._video_seconds.count
+                else {}
+            ),
             **extra,
         }
 
@@ -188,11 +221,20 @@ class FileValidator:
         duplicates: str = "reject",
         image_store: Path | None = None,
         paths_from: Path | None = None,
+        max_video_seconds: float = DataValidationParams.model_fields["max_video_seconds"].default,
+        frame_folder_fps: float = DataValidationParams.model_fields["frame_folder_fps"].default,
     ):
         if duplicates not in DUPLICATE_POLICIES:
             raise ValueError(f"duplicates must be one of {', '.join(DUPLICATE_POLICIES)}, not {duplicates!r}")
         self.duplicates = duplicates
         self.images = ImageChecker(image_root, max_image_pixels, image_store, paths_from)
+        self.videos = VideoChecker(
+            image_root,
+            max_seconds=max_video_seconds,
+            max_frame_pixels=max_image_pixels,
+            frame_folder_fps=frame_folder_fps,
+            paths_from=paths_from,
+        )
         self.file_format: str | None = None
         self._format_line = 0
         self._first_line_of: dict[bytes, int] = {}  # record digest -> line of its first valid copy
@@ -221,8 +263,11 @@ class FileValidator:
             # orjson reads an integer beyond 64 bits as a float, and error details show numbers: say what json reads.
             record = normalise_record(parse_object(line, first_line=line_number == 1))
         names, sizes = self._check_images(record)
+        video_names, seconds = self._check_videos(record)
         # By the images' names in their folders, not where the folders lie: moving the data keeps the test split.
-        record_digest, prompt_digest = record_digests(record["messages"], names, record["image_sha256"])
+        record_digest, prompt_digest = record_digests(
+            record["messages"], names, record["image_sha256"], video_names, record.get("video_sha256", [])
+        )
         earlier = self._first_line_of.get(record_digest)
         if earlier is not None:
             self.duplicate_count += 1
@@ -231,7 +276,7 @@ class FileValidator:
         else:
             self._first_line_of[record_digest] = line_number
         record["source_line"] = line_number  # record is ours, made by normalise_record: no copy needed
-        return ValidRecord(record, record_digest, prompt_digest, sizes)
+        return ValidRecord(record, record_digest, prompt_digest, sizes, seconds)
 
     def _check_images(self, record: dict) -> tuple[list[str], tuple[tuple[int, int], ...]]:
         """Checks the images, names them as :class:`ImageChecker` does, adds ``image_sha256``; (names, sizes)."""
@@ -242,6 +287,20 @@ class FileValidator:
         record["images"] = [image.path for image in checked]
         record["image_sha256"] = [image.sha256 for image in checked]
         return [image.name for image in checked], tuple(image.size for image in checked)
+
+    def _check_videos(self, record: dict) -> tuple[list[str], tuple[float, ...]]:
+        """Checks the videos, names them as :class:`VideoChecker` does, adds ``video_sha256`` and ``video_info``
+        (frames, fps, seconds, width, height: what frame sampling needs, read once here); (names, seconds)."""
+        if "videos" not in record:
+            return [], ()
+        checked = [self.videos(reference) for reference in record["videos"]]
+        record["videos"] = [video.path for video in checked]
+        record["video_sha256"] = [video.sha256 for video in checked]
+        record["video_info"] = [
+            {"frames": v.frames, "fps": v.fps, "seconds": v.seconds, "width": v.size[0], "height": v.size[1]}
+            for v in checked
+        ]
+        return [video.name for video in checked], tuple(video.seconds for video in checked)
 
     def describe(self) -> dict:
         """The report keys about the file itself: its format and its exact duplicates."""
@@ -260,6 +319,7 @@ def validate_lines(
     valid: Sink | None = None,
     quarantine: Sink | None = None,
     image_store: Path | None = None,
+    max_video_seconds: float = DataValidationParams.model_fields["max_video_seconds"].default,
 ) -> ValidationResult:
     """Check each physical line (1-based numbering, blank lines skipped but counted in numbering).
 
@@ -267,7 +327,11 @@ def validate_lines(
     (lists unless given, e.g. a :class:`vlm_pipeline.data.spool.RecordSpool`); decoded ``data:`` URI images go to
     ``image_store``, and image paths are relative to ``image_root`` (absolute for a store outside it)."""
     validator = FileValidator(
-        image_root, max_image_pixels=max_image_pixels, duplicates=duplicates, image_store=image_store
+        image_root,
+        max_image_pixels=max_image_pixels,
+        duplicates=duplicates,
+        image_store=image_store,
+        max_video_seconds=max_video_seconds,
     )
     tally = SplitTally()
     result = ValidationResult(valid=[] if valid is None else valid, quarantine=[] if quarantine is None else quarantine)
@@ -400,12 +464,24 @@ def canonical_digest(value: Any) -> bytes:
     return _sha16(_canonical(value))
 
 
-def record_digests(messages: list[dict], image_names: list[str], image_hashes: list[str]) -> tuple[bytes, bytes]:
+def record_digests(
+    messages: list[dict],
+    image_names: list[str],
+    image_hashes: list[str],
+    video_names: list[str] = (),
+    video_hashes: list[str] = (),
+) -> tuple[bytes, bytes]:
     """``canonical_digest`` of ``{"messages": messages, "images": image_names}`` (the record) and of
-    ``{"prompt": messages[:-1], "images": image_hashes}`` (its prompt), the canonical texts written by hand.
+    ``{"prompt": messages[:-1], "images": image_hashes}`` (its prompt), the canonical texts written by hand; with
+    videos, both also hold ``"videos"`` (names, then hashes).
 
     json.dumps with sorted keys took half of validation's time; this writes each turn once, for both digests
     (the same bytes: tests/test_validation_speed_equivalence.py)."""
+    if video_names:
+        return (
+            canonical_digest({"messages": messages, "images": image_names, "videos": list(video_names)}),
+            canonical_digest({"prompt": messages[:-1], "images": image_hashes, "videos": list(video_hashes)}),
+        )
     turns = [_canonical_turn(message) for message in messages]
     record_text = '{"images": [' + ", ".join(map(_json_string, image_names)) + '], "messages": [' + ", ".join(turns)
     prompt_text = '{"images": [' + ", ".join(map(_json_string, image_hashes)) + '], "prompt": [' + ", ".join(turns[:-1])

@@ -37,6 +37,8 @@ def validate_raw_data(
         duplicates=params.duplicates,
         image_store=decoded_images,
         paths_from=project_folder,
+        max_video_seconds=params.max_video_seconds,
+        frame_folder_fps=params.frame_folder_fps,
     )
     splits = validate_splits(raw_train, raw_test, validator, test_fraction=params.test_fraction, leakage=params.leakage)
     train, test = splits["train"], splits["test"]
