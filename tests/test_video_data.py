@@ -268,19 +268,10 @@ def test_no_media_field_or_placeholder_is_dropped_silently(dialect, media, video
         assert [part["type"] for part in record["messages"][0]["content"]] == ["video", "text"]
 
 
-@pytest.mark.parametrize(
-    ("architecture", "reason", "named"),
-    [
-        ("mllama", "video_unsupported", "MllamaProcessor reads no video"),
-        ("llama", "video_unsupported", "reads no video"),
-        ("qwen2_5_vl", "video_training_not_built", "not built yet"),
-    ],
-)
-def test_preprocessing_sets_video_records_aside_with_the_family_named(
-    architecture, reason, named, tiny_models, video_root
-):
-    """Until video training exists, no video record is encoded as a text one: each is set aside with its reason
-    (a family without a video processor for good), and the image record beside it still encodes."""
+@pytest.mark.parametrize(("architecture", "named"), [("mllama", "MllamaProcessor"), ("llama", "Tokenizer")])
+def test_a_family_without_video_sets_video_records_aside_naming_itself(architecture, named, tiny_models, video_root):
+    """Mllama and Llama 3.1 read no video: each video record is set aside with the processor named, and the text
+    record beside it still encodes."""
     from conftest import chat_encoder
 
     from vlm_pipeline.data.encoding import encode_record
@@ -290,8 +281,8 @@ def test_preprocessing_sets_video_records_aside_with_the_family_named(
     row = encode_record(
         encoder, record, video_root, max_length=4096, train_on="all_assistant_turns", truncate_text_only=False
     )
-    assert (row["reason"], row["input_ids"], row["source_line"]) == (reason, [], 1)
-    assert named in row["detail"]
+    assert (row["reason"], row["input_ids"], row["source_line"]) == ("video_unsupported", [], 1)
+    assert named in row["detail"] and "reads no video" in row["detail"]
     text = {"messages": [{"role": "user", "content": "Where?"}, {"role": "assistant", "content": "right"}]}
     (kept,) = validate([text], video_root).valid
     kept_row = encode_record(

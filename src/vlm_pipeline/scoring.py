@@ -13,8 +13,11 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from tqdm.auto import tqdm  # disable=None: the bars show on a terminal, not in a log
 
+from vlm_pipeline.config.schema import VideoSampling
 from vlm_pipeline.data.encoding import IGNORE_INDEX, attach_images, load_images, prompt_messages
+from vlm_pipeline.data.formats import record_videos
 from vlm_pipeline.data.labels import ChatEncoder, chat_messages
+from vlm_pipeline.data.video_sampling import SampledVideo, load_samples, record_samples
 
 # torch, transformers and the text-score libraries are imported in the functions that use them: the answer
 # normalisation here is also what the report and the pipeline registry import, which load no model.
@@ -68,11 +71,13 @@ def generate_answers(
     *,
     max_new_tokens: int,
     batch_size: int,
+    video_sampling: VideoSampling | None = None,
 ) -> list[str]:
     """Greedy answers to each record's prompt (its conversation minus the final assistant turn), left-padded.
 
-    The prompt is rendered as preprocessing rendered it (same template variables); generation stops on any of
-    the checkpoint's stop tokens (its generation_config.json ``eos_token_id`` list)."""
+    The prompt is rendered as preprocessing rendered it (same template variables, the same frames of each video
+    by ``video_sampling``, at their sampled rate); generation stops on any of the checkpoint's stop tokens (its
+    generation_config.json ``eos_token_id`` list)."""
     import torch
 
     with torch.no_grad():
@@ -81,11 +86,14 @@ def generate_answers(
         answers: list[str] = []
         try:
             for chunk in tqdm(list(_batches(records, batch_size)), desc="generate", unit="batch", disable=None):
-                conversations = []
+                conversations, videos = [], []
                 for record in chunk:
                     images = load_images(record, image_root) if architecture.is_vision else []
+                    clips = _sampled_videos(processor, record, image_root, video_sampling)
+                    videos += clips
                     messages = prompt_messages(record)
-                    conversations.append(chat_messages(attach_images(messages, images) if images else messages))
+                    media = images or clips
+                    conversations.append(chat_messages(attach_images(messages, images, clips) if media else messages))
                 inputs = processor.apply_chat_template(
                     conversations,
                     add_generation_prompt=True,
@@ -95,6 +103,9 @@ def generate_answers(
                     **padding_kwargs(processor),
                     **encoder.render_kwargs,
                 )
+                if videos:  # the sampled rate, not the processor's assumed 24 fps (as the collator does)
+                    temporal = processor.video_processor.temporal_patch_size
+                    inputs["second_per_grid_ts"] = torch.tensor([temporal / video.sampled_fps for video in videos])
                 output = model.generate(
                     **inputs, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id
                 )
@@ -103,6 +114,21 @@ def generate_answers(
         finally:
             tokenizer.padding_side = previous_side
         return answers
+
+
+def _sampled_videos(
+    processor: Any, record: dict, image_root: Path, sampling: VideoSampling | None
+) -> list[SampledVideo]:
+    """A record's videos as training saw them; a processor without a video processor never gets one (validation
+    or preprocessing set such records aside), and says so if it does."""
+    if not record_videos(record):
+        return []
+    if not hasattr(processor, "video_processor"):
+        raise ValueError(
+            f"record from line {record.get('source_line')} has video, which {type(processor).__name__} reads not"
+        )
+    temporal = processor.video_processor.temporal_patch_size
+    return load_samples(record_samples(record, sampling or VideoSampling(), temporal), image_root)
 
 
 def padding_kwargs(processor: Any) -> dict[str, Any]:

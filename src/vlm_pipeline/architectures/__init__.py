@@ -63,6 +63,7 @@ def load_processor(
     model_dir: str | Path,
     *,
     image_bounds: dict | None = None,
+    video_sampling: dict | None = None,
     chat_template: str | Path | None = None,
     architecture: Architecture | None = None,
     trust_remote_code: bool = False,
@@ -70,7 +71,8 @@ def load_processor(
     """``AutoProcessor`` for a vision model, ``AutoTokenizer`` for a text-only one, ready to pad.
 
     ``image_bounds`` (``preprocessing.images``; the family reads its ``image_bound_fields``, None values keep the
-    checkpoint's) are applied to the image processor, so preprocessing, training and evaluation see the same sizes.
+    checkpoint's) are applied to the image processor, and ``video_sampling`` (``preprocessing.videos``) to the video
+    processor, so preprocessing, training and evaluation see the same sizes.
     ``chat_template`` (``preprocessing.chat_template``, a .jinja file) replaces the checkpoint's template.
     A tokenizer without a pad token gets one from its own vocabulary (see ``ensure_pad_token``).
     ``architecture`` is read from ``model_dir``'s config.json unless given (an adapter directory has none).
@@ -80,6 +82,8 @@ def load_processor(
     processor = loader.from_pretrained(str(model_dir), trust_remote_code=trust_remote_code)
     if image_bounds and architecture.bound_images is not None:
         architecture.bound_images(processor, image_bounds)
+    if architecture.bound_videos is not None:
+        architecture.bound_videos(processor, video_sampling or {})
     tokenizer = getattr(processor, "tokenizer", processor)
     if chat_template is not None:
         template = Path(chat_template).read_text(encoding="utf-8")
@@ -109,6 +113,7 @@ def load_chat_encoder(
     processor = load_processor(
         model_dir,
         image_bounds=preprocessing.images.model_dump(),
+        video_sampling=preprocessing.videos.model_dump(),
         chat_template=preprocessing.chat_template,
         architecture=architecture,
         trust_remote_code=trust_remote_code,

@@ -84,6 +84,15 @@ class Architecture:
     the projector and the language model. Used to freeze parts, to scope LoRA to the language model and
     for the trainable-parameter table. Parameters matching no prefix count as ``language_model``."""
 
+    video_inputs: ImageInputsFn | None = field(default=None, repr=False)
+    """``video_inputs(processor, videos_per_row, input_ids)``: the pixel inputs of a tokenised batch's videos (each
+    a ``data.video_sampling.SampledVideo``). None for a family that reads no video: preprocessing sets its video
+    records aside."""
+
+    bound_videos: Callable[[Any, dict], None] | None = field(default=None, repr=False)
+    """``bound_videos(processor, sampling)``: apply ``preprocessing.videos``' frame size limits to the processor in
+    place. Called by ``load_processor``; None for a family that reads no video."""
+
     bound_images: Callable[[Any, dict], None] | None = field(default=None, repr=False)
     """``bound_images(processor, bounds)``: apply the ``preprocessing.images`` limits this family honours (its
     ``image_bound_fields``) to the processor in place, so every image is bounded before tokenisation. Called by

@@ -6,6 +6,7 @@ The tiny twin carries Qwen2.5-VL-7B-Instruct's chat template and processor setti
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -131,17 +132,40 @@ def image_inputs(processor: Any, images: list[list[Any]], input_ids: torch.Tenso
     """``pixel_values``/``image_grid_thw`` for a tokenised batch, plus ``mm_token_type_ids``.
 
     The image processor alone takes the flat list of every row's images in order. In transformers 5 the model
-    builds its 3-D M-RoPE positions only when ``mm_token_type_ids`` (1 at image tokens) is passed; without it
-    positions silently fall back to 1-D.
+    builds its 3-D M-RoPE positions only when ``mm_token_type_ids`` (1 at image tokens, 2 at video tokens) is
+    passed; without it positions silently fall back to 1-D.
     """
     flat = [image for row in images for image in row]
     encoded = processor.image_processor(images=flat, return_tensors="pt")
-    image_token_id = processor.tokenizer.convert_tokens_to_ids(processor.image_token)
     return {
         "pixel_values": encoded["pixel_values"],
         "image_grid_thw": encoded["image_grid_thw"],
-        "mm_token_type_ids": (input_ids == image_token_id).long(),
+        "mm_token_type_ids": media_token_types(processor, input_ids),
     }
+
+
+def video_inputs(processor: Any, videos: list[list[Any]], input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
+    """``pixel_values_videos``/``video_grid_thw``/``second_per_grid_ts`` for a tokenised batch: each row's videos
+    as ``SampledVideo`` (its frames and the rate they were sampled at), plus ``mm_token_type_ids``.
+
+    The frames were sampled already (``data/video_sampling.py``), so the video processor takes them as they are;
+    ``second_per_grid_ts`` (seconds per temporal patch) comes from their sampled rate, not the processor's
+    assumed 24 fps, so the model's temporal positions follow the clip's real time as in Qwen's own training."""
+    flat = [video for row in videos for video in row]
+    encoded = processor.video_processor(videos=[video.frames for video in flat], return_tensors="pt")
+    temporal = processor.video_processor.temporal_patch_size
+    return {
+        "pixel_values_videos": encoded["pixel_values_videos"],
+        "video_grid_thw": encoded["video_grid_thw"],
+        "second_per_grid_ts": torch.tensor([temporal / video.sampled_fps for video in flat]),
+        "mm_token_type_ids": media_token_types(processor, input_ids),
+    }
+
+
+def media_token_types(processor: Any, input_ids: torch.Tensor) -> torch.Tensor:
+    """1 at image placeholder tokens, 2 at video placeholder tokens, 0 elsewhere (the model's modality ids)."""
+    convert = processor.tokenizer.convert_tokens_to_ids
+    return (input_ids == convert(IMAGE_PAD)).long() + 2 * (input_ids == convert(VIDEO_PAD)).long()
 
 
 def packed_position_ids(processor: Any, rows: list[list[int]], image_grid_thw: torch.Tensor | None) -> torch.Tensor:
@@ -197,6 +221,24 @@ def bound_images(processor: Any, bounds: dict) -> None:
     processor.image_processor.size = size
 
 
+def bound_videos(processor: Any, sampling: dict) -> None:
+    """Frame size limits for video (``preprocessing.videos``): ``min_pixels``/``max_pixels`` per frame, and
+    ``total_pixels`` for all sampled frames together through the processor's per-frame cap (Qwen's reference
+    behaviour, on for every video: transformers 5 warns that it becomes its default)."""
+    video_processor = processor.video_processor
+    size = dict(video_processor.size)
+    if sampling.get("min_pixels") is not None:
+        size["shortest_edge"] = sampling["min_pixels"]
+    if sampling.get("max_pixels") is not None:
+        size["longest_edge"] = sampling["max_pixels"]
+    video_processor.size = size
+    video_processor.cap_pixels_per_frame = True
+    if sampling.get("total_pixels") is not None:
+        # The processor's budget is 90% of max_video_tokens merged patches of 28×28 pixels.
+        unit = (video_processor.patch_size * video_processor.merge_size) ** 2
+        video_processor.max_video_tokens = math.ceil(sampling["total_pixels"] / (unit * 0.9))
+
+
 def vision_tokens_per_image(bounds: dict) -> int:
     """Patches the vision tower sees for the largest image ``bounds`` allow: ``max_pixels`` / 14², or those of a
     1024×1024 image where unbounded (counted before the 2×2 merge into language-model tokens)."""
@@ -221,6 +263,8 @@ ARCHITECTURE = Architecture(
         ("language_model", "lm_head."),
     ),
     image_inputs=image_inputs,
+    video_inputs=video_inputs,
+    bound_videos=bound_videos,
     packed_position_ids=packed_position_ids,
     bound_images=bound_images,
     image_bound_fields=("min_pixels", "max_pixels"),

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from vlm_pipeline.config.schema import ImageBounds, MethodParams, ModelParams, SFTParams
+from vlm_pipeline.config.schema import ImageBounds, MethodParams, ModelParams, SFTParams, VideoSampling
 
 
 class RunContext(BaseModel):
@@ -45,6 +45,9 @@ class RunConfig(BaseModel):
     train_dataset_sha256: str = Field(description="Digest of the training split's Arrow files: new data, new run.")
     eval_dataset: Path | None = Field(description="Only set when sft.eval_strategy is not no.")
     image_bounds: ImageBounds
+    video_sampling: VideoSampling = Field(
+        default_factory=VideoSampling, description="preprocessing.videos: the frame sizes the collator resizes to."
+    )
     chat_template: Path | None
     chat_template_sha256: str | None = Field(description="Editing the template file changes the run's identity.")
     model: ModelParams

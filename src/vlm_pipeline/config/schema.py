@@ -170,6 +170,45 @@ class ImageBounds(Section):
         return self
 
 
+class VideoSampling(Section):
+    """Which frames of a video the model sees and at what size (Qwen's names and rule, qwen-vl-utils); honoured by
+    the families with a video processor (Qwen2.5-VL). None keeps the checkpoint's own size limits."""
+
+    fps: float = Field(2.0, gt=0.0, description="Frames sampled per second of video. 0.5-4; Qwen's own default is 2.")
+    min_frames: int = Field(
+        4, ge=1, description="Fewest frames sampled from a clip (a shorter clip gives all it has). Qwen's own: 4."
+    )
+    max_frames: int = Field(
+        768,
+        ge=2,
+        description="Most frames sampled from a clip, rounded down to whole temporal patches (2 frames). 16-768.",
+    )
+    min_pixels: int | None = Field(
+        None, ge=3136, description="Smallest frame area in pixels after resizing (28×28 units); null: checkpoint's."
+    )
+    max_pixels: int | None = Field(
+        None,
+        ge=3136,
+        le=12_845_056,
+        description="Largest frame area in pixels; null: the checkpoint's. Qwen's reference uses 602,112 (768 "
+        "tokens a frame pair).",
+    )
+    total_pixels: int | None = Field(
+        None,
+        ge=3136,
+        description="Pixels of all sampled frames together: each frame is capped at an even share (never below "
+        "min_pixels), Qwen's per-video budget. null: the checkpoint's (128,000 video tokens).",
+    )
+
+    @model_validator(mode="after")
+    def _ordered(self) -> VideoSampling:
+        if self.min_frames > self.max_frames:
+            raise ValueError(f"min_frames {self.min_frames} is larger than max_frames {self.max_frames}")
+        if self.min_pixels and self.max_pixels and self.min_pixels > self.max_pixels:
+            raise ValueError(f"min_pixels {self.min_pixels} is larger than max_pixels {self.max_pixels}")
+        return self
+
+
 # `num_proc: auto` stops here: beyond it, each process's copy of the processor costs more than the cores add.
 MAX_AUTO_PROCESSES = 32
 
@@ -197,6 +236,9 @@ class PreprocessingParams(Section):
         f"{MAX_AUTO_PROCESSES} (GPU hosts have 32-128; the recipes' environments set auto). 1 on the demo.",
     )
     images: ImageBounds = Field(default_factory=ImageBounds, description="Image bounds applied by the processor.")
+    videos: VideoSampling = Field(
+        default_factory=VideoSampling, description="Frame sampling and frame size for video records."
+    )
     chat_template: str | None = Field(
         None,
         description="A .jinja file that replaces the checkpoint's chat template wherever the processor loads "

@@ -10,14 +10,18 @@ reason ``too_long``, or, for a text-only record when ``truncate_text_only`` is o
 
 from __future__ import annotations
 
+import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import jinja2
 from PIL import Image
 
+from vlm_pipeline.config.schema import VideoSampling
 from vlm_pipeline.data.formats import message_text, record_videos
 from vlm_pipeline.data.labels import ChatEncoder, TurnBoundaryMerge
+from vlm_pipeline.data.video_sampling import SampledVideo, load_samples, record_samples
 
 IGNORE_INDEX = -100
 TOO_LONG = "too_long"
@@ -25,7 +29,6 @@ NO_LABEL_TOKENS = "no_label_tokens"
 TEMPLATE_REFUSED = "chat_template_refused"
 TOKEN_MERGE = "token_merge_at_turn_boundary"
 VIDEO_UNSUPPORTED = "video_unsupported"
-VIDEO_NOT_BUILT = "video_training_not_built"
 TRAIN_ON = ("all_assistant_turns", "last_assistant_turn")
 
 
@@ -38,27 +41,35 @@ def load_images(record: dict, image_root: Path) -> list[Image.Image]:
     return images
 
 
-def attach_images(messages: list[dict], images: list[Image.Image]) -> list[dict]:
-    """Copy of ``messages`` whose ``{"type": "image"}`` parts carry the images, in order."""
-    remaining = iter(images)
+def attach_images(messages: list[dict], images: list[Image.Image], videos: Sequence[SampledVideo] = ()) -> list[dict]:
+    """Copy of ``messages`` whose ``{"type": "image"}`` parts carry the images and ``{"type": "video"}`` parts the
+    videos' sampled frames, in order."""
+    remaining = {"image": iter(images), "video": iter([video.frames for video in videos])}
     attached = []
     for message in messages:
         parts = []
         for part in message["content"]:
-            if part.get("type") == "image":
-                part = {"type": "image", "image": next(remaining)}
+            kind = part.get("type")
+            if kind in remaining:
+                part = {"type": kind, kind: next(remaining[kind])}
             parts.append(part)
         attached.append({"role": message["role"], "content": parts})
     return attached
 
 
 def encode_messages(
-    encoder: ChatEncoder, messages: list[dict], images: list[Image.Image], *, train_on: str = "all_assistant_turns"
+    encoder: ChatEncoder,
+    messages: list[dict],
+    images: list[Image.Image],
+    *,
+    train_on: str = "all_assistant_turns",
+    videos: Sequence[SampledVideo] = (),
 ) -> dict[str, list[int]]:
-    """``input_ids`` and ``labels`` for one conversation, image placeholders expanded by the processor."""
+    """``input_ids`` and ``labels`` for one conversation, image and video placeholders expanded by the processor."""
     if train_on not in TRAIN_ON:
         raise ValueError(f"preprocessing.train_on must be one of {', '.join(TRAIN_ON)}, got {train_on!r}")
-    input_ids, spans = encoder.assistant_spans(attach_images(messages, images) if images else messages)
+    media = images or videos
+    input_ids, spans = encoder.assistant_spans(attach_images(messages, images, videos) if media else messages)
     if train_on == "last_assistant_turn":
         spans = spans[-1:]
     labels = [IGNORE_INDEX] * len(input_ids)
@@ -68,18 +79,37 @@ def encode_messages(
 
 
 def encode_record(
-    encoder: ChatEncoder, record: dict, image_root: Path, *, max_length: int, train_on: str, truncate_text_only: bool
+    encoder: ChatEncoder,
+    record: dict,
+    image_root: Path,
+    *,
+    max_length: int,
+    train_on: str,
+    truncate_text_only: bool,
+    video_sampling: VideoSampling | None = None,
 ) -> dict[str, Any]:
     """Encode one validated record and apply the length policy.
 
     Returns the row for the Arrow dataset plus bookkeeping: ``length`` (before any cut), ``cut`` (tokens
-    removed by truncation) and ``reason``/``detail`` (set when the record must go to quarantine).
+    removed by truncation) and ``reason``/``detail`` (set when the record must go to quarantine). A video's
+    frames are sampled by ``video_sampling`` (``preprocessing.videos``) and the row records which
+    (``video_samples``), so training reads the very frames counted here.
     """
     refused = _video_refusal(encoder, record)
     if refused is not None:
         return _set_aside(record, *refused)
+    samples = []
+    if record_videos(record):
+        temporal = encoder.processor.video_processor.temporal_patch_size
+        samples = record_samples(record, video_sampling or VideoSampling(), temporal)
     try:
-        encoded = encode_messages(encoder, record["messages"], load_images(record, image_root), train_on=train_on)
+        encoded = encode_messages(
+            encoder,
+            record["messages"],
+            load_images(record, image_root),
+            train_on=train_on,
+            videos=load_samples(samples, image_root),
+        )
     except jinja2.TemplateError as error:  # raise_exception() in the template: this checkpoint refuses the record
         return _set_aside(record, TEMPLATE_REFUSED, f"the chat template refused it: {error}")
     except TurnBoundaryMerge as error:
@@ -89,6 +119,7 @@ def encode_record(
         **encoded,
         "image_paths": record["images"],
         "image_sha256": _image_hashes(record),
+        "video_samples": json.dumps(samples) if samples else "",
         "source_line": record["source_line"],
         "length": length,
         "cut": 0,
@@ -100,8 +131,12 @@ def encode_record(
         return {**row, "reason": NO_LABEL_TOKENS, "detail": f"the chat template marks no assistant token ({train_on})"}
     if length <= max_length:
         return row
-    if record["images"] or not truncate_text_only:
-        why = "it has images, which are never cut" if record["images"] else "truncate_text_only is off"
+    if record["images"] or samples or not truncate_text_only:
+        why = (
+            "it has images or video, which are never cut"
+            if record["images"] or samples
+            else "truncate_text_only is off"
+        )
         return {**row, "reason": TOO_LONG, "detail": f"{length} tokens is over max_length {max_length} and {why}"}
     labels = encoded["labels"][:max_length]
     if all(token == IGNORE_INDEX for token in labels):
@@ -118,16 +153,19 @@ def encode_record(
 
 
 def _video_refusal(encoder: ChatEncoder, record: dict) -> tuple[str, str] | None:
-    """Why a video record cannot be encoded for this model, or None (no video). A processor without a video
-    processor (Mllama, a text model's tokenizer) reads no video; Qwen2.5-VL's does, but frame sampling, video
-    token counts and their collation are not built yet, so its video records are set aside, not half-trained."""
+    """Why a video record cannot be encoded for this model, or None. A processor without a video processor
+    (Mllama, a text model's tokenizer) reads no video."""
     videos = record_videos(record)
-    if not videos:
-        return None
-    if not hasattr(encoder.processor, "video_processor"):
+    if videos and not hasattr(encoder.processor, "video_processor"):
         family = type(encoder.processor).__name__
         return VIDEO_UNSUPPORTED, f"{family} reads no video, and the record has {len(videos)}: use a video model"
-    return VIDEO_NOT_BUILT, "training on video (frame sampling, video tokens, their collation) is not built yet"
+    return None
+
+
+def vision_rows(dataset: Any) -> list[bool]:
+    """Which preprocessed rows feed the vision tower (an image or a video): the modality batches are grouped by."""
+    videos = dataset["video_samples"] if "video_samples" in dataset.column_names else [""] * len(dataset)
+    return [bool(paths) or bool(clips) for paths, clips in zip(dataset["image_paths"], videos, strict=True)]
 
 
 def _set_aside(record: dict, reason: str, detail: str) -> dict[str, Any]:
@@ -137,6 +175,7 @@ def _set_aside(record: dict, reason: str, detail: str) -> dict[str, Any]:
         "labels": [],
         "image_paths": record["images"],
         "image_sha256": _image_hashes(record),
+        "video_samples": "",
         "source_line": record["source_line"],
         "length": 0,
         "cut": 0,

@@ -17,6 +17,7 @@ import yaml
 from vlm_pipeline.architectures import get_architecture
 from vlm_pipeline.config import MethodParams
 from vlm_pipeline.config.schema import LoraParams, QuantizationParams, SFTParams
+from vlm_pipeline.data.encoding import vision_rows
 from vlm_pipeline.planning.memory import GIB, MemorySettings, estimate_memory
 from vlm_pipeline.planning.model_shape import ModelShape, read_model_shape
 from vlm_pipeline.planning.steps import plan_steps
@@ -220,7 +221,7 @@ def training_data(dataset: Any) -> dict[str, Any]:
         "records": len(dataset),
         "image_records": sum(1 for paths in dataset["image_paths"] if paths),
         "lengths": list(dataset["length"]),
-        "has_images": [bool(paths) for paths in dataset["image_paths"]],
+        "has_images": vision_rows(dataset),  # an image or a video: the rows the vision tower reads
         "images_per_row": sum(len(paths) for paths in dataset["image_paths"]) / max(len(dataset), 1),
     }
 

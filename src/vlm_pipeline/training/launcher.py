@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from vlm_pipeline.config.run import RunConfig, RunContext, dataset_sha256, file_sha256
-from vlm_pipeline.config.schema import ImageBounds, MethodParams, SFTParams
+from vlm_pipeline.config.schema import ImageBounds, MethodParams, SFTParams, VideoSampling
 
 # The line with which the trainer reports a stop by one of its checks (``training.stopping.TrainingStopped``).
 STOPPED_PREFIX = "vlm-pipeline: training stopped"
@@ -35,6 +35,7 @@ def resolve_run_config(
     train_dataset: Path,
     eval_dataset: Path | None = None,
     image_bounds: ImageBounds,
+    video_sampling: VideoSampling | None = None,
     chat_template: str | None = None,
     sft: SFTParams,
     method: MethodParams,
@@ -54,6 +55,7 @@ def resolve_run_config(
         # Only read when sft.eval_strategy is not "no", so an unused validation split does not change the identity.
         eval_dataset=eval_dataset if eval_dataset and sft.eval_strategy != "no" else None,
         image_bounds=image_bounds,
+        video_sampling=video_sampling or VideoSampling(),
         # The template's text, not only its path: editing the file changes the identity, so no stale resume.
         chat_template=Path(chat_template).resolve() if chat_template else None,
         chat_template_sha256=file_sha256(Path(chat_template)) if chat_template else None,

@@ -35,6 +35,7 @@ from trl import SFTConfig, SFTTrainer
 from vlm_pipeline.architectures import Architecture, architecture_for_model, load_model, load_processor
 from vlm_pipeline.atomic import link_tree, replace_dir_atomic, staging_dir_for
 from vlm_pipeline.config.run import RunConfig
+from vlm_pipeline.data.encoding import vision_rows
 from vlm_pipeline.library_bars import hide_library_bars_in_logs, on_terminal
 from vlm_pipeline.model_files import IncompleteModelError, check_saved_model
 from vlm_pipeline.reporting.tables import format_parameter_table
@@ -227,7 +228,7 @@ class VLMSFTTrainer(MeteredTraining, GuardedTraining, ComponentLearningRates, SF
         return self.accelerator.prepare(loader)
 
     def _token_budget_batches(self, dataset) -> TokenBudgetBatchSampler:
-        has_images = [bool(paths) for paths in dataset["image_paths"]]
+        has_images = vision_rows(dataset)
         batches = TokenBudgetBatchSampler(
             list(dataset["length"]),
             has_images,
@@ -248,7 +249,7 @@ class VLMSFTTrainer(MeteredTraining, GuardedTraining, ComponentLearningRates, SF
 
     def _get_train_sampler(self, train_dataset=None):
         dataset = train_dataset if train_dataset is not None else self.train_dataset
-        has_images = [bool(paths) for paths in dataset["image_paths"]]
+        has_images = vision_rows(dataset)
         if not is_mixed(has_images):
             return super()._get_train_sampler(train_dataset)
         lengths = dataset["length"] if self.args.train_sampling_strategy == "group_by_length" else None
@@ -274,6 +275,7 @@ def build_trainer(config: RunConfig, curves: Path | None = None) -> SFTTrainer:
     processor = load_processor(
         base,
         image_bounds=config.image_bounds.model_dump(),
+        video_sampling=config.video_sampling.model_dump(),
         chat_template=config.chat_template,
         trust_remote_code=config.model.trust_remote_code,
     )
@@ -304,7 +306,7 @@ def build_trainer(config: RunConfig, curves: Path | None = None) -> SFTTrainer:
     train_dataset = load_from_disk(str(config.train_dataset))
     trainer = VLMSFTTrainer(
         model=model,
-        args=build_sft_config(config, mixed_modalities=is_mixed([bool(p) for p in train_dataset["image_paths"]])),
+        args=build_sft_config(config, mixed_modalities=is_mixed(vision_rows(train_dataset))),
         train_dataset=train_dataset,
         eval_dataset=load_from_disk(str(config.eval_dataset)) if config.eval_dataset else None,
         processing_class=processor,

@@ -16,7 +16,7 @@ from datasets import Dataset
 
 from vlm_pipeline.config.run import RunContext
 from vlm_pipeline.config.schema import ConfigError, PreprocessingParams, SFTParams
-from vlm_pipeline.data.encoding import NO_LABEL_TOKENS, TOO_LONG, encode_record
+from vlm_pipeline.data.encoding import NO_LABEL_TOKENS, TOO_LONG, VIDEO_UNSUPPORTED, encode_record
 from vlm_pipeline.data.labels import ChatEncoder, ChatTemplateError
 from vlm_pipeline.data.spool import RecordSpool, records_dataset
 from vlm_pipeline.reporting.data import (
@@ -29,7 +29,8 @@ from vlm_pipeline.reporting.data import (
 )
 
 # image_sha256 is read by no model code: it makes the rows, and so the run identity, change with the pixels.
-MODEL_COLUMNS = ["input_ids", "labels", "image_paths", "image_sha256", "source_line", "length"]
+# video_samples: each video's path, the frame indices read and their rate (JSON text; empty without video).
+MODEL_COLUMNS = ["input_ids", "labels", "image_paths", "image_sha256", "video_samples", "source_line", "length"]
 
 
 def _encode_row(row: dict, *, encoder: ChatEncoder, image_root: Path, params: PreprocessingParams) -> dict:
@@ -48,6 +49,7 @@ def _encode_row(row: dict, *, encoder: ChatEncoder, image_root: Path, params: Pr
             max_length=params.max_length,
             train_on=params.train_on,
             truncate_text_only=params.truncate_text_only,
+            video_sampling=params.videos,
         )
     except ChatTemplateError as error:
         raise ChatTemplateError(f"valid.jsonl record from line {record['source_line']}: {error}") from None
@@ -146,15 +148,27 @@ def combine_reports(
             else "see the *_set_aside.jsonl files"
         )
         raise ValueError(f"No training record is left after preprocessing: {cause}")
+    unreadable = test_report["reasons"].get(VIDEO_UNSUPPORTED, 0)
+    if unreadable:  # evaluation answers every valid test record: one it cannot show its video would fail there
+        raise ConfigError(
+            f"{context.base_model}: {unreadable} test record(s) have video, which this model reads not (see "
+            "test_set_aside.jsonl): remove them from the test split, or use a video model (Qwen2.5-VL)"
+        )
     batch_size = sft.per_device_train_batch_size
     lengths = list(train_data["length"])
+    padding_free = architecture_for_model(context.base_model).padding_free(sft.padding_free)
+    if padding_free and any(train_data["video_samples"]):
+        raise ConfigError(
+            "sft.padding_free: packed rows do not cover video rows yet (their temporal positions); set "
+            "sft.padding_free: false for a set with video, and sft.max_tokens_per_batch for little padding"
+        )
     return {
         "train": train_report,
         "validation": {"records": len(validation_data), "held_out_of_train": True},
         "test": test_report,
         "padding": {
             "batch_size": batch_size,
-            "padding_free": architecture_for_model(context.base_model).padding_free(sft.padding_free),
+            "padding_free": padding_free,
             "pad_share_in_file_order": padding_share(lengths, batch_size, group_by_length=False),
             "pad_share_length_grouped": padding_share(lengths, batch_size, group_by_length=True),
         },

@@ -65,6 +65,7 @@ def write_run_config(
         train_dataset=train_data,
         eval_dataset=validation_data,
         image_bounds=preprocessing.images,
+        video_sampling=preprocessing.videos,
         chat_template=preprocessing.chat_template,
         sft=sft,
         method=method,

@@ -1,0 +1,176 @@
+"""Video records through preprocessing and collation (issue 28, items 3-4): Qwen's frame sampling, exact labels
+with video parts on the twin and on the real 152k vocabulary, the video-token count the processor gives, and the
+collator feeding the very frames preprocessing counted to a real forward and backward pass."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import chat_encoder
+from PIL import Image
+from real_tokenizers import real_processor
+from test_video_data import moving_square
+
+from vlm_pipeline.architectures import get_architecture, load_model, qwen2_5_vl
+from vlm_pipeline.config.schema import PreprocessingParams, VideoSampling
+from vlm_pipeline.data.clips import write_clip
+from vlm_pipeline.data.encoding import IGNORE_INDEX, encode_record
+from vlm_pipeline.data.labels import ChatEncoder
+from vlm_pipeline.data.validation import validate_lines
+from vlm_pipeline.data.video_sampling import sample_frames
+from vlm_pipeline.training.collator import SFTCollator
+
+# (frames, fps, sampling) -> (indices, sampled fps), worked by hand from qwen-vl-utils' smart_nframes: frames / fps
+# seconds at sampling.fps, within min_frames..min(max_frames, frames) rounded to pairs, spread first to last.
+SAMPLING_CASES = [
+    ((16, 8.0, {}), ([0, 5, 10, 15], 2.0)),  # 2 s at 2 fps: 4 frames
+    ((300, 30.0, {}), ([round(i * 299 / 19) for i in range(20)], 2.0)),  # 10 s: 20 frames
+    ((300, 30.0, {"max_frames": 8}), ([round(i * 299 / 7) for i in range(8)], 0.8)),
+    ((10, 30.0, {}), ([0, 3, 6, 9], 12.0)),  # 1/3 s wants 0.7 frames: min_frames 4
+    ((3, 1.0, {}), ([0, 2], 2 / 3)),  # fewer frames than min_frames: whole pairs of what there is
+    ((1, 25.0, {}), ([0], 25.0)),  # one frame: the processor repeats it into a temporal patch
+]
+
+
+@pytest.mark.parametrize(("clip", "expected"), SAMPLING_CASES)
+def test_frames_are_sampled_by_qwens_rule(clip, expected):
+    frames, fps, overrides = clip
+    chosen = sample_frames(frames, fps, VideoSampling(**overrides), temporal_patch=2)
+    assert (chosen.indices, pytest.approx(chosen.sampled_fps)) == (expected[0], pytest.approx(expected[1]))
+    assert chosen == sample_frames(frames, fps, VideoSampling(**overrides), temporal_patch=2)  # every rerun
+
+
+# Three clip shapes: a square clip, a wide one at another rate, and a folder of tall frames.
+CLIPS = {"square": (16, 8, 56, 56), "wide": (30, 10, 84, 112), "folder": (4, None, 112, 56)}
+
+
+@pytest.fixture(scope="module")
+def clip_root(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("clips")
+    for name, (frames, fps, height, width) in CLIPS.items():
+        shot = [frame[:height, :width] for frame in moving_square(frames, side=max(height, width))]
+        if fps is None:
+            (root / name).mkdir()
+            for index, frame in enumerate(shot):
+                Image.fromarray(frame).save(root / name / f"{index:02d}.png")
+        else:
+            write_clip(root / f"{name}.mp4", shot, fps=fps)
+    Image.new("RGB", (56, 56), "red").save(root / "red.png")
+    return root
+
+
+def video_record(root: Path, clip: str, *, image: bool = False) -> dict:
+    """Two turns: a video (and optionally an image) with a question, then a follow-up without media."""
+    first = [{"type": "video"}, *([{"type": "image"}] if image else []), {"type": "text", "text": "Where does it go?"}]
+    raw = {
+        "messages": [
+            {"role": "system", "content": "Answer in one word."},
+            {"role": "user", "content": first},
+            {"role": "assistant", "content": "right"},
+            {"role": "user", "content": "And then?"},
+            {"role": "assistant", "content": "stops"},
+        ],
+        "videos": [clip if clip in ("folder",) else f"{clip}.mp4"],
+        **({"images": ["red.png"]} if image else {}),
+    }
+    (record,) = validate_lines([json.dumps(raw).encode()], root, max_image_pixels=10**7).valid
+    return record
+
+
+def encode(encoder: ChatEncoder, record: dict, root: Path) -> dict:
+    return encode_record(
+        encoder,
+        record,
+        root,
+        max_length=10**5,
+        train_on="all_assistant_turns",
+        truncate_text_only=False,
+        video_sampling=VideoSampling(),
+    )
+
+
+def trained_spans(encoder: ChatEncoder, row: dict) -> list[str]:
+    spans, current = [], []
+    for token, label in zip(row["input_ids"], row["labels"], strict=True):
+        if label != IGNORE_INDEX:
+            current.append(token)
+        elif current:
+            spans.append(encoder.tokenizer.decode(current))
+            current = []
+    return spans + ([encoder.tokenizer.decode(current)] if current else [])
+
+
+@pytest.mark.parametrize("clip", sorted(CLIPS))
+@pytest.mark.parametrize("vocabulary", ["twin", "real_152k"])
+def test_a_video_record_trains_exactly_its_answers_with_the_processors_video_tokens(
+    clip, vocabulary, clip_root, tiny_models
+):
+    if vocabulary == "twin":
+        encoder = chat_encoder(tiny_models["qwen2_5_vl"])
+    else:  # the real tokenizer in the real processor classes and settings, bounded as load_processor bounds them
+        processor = real_processor("qwen2_5_vl")
+        qwen2_5_vl.bound_videos(processor, {})
+        encoder = ChatEncoder(processor, qwen2_5_vl.IM_END, {})
+    record = video_record(clip_root, clip)
+    row = encode(encoder, record, clip_root)
+    assert row["reason"] is None, row["detail"]
+    assert trained_spans(encoder, row) == ["right<|im_end|>", "stops<|im_end|>"]
+    (sample,) = json.loads(row["video_samples"])
+    frames, fps, height, width = CLIPS[clip]
+    chosen = sample_frames(frames, fps or 2.0, VideoSampling(), temporal_patch=2)
+    assert (sample["indices"], sample["sampled_fps"]) == (chosen.indices, chosen.sampled_fps)
+    # The video tokens in the row are what the processor gives this clip shape (its own count from sizes).
+    video_pad = encoder.tokenizer.convert_tokens_to_ids(qwen2_5_vl.VIDEO_PAD)
+    counted = encoder.processor._get_num_multimodal_tokens(video_sizes=[(len(chosen.indices), height, width)])
+    assert row["input_ids"].count(video_pad) == counted.num_video_tokens[0] > 0
+
+
+def test_the_collator_feeds_the_recorded_frames_to_a_real_step(clip_root, tiny_models):
+    """Rows with a video, a video and an image, and text only, padded into one batch: the model's modality ids mark
+    image (1) and video (2) tokens, the seconds per temporal patch follow the sampled rate, and one forward and
+    backward pass gives a finite loss with gradients in the vision tower."""
+    model_dir = tiny_models["qwen2_5_vl"]
+    encoder = chat_encoder(model_dir)
+    text = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]}
+    (text_record,) = validate_lines([json.dumps(text).encode()], clip_root, max_image_pixels=10**7).valid
+    rows = [
+        encode(encoder, video_record(clip_root, "square"), clip_root),
+        encode(encoder, video_record(clip_root, "wide", image=True), clip_root),
+        encode(encoder, text_record, clip_root),
+    ]
+    collator = SFTCollator(encoder.processor, get_architecture("qwen2_5_vl"), clip_root)
+    batch = collator(rows)
+    ids = batch["input_ids"]
+    video_pad = encoder.tokenizer.convert_tokens_to_ids(qwen2_5_vl.VIDEO_PAD)
+    image_pad = encoder.tokenizer.convert_tokens_to_ids(qwen2_5_vl.IMAGE_PAD)
+    assert torch.equal(batch["mm_token_type_ids"], (ids == image_pad).long() + 2 * (ids == video_pad).long())
+    grids = batch["video_grid_thw"]
+    assert grids.shape == (2, 3) and int(grids.prod(dim=1).sum()) == batch["pixel_values_videos"].shape[0]
+    assert int(grids.prod(dim=1).sum()) // 4 == int((ids == video_pad).sum())  # 2x2 merge: 4 patches a token
+    sampled = [json.loads(row["video_samples"])[0]["sampled_fps"] for row in rows[:2]]
+    assert batch["second_per_grid_ts"].tolist() == pytest.approx([2 / fps for fps in sampled])
+    model = load_model(model_dir)
+    loss = model(**batch).loss
+    loss.backward()
+    assert torch.isfinite(loss) and loss > 0
+    vision_grads = [p.grad for name, p in model.named_parameters() if name.startswith("model.visual.")]
+    assert any(grad is not None and grad.abs().sum() > 0 for grad in vision_grads)
+    packing = SFTCollator(encoder.processor, get_architecture("qwen2_5_vl"), clip_root, padding_free=True)
+    with pytest.raises(ValueError, match="sft.padding_free: false"):
+        packing(rows[:1])
+
+
+def test_video_frame_bounds_reach_the_processor(tiny_models):
+    """preprocessing.videos' pixel bounds set the video processor's (not the image processor's), and Qwen's
+    per-frame share of total_pixels is on for every video."""
+    from vlm_pipeline.architectures import load_chat_encoder
+
+    sampling = {"min_pixels": 28 * 28 * 4, "max_pixels": 28 * 28 * 16, "total_pixels": 28 * 28 * 900}
+    encoder = load_chat_encoder(tiny_models["qwen2_5_vl"], PreprocessingParams(videos=sampling))
+    video = encoder.processor.video_processor
+    assert (video.size["shortest_edge"], video.size["longest_edge"]) == (3136, 12544)
+    assert video.cap_pixels_per_frame is True and video.max_video_tokens == 1000
+    assert encoder.processor.image_processor.size["longest_edge"] == 12_845_056  # images keep their own
