@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -289,3 +290,31 @@ def test_a_family_without_video_sets_video_records_aside_naming_itself(architect
         encoder, kept, video_root, max_length=4096, train_on="all_assistant_turns", truncate_text_only=False
     )
     assert kept_row["reason"] is None and kept_row["label_tokens"] > 0
+
+
+def test_the_video_demo_is_deterministic_small_and_only_its_frames_tell_the_answer(tmp_path):
+    """The committed motion_vqa is what the generator writes, under 3 MB, validates clean, balances its answers,
+    and puts the middle frame's square in the same box for every direction (so one frame cannot tell)."""
+    from test_data_validation_rules import SAMPLE_ROOT, tree_bytes
+
+    from vlm_pipeline.data import sample_videos
+
+    first = sample_videos.write_motion_vqa(tmp_path / "first")
+    second = sample_videos.write_motion_vqa(tmp_path / "second")
+    generated = tree_bytes(first)
+    assert generated == tree_bytes(second) == tree_bytes(SAMPLE_ROOT / "motion_vqa")
+    assert sum(len(data) for data in generated.values()) < 3 * 1024 * 1024
+    for name, clip_frames in (("train.jsonl", 16), ("test.jsonl", 16), ("test_one_frame.jsonl", 1)):
+        lines = (first / name).read_bytes().splitlines()
+        result = validate_lines(lines, first, max_image_pixels=10**6)
+        assert result.report["quarantined"] == 0 and len(result.valid) == len(lines)
+        assert {info["frames"] for record in result.valid for info in record["video_info"]} == {clip_frames}
+        answers = Counter(record["messages"][-1]["content"][0]["text"] for record in result.valid)
+        assert set(answers) == set(sample_videos.DIRECTIONS) and len(set(answers.values())) == 1, answers
+    reach = sample_videos.TRAVEL // 2 + sample_videos.SQUARE // 2 + 1
+    rng = __import__("random").Random(0)
+    for direction in sample_videos.DIRECTIONS:
+        frames = [sample_videos.moving_square(direction, rng) for _ in range(50)]
+        middles = [np.argwhere(clip[sample_videos.FRAMES // 2].max(axis=2) > 24).mean(axis=0) for clip in frames]
+        # Frame 8 of 0-15 is half a step past the middle: within a pixel of the box, along either axis.
+        assert all(reach - 2 <= value <= sample_videos.SIDE - reach + 1 for middle in middles for value in middle)

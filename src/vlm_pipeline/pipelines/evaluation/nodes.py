@@ -171,11 +171,13 @@ def compare(
             "seed": params.bootstrap_seed,
         },
     }
+    with_video = any(record_videos(record) for record in test_records)  # the column only where a set has video
     predictions = [
         {
             "line": record["source_line"],
             "prompt": record["messages"][-2]["content"],
             "images": record["images"],
+            **({"videos": record_videos(record)} if with_video else {}),
             "reference": reference,
             "base": base_answer,
             "tuned": tuned_answer,
