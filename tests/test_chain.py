@@ -311,12 +311,13 @@ def assert_trainer_runs_on_its_own_and_resumes(project: Path) -> None:
     assert not any(entry.get("step", 0) > SHORT_TRAINING["sft"]["max_steps"] for entry in history)
 
 
-def test_lora_chain_on_video_learns_motion_that_one_frame_cannot_tell(project, tiny_models):
+def test_lora_chain_on_video_learns_motion_that_one_frame_cannot_tell(project, tiny_models, capsys):
     """The video demo (`kedro run --env tiny_video`, issue 28): the tiny Qwen2.5-VL learns which way the square
     moves, 30 points over the base, while the same tuned model on the one-frame version of the test set (each
     clip's middle frame) stays near chance (25%): what it learned is in the order of the frames."""
     from datasets import load_from_disk
 
+    from vlm_pipeline import commands
     from vlm_pipeline.architectures import architecture_for_model, load_chat_encoder
     from vlm_pipeline.data.encoding import reference_answer
     from vlm_pipeline.data.validation import validate_lines
@@ -355,3 +356,12 @@ def test_lora_chain_on_video_learns_motion_that_one_frame_cannot_tell(project, t
     one_frame = sum(normalise(a) == normalise(reference_answer(r)) for a, r in zip(answers, records, strict=True))
     one_frame /= len(records)
     assert one_frame <= 0.40 and tuned >= one_frame + 0.25, (tuned, one_frame)
+    # `vlm-pipeline predict --video` samples the clip's frames as training did: the evaluation's own answer.
+    first = predictions[0]
+    question = first["prompt"][-1]["text"]
+    argv = ["predict", "--model", str(merged), "--video", str(project / first["videos"][0]), "--prompt", question]
+    capsys.readouterr()  # the chain's own log
+    with pytest.raises(SystemExit) as exit_info:
+        commands.main([*argv, "--max-new-tokens", "4"])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out.strip() == first["tuned"]

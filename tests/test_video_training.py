@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from conftest import chat_encoder
@@ -174,3 +175,58 @@ def test_video_frame_bounds_reach_the_processor(tiny_models):
     assert (video.size["shortest_edge"], video.size["longest_edge"]) == (3136, 12544)
     assert video.cap_pixels_per_frame is True and video.max_video_tokens == 1000
     assert encoder.processor.image_processor.size["longest_edge"] == 12_845_056  # images keep their own
+
+
+@pytest.mark.parametrize(
+    ("shape", "sampling"),
+    [
+        ((4, 56, 56), {}),  # the demo's clip, as sampled
+        ((20, 84, 112), {"max_pixels": 28 * 28 * 4}),  # wide, each frame bounded
+        ((30, 252, 168), {"total_pixels": 28 * 28 * 60}),  # the per-frame share of the total binds
+    ],
+)
+def test_the_planners_video_token_count_is_the_processors(shape, sampling, tiny_models):
+    from vlm_pipeline.architectures import load_chat_encoder
+
+    processor = load_chat_encoder(tiny_models["qwen2_5_vl"], PreprocessingParams(videos=sampling)).processor
+    frames, height, width = shape
+    processed = processor.video_processor(videos=[[np.zeros((height, width, 3), np.uint8)] * frames])
+    expected = int(torch.as_tensor(processed["video_grid_thw"]).prod()) // 4
+    assert qwen2_5_vl.video_tokens(processor, frames, height, width) == expected
+    own_rule = processor._get_num_multimodal_tokens(video_sizes=[shape]).num_video_tokens[0]
+    assert (own_rule == expected) == ("total_pixels" not in sampling)  # the rule alone misses the share
+
+
+def test_inspect_labels_shows_a_video_records_trained_tokens(clip_root, tiny_models, tmp_path, capsys):
+    from vlm_pipeline import commands
+
+    raw = {
+        "conversations": [{"from": "human", "value": "<video>Where does it go?"}, {"from": "gpt", "value": "right"}],
+        "videos": ["square.mp4"],
+    }
+    data = tmp_path / "clips.jsonl"
+    data.write_text(json.dumps(raw) + "\n", encoding="utf-8")
+    argv = ["inspect-labels", str(data), "--model", str(tiny_models["qwen2_5_vl"]), "--image-root", str(clip_root)]
+    with pytest.raises(SystemExit) as exit_info:
+        commands.main(argv)
+    assert exit_info.value.code == 0
+    shown = capsys.readouterr().out
+    assert f"{data}:1" in shown and "[[right<|im_end|>]]" in shown, shown
+    # 4 sampled 56x56 frames: 2 x 4 x 4 patches, merged 2x2 into 8 tokens, which the preview writes once with a count.
+    assert f"<|vision_start|>{qwen2_5_vl.VIDEO_PAD}×8<|vision_end|>Where does it go?" in shown, shown
+
+
+def test_video_rows_are_batched_with_image_rows_so_ranks_stay_aligned():
+    """The modality a batch is grouped by is the vision tower's: a video row goes with image rows (both gather the
+    tower under ZeRO-3), a text row apart."""
+    from datasets import Dataset
+
+    from vlm_pipeline.data.encoding import vision_rows
+    from vlm_pipeline.training.sampler import ModalityGroupedSampler
+
+    video = json.dumps([{"path": "a.mp4", "indices": [0, 1], "sampled_fps": 2.0}])
+    rows = {"image_paths": [["a.png"], [], [], ["b.png"], []], "video_samples": ["", video, "", "", video]}
+    assert vision_rows(Dataset.from_dict(rows)) == [True, True, False, True, True]
+    order = list(ModalityGroupedSampler(vision_rows(Dataset.from_dict(rows)), batch_size=2, seed=0))
+    for batch in [order[i : i + 2] for i in range(0, len(order), 2)]:
+        assert len({rows["image_paths"][i] != [] or rows["video_samples"][i] != "" for i in batch}) == 1, batch

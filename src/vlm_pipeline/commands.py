@@ -373,13 +373,42 @@ def _measured_data(env: str, raw_data: str) -> tuple[dict | None, str]:
     return training_data(load_from_disk(str(train))), f"lengths measured on {train} (preprocessed from {source})"
 
 
+def _video(path: str) -> dict:
+    """A clip (or a folder of frames) that decodes: its ``video_info`` as validation reads it, before the model
+    loads."""
+    from vlm_pipeline.config.schema import DataValidationParams
+    from vlm_pipeline.data.formats import RecordError
+    from vlm_pipeline.data.video_refs import VideoChecker
+
+    video = Path(path).resolve()
+    if not video.exists():
+        raise InputError(f"--video {path} does not exist")
+    defaults = DataValidationParams()
+    checker = VideoChecker(
+        video.parent,
+        max_seconds=defaults.max_video_seconds,
+        max_frame_pixels=defaults.max_image_pixels,
+        frame_folder_fps=defaults.frame_folder_fps,
+    )
+    try:
+        checked = checker(video.name)
+    except RecordError as error:
+        raise InputError(f"--video {path}: {error.detail}") from None
+    width, height = checked.size
+    return {"frames": checked.frames, "fps": checked.fps, "seconds": checked.seconds, "width": width, "height": height}
+
+
 def _predict(args: argparse.Namespace) -> int:
-    """One greedy answer from a model (or base + LoRA adapter), through the evaluation stage's own generation."""
+    """One greedy answer from a model (or base + LoRA adapter), through the evaluation stage's own generation (a
+    video's frames sampled as preprocessing samples them, by ``preprocessing.videos``' defaults)."""
     _checkpoint(args.model, "--model")
     if args.adapter:
         _checkpoint(args.adapter, "--adapter", marker="adapter_config.json", kind="LoRA adapter")
+    if args.image and args.video:
+        raise InputError("give --image or --video, not both")
     if args.image:
         _image(args.image)
+    video_info = _video(args.video) if args.video else None
     from vlm_pipeline.architectures import architecture_for_model, load_chat_encoder, load_model
     from vlm_pipeline.config.schema import PreprocessingParams
     from vlm_pipeline.scoring import generate_answers
@@ -388,10 +417,13 @@ def _predict(args: argparse.Namespace) -> int:
         architecture = architecture_for_model(args.model)
     except ValueError as error:  # a model_type vlm-pipeline has no family for
         raise InputError(f"--model {error}") from None
-    if args.image and not architecture.is_vision:
-        raise InputError(f"{args.model} is a text-only model: drop --image")
-    if architecture.is_vision and not args.image:
-        raise InputError(f"{args.model} is a vision model: give --image PATH")
+    media = "--image" if args.image else "--video" if args.video else None
+    if media and not architecture.is_vision:
+        raise InputError(f"{args.model} is a text-only model: drop {media}")
+    if args.video and architecture.video_inputs is None:
+        raise InputError(f"{args.model} ({architecture.name}) reads no video: give --image PATH")
+    if architecture.is_vision and not media:
+        raise InputError(f"{args.model} is a vision model: give --image PATH (or --video for Qwen2.5-VL)")
     from vlm_pipeline.library_bars import hide_library_bars_in_logs
 
     hide_library_bars_in_logs()  # transformers' weight-loading bar, outside a terminal
@@ -400,20 +432,24 @@ def _predict(args: argparse.Namespace) -> int:
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(model, args.adapter)
-    image = Path(args.image).resolve() if args.image else None
-    content = [{"type": "image"}, {"type": "text", "text": args.prompt}] if image else args.prompt
+    given = Path(args.image or args.video).resolve() if media else None
+    part = {"type": "image" if args.image else "video"}
+    content = [part, {"type": "text", "text": args.prompt}] if given else args.prompt
     record = {
         "messages": [{"role": "user", "content": content}, {"role": "assistant", "content": ""}],
-        "images": [image.name] if image else [],
+        "images": [given.name] if args.image else [],
+        **({"videos": [given.name], "video_info": [video_info]} if args.video else {}),
     }
+    preprocessing = PreprocessingParams()
     (answer,) = generate_answers(
         model.eval(),
-        load_chat_encoder(args.model, PreprocessingParams()),
+        load_chat_encoder(args.model, preprocessing),
         architecture,
         [record],
-        image.parent if image else Path.cwd(),
+        given.parent if given else Path.cwd(),
         max_new_tokens=args.max_new_tokens,
         batch_size=1,
+        video_sampling=preprocessing.videos,
     )
     print(answer)
     return 0
@@ -593,10 +629,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--gpu-memory-gb", type=float, help="GPU memory in GB to check against (default: plan.gpu_memory_gb)"
     )
 
-    predict = command("predict", "Answer one prompt (and image) with a model, or a base + LoRA adapter.", _predict)
+    predict = command(
+        "predict", "Answer one prompt (and image or video) with a model, or a base + LoRA adapter.", _predict
+    )
     predict.add_argument("--model", required=True, help="model directory (a base, or a merged/full FT model)")
     predict.add_argument("--adapter", help="LoRA adapter directory to apply on --model")
     predict.add_argument("--image", help="image file (vision models)")
+    predict.add_argument(
+        "--video", help="video clip, or a folder of frames (Qwen2.5-VL); frames sampled as training samples them"
+    )
     predict.add_argument("--prompt", required=True, help="the user's question")
     predict.add_argument(
         "--max-new-tokens", type=int, default=32, help="longest answer in tokens, greedy (default %(default)s)"

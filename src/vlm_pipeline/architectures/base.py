@@ -89,6 +89,11 @@ class Architecture:
     a ``data.video_sampling.SampledVideo``). None for a family that reads no video: preprocessing sets its video
     records aside."""
 
+    video_tokens: Callable[[Any, int, int, int], int] | None = field(default=None, repr=False)
+    """``video_tokens(processor, frames, height, width)``: the language-model tokens of a video of that many sampled
+    frames of that size, from sizes alone (the planner's count; tests/test_video_training.py checks it against the
+    processor's output). None for a family that reads no video."""
+
     bound_videos: Callable[[Any, dict], None] | None = field(default=None, repr=False)
     """``bound_videos(processor, sampling)``: apply ``preprocessing.videos``' frame size limits to the processor in
     place. Called by ``load_processor``; None for a family that reads no video."""

@@ -239,6 +239,25 @@ def bound_videos(processor: Any, sampling: dict) -> None:
         video_processor.max_video_tokens = math.ceil(sampling["total_pixels"] / (unit * 0.9))
 
 
+def video_tokens(processor: Any, frames: int, height: int, width: int) -> int:
+    """Language-model tokens the (bounded) processor gives a video of ``frames`` sampled frames of ``height`` ×
+    ``width``: the planner's count, from sizes alone.
+
+    The processor's own rule from sizes (``get_num_of_video_patches``, what vLLM calls) leaves out the per-frame
+    share of ``max_video_tokens`` its processing applies (``cap_pixels_per_frame``), so the share is worked out here
+    as the processing works it out, and handed to the rule as the frame's largest size."""
+    video_processor = processor.video_processor
+    size = dict(video_processor.size)
+    merge = video_processor.merge_size
+    if video_processor.cap_pixels_per_frame:
+        factor = video_processor.patch_size * merge
+        total = int(video_processor.max_video_tokens * factor * factor * 0.9)
+        share = total * video_processor.temporal_patch_size // frames
+        size["longest_edge"] = max(min(size["longest_edge"], share), int(size["shortest_edge"] * 1.05))
+    patches = video_processor.get_num_of_video_patches(frames, height, width, {"size": size})
+    return patches // (merge * merge)
+
+
 def vision_tokens_per_image(bounds: dict) -> int:
     """Patches the vision tower sees for the largest image ``bounds`` allow: ``max_pixels`` / 14², or those of a
     1024×1024 image where unbounded (counted before the 2×2 merge into language-model tokens)."""
@@ -265,6 +284,7 @@ ARCHITECTURE = Architecture(
     image_inputs=image_inputs,
     video_inputs=video_inputs,
     bound_videos=bound_videos,
+    video_tokens=video_tokens,
     packed_position_ids=packed_position_ids,
     bound_images=bound_images,
     image_bound_fields=("min_pixels", "max_pixels"),
