@@ -127,8 +127,7 @@ def _sampled_videos(
         raise ValueError(
             f"record from line {record.get('source_line')} has video, which {type(processor).__name__} reads not"
         )
-    temporal = processor.video_processor.temporal_patch_size
-    return load_samples(record_samples(record, sampling or VideoSampling(), temporal), image_root)
+    return load_samples(record_samples(record, processor, sampling), image_root)
 
 
 def padding_kwargs(processor: Any) -> dict[str, Any]:

@@ -98,10 +98,7 @@ def encode_record(
     refused = _video_refusal(encoder, record)
     if refused is not None:
         return _set_aside(record, *refused)
-    samples = []
-    if record_videos(record):
-        temporal = encoder.processor.video_processor.temporal_patch_size
-        samples = record_samples(record, video_sampling or VideoSampling(), temporal)
+    samples = record_samples(record, encoder.processor, video_sampling)
     try:
         encoded = encode_messages(
             encoder,

@@ -57,9 +57,14 @@ class SampledVideo:
     sampled_fps: float
 
 
-def record_samples(record: dict, sampling: VideoSampling, temporal_patch: int) -> list[dict]:
+def record_samples(record: dict, processor: Any, sampling: VideoSampling | None) -> list[dict]:
     """Each video of a validated record (its ``video_info``, read once by validation) as the row stores it:
-    ``{"path", "indices", "sampled_fps"}``."""
+    ``{"path", "indices", "sampled_fps"}``, in whole temporal patches of ``processor``'s video processor;
+    ``sampling`` None is ``preprocessing.videos``' defaults. [] for a record without video."""
+    if not record.get("videos"):
+        return []
+    temporal_patch = processor.video_processor.temporal_patch_size
+    sampling = sampling or VideoSampling()
     samples = []
     for path, info in zip(record.get("videos", []), record.get("video_info", []), strict=True):
         chosen = sample_frames(info["frames"], info["fps"], sampling, temporal_patch)
