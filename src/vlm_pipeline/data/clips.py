@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from vlm_pipeline.data.video_refs import FRAME_SUFFIXES
+from vlm_pipeline.data.video_refs import frame_files
 
 
 def write_clip(path: Path, frames: Sequence[np.ndarray], fps: int) -> Path:
@@ -41,7 +41,7 @@ def read_frames(path: Path, indices: Sequence[int]) -> list[np.ndarray]:
     if path.is_dir():
         from PIL import Image
 
-        names = sorted(entry for entry in path.iterdir() if entry.suffix.lower() in FRAME_SUFFIXES)
+        names = frame_files(path)
         frames = []
         for index in wanted:
             with Image.open(names[index]) as image:

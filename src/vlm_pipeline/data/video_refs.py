@@ -48,6 +48,11 @@ class CheckedVideo:
     size: tuple[int, int]
 
 
+def frame_files(folder: Path) -> list[Path]:
+    """A video folder's frames: its image files in name order (validation counts them, training reads them)."""
+    return sorted(entry for entry in folder.iterdir() if entry.suffix.lower() in FRAME_SUFFIXES)
+
+
 class VideoChecker:
     """Resolve and check video references under one data folder, remembering the last ``CACHE_SIZE`` outcomes.
 
@@ -120,7 +125,7 @@ class VideoChecker:
         return self._checked(path, relative, file_sha256(path), frames, fps, seconds, size)
 
     def _frame_folder(self, path: Path, relative: str) -> CheckedVideo:
-        frames = sorted(entry for entry in path.iterdir() if entry.suffix.lower() in FRAME_SUFFIXES)
+        frames = frame_files(path)
         if not frames:
             raise RecordError(
                 VIDEO_UNREADABLE, f"video folder {relative!r} holds no frame image ({', '.join(FRAME_SUFFIXES)})"
