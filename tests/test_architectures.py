@@ -94,6 +94,11 @@ def test_loads_with_the_real_classes(built):
         if architecture.name == "mllama":  # the tile's pixels are a size: the one setting the twin shrinks
             assert real.pop("size") == {"height": 560, "width": 560} and saved["size"] == {"height": 56, "width": 56}
         assert {key: saved[key] for key in real} == real
+    if architecture.name == "qwen2_5_vl":  # the vision tower's settings that are not sizes: patches, windows, time
+        real_vision = architecture.real_checkpoint.json("config.json")["vision_config"]
+        kept = ("patch_size", "spatial_merge_size", "temporal_patch_size", "window_size", "tokens_per_second")
+        twin_vision = model.config.vision_config
+        assert {key: getattr(twin_vision, key) for key in kept} == {key: real_vision[key] for key in kept}
     # The real checkpoint's chat template, byte for byte.
     assert processor.chat_template == architecture.real_checkpoint.chat_template()
     assert sum(p.numel() for p in model.parameters()) < 1_000_000

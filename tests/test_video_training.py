@@ -11,17 +11,22 @@ import numpy as np
 import pytest
 import torch
 from conftest import chat_encoder
+from datasets import Dataset
 from PIL import Image
 from real_tokenizers import real_processor
+from test_packing import TOLERANCE, gradients, label_count, real_vocabulary_model, relative_error, twin
+from test_token_budget import MODEL_CONFIGS, accelerate_file
 from test_video_data import moving_square
 
 from vlm_pipeline.architectures import get_architecture, load_model, qwen2_5_vl
-from vlm_pipeline.config.schema import PreprocessingParams, VideoSampling
+from vlm_pipeline.config import MethodParams
+from vlm_pipeline.config.schema import PreprocessingParams, SFTParams, VideoSampling
 from vlm_pipeline.data.clips import write_clip
 from vlm_pipeline.data.encoding import IGNORE_INDEX, encode_record
 from vlm_pipeline.data.labels import ChatEncoder
 from vlm_pipeline.data.validation import validate_lines
-from vlm_pipeline.data.video_sampling import sample_frames
+from vlm_pipeline.data.video_sampling import sample_frames, saved_sampling
+from vlm_pipeline.planning.plan import build_plan, training_data
 from vlm_pipeline.training.collator import SFTCollator
 
 # (frames, fps, sampling) -> (indices, sampled fps), worked by hand from qwen-vl-utils' smart_nframes: frames / fps
@@ -159,9 +164,68 @@ def test_the_collator_feeds_the_recorded_frames_to_a_real_step(clip_root, tiny_m
     assert torch.isfinite(loss) and loss > 0
     vision_grads = [p.grad for name, p in model.named_parameters() if name.startswith("model.visual.")]
     assert any(grad is not None and grad.abs().sum() > 0 for grad in vision_grads)
-    packing = SFTCollator(encoder.processor, get_architecture("qwen2_5_vl"), clip_root, padding_free=True)
-    with pytest.raises(ValueError, match="sft.padding_free: false"):
-        packing(rows[:1])
+
+
+@pytest.mark.parametrize("vocabulary", ["twin", "real_152k"])
+def test_packed_video_rows_train_as_their_records_one_at_a_time(clip_root, tiny_models, vocabulary):
+    """Records with a video, a video and an image, text only, and a frame folder, packed into one row: each
+    record's M-RoPE positions are what the model's ``get_rope_index`` gives it alone (a video's temporal positions
+    step by its seconds per patch × ``tokens_per_second``), and the packed loss and every gradient equal the
+    token-weighted sum of the records run alone (as tests/test_packing.py proves for images)."""
+    if vocabulary == "twin":
+        model, processor = twin(tiny_models, "sdpa")
+        qwen2_5_vl.bound_videos(processor, {})  # as load_processor bounds it
+    else:
+        model, processor = real_vocabulary_model("sdpa")
+        qwen2_5_vl.bound_videos(processor, {})
+    assert model.config.vision_config.tokens_per_second == 2  # the real checkpoint's; time is not a size
+    encoder = ChatEncoder(processor, qwen2_5_vl.IM_END, {})
+    text = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]}
+    (text_record,) = validate_lines([json.dumps(text).encode()], clip_root, max_image_pixels=10**7).valid
+    records = [
+        video_record(clip_root, "wide", image=True),
+        text_record,
+        video_record(clip_root, "square"),
+        video_record(clip_root, "folder"),
+    ]
+    rows = [encode(encoder, record, clip_root) for record in records]
+    architecture = get_architecture("qwen2_5_vl")
+    packed = SFTCollator(processor, architecture, clip_root, padding_free=True, model_config=model.config)(rows)
+    alone = [SFTCollator(processor, architecture, clip_root)([row]) for row in rows]
+
+    start = 0
+    for row, batch in zip(rows, alone, strict=True):
+        expected, _ = model.model.get_rope_index(
+            batch["input_ids"],
+            batch.get("mm_token_type_ids", torch.zeros_like(batch["input_ids"])),
+            image_grid_thw=batch.get("image_grid_thw"),
+            video_grid_thw=batch.get("video_grid_thw"),
+            second_per_grid_ts=batch.get("second_per_grid_ts"),
+        )
+        n = len(row["input_ids"])
+        assert packed["position_ids"][0, 0, start : start + n].tolist() == list(range(n))
+        assert torch.equal(packed["position_ids"][1:, :, start : start + n], expected), f"record at {start}"
+        start += n
+
+    model.train()
+    model.zero_grad()
+    packed_loss = model(**packed).loss
+    packed_loss.backward()
+    packed_gradients = gradients(model)
+    model.zero_grad()
+    tokens = [label_count(batch["labels"]) for batch in alone]
+    assert label_count(packed["labels"]) == sum(tokens)
+    summed = torch.zeros(())
+    for batch, count in zip(alone, tokens, strict=True):
+        loss = model(**batch).loss * count / sum(tokens)
+        loss.backward()
+        summed = summed + loss.detach()
+    assert relative_error(packed_loss.detach(), summed) < TOLERANCE, (packed_loss.item(), summed.item())
+    single_gradients = gradients(model)
+    errors = {name: relative_error(packed_gradients[name], single_gradients[name]) for name in single_gradients}
+    worst = max(errors, key=errors.get)
+    assert errors[worst] < TOLERANCE, f"{worst}: {errors[worst]:.2e}"
+    assert any(name.startswith("model.visual.") for name in packed_gradients), "the frames reach the loss"
 
 
 def test_video_frame_bounds_reach_the_processor(tiny_models):
@@ -175,6 +239,22 @@ def test_video_frame_bounds_reach_the_processor(tiny_models):
     assert (video.size["shortest_edge"], video.size["longest_edge"]) == (3136, 12544)
     assert video.cap_pixels_per_frame is True and video.max_video_tokens == 1000
     assert encoder.processor.image_processor.size["longest_edge"] == 12_845_056  # images keep their own
+
+
+def test_a_saved_folder_says_how_its_run_sampled_frames(tiny_models, tmp_path):
+    """preprocessing.videos' fps and frame limits go into the video processor's own fields, so the folder training
+    saves (and the merge, which reloads it without settings, saves again) tells ``predict --video`` how its run
+    sampled; a checkpoint never trained here gives the schema's defaults. The processor samples nothing itself."""
+    from vlm_pipeline.architectures import load_chat_encoder, load_processor
+
+    sampling = {"fps": 1.0, "min_frames": 2, "max_frames": 6}
+    processor = load_chat_encoder(tiny_models["qwen2_5_vl"], PreprocessingParams(videos=sampling)).processor
+    assert processor.video_processor.do_sample_frames is False
+    processor.save_pretrained(tmp_path / "trained")
+    architecture = get_architecture("qwen2_5_vl")  # a processor folder has no config.json to read it from
+    load_processor(tmp_path / "trained", architecture=architecture).save_pretrained(tmp_path / "merged")
+    assert saved_sampling(tmp_path / "merged") == VideoSampling(**sampling)
+    assert saved_sampling(tiny_models["qwen2_5_vl"]) == VideoSampling()
 
 
 @pytest.mark.parametrize(
@@ -230,3 +310,35 @@ def test_video_rows_are_batched_with_image_rows_so_ranks_stay_aligned():
     order = list(ModalityGroupedSampler(vision_rows(Dataset.from_dict(rows)), batch_size=2, seed=0))
     for batch in [order[i : i + 2] for i in range(0, len(order), 2)]:
         assert len({rows["image_paths"][i] != [] or rows["video_samples"][i] != "" for i in batch}) == 1, batch
+
+
+def test_the_plan_counts_each_videos_patches_in_the_vision_towers_memory(clip_root, tiny_models, tmp_path):
+    """Each row records its videos' patches as the collator lays them out for the vision tower (``video_grid_thw``),
+    and the plan of the real Qwen2.5-VL over these rows charges the vision tower for them: as much as for images of
+    the same patches, and more than for the rows without their videos."""
+    encoder = chat_encoder(tiny_models["qwen2_5_vl"])
+    text = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]}
+    (text_record,) = validate_lines([json.dumps(text).encode()], clip_root, max_image_pixels=10**7).valid
+    records = [video_record(clip_root, clip) for clip in sorted(CLIPS)] + [text_record]
+    rows = [encode(encoder, record, clip_root) for record in records]
+    batch = SFTCollator(encoder.processor, get_architecture("qwen2_5_vl"), clip_root)(rows)
+    laid_out = batch["video_grid_thw"].prod(dim=1).tolist()
+    assert [sample["patches"] for row in rows for sample in json.loads(row["video_samples"] or "[]")] == laid_out
+
+    columns = ("length", "image_paths", "video_samples")
+    data = training_data(Dataset.from_dict({key: [row[key] for row in rows] for key in columns}))
+    assert data["video_patches_per_row"] == sum(laid_out) / len(rows)
+
+    def plan(**data) -> dict:
+        sft = SFTParams(accelerate_config=accelerate_file(tmp_path, 1), per_device_train_batch_size=2)
+        method = MethodParams(learning_rate=1e-5)  # full fine-tuning: the vision tower trains, its activations kept
+        model = MODEL_CONFIGS / "qwen2.5-vl-7b-instruct"
+        return build_plan(model_dir=model, sft=sft, method=method, images={}, max_length=4096, **data)
+
+    with_videos = plan(**data)
+    assert with_videos["settings"]["video_patches_per_row"] == data["video_patches_per_row"]
+    per_image = qwen2_5_vl.vision_tokens_per_image({})
+    as_images = plan(**{**data, "video_patches_per_row": 0.0, "images_per_row": sum(laid_out) / len(rows) / per_image})
+    without = plan(**{**data, "video_patches_per_row": 0.0})
+    activations = [run["memory_gib"]["activations"] for run in (with_videos, as_images, without)]
+    assert activations[0] == pytest.approx(activations[1], rel=1e-6) and activations[0] > activations[2]

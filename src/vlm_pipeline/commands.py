@@ -400,7 +400,8 @@ def _video(path: str) -> dict:
 
 def _predict(args: argparse.Namespace) -> int:
     """One greedy answer from a model (or base + LoRA adapter), through the evaluation stage's own generation (a
-    video's frames sampled as preprocessing samples them, by ``preprocessing.videos``' defaults)."""
+    video's frames sampled as the model's run sampled them: the fps and frame limits its folder's video processor
+    holds)."""
     _checkpoint(args.model, "--model")
     if args.adapter:
         _checkpoint(args.adapter, "--adapter", marker="adapter_config.json", kind="LoRA adapter")
@@ -411,6 +412,7 @@ def _predict(args: argparse.Namespace) -> int:
     video_info = _video(args.video) if args.video else None
     from vlm_pipeline.architectures import architecture_for_model, load_chat_encoder, load_model
     from vlm_pipeline.config.schema import PreprocessingParams
+    from vlm_pipeline.data.video_sampling import saved_sampling
     from vlm_pipeline.scoring import generate_answers
 
     try:
@@ -440,7 +442,7 @@ def _predict(args: argparse.Namespace) -> int:
         "images": [given.name] if args.image else [],
         **({"videos": [given.name], "video_info": [video_info]} if args.video else {}),
     }
-    preprocessing = PreprocessingParams()
+    preprocessing = PreprocessingParams(videos=saved_sampling(args.model)) if args.video else PreprocessingParams()
     (answer,) = generate_answers(
         model.eval(),
         load_chat_encoder(args.model, preprocessing),

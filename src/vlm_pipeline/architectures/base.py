@@ -22,10 +22,12 @@ MODEL_CONFIGS = Path(__file__).resolve().parents[3] / "conf" / "model_configs"
 # (processor, images per row, padded input_ids) -> the model's image keyword arguments for that batch
 ImageInputsFn = Callable[[Any, list[list[Any]], torch.Tensor], dict[str, torch.Tensor]]
 # (processor, each record's input_ids, the packed row's image_grid_thw or None) -> the packed row's position_ids
-PackedPositionsFn = Callable[[Any, list[list[int]], torch.Tensor | None], torch.Tensor]
+PackedPositionsFn = Callable[[Any, list[list[int]], dict[str, torch.Tensor], Any], torch.Tensor]
 
 
-def restarting_positions(processor: Any, rows: list[list[int]], image_grid_thw: torch.Tensor | None) -> torch.Tensor:
+def restarting_positions(
+    processor: Any, rows: list[list[int]], media: dict[str, torch.Tensor], model_config: Any = None
+) -> torch.Tensor:
     """1-D rotary positions of a packed row, ``[1, L]``: each record's count from 0, which is also how
     transformers finds the records' boundaries (a block-diagonal mask, or flash attention's variable lengths)."""
     return torch.tensor([[position for row in rows for position in range(len(row))]])
@@ -109,8 +111,9 @@ class Architecture:
     the registry's union is exactly ``ImageBounds``'s fields and that each field's description names its families."""
 
     packed_position_ids: PackedPositionsFn | None = field(default=None, repr=False)
-    """``packed_position_ids(processor, rows, image_grid_thw)``: the position ids of several records concatenated
-    into one row with no padding (``sft.padding_free``), each record positioned as if it were alone.
+    """``packed_position_ids(processor, rows, media, model_config)``: the position ids of several records
+    concatenated into one row with no padding (``sft.padding_free``), each record positioned as if it were alone;
+    ``media`` is the batch's pixel inputs (their grids), ``model_config`` the model's config.
     ``restarting_positions`` for 1-D rotary families; None for a family that is not packed (Mllama: its images
     enter through cross-attention layers whose inputs are laid out one row per record; no library packs it)."""
     vision_mlp_gated: bool | None = None

@@ -99,6 +99,8 @@ def tiny_config(tokenizer: PreTrainedTokenizerFast) -> Qwen2_5_VLConfig:
         "temporal_patch_size": settings["temporal_patch_size"],
         "window_size": 112,
         "fullatt_block_indexes": [1],  # last block full attention, the others windowed, as in the real tower
+        # How far apart a video's temporal patches sit in M-RoPE, per second of clip: behaviour, not size.
+        "tokens_per_second": REAL.json("config.json")["vision_config"]["tokens_per_second"],
         "out_hidden_size": TEXT_HIDDEN,  # the merger projects straight into the text embedding width
     }
     return Qwen2_5_VLConfig(
@@ -168,42 +170,74 @@ def media_token_types(processor: Any, input_ids: torch.Tensor) -> torch.Tensor:
     return (input_ids == convert(IMAGE_PAD)).long() + 2 * (input_ids == convert(VIDEO_PAD)).long()
 
 
-def packed_position_ids(processor: Any, rows: list[list[int]], image_grid_thw: torch.Tensor | None) -> torch.Tensor:
+def packed_position_ids(
+    processor: Any, rows: list[list[int]], media: dict[str, torch.Tensor], model_config: Any = None
+) -> torch.Tensor:
     """``[4, 1, L]`` position ids of records packed into one row, the layout Qwen2.5-VL reads packed input from.
 
     Row 0 holds text positions that restart at each record: transformers builds the block-diagonal mask (or
     flash attention's variable lengths) from them. Rows 1-3 are each record's own M-RoPE (temporal, height, width)
     positions, as the model computes them for that record alone (``get_rope_index``): text advances all three by
-    one per token; an image's tokens take its grid's coordinates (after the 2×2 merge) offset by the position
-    reached, which then moves on by the grid's larger side. ``image_grid_thw`` lists the row's images in order.
+    one per token; an image's or a video's tokens take its grid's coordinates (after the 2×2 merge) offset by the
+    position reached, which then moves on by the grid's larger side. A video's temporal coordinate steps by its
+    seconds per temporal patch × the model's ``tokens_per_second`` (``model_config.vision_config``), so a packed
+    clip keeps its real time. ``media`` is the batch's pixel inputs (``image_grid_thw``, ``video_grid_thw``,
+    ``second_per_grid_ts``), which list the row's images and videos in order.
     """
     merge = processor.image_processor.merge_size
-    image_token_id = processor.tokenizer.convert_tokens_to_ids(processor.image_token)
-    grids = iter(image_grid_thw.tolist() if image_grid_thw is not None else [])
+    convert = processor.tokenizer.convert_tokens_to_ids
+    runs = {convert(IMAGE_PAD): _VisionRuns("image", media.get("image_grid_thw"), None)}
+    if media.get("video_grid_thw") is not None:
+        if model_config is None:
+            raise ValueError("packed video rows need the model's config: its tokens_per_second times their frames")
+        per_second = model_config.vision_config.tokens_per_second
+        runs[convert(VIDEO_PAD)] = _VisionRuns(
+            "video", media["video_grid_thw"], media["second_per_grid_ts"] * per_second
+        )
     text = [torch.arange(len(ids)) for ids in rows]
-    rope = [_record_rope_positions(ids, image_token_id, grids, merge) for ids in rows]
-    if next(grids, None) is not None:
-        raise ValueError("packed row: more images than image-token runs in its records")
+    rope = [_record_rope_positions(ids, runs, merge) for ids in rows]
+    for kind in runs.values():
+        kind.check_used()
     return torch.cat([torch.cat(text)[None], torch.cat(rope, dim=1)])[:, None, :]
 
 
-def _record_rope_positions(ids: list[int], image_token_id: int, grids: Any, merge: int) -> torch.Tensor:
+class _VisionRuns:
+    """The grids (and, for video, temporal steps) of one kind of vision input, handed out run by run in order."""
+
+    def __init__(self, kind: str, grids: torch.Tensor | None, intervals: torch.Tensor | None) -> None:
+        self.kind = kind
+        self.grids = iter(grids.tolist() if grids is not None else [])
+        self.intervals = iter(intervals) if intervals is not None else None
+
+    def next_grid(self) -> tuple[list[int], Any]:
+        grid = next(self.grids, None)
+        if grid is None:
+            raise ValueError(f"packed row: a run of {self.kind} tokens has no {self.kind}")
+        return grid, next(self.intervals) if self.intervals is not None else 1
+
+    def check_used(self) -> None:
+        if next(self.grids, None) is not None:
+            raise ValueError(f"packed row: more {self.kind}s than {self.kind}-token runs in its records")
+
+
+def _record_rope_positions(ids: list[int], runs: dict[int, _VisionRuns], merge: int) -> torch.Tensor:
     pieces, position, start = [], 0, 0
     while start < len(ids):
-        if ids[start] == image_token_id:
-            grid = next(grids, None)
-            if grid is None:
-                raise ValueError("packed row: an image-token run has no image")
+        token = ids[start]
+        if token in runs:
+            grid, interval = runs[token].next_grid()
             frames, height, width = grid[0], grid[1] // merge, grid[2] // merge
             end = start + frames * height * width
-            if ids[start:end].count(image_token_id) != end - start:
-                raise ValueError(f"packed row: an image of grid {grid} needs {end - start} image tokens in a run")
-            t, h, w = torch.meshgrid(torch.arange(frames), torch.arange(height), torch.arange(width), indexing="ij")
+            if ids[start:end].count(token) != end - start:
+                raise ValueError(f"packed row: a grid of {grid} needs {end - start} of its tokens in a run")
+            # As get_vision_position_ids: temporal steps scaled before rounding down; an image's interval is 1.
+            temporal = (torch.arange(frames) * interval).long()
+            t, h, w = torch.meshgrid(temporal, torch.arange(height), torch.arange(width), indexing="ij")
             pieces.append(torch.stack([t, h, w]).reshape(3, -1) + position)
             position += max(height, width)
         else:
             end = start
-            while end < len(ids) and ids[end] != image_token_id:
+            while end < len(ids) and ids[end] not in runs:
                 end += 1
             pieces.append(torch.arange(position, position + end - start).expand(3, -1))
             position += end - start
@@ -224,8 +258,14 @@ def bound_images(processor: Any, bounds: dict) -> None:
 def bound_videos(processor: Any, sampling: dict) -> None:
     """Frame size limits for video (``preprocessing.videos``): ``min_pixels``/``max_pixels`` per frame, and
     ``total_pixels`` for all sampled frames together through the processor's per-frame cap (Qwen's reference
-    behaviour, on for every video: transformers 5 warns that it becomes its default)."""
+    behaviour, on for every video: transformers 5 warns that it becomes its default). The frame sampling (``fps``,
+    ``min_frames``, ``max_frames``) goes into the video processor's own fields of those names, so a saved folder
+    says how its run sampled (``video_sampling.saved_sampling``; servers read them too); the processor still
+    samples nothing itself (``do_sample_frames`` stays off: the frames come sampled)."""
     video_processor = processor.video_processor
+    for name in ("fps", "min_frames", "max_frames"):
+        if sampling.get(name) is not None:
+            setattr(video_processor, name, sampling[name])
     size = dict(video_processor.size)
     if sampling.get("min_pixels") is not None:
         size["shortest_edge"] = sampling["min_pixels"]

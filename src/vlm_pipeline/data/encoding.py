@@ -111,6 +111,8 @@ def encode_record(
         return _set_aside(record, TEMPLATE_REFUSED, f"the chat template refused it: {error}")
     except TurnBoundaryMerge as error:
         return _set_aside(record, TOKEN_MERGE, str(error))
+    for sample, patches in zip(samples, _video_patches(encoder, encoded["input_ids"]), strict=True):
+        sample["patches"] = patches  # the vision tower's sequence for this video: the planner's memory term
     length = len(encoded["input_ids"])
     row = {
         **encoded,
@@ -157,6 +159,22 @@ def _video_refusal(encoder: ChatEncoder, record: dict) -> tuple[str, str] | None
         family = type(encoder.processor).__name__
         return VIDEO_UNSUPPORTED, f"{family} reads no video, and the record has {len(videos)}: use a video model"
     return None
+
+
+def _video_patches(encoder: ChatEncoder, input_ids: list[int]) -> list[int]:
+    """Each video's patches as the vision tower reads them, in order: its run of video tokens in the rendered ids
+    (the processor's count) × the spatial merge, which turns merge² patches into one language-model token."""
+    video_token = encoder.tokenizer.convert_tokens_to_ids(encoder.processor.video_token)
+    runs: list[int] = []
+    previous = None
+    for token in input_ids:
+        if token == video_token:
+            if previous != video_token:
+                runs.append(0)
+            runs[-1] += 1
+        previous = token
+    merge = encoder.processor.video_processor.merge_size
+    return [run * merge * merge for run in runs]
 
 
 def vision_rows(dataset: Any) -> list[bool]:

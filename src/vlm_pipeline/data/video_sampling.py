@@ -86,3 +86,14 @@ def row_samples(row: dict) -> list[dict]:
     """A preprocessed row's videos (its ``video_samples`` column: JSON text, empty for a row without video)."""
     text = row.get("video_samples") or ""
     return json.loads(text) if text else []
+
+
+def saved_sampling(model_dir: str | Path) -> VideoSampling:
+    """The frame sampling a saved model folder was trained with: its video processor's ``fps``, ``min_frames`` and
+    ``max_frames`` (``bound_videos`` writes them there), the schema's defaults where it has none (a checkpoint
+    that was never trained here). Its pixel bounds stay in the processor's own size, so they are left unset."""
+    from transformers import AutoVideoProcessor
+
+    video = AutoVideoProcessor.from_pretrained(str(model_dir))
+    saved = {name: getattr(video, name, None) for name in ("fps", "min_frames", "max_frames")}
+    return VideoSampling(**{name: value for name, value in saved.items() if value is not None})

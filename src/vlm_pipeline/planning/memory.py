@@ -58,6 +58,9 @@ class MemorySettings:
     ``batch_size × seq_len``. None: rows are counted."""
     images_per_row: float = 0.0
     vision_tokens_per_image: int = 0
+    video_patches_per_row: float = 0.0
+    """The vision tower's sequence from videos, per row: the set's video patches (each video's count, recorded at
+    preprocessing: ``video_samples``' ``patches``) over its rows, as ``images_per_row`` counts images."""
     gradient_checkpointing: bool = False
     gradient_accumulation_steps: int = 1
     loss_chunks: int = 1
@@ -186,9 +189,9 @@ def batch_tokens(settings: MemorySettings) -> int:
 def _activation_bytes(shape: ModelShape, settings: MemorySettings) -> float:
     tokens = batch_tokens(settings)
     total = _stack_activations(shape.text, tokens, settings)
-    if shape.vision is not None and settings.images_per_row and shape.trains_vision:
-        patches = settings.batch_size * settings.images_per_row * settings.vision_tokens_per_image
-        total += _stack_activations(shape.vision, int(patches), settings)
+    per_row = settings.images_per_row * settings.vision_tokens_per_image + settings.video_patches_per_row
+    if shape.vision is not None and per_row and shape.trains_vision:
+        total += _stack_activations(shape.vision, int(settings.batch_size * per_row), settings)
     return total
 
 

@@ -18,6 +18,7 @@ from vlm_pipeline.architectures import get_architecture
 from vlm_pipeline.config import MethodParams
 from vlm_pipeline.config.schema import LoraParams, QuantizationParams, SFTParams
 from vlm_pipeline.data.encoding import vision_rows
+from vlm_pipeline.data.video_sampling import row_samples
 from vlm_pipeline.planning.memory import GIB, MemorySettings, estimate_memory
 from vlm_pipeline.planning.model_shape import ModelShape, read_model_shape
 from vlm_pipeline.planning.steps import plan_steps
@@ -67,6 +68,7 @@ def memory_settings(
     seq_len: int,
     images_per_row: float,
     vision_tokens_per_image: int,
+    video_patches_per_row: float = 0.0,
     load_bytes: int = 4,
     token_budget: dict[str, Any] | None = None,
 ) -> MemorySettings:
@@ -92,6 +94,7 @@ def memory_settings(
         tokens_per_batch=sft.max_tokens_per_batch,
         images_per_row=images_per_row,
         vision_tokens_per_image=vision_tokens_per_image,
+        video_patches_per_row=video_patches_per_row,
         gradient_checkpointing=sft.gradient_checkpointing,
         gradient_accumulation_steps=sft.gradient_accumulation_steps,
         loss_chunk_tokens=TRL_LOSS_CHUNK_TOKENS,
@@ -116,6 +119,7 @@ def build_plan(
     has_images: list[bool] | None = None,
     max_length: int,
     images_per_row: float | None = None,
+    video_patches_per_row: float = 0.0,
     gpu_memory_gb: float | None = None,
     trust_remote_code: bool = False,
     load_dtype: str = "float32",
@@ -142,7 +146,7 @@ def build_plan(
     longest = max(lengths) if lengths else max_length
     vision = shape.vision is not None
     if not vision:
-        images_per_row = 0.0
+        images_per_row, video_patches_per_row = 0.0, 0.0
     elif images_per_row is None:  # planning before any data: one image per row
         images_per_row = 1.0
     settings = memory_settings(
@@ -152,6 +156,7 @@ def build_plan(
         seq_len=longest,
         images_per_row=images_per_row,
         vision_tokens_per_image=get_architecture(shape.architecture).vision_tokens_per_image(images),
+        video_patches_per_row=video_patches_per_row,
         load_bytes=load_dtype_bytes(load_dtype, model_dir),
         token_budget=budget,
     )
@@ -215,14 +220,19 @@ def step_warnings(steps: dict[str, Any]) -> list[str]:
 
 
 def training_data(dataset: Any) -> dict[str, Any]:
-    """What the plan reads from the preprocessed training split: its size, how many rows have images, token lengths
-    and images per row."""
+    """What the plan reads from the preprocessed training split: its size, how many rows have images, token lengths,
+    images per row and the vision tower's video patches per row."""
+    videos = dataset["video_samples"] if "video_samples" in dataset.column_names else []
     return {
         "records": len(dataset),
         "image_records": sum(1 for paths in dataset["image_paths"] if paths),
         "lengths": list(dataset["length"]),
         "has_images": vision_rows(dataset),  # an image or a video: the rows the vision tower reads
         "images_per_row": sum(len(paths) for paths in dataset["image_paths"]) / max(len(dataset), 1),
+        "video_patches_per_row": sum(
+            sample["patches"] for text in videos for sample in row_samples({"video_samples": text})
+        )
+        / max(len(dataset), 1),
     }
 
 

@@ -29,6 +29,9 @@ class SFTCollator:
     padding_free: bool = False
     """Pack the batch's records into one row with no padding, each at the positions it would have alone
     (``Architecture.packed_position_ids``), so that no record attends to another."""
+    model_config: Any = None
+    """The model's config, for packed rows with video (Qwen2.5-VL's temporal positions read its
+    ``tokens_per_second``); padded batches do not read it."""
 
     def __post_init__(self) -> None:
         self.architecture.padding_free(self.padding_free)  # a family that cannot pack refuses it
@@ -51,8 +54,6 @@ class SFTCollator:
         return batch
 
     def _pack(self, rows: list[dict]) -> dict[str, torch.Tensor]:
-        if any(row_samples(row) for row in rows):  # preprocessing refuses this first; a guard for other callers
-            raise ValueError("packed rows do not cover video rows yet: set sft.padding_free: false")
         # No attention mask: transformers then reads the records' boundaries from the restarting position ids
         # (a block-diagonal mask for sdpa, eager and flex attention, variable lengths for flash attention). That
         # holds only without a KV cache (the trainer sets use_cache=False).
@@ -62,9 +63,10 @@ class SFTCollator:
             # A record's first label is never predicted from the previous record's last token.
             labels += [IGNORE_INDEX, *row["labels"][1:]]
         batch = {"input_ids": torch.tensor([input_ids]), "labels": torch.tensor([labels])}
-        batch.update(self._media_inputs(rows, batch["input_ids"]))  # the images in record order
+        media = self._media_inputs(rows, batch["input_ids"])  # the images and videos in record order
+        batch.update(media)
         batch["position_ids"] = self.architecture.packed_position_ids(
-            self.processor, [row["input_ids"] for row in rows], batch.get("image_grid_thw")
+            self.processor, [row["input_ids"] for row in rows], media, self.model_config
         )
         return batch
 

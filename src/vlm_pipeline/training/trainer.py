@@ -311,7 +311,11 @@ def build_trainer(config: RunConfig, curves: Path | None = None) -> SFTTrainer:
         eval_dataset=load_from_disk(str(config.eval_dataset)) if config.eval_dataset else None,
         processing_class=processor,
         data_collator=SFTCollator(
-            processor, architecture, config.image_root, architecture.padding_free(config.sft.padding_free)
+            processor,
+            architecture,
+            config.image_root,
+            architecture.padding_free(config.sft.padding_free),
+            model_config=model.config,
         ),
         peft_config=peft_config,
         architecture=architecture,

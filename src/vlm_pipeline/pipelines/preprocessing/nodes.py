@@ -157,11 +157,6 @@ def combine_reports(
     batch_size = sft.per_device_train_batch_size
     lengths = list(train_data["length"])
     padding_free = architecture_for_model(context.base_model).padding_free(sft.padding_free)
-    if padding_free and any(train_data["video_samples"]):
-        raise ConfigError(
-            "sft.padding_free: packed rows do not cover video rows yet (their temporal positions); set "
-            "sft.padding_free: false for a set with video, and sft.max_tokens_per_batch for little padding"
-        )
     return {
         "train": train_report,
         "validation": {"records": len(validation_data), "held_out_of_train": True},
