@@ -29,6 +29,8 @@ from torch.utils.data import BatchSampler
 
 from vlm_pipeline.config.run import RunConfig
 from vlm_pipeline.config.schema import ImageBounds, MethodParams, PreprocessingParams, SFTParams
+from vlm_pipeline.data.encoding import vision_rows
+from vlm_pipeline.data.validation import validate_lines
 from vlm_pipeline.pipelines.preprocessing.nodes import tokenize_split
 from vlm_pipeline.planning.plan import build_plan, training_data
 from vlm_pipeline.planning.steps import plan_steps
@@ -71,7 +73,7 @@ def test_every_micro_step_of_all_ranks_is_one_modality(world_size, accumulation,
     batch = 3
     row_lengths = [(i * 37) % 101 + 5 for i in range(len(HAS_IMAGES))] if lengths else None
     sft = SFTParams(per_device_train_batch_size=batch, gradient_accumulation_steps=accumulation)
-    plan = plan_steps(len(HAS_IMAGES), world_size, sft, image_records=sum(HAS_IMAGES))
+    plan = plan_steps(len(HAS_IMAGES), world_size, sft, vision_records=sum(HAS_IMAGES))
     for epoch in range(3):
         ranks = rank_batches(HAS_IMAGES, batch, world_size, seed=5, lengths=row_lengths, epoch=epoch)
         assert all(len(batch_rows) == batch for rank in ranks for batch_rows in rank)
@@ -135,15 +137,15 @@ def test_the_plan_counts_the_modality_padding():
     # 10 image rows and 6 text rows on 2 processes × 2 rows: 3 + 2 global batches, not ceil(16 / 4) = 4.
     sft = SFTParams(per_device_train_batch_size=2, num_train_epochs=3, accelerate_config="conf/accelerate/cpu_ddp.yaml")
     assert plan_steps(16, 2, sft)["steps_per_epoch"] == 4  # one modality: transformers' own sampler
-    steps = plan_steps(16, 2, sft, image_records=10)
+    steps = plan_steps(16, 2, sft, vision_records=10)
     assert (steps["batches_per_epoch"], steps["steps_per_epoch"], steps["total_steps"]) == (5, 5, 15)
     assert steps["repeated_rows"] == 4
     # With accumulation 2 the fifth micro-step is a short last step, as the Trainer does it.
     accumulating = sft.model_copy(update={"gradient_accumulation_steps": 2})
-    assert plan_steps(16, 2, accumulating, image_records=10)["steps_per_epoch"] == 3
+    assert plan_steps(16, 2, accumulating, vision_records=10)["steps_per_epoch"] == 3
     # The plan the training node builds reads the image rows from the preprocessed split.
     data = Dataset.from_dict({"image_paths": [["a.png"]] * 10 + [[]] * 6, "length": [30] * 16})
-    assert training_data(data)["image_records"] == 10
+    assert training_data(data)["vision_records"] == 10
     plan = build_plan(
         model_dir=PROJECT_ROOT / "conf/model_configs/qwen2.5-vl-7b-instruct",
         sft=sft,
@@ -240,16 +242,36 @@ def run_launched(command: list[str], timeout: float, stall: float | None = None)
     return "".join(output)
 
 
+VIDEO_RECORDS = 2  # the video demo's first training clips
+
+
+def media_root(data: Path) -> Path:
+    """The folder of the mixed set's images and clips, beside its tokenised data."""
+    return data.parent / "media"
+
+
 @pytest.fixture(scope="module")
 def mixed_data(tmp_path_factory, tiny_models) -> Path:
-    """10 image questions and 6 text-only questions, tokenised for the tiny Qwen2.5-VL."""
-    records = mixed_records()
-    context = run_context(tiny_models["qwen2_5_vl"], RAW / "shapes_vqa")
+    """10 image questions, 2 video questions and 6 text-only questions, tokenised for the tiny Qwen2.5-VL: the
+    vision tower reads both image and video micro-steps, so ranks must agree only on vision or text."""
+    folder = tmp_path_factory.mktemp("mixed_ranks")
+    root = media_root(folder / "train")
+    shutil.copytree(RAW / "shapes_vqa/images", root / "images")
+    videos = (RAW / "motion_vqa/train.jsonl").read_bytes().splitlines()[:VIDEO_RECORDS]
+    for line in videos:
+        (clip,) = json.loads(line)["videos"]
+        (root / clip).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(RAW / "motion_vqa" / clip, root / clip)
+    records = mixed_records() + validate_lines(videos, root, max_image_pixels=10**8).valid
+    context = run_context(tiny_models["qwen2_5_vl"], root)
     train, quarantine, _ = tokenize_split(records, context, PreprocessingParams(max_length=512))
-    assert not quarantine and sorted(bool(p) for p in train["image_paths"]) == [False] * 6 + [True] * 10
-    path = tmp_path_factory.mktemp("mixed_ranks") / "train"
-    train.save_to_disk(str(path))
-    return path
+    kinds = Counter(
+        "video" if clips else "image" if paths else "text"
+        for paths, clips in zip(train["image_paths"], train["video_samples"], strict=True)
+    )
+    assert not quarantine and kinds == {"image": 10, "video": VIDEO_RECORDS, "text": 6}
+    train.save_to_disk(str(folder / "train"))
+    return folder / "train"
 
 
 def train(
@@ -264,7 +286,7 @@ def train(
     **sft,
 ) -> tuple[Path, str]:
     config = launched_run_config(
-        out, model, data, RAW / "shapes_vqa", accelerate_config, per_device, seed=SEED, num_train_epochs=EPOCHS, **sft
+        out, model, data, media_root(data), accelerate_config, per_device, seed=SEED, num_train_epochs=EPOCHS, **sft
     )
     final = out / "final"
     command = launch_command(str(PROJECT_ROOT / accelerate_config), config)
@@ -301,9 +323,10 @@ def assert_one_run_of_two_ranks(final: Path, output: str, wrapper: str, mixed_da
     assert (info["world_size"], info["engine"]) == (WORLD_SIZE, wrapper)
     sft = SFTParams(per_device_train_batch_size=PER_DEVICE, num_train_epochs=EPOCHS)
     data = training_data(load_from_disk(str(mixed_data)))
-    plan = plan_steps(data["records"], WORLD_SIZE, sft, data["image_records"])
+    plan = plan_steps(data["records"], WORLD_SIZE, sft, data["vision_records"])
     single_steps, single_losses = single_process
-    # 10 image rows and 6 text rows in global batches of 4: 3 + 2 a epoch (transformers alone would take 4).
+    # 12 vision rows (10 image, 2 video) and 6 text rows in global batches of 4: 3 + 2 a epoch (transformers alone
+    # would take 5).
     assert info["global_step"] == single_steps == plan["total_steps"] == 5 * EPOCHS
     trained = losses(final)
     assert len(trained) == info["global_step"]
@@ -338,7 +361,7 @@ def test_ddp_with_checkpointing_trains_a_mixed_set_and_resumes_mid_epoch_in_its_
     epoch 0's: each resumed step trains the same rows from the same weights as the uninterrupted run, so its loss is
     equal."""
     data = load_from_disk(str(mixed_data))
-    has_images = [bool(paths) for paths in data["image_paths"]]
+    has_images = vision_rows(data)
     steps_per_epoch = 5
     # The test can fail: epoch 0's order, replayed from the resume point, would train other rows.
     replayed, resumed = (
@@ -371,7 +394,7 @@ def test_ddp_with_checkpointing_trains_a_mixed_set_and_resumes_mid_epoch_in_its_
 def test_unaligned_ranks_hang_under_zero3(tmp_path, tiny_models, mixed_data):
     # The old order does put the two ranks on different modalities in this run (so a hang is the expected outcome).
     data = load_from_disk(str(mixed_data))
-    has_images = [bool(paths) for paths in data["image_paths"]]
+    has_images = vision_rows(data)
     ranks = rank_batches(has_images, PER_DEVICE, WORLD_SIZE, SEED, list(data["length"]), aligned=False)
     assert any(len(modalities) == 2 for modalities in micro_step_modalities(ranks, has_images))
     script = tmp_path / "local_batches_only.py"

@@ -315,7 +315,8 @@ def test_video_rows_are_batched_with_image_rows_so_ranks_stay_aligned():
 def test_the_plan_counts_each_videos_patches_in_the_vision_towers_memory(clip_root, tiny_models, tmp_path):
     """Each row records its videos' patches as the collator lays them out for the vision tower (``video_grid_thw``),
     and the plan of the real Qwen2.5-VL over these rows charges the vision tower for them: as much as for images of
-    the same patches, and more than for the rows without their videos."""
+    the same patches, and more than for the rows without their videos. Its steps batch video rows apart from text
+    rows, as the trainer's sampler does."""
     encoder = chat_encoder(tiny_models["qwen2_5_vl"])
     text = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]}
     (text_record,) = validate_lines([json.dumps(text).encode()], clip_root, max_image_pixels=10**7).valid
@@ -328,6 +329,7 @@ def test_the_plan_counts_each_videos_patches_in_the_vision_towers_memory(clip_ro
     columns = ("length", "image_paths", "video_samples")
     data = training_data(Dataset.from_dict({key: [row[key] for row in rows] for key in columns}))
     assert data["video_patches_per_row"] == sum(laid_out) / len(rows)
+    assert data["vision_records"] == len(CLIPS)  # video rows are batched apart from text rows, as image rows are
 
     def plan(**data) -> dict:
         sft = SFTParams(accelerate_config=accelerate_file(tmp_path, 1), per_device_train_batch_size=2)
@@ -337,6 +339,8 @@ def test_the_plan_counts_each_videos_patches_in_the_vision_towers_memory(clip_ro
 
     with_videos = plan(**data)
     assert with_videos["settings"]["video_patches_per_row"] == data["video_patches_per_row"]
+    # Three video rows and a text row in batches of 2: two vision batches and one text batch.
+    assert with_videos["steps"]["batches_per_epoch"] == 3
     per_image = qwen2_5_vl.vision_tokens_per_image({})
     as_images = plan(**{**data, "video_patches_per_row": 0.0, "images_per_row": sum(laid_out) / len(rows) / per_image})
     without = plan(**{**data, "video_patches_per_row": 0.0})

@@ -114,7 +114,7 @@ def build_plan(
     method: MethodParams,
     images: dict[str, Any],
     records: int,
-    image_records: int | None = None,
+    vision_records: int | None = None,
     lengths: list[int] | None = None,
     has_images: list[bool] | None = None,
     max_length: int,
@@ -129,10 +129,11 @@ def build_plan(
     ``load_dtype`` is ``model.dtype``: the bytes of every weight the run does not train in float32.
 
     ``lengths`` are the preprocessed training records' token counts; without them (planning before any data),
-    every row is assumed ``max_length`` long. ``image_records`` (how many records have images) matters when the
-    set mixes image and text-only records: those are batched by modality, which can take more steps. With
-    ``sft.max_tokens_per_batch``, the records are cut into micro-batches by the trainer's own partition, from their
-    ``lengths`` and ``has_images`` (each row's; without them, every row ``max_length`` long and of one modality).
+    every row is assumed ``max_length`` long. ``vision_records`` (how many records have an image or a video)
+    matters when the set mixes them with text-only records: those are batched by modality, which can take more
+    steps. With ``sft.max_tokens_per_batch``, the records are cut into micro-batches by the trainer's own partition,
+    from their ``lengths`` and ``has_images`` (each row's; without them, every row ``max_length`` long and of one
+    modality).
     """
     accelerate = yaml.safe_load(Path(sft.accelerate_config).read_text(encoding="utf-8"))
     shape = read_model_shape(model_dir, method, trust_remote_code)
@@ -141,7 +142,7 @@ def build_plan(
     if sft.max_tokens_per_batch is not None:
         row_lengths = lengths if lengths else [max_length] * records
         budget = budget_batches(sft, shape, row_lengths, has_images or [shape.vision is not None] * records, world_size)
-    steps = plan_steps(records, world_size, sft, image_records, budget["micro_batches"] if budget else None)
+    steps = plan_steps(records, world_size, sft, vision_records, budget["micro_batches"] if budget else None)
     mean_length = sum(lengths) / len(lengths) if lengths else float(max_length)
     longest = max(lengths) if lengths else max_length
     vision = shape.vision is not None
@@ -220,14 +221,15 @@ def step_warnings(steps: dict[str, Any]) -> list[str]:
 
 
 def training_data(dataset: Any) -> dict[str, Any]:
-    """What the plan reads from the preprocessed training split: its size, how many rows have images, token lengths,
-    images per row and the vision tower's video patches per row."""
+    """What the plan reads from the preprocessed training split: its size, how many rows the vision tower reads (an
+    image or a video), token lengths, images per row and the vision tower's video patches per row."""
     videos = dataset["video_samples"] if "video_samples" in dataset.column_names else []
+    has_vision = vision_rows(dataset)  # an image or a video: the rows the vision tower reads, batched apart
     return {
         "records": len(dataset),
-        "image_records": sum(1 for paths in dataset["image_paths"] if paths),
+        "vision_records": sum(has_vision),
         "lengths": list(dataset["length"]),
-        "has_images": vision_rows(dataset),  # an image or a video: the rows the vision tower reads
+        "has_images": has_vision,
         "images_per_row": sum(len(paths) for paths in dataset["image_paths"]) / max(len(dataset), 1),
         "video_patches_per_row": sum(
             sample["patches"] for text in videos for sample in row_samples({"video_samples": text})

@@ -11,7 +11,7 @@ def plan_steps(
     records: int,
     world_size: int,
     sft: Any,
-    image_records: int | None = None,
+    vision_records: int | None = None,
     micro_batches: int | None = None,
 ) -> dict[str, Any]:
     """Steps, warm-up, evaluations and checkpoints for ``records`` training records on ``world_size`` processes.
@@ -20,10 +20,10 @@ def plan_steps(
     dataloader does (``dataloader_drop_last`` false); an optimizer step takes ``gradient_accumulation_steps`` of
     them, the last one of an epoch possibly fewer.
 
-    ``image_records`` is how many of the records have images. A set that mixes image and text-only records is
-    batched by modality (the trainer's ``ModalityGroupedSampler``): each micro-step of all processes together,
-    ``per_device_train_batch_size × world_size`` rows, is one modality, and the last one of each modality is
-    filled with repeated rows of that modality (``repeated_rows``, every epoch).
+    ``vision_records`` is how many of the records have an image or a video. A set that mixes them with text-only
+    records is batched by modality (the trainer's ``ModalityGroupedSampler``): each micro-step of all processes
+    together, ``per_device_train_batch_size × world_size`` rows, is one modality, and the last one of each modality
+    is filled with repeated rows of that modality (``repeated_rows``, every epoch).
 
     ``micro_batches``: with ``sft.max_tokens_per_batch``, the micro-batches of all processes together that the
     token-budget partition (``token_budget.micro_batches``, the trainer's) cuts the records into, a multiple of
@@ -37,8 +37,8 @@ def plan_steps(
         batches = micro_batches // world_size
         repeated = 0
         effective_batch = round(records * accumulation / max(batches, 1), 1)
-    elif image_records is not None and 0 < image_records < records:
-        batches = math.ceil(image_records / global_batch) + math.ceil((records - image_records) / global_batch)
+    elif vision_records is not None and 0 < vision_records < records:
+        batches = math.ceil(vision_records / global_batch) + math.ceil((records - vision_records) / global_batch)
         repeated = batches * global_batch - records
     else:
         batches = math.ceil(records / global_batch)
