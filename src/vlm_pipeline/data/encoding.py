@@ -111,8 +111,9 @@ def encode_record(
         return _set_aside(record, TEMPLATE_REFUSED, f"the chat template refused it: {error}")
     except TurnBoundaryMerge as error:
         return _set_aside(record, TOKEN_MERGE, str(error))
-    for sample, patches in zip(samples, _video_patches(encoder, encoded["input_ids"]), strict=True):
-        sample["patches"] = patches  # the vision tower's sequence for this video: the planner's memory term
+    if samples:
+        for sample, patches in zip(samples, _video_patches(encoder, encoded["input_ids"]), strict=True):
+            sample["patches"] = patches  # the vision tower's sequence for this video: the planner's memory term
     length = len(encoded["input_ids"])
     row = {
         **encoded,
