@@ -236,8 +236,9 @@ def test_lora_chain_on_qwen2_5_vl(project, tiny_models, monkeypatch, network_blo
 
 def assert_serving_check_fails_on_another_generation_setting(project: Path) -> None:
     """The run's serving check agreed (assert_evaluation); one new token where evaluation generated up to 16 cuts
-    every longer answer, so the check must fail, naming the first record that differs, and leave no server."""
-    from vlm_pipeline.pipelines.evaluation.nodes import check_serving
+    every longer answer, so the check must measure the difference, naming the first record that differs, leave no
+    server, and fail the stage under ``serving_check_strict``."""
+    from vlm_pipeline.pipelines.evaluation.nodes import check_serving, judge_serving
     from vlm_pipeline.serving import ServingMismatchError
 
     records = read_jsonl(project / "data/02_intermediate/test/valid.jsonl")
@@ -246,14 +247,13 @@ def assert_serving_check_fails_on_another_generation_setting(project: Path) -> N
     first_long = next(row["line"] for row in predictions[:8] if len(row["tuned"]) > 3)  # "square", "circle"...
     context = run_context(project / "data/00_base_models/tiny-qwen2_5_vl", project)  # image paths: from the project
     tuned, model = {"answers": [row["tuned"] for row in predictions]}, project / "data/06_models/lora/merged"
-    strict = EvaluationParams(max_new_tokens=1, serving_check_strict=True)
-    with pytest.raises(ServingMismatchError, match=rf"the first that differs is line {first_long}: served "):
-        check_serving(model, tuned, context, records, PreprocessingParams(), strict)
-    assert live_servers(model) == []
     # Not strict: the stage goes on with the agreement measured (and a warning naming the record).
     result = check_serving(model, tuned, context, records, PreprocessingParams(), EvaluationParams(max_new_tokens=1))
     assert result["agreement"] < 1 and result["first_difference"]["line"] == first_long
     assert live_servers(model) == []
+    # Strict: the same verdict fails the stage (one server start serves both: the verdict comes after it stops).
+    with pytest.raises(ServingMismatchError, match=rf"the first that differs is line {first_long}: served "):
+        judge_serving(result, strict=True)
 
 
 def test_full_ft_chain_on_qwen2_5_vl(project, tiny_models):

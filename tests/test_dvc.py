@@ -86,6 +86,10 @@ def test_dvc_repro_runs_the_chain_then_nothing_and_an_experiment_on_another_envi
     preprocessing.write_text(
         preprocessing.read_text().replace("chat_template: null", "chat_template: conf/base/chat_template.jinja")
     )
+    # The serving check is the chain tests' claim (every family, lora and full FT, on the whole demo): a server
+    # start is about 9 s of each of the three evaluation stages here, and DVC's wiring does not change it.
+    evaluation = project / "conf/base/parameters_evaluation.yml"
+    evaluation.write_text(evaluation.read_text().replace("serving_check: true", "serving_check: false"))
     # That file is Qwen's: the experiment's environment (the tiny Llama) renders its checkpoint's own template.
     (project / "conf/tiny_llama/parameters_preprocessing.yml").write_text("preprocessing:\n  chat_template: null\n")
     env = {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}", **GIT_IDENTITY}
@@ -124,9 +128,6 @@ def check_first_repro(project: Path, first) -> None:
     metrics = json.loads((project / "data/08_reporting/lora/detailed_metrics.json").read_text())
     assert metrics["merge_check"]["passed"]
     assert (project / "data/08_reporting/full_ft/metrics.json").is_file()
-    for variant in ("lora", "full_ft"):  # the demo's merged models, served, answer as the evaluation did
-        served = json.loads((project / f"data/08_reporting/{variant}/detailed_metrics.json").read_text())["serving"]
-        assert served == {"records": 8, "agreement": 1.0}, variant
 
 
 def check_linked_cache(project: Path) -> None:

@@ -158,7 +158,7 @@ def test_recipe_prints_both_paths_as_placeholders_to_replace(name, capsys, monke
 def test_recipe_runs_end_to_end_on_cpu_with_a_tiny_model(name, project, tiny_models):
     recipe = RECIPES[name]
     runtime = cpu_smoke_params(recipe, str(tiny_models[recipe.architecture]))
-    # The serving check is the chain tests' and test_dvc's claim (every family, both variants): a server start
+    # The serving check is the chain tests' claim (every family, lora and full FT): a server start
     # here would add 7 s to each recipe and test nothing of it.
     runtime["evaluation"] = {**runtime["evaluation"], "serving_check": False}
     run_kedro(project, recipe.pipeline, env=recipe.env, short=False, **runtime)

@@ -78,7 +78,7 @@ def check_serving(
     if not params.serving_check:
         return {}
     from vlm_pipeline.architectures import load_chat_encoder
-    from vlm_pipeline.serving import ServedModel, ServingMismatchError, agreement, describe, served_answers
+    from vlm_pipeline.serving import ServedModel, agreement, served_answers
 
     # transformers serve takes images as data URLs but no video: video records are left out of the check.
     asked = [(i, r) for i, r in enumerate(test_records) if not record_videos(r)][: params.serving_check_records]
@@ -101,13 +101,21 @@ def check_serving(
                     template_kwargs=template_kwargs,
                 )
     result = agreement(served, [tuned["answers"][i] for i, _ in asked], records)
+    judge_serving(result, params.serving_check_strict)
+    return result
+
+
+def judge_serving(result: dict, strict: bool) -> None:
+    """The serving check's verdict, after its server has stopped: agreement is logged; a differing answer is a
+    warning naming the first record, or with ``evaluation.serving_check_strict`` a ``ServingMismatchError``."""
+    from vlm_pipeline.serving import ServingMismatchError, describe
+
     if result["first_difference"] is None:
         logger.info("serving check: %s", describe(result))
-    elif params.serving_check_strict:
+    elif strict:
         raise ServingMismatchError(f"serving check: {describe(result)}. The stage fails: serving_check_strict is on.")
     else:
         logger.warning("serving check: %s", describe(result))
-    return result
 
 
 def majority_baseline(train_records: Iterable[dict], test_records: Iterable[dict]) -> dict:
