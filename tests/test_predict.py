@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-from pathlib import Path
+from dataclasses import dataclass
 
 import pytest
 import torch
 from conftest import PROJECT_ROOT
 from peft import LoraConfig, get_peft_model
 
+from vlm_pipeline import commands
 from vlm_pipeline.architectures import load_model
 
 pytestmark = pytest.mark.slow  # Kedro sessions, subprocesses or training runs: `make test` only
@@ -18,13 +17,31 @@ pytestmark = pytest.mark.slow  # Kedro sessions, subprocesses or training runs: 
 IMAGE = PROJECT_ROOT / "data/01_raw/shapes_vqa/images/test_0000.png"
 
 
-def predict(*args: str) -> subprocess.CompletedProcess:
-    command = [str(Path(sys.executable).parent / "vlm-pipeline"), "predict", *args, "--max-new-tokens", "8"]
-    return subprocess.run(command, capture_output=True, text=True, timeout=300)
+@dataclass
+class Result:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+@pytest.fixture
+def predict(capsys):
+    """`vlm-pipeline predict` through the command's entry point in this process, its output captured as a pipe
+    would take it (not a terminal): a subprocess would spend about 6 s importing what this worker holds. The
+    console script itself runs in test_dvc (the DVC stages) and test_errors."""
+
+    def run(*args: str) -> Result:
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as exit_info:
+            commands.main(["predict", *args, "--max-new-tokens", "8"])
+        captured = capsys.readouterr()
+        return Result(exit_info.value.code, captured.out, captured.err)
+
+    return run
 
 
 @pytest.mark.parametrize("arch", ["qwen2_5_vl", "mllama", "llama"])
-def test_predict_answers_for_each_architecture(arch, tiny_models):
+def test_predict_answers_for_each_architecture(arch, tiny_models, predict):
     image = ["--image", str(IMAGE)] if arch != "llama" else []
     result = predict("--model", str(tiny_models[arch]), *image, "--prompt", "What shape is this?")
     assert result.returncode == 0, result.stderr[-3000:]
@@ -41,7 +58,7 @@ def test_predict_answers_for_each_architecture(arch, tiny_models):
     assert wrong.returncode == 2 and ("text-only model" in wrong.stderr or "vision model" in wrong.stderr)
 
 
-def test_base_plus_adapter_answers_as_the_merged_model(tmp_path, tiny_models):
+def test_base_plus_adapter_answers_as_the_merged_model(tmp_path, tiny_models, predict):
     torch.manual_seed(0)
     model = get_peft_model(
         load_model(tiny_models["qwen2_5_vl"]),
