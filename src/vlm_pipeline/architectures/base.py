@@ -21,7 +21,8 @@ MODEL_CONFIGS = Path(__file__).resolve().parents[3] / "conf" / "model_configs"
 
 # (processor, images per row, padded input_ids) -> the model's image keyword arguments for that batch
 ImageInputsFn = Callable[[Any, list[list[Any]], torch.Tensor], dict[str, torch.Tensor]]
-# (processor, each record's input_ids, the packed row's image_grid_thw or None) -> the packed row's position_ids
+# (processor, each record's input_ids, the batch's media inputs (grids), the model's config) -> the packed row's
+# position_ids
 PackedPositionsFn = Callable[[Any, list[list[int]], dict[str, torch.Tensor], Any], torch.Tensor]
 
 
