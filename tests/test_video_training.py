@@ -172,12 +172,8 @@ def test_packed_video_rows_train_as_their_records_one_at_a_time(clip_root, tiny_
     record's M-RoPE positions are what the model's ``get_rope_index`` gives it alone (a video's temporal positions
     step by its seconds per patch × ``tokens_per_second``), and the packed loss and every gradient equal the
     token-weighted sum of the records run alone (as tests/test_packing.py proves for images)."""
-    if vocabulary == "twin":
-        model, processor = twin(tiny_models, "sdpa")
-        qwen2_5_vl.bound_videos(processor, {})  # as load_processor bounds it
-    else:
-        model, processor = real_vocabulary_model("sdpa")
-        qwen2_5_vl.bound_videos(processor, {})
+    model, processor = twin(tiny_models, "sdpa") if vocabulary == "twin" else real_vocabulary_model("sdpa")
+    qwen2_5_vl.bound_videos(processor, {})  # as load_processor bounds it
     assert model.config.vision_config.tokens_per_second == 2  # the real checkpoint's; time is not a size
     encoder = ChatEncoder(processor, qwen2_5_vl.IM_END, {})
     text = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]}
